@@ -1,0 +1,360 @@
+"""What every method shares and that is not the method: backbones, seeding, device, precision and compile,
+evaluation, feature distortion, the results writer and the dataclass -> argparse helper."""
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import data
+
+# ---------------------------------------------------------------------------------------------------------------
+# The embedded CLIP: open_clip's CLIP class and tokenizer, a small conv image tower, pretrained by pretrain.py
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EmbeddedCLIPConfig:
+    """Everything that determines the embedded model's weights; the cache file is keyed by a hash of it."""
+    name: str = "embedded-clip"
+    n_corpus: int = 32_000  # pretraining images, all domains
+    steps: int = 800
+    batch_size: int = 128
+    lr: float = 3e-3
+    text_lr_scale: float = 1.0
+    weight_decay: float = 0.1
+    embed_dim: int = 128
+    convs: tuple = ((32, 2), (64, 1), (128, 2), (128, 1), (256, 2))  # conv tower: (width, stride) per layer
+    text_width: int = 128
+    text_layers: int = 1
+    text_heads: int = 4
+    context_length: int = 16
+    seed: int = 12_345  # disjoint from the downstream split seeds in data.py
+
+
+EMBEDDED_BACKBONES = {
+    "embedded-clip": EmbeddedCLIPConfig(),
+    "embedded-clip-tiny": EmbeddedCLIPConfig(name="embedded-clip-tiny", n_corpus=512, steps=20, batch_size=32,
+                                             convs=((8, 2), (16, 2), (32, 2)), embed_dim=32, text_width=32, text_heads=2),
+}
+
+
+class ConvTower(nn.Module):
+    """A small VGG-style conv net with GroupNorm (no BatchNorm: batch statistics would tie the CLIP loss to the
+    batch's domain mix), global average pooling and a linear projection into CLIP's joint embedding space."""
+
+    def __init__(self, convs, embed_dim):
+        super().__init__()
+        layers, c_in = [], 3
+        for width, stride in convs:
+            layers += [nn.Conv2d(c_in, width, 3, stride, 1, bias=False), nn.GroupNorm(8, width), nn.ReLU(inplace=True)]
+            c_in = width
+        self.trunk = nn.Sequential(*layers)
+        self.proj = nn.Linear(c_in, embed_dim)
+        self.output_dim = embed_dim
+
+    def forward(self, x):
+        return self.proj(self.trunk(x).mean(dim=(2, 3)))
+
+
+def build_embedded_clip(cfg):
+    """open_clip.CLIP with its own text transformer and our conv image tower (randomly initialised)."""
+    vision = open_clip.CLIPVisionCfg(layers=1, width=32, head_width=32, patch_size=16, image_size=32)
+    text = open_clip.CLIPTextCfg(context_length=cfg.context_length, width=cfg.text_width, heads=cfg.text_heads,
+                                 layers=cfg.text_layers)
+    model = open_clip.CLIP(embed_dim=cfg.embed_dim, vision_cfg=vision, text_cfg=text)
+    model.visual = ConvTower(cfg.convs, cfg.embed_dim)  # replaces the placeholder ViT that CLIP() builds
+    return model
+
+
+def cache_dir():
+    return Path(os.environ.get("RFT_CACHE", Path.home() / ".cache" / "robust-finetuning"))
+
+
+def embedded_cache_path(cfg):
+    key = hashlib.sha1(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    return cache_dir() / f"{cfg.name}-{key}.pt"
+
+
+def load_embedded_clip(name, log=print):
+    cfg = EMBEDDED_BACKBONES[name]
+    path = embedded_cache_path(cfg)
+    if not path.exists():
+        import pretrain  # the pretraining script, run once per config
+
+        log(f"no cached {name} at {path}: pretraining it now (once)")
+        pretrain.pretrain(cfg, path, log=log)
+    model = build_embedded_clip(cfg)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Small utilities
+# ---------------------------------------------------------------------------------------------------------------
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def progress(iterable, **kwargs):
+    return tqdm(iterable, dynamic_ncols=True, leave=False, disable=not sys.stderr.isatty(), **kwargs)
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backbones: image encoder (images -> features), plus the CLIP model and tokenizer where there is one
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Backbone:
+    encoder: nn.Module  # images -> features; `encoder.output_dim` is the feature size
+    clip: nn.Module = None  # the whole CLIP model (text tower for zero-shot heads and FLYP), None for plain ResNets
+    tokenizer: object = None
+    mean: tuple = data.MEAN
+    std: tuple = data.STD
+
+
+OPEN_CLIP_MODELS = {  # name -> open_clip architecture; OpenAI's CLIP weights need the QuickGELU variants
+    "clip-vit-b16": "ViT-B-16-quickgelu",
+    "clip-rn50": "RN50-quickgelu",
+}
+BACKBONES = sorted(EMBEDDED_BACKBONES) + sorted(OPEN_CLIP_MODELS) + ["resnet50"]
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def load_backbone(name, weights=None, log=print):
+    """Build a pretrained backbone. Nothing is downloaded: real weights come from a local file (or, for open_clip,
+    a pretrained tag already in the local hub cache); a missing file is a clear error saying where to get it.
+
+    name: one of BACKBONES. weights: a file path, or an open_clip pretrained tag such as 'openai'.
+    """
+    if name in EMBEDDED_BACKBONES:
+        clip = load_embedded_clip(name, log=log)
+        return Backbone(clip.visual, clip, lambda texts: open_clip.tokenize(texts, context_length=clip.context_length))
+    if name in OPEN_CLIP_MODELS:
+        arch = OPEN_CLIP_MODELS[name]
+        if weights is None:
+            raise SystemExit(f"error: backbone {name!r} needs --weights: a local file of {arch} weights (e.g. OpenAI's "
+                             f"ViT-B-16.pt / RN50.pt) or an open_clip pretrained tag already in your hub cache ('openai')")
+        if not os.path.isfile(weights) and (os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors"))):
+            raise SystemExit(f"error: weights file {weights!r} not found; download OpenAI's CLIP weights for {arch} "
+                             "(see docs) and pass the local path with --weights")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
+        try:
+            clip = open_clip.create_model(arch, pretrained=weights)
+        except Exception as e:  # open_clip raises several types for a missing cache entry
+            raise SystemExit(f"error: could not load {arch} weights {weights!r} offline ({e}); pass a local file with --weights")
+        return Backbone(clip.visual, clip, open_clip.get_tokenizer(arch), CLIP_MEAN, CLIP_STD)
+    if name == "resnet50":
+        import torchvision
+
+        if weights is None or not os.path.isfile(weights):
+            raise SystemExit(f"error: resnet50 needs --weights FILE, a local torchvision state dict (got {weights!r}); "
+                             "torchvision's ImageNet weights are resnet50-11ad3fa6.pth from its model zoo")
+        net = torchvision.models.resnet50()
+        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        net.fc = nn.Identity()  # features = 2048-d pooled penultimate layer, as in the LP-FT paper
+        net.output_dim = 2048
+        return Backbone(net, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    raise SystemExit(f"error: unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
+
+
+@torch.inference_mode()
+def extract_features(encoder, split, device, precision="auto", batch_size=500):
+    """Features of every image of a split, in order, as float32 on the CPU."""
+    encoder.eval()
+    with autocast(device, precision):
+        feats = [encoder(x).float().cpu() for x, _ in split.batches(batch_size, device)]
+    return torch.cat(feats) if feats else torch.empty(0, encoder.output_dim)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device, precision, compile
+# ---------------------------------------------------------------------------------------------------------------
+def get_device(name="auto"):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name} requested but no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+def autocast(device, precision="auto"):
+    """The one precision context: bf16 autocast on CUDA by default, full fp32 on CPU ('auto' | 'bf16' | 'fp32')."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise SystemExit(f"error: unknown precision {precision!r}; choose auto, bf16 or fp32")
+    if precision == "fp32" or (precision == "auto" and torch.device(device).type != "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def maybe_compile(model, flag="auto", device="cpu"):
+    """torch.compile the model (not the loop) when flag is 'on', or 'auto' on CUDA. Keep the unwrapped model for
+    saving: compiled modules prefix their state dict with `_orig_mod.`."""
+    if flag == "on" or (flag == "auto" and torch.device(device).type == "cuda"):
+        return torch.compile(model)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation and feature distortion
+# ---------------------------------------------------------------------------------------------------------------
+def eval_splits(dataset):
+    """The evaluation splits of a dataset in a fixed order: ID val, ID test, then each OOD test."""
+    return {"id_val": dataset.val, "id_test": dataset.test, **{f"ood_{k}": v for k, v in dataset.ood.items()}}
+
+
+def split_features(encoder, dataset, device, precision="auto"):
+    """Features on every evaluation split. Of the pretrained encoder, they are the origin of feature distortion."""
+    return {k: extract_features(encoder, s, device, precision) for k, s in eval_splits(dataset).items()}
+
+
+def distortion(features, ref):
+    """How far features moved from the pretrained ones: mean ||f(x) - f0(x)||^2 / mean ||f0(x)||^2.
+    (The LP-FT paper's diagnostic is the mean squared change; dividing by the mean squared norm makes it
+    comparable across backbones.)"""
+    return ((features - ref) ** 2).sum(1).mean().item() / (ref ** 2).sum(1).mean().clamp_min(1e-12).item()
+
+
+@torch.inference_mode()
+def evaluate(features, classify, dataset, ref, device, precision="auto"):
+    """Accuracy and feature distortion on ID val, ID test and each OOD test, from `features` (split_features of the
+    current encoder) and `classify` (features -> logits); `ref` holds the pretrained encoder's split_features.
+    Keys: acc/<split>, distortion/<split>, plus acc/ood_avg and distortion/ood_avg."""
+    metrics = {}
+    for name, split in eval_splits(dataset).items():
+        feats = features[name]
+        with autocast(device, precision):
+            logits = classify(feats.to(device)).float().cpu()
+        metrics[f"acc/{name}"] = 100.0 * (logits.argmax(1) == split.labels).float().mean().item()
+        metrics[f"distortion/{name}"] = distortion(feats, ref[name])
+    for key in ("acc", "distortion"):
+        ood = [v for k, v in metrics.items() if k.startswith(f"{key}/ood_")]
+        metrics[f"{key}/ood_avg"] = sum(ood) / len(ood) if ood else float("nan")
+    return metrics
+
+
+def format_metrics(metrics):
+    acc = " ".join(f"{k[4:]} {v:.1f}" for k, v in metrics.items() if k.startswith("acc/"))
+    return f"acc: {acc} | distortion id_test {metrics['distortion/id_test']:.4f} ood_avg {metrics['distortion/ood_avg']:.4f}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Results: one JSON line per evaluation, a `done` marker per run, checkpoints; all written atomically
+# ---------------------------------------------------------------------------------------------------------------
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+    except OSError:
+        return None
+
+
+class Results:
+    """Appends one JSON line per evaluation to <out>/results.jsonl; each line carries the run's args, git commit,
+    library versions, device and seed so that every number traces back to its command."""
+
+    def __init__(self, out_dir, method, args, device):
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "results.jsonl"
+        self.header = {"method": method, "args": dataclasses.asdict(args), "seed": args.seed, "commit": git_commit(),
+                       "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__,
+                                    "python": sys.version.split()[0]},
+                       "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+                       "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
+
+    def log(self, step, metrics, **extra):
+        record = {**self.header, "step": step, **extra, "metrics": metrics, "time": time.time()}
+        old = self.path.read_text() if self.path.exists() else ""
+        write_text_atomic(self.path, old + json.dumps(record) + "\n")
+        return record
+
+    def done(self, final):
+        write_text_atomic(self.dir / "done", json.dumps(final) + "\n")
+
+
+def write_text_atomic(path, text):
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def select_best(records, key="acc/id_val"):
+    """Model selection on ID validation accuracy only (never an OOD split); ties go to the earlier evaluation."""
+    return max(records, key=lambda r: (r["metrics"][key], -r["step"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments: a dataclass whose field docstrings become --help
+# ---------------------------------------------------------------------------------------------------------------
+def _field_docs(cls):
+    """Map each field of a dataclass to the string literal written right below it in the source."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def parse_args(cls, argv=None, description=None):
+    """Build an argparse parser from a dataclass: one --flag per field (underscores become dashes), the field's
+    docstring as help, its default shown; booleans get --flag / --no-flag."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    docs = _field_docs(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f"{docs.get(f.name, '')} (default: {f.default})"
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
+            kind = kind if kind in (int, float, str) else str
+            parser.add_argument(flag, type=kind, default=f.default, help=help_, metavar=f.name.upper())
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def setup(args, method):
+    """Seed, threads, device, the results writer and a log function; returns (device, results, log)."""
+    seed_everything(args.seed)
+    if torch.device(get_device(args.device)).type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    device = get_device(args.device)
+    out = args.out or os.path.join("runs", method, args.dataset, f"seed{args.seed}")
+    results = Results(out, method, args, device)
+
+    def log(msg):
+        tqdm.write(f"[{method}] {msg}")
+
+    return device, results, log

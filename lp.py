@@ -1,0 +1,113 @@
+"""Linear probing (LP): train only a linear head on frozen pretrained features.
+
+Paper: Kumar, Raghunathan, Jones, Ma, Liang, "Fine-Tuning can Distort Pretrained Features and Underperform
+Out-of-Distribution", ICLR 2022, https://arxiv.org/abs/2202.10054 (the LP recipe of its code).
+Recipe: features extracted once with the backbone in eval mode; ONE scalar mean and std standardise all features;
+multinomial L2-regularised logistic regression swept over C = logspace(-7, 2, 50), strongest regularisation first,
+each fit warm-started from the previous one; C chosen on ID validation accuracy. The regression is solved with
+full-batch L-BFGS in torch (GPU or CPU), the same objective as scikit-learn's `LogisticRegression(C)`.
+
+    python lp.py                       # the embedded world
+    python lp.py --dataset embedded --seed 1
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import common
+import data
+
+
+@dataclass
+class Args:
+    dataset: str = "embedded"
+    """dataset name (see data.DATASETS)"""
+    data_root: str = None
+    """root folder of real datasets (unused by the embedded world)"""
+    backbone: str = None
+    """pretrained backbone (see common.BACKBONES); default: the dataset's"""
+    weights: str = None
+    """local weights file (or open_clip pretrained tag) for real backbones"""
+    seed: int = 0
+    """seed of the ID training draw and of every random choice"""
+    device: str = "auto"
+    """'auto' (CUDA if available), 'cpu' or 'cuda'"""
+    precision: str = "auto"
+    """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32'"""
+    compile: str = "auto"
+    """torch.compile the backbone: 'auto' (on CUDA), 'on' or 'off'"""
+    out: str = None
+    """output folder; default runs/<method>/<dataset>/seed<seed>"""
+    # --- method: LP ---
+    c_min: float = 1e-7
+    """smallest inverse regularisation strength C of the sweep (LP-FT code)"""
+    c_max: float = 1e2
+    """largest C of the sweep (LP-FT code)"""
+    num_c: int = 50
+    """number of C values, log-spaced (LP-FT code)"""
+    max_iter: int = 200
+    """L-BFGS iterations per C (LP-FT code: scikit-learn max_iter 200)"""
+
+
+# ----- method: logistic regression on standardised features (edit here) -----
+def standardize(train_feats):
+    """One scalar mean and one scalar std over the whole train-feature matrix (LP-FT code), not per dimension."""
+    return train_feats.mean().item(), train_feats.std().item()
+
+
+def fit_logreg(x, y, num_classes, c, init=None, max_iter=200):
+    """Multinomial logistic regression minimising sum_i CE_i + ||W||^2 / (2C) (scikit-learn's objective scaled by
+    1/C; the bias is not penalised), full-batch L-BFGS. Returns (W [k, d], b [k])."""
+    w = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device) if init is None else init[0].clone()
+    b = torch.zeros(num_classes, dtype=x.dtype, device=x.device) if init is None else init[1].clone()
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-6,
+                            tolerance_change=1e-9, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = logreg_objective(x, y, w, b, c) / len(y)  # mean scale keeps L-BFGS tolerances meaningful
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def logreg_objective(x, y, w, b, c):
+    """scikit-learn's LogisticRegression objective / C: sum of cross-entropies + ||W||^2 / (2C)."""
+    return F.cross_entropy(x @ w.T + b, y, reduction="sum") + (w ** 2).sum() / (2 * c)
+# ----- end of method -----
+
+
+def main(args):
+    device, results, log = common.setup(args, "lp")
+    dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root)
+    backbone = common.load_backbone(args.backbone or dataset.backbone, args.weights, log=log)
+    encoder = common.maybe_compile(backbone.encoder.to(device), args.compile, device)
+
+    # Features once: the backbone never trains, so the evaluation features are also the reference features.
+    train_feats = common.extract_features(encoder, dataset.train, device, args.precision)
+    feats = common.split_features(encoder, dataset, device, args.precision)
+    mean, std = standardize(train_feats)
+    x = ((train_feats - mean) / std).to(device)
+    y = dataset.train.labels.to(device)
+    log(f"{len(y)} training features of dim {x.shape[1]}; sweeping {args.num_c} values of C")
+
+    records, init = [], None
+    for i, c in enumerate(common.progress(np.logspace(np.log10(args.c_min), np.log10(args.c_max), args.num_c), desc="C sweep")):
+        w, b = init = fit_logreg(x, y, len(dataset.classnames), float(c), init, args.max_iter)
+        metrics = common.evaluate(feats, lambda f: ((f - mean) / std) @ w.T + b, dataset, feats, device, args.precision)
+        records.append(results.log(i, metrics, c=float(c)))
+
+    best = common.select_best(records)
+    log(f"best C {best['c']:.3g} (by ID val) | {common.format_metrics(best['metrics'])}")
+    results.done({"step": best["step"], "c": best["c"], "metrics": best["metrics"]})
+    return best
+
+
+if __name__ == "__main__":
+    main(common.parse_args(Args, description=__doc__))

@@ -1,0 +1,91 @@
+"""Pretrain the embedded CLIP on the embedded world's image-caption corpus (CLIP contrastive loss).
+
+Runs once on first use of the embedded backbone (common.load_backbone calls it) and caches the weights on disk,
+keyed by the config; run it by hand to warm the cache:
+
+    python pretrain.py                  # the default model, ~5 minutes on 2 CPU cores
+    python pretrain.py --backbone embedded-clip-tiny
+
+Like CLIP, MoCo and the models of the LP-FT paper, the model sees unlabelled images from ALL domains (photo, sketch,
+painting, neon); the downstream labels come only from the photo domain.
+"""
+import argparse
+import math
+import time
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+import common
+import data
+
+
+def caption_tokens(cfg, shape, domain, colour, g, cache):
+    """Tokenise a fresh random caption per image (captions are re-drawn every step; token ids are memoised)."""
+    texts = [data.caption(int(s), int(d), int(c), g) for s, d, c in zip(shape, domain, colour)]
+    missing = [t for t in set(texts) if t not in cache]
+    if missing:
+        cache.update(zip(missing, open_clip.tokenize(missing, context_length=cfg.context_length)))
+    return torch.stack([cache[t] for t in texts])
+
+
+def clip_loss(image_features, text_features, logit_scale):
+    """Symmetric InfoNCE of CLIP: matching image-caption pairs are the diagonal."""
+    logits = logit_scale.exp() * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def pretrain(cfg, path, device="cpu", log=print):
+    common.seed_everything(cfg.seed)
+    corpus = data.generate(cfg.n_corpus, cfg.seed)  # all four domains, balanced shapes
+    model = common.build_embedded_clip(cfg).to(device)
+    text_params = [p for n, p in model.named_parameters() if not n.startswith("visual.") and n != "logit_scale"]
+    optimizer = torch.optim.AdamW([
+        {"params": model.visual.parameters(), "lr": cfg.lr},
+        {"params": text_params, "lr": cfg.lr * cfg.text_lr_scale},
+        {"params": [model.logit_scale], "lr": cfg.lr, "weight_decay": 0.0},
+    ], weight_decay=cfg.weight_decay)
+    warmup = max(1, int(0.05 * cfg.steps))
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    g = torch.Generator().manual_seed(cfg.seed)
+    tokens_cache = {}
+    model.train()
+    start = time.time()
+    for step in common.progress(range(cfg.steps), desc=f"pretraining {cfg.name}"):
+        factor = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (cfg.steps - warmup)))
+        for group, lr in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = lr * factor
+        idx = torch.randint(cfg.n_corpus, (cfg.batch_size,), generator=g)
+        images = data.normalize(corpus["images"][idx]).to(device)
+        tokens = caption_tokens(cfg, corpus["shape"][idx], corpus["domain"][idx], corpus["colour"][idx], g, tokens_cache)
+        loss = clip_loss(model.encode_image(images), model.encode_text(tokens.to(device)), model.logit_scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))  # as in open_clip's training
+        if step % 100 == 0 or step == cfg.steps - 1:
+            log(f"step {step:4d}  loss {loss.item():.3f}  logit_scale {model.logit_scale.exp().item():.1f}")
+    common.save_atomic({"config": cfg.__dict__, "state_dict": model.state_dict(),
+                        "pretrain_seconds": time.time() - start}, path)
+    return model
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="embedded-clip", choices=sorted(common.EMBEDDED_BACKBONES))
+    parser.add_argument("--force", action="store_true", help="retrain even if the cache holds this config")
+    args = parser.parse_args()
+    cfg = common.EMBEDDED_BACKBONES[args.backbone]
+    path = common.embedded_cache_path(cfg)
+    if path.exists() and not args.force:
+        print(f"cached: {path}")
+        return
+    pretrain(cfg, path)
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
