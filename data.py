@@ -264,3 +264,23 @@ def load_dataset(name, seed=0, data_root=None):
     if name in WORLDS:
         return embedded_world(name, seed)
     raise SystemExit(f"error: unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+
+
+def save_samples(path, per_cell=2, seed=0):
+    """A grid of samples: one row per (domain, draw), one column per shape (the README's picture)."""
+    import torchvision
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for d in range(len(DOMAINS)):
+        for _ in range(per_cell):
+            shapes = torch.arange(len(SHAPES))
+            rows.append(render(shapes, torch.full_like(shapes, d), torch.randint(len(COLOURS), (len(SHAPES),), generator=g), g))
+    grid = F.interpolate(torch.cat(rows).float() / 255, scale_factor=3, mode="nearest")
+    torchvision.utils.save_image(grid, path, nrow=len(SHAPES), padding=2, pad_value=1.0)
+
+
+if __name__ == "__main__":
+    import sys
+
+    save_samples(sys.argv[1] if len(sys.argv) > 1 else "docs/world.png")

@@ -13,7 +13,6 @@ import argparse
 import math
 import time
 
-import open_clip
 import torch
 import torch.nn.functional as F
 
@@ -21,12 +20,12 @@ import common
 import data
 
 
-def caption_tokens(cfg, shape, domain, colour, g, cache):
+def caption_tokens(tokenizer, shape, domain, colour, g, cache):
     """Tokenise a fresh random caption per image (captions are re-drawn every step; token ids are memoised)."""
     texts = [data.caption(int(s), int(d), int(c), g) for s, d, c in zip(shape, domain, colour)]
-    missing = [t for t in set(texts) if t not in cache]
+    missing = sorted(set(texts) - cache.keys())
     if missing:
-        cache.update(zip(missing, open_clip.tokenize(missing, context_length=cfg.context_length)))
+        cache.update(zip(missing, tokenizer(missing)))
     return torch.stack([cache[t] for t in texts])
 
 
@@ -41,12 +40,10 @@ def pretrain(cfg, path, device="cpu", log=print):
     common.seed_everything(cfg.seed)
     corpus = data.generate(cfg.n_corpus, cfg.seed)  # all four domains, balanced shapes
     model = common.build_embedded_clip(cfg).to(device)
-    text_params = [p for n, p in model.named_parameters() if not n.startswith("visual.") and n != "logit_scale"]
-    optimizer = torch.optim.AdamW([
-        {"params": model.visual.parameters(), "lr": cfg.lr},
-        {"params": text_params, "lr": cfg.lr * cfg.text_lr_scale},
-        {"params": [model.logit_scale], "lr": cfg.lr, "weight_decay": 0.0},
-    ], weight_decay=cfg.weight_decay)
+    model.visual.to(memory_format=torch.channels_last)  # ~20% faster convolutions, on CPU too
+    decay = [p for n, p in model.named_parameters() if n != "logit_scale"]
+    optimizer = torch.optim.AdamW([{"params": decay}, {"params": [model.logit_scale], "weight_decay": 0.0}],
+                                  lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     warmup = max(1, int(0.05 * cfg.steps))
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     g = torch.Generator().manual_seed(cfg.seed)
@@ -58,8 +55,8 @@ def pretrain(cfg, path, device="cpu", log=print):
         for group, lr in zip(optimizer.param_groups, base_lrs):
             group["lr"] = lr * factor
         idx = torch.randint(cfg.n_corpus, (cfg.batch_size,), generator=g)
-        images = data.normalize(corpus["images"][idx]).to(device)
-        tokens = caption_tokens(cfg, corpus["shape"][idx], corpus["domain"][idx], corpus["colour"][idx], g, tokens_cache)
+        images = data.normalize(corpus["images"][idx]).to(device, memory_format=torch.channels_last)
+        tokens = caption_tokens(model.tokenizer, corpus["shape"][idx], corpus["domain"][idx], corpus["colour"][idx], g, tokens_cache)
         loss = clip_loss(model.encode_image(images), model.encode_text(tokens.to(device)), model.logit_scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,113 @@
+"""Full fine-tuning (FT): a fresh random linear head on the pretrained backbone, every parameter trained.
+
+Paper: Kumar, Raghunathan, Jones, Ma, Liang, "Fine-Tuning can Distort Pretrained Features and Underperform
+Out-of-Distribution", ICLR 2022, https://arxiv.org/abs/2202.10054 (the FT baseline of its code).
+Recipe: cross-entropy, SGD with momentum 0.9, no weight decay, cosine schedule over epochs, batch 64; the epoch with
+the best ID validation accuracy is reported (the authors' code selected on the ID test set; we never do).
+
+    python ft.py                       # the embedded world
+    python ft.py --dataset embedded --seed 1 --lr 3e-3
+"""
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import data
+
+
+@dataclass
+class Args:
+    dataset: str = "embedded"
+    """dataset name (see data.DATASETS)"""
+    data_root: str = None
+    """root folder of real datasets (unused by the embedded world)"""
+    backbone: str = None
+    """pretrained backbone (see common.BACKBONES); default: the dataset's"""
+    weights: str = None
+    """local weights file (or open_clip pretrained tag) for real backbones"""
+    seed: int = 0
+    """seed of the ID training draw and of every random choice"""
+    device: str = "auto"
+    """'auto' (CUDA if available), 'cpu' or 'cuda'"""
+    precision: str = "auto"
+    """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32'"""
+    compile: str = "auto"
+    """torch.compile the backbone: 'auto' (on CUDA), 'on' or 'off'"""
+    out: str = None
+    """output folder; default runs/<method>/<dataset>/seed<seed>"""
+    epochs: int = None
+    """training epochs; default: the dataset's recipe (RECIPES below)"""
+    batch_size: int = 64
+    """training batch size (LP-FT paper: 64)"""
+    lr: float = None
+    """learning rate; default: the dataset's recipe (RECIPES below)"""
+    momentum: float = 0.9
+    """SGD momentum (LP-FT code)"""
+    weight_decay: float = 0.0
+    """SGD weight decay (LP-FT code: 0)"""
+
+
+# Per-dataset defaults. Embedded world: lr and epochs chosen on ID validation accuracy (docs/embedded.md).
+RECIPES = {
+    "embedded": {"epochs": 10, "lr": 1e-2},
+    "embedded-tiny": {"epochs": 2, "lr": 1e-2},
+}
+
+
+# ----- method: which parameters train and how the head starts (edit here) -----
+def build_model(encoder, num_classes):
+    """The pretrained encoder followed by a fresh nn.Linear head with PyTorch's default (random) initialisation."""
+    return nn.Sequential(encoder, nn.Linear(encoder.output_dim, num_classes))
+
+
+def set_train_mode(model):
+    model.train()  # BatchNorm (where the backbone has it) updates its statistics, as in the LP-FT code's FT
+# ----- end of method -----
+
+
+def main(args):
+    device, results, log = common.setup(args, "ft")
+    recipe = RECIPES.get(args.dataset, RECIPES["embedded"])
+    epochs, lr = args.epochs or recipe["epochs"], args.lr or recipe["lr"]
+    dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root)
+    backbone = common.load_backbone(args.backbone or dataset.backbone, args.weights, log=log)
+    encoder = backbone.encoder.to(device)
+    ref = common.split_features(encoder, dataset, device, args.precision)  # pretrained features: distortion origin
+
+    model = build_model(encoder, len(dataset.classnames)).to(device)
+    encode = common.maybe_compile(model[0], args.compile, device)  # the saved model stays unwrapped
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)  # stepped per epoch
+    g = torch.Generator().manual_seed(args.seed)
+
+    records = []
+    for epoch in range(1, epochs + 1):
+        set_train_mode(model)
+        start, total, n = time.time(), 0.0, 0
+        for x, y in common.progress(dataset.train.batches(args.batch_size, device, shuffle=True, drop_last=True,
+                                                          generator=g), desc=f"epoch {epoch}/{epochs}"):
+            with common.autocast(device, args.precision):
+                loss = F.cross_entropy(model[1](encode(x)), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, n = total + loss.item() * len(y), n + len(y)
+        scheduler.step()
+
+        feats = common.split_features(encode, dataset, device, args.precision)
+        metrics = common.evaluate(feats, model[1], dataset, ref, device, args.precision)
+        records.append(results.log(epoch, metrics, train_loss=total / n, epoch_seconds=time.time() - start))
+        log(f"epoch {epoch:2d} loss {total / n:.3f} | {common.format_metrics(metrics)}")
+
+    best = common.select_best(records)
+    log(f"best epoch {best['step']} (by ID val) | {common.format_metrics(best['metrics'])}")
+    results.done({"step": best["step"], "metrics": best["metrics"]})
+    return best
+
+
+if __name__ == "__main__":
+    main(common.parse_args(Args, description=__doc__))

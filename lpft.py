@@ -1,0 +1,179 @@
+"""LP-FT: linear probing first, then full fine-tuning starting from the LP head.
+
+Paper: Kumar, Raghunathan, Jones, Ma, Liang, "Fine-Tuning can Distort Pretrained Features and Underperform
+Out-of-Distribution", ICLR 2022, https://arxiv.org/abs/2202.10054 (Sec. 4; the recipe of its code).
+Stage 1 = the LP recipe (scalar-standardised features, warm-started C sweep, C chosen on ID validation), its head
+mapped back to raw features. Stage 2 = the FT recipe (SGD momentum 0.9, cosine over epochs, batch 64) from that head
+with a smaller learning rate and the whole network in eval mode (BatchNorm statistics frozen, dropout off), which the
+authors confirmed their numbers need. The stage-2 epoch with the best ID validation accuracy is reported.
+
+    python lpft.py                     # the embedded world
+    python lpft.py --dataset embedded --seed 1
+"""
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import data
+
+
+@dataclass
+class Args:
+    dataset: str = "embedded"
+    """dataset name (see data.DATASETS)"""
+    data_root: str = None
+    """root folder of real datasets (unused by the embedded world)"""
+    backbone: str = None
+    """pretrained backbone (see common.BACKBONES); default: the dataset's"""
+    weights: str = None
+    """local weights file (or open_clip pretrained tag) for real backbones"""
+    seed: int = 0
+    """seed of the ID training draw and of every random choice"""
+    device: str = "auto"
+    """'auto' (CUDA if available), 'cpu' or 'cuda'"""
+    precision: str = "auto"
+    """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32'"""
+    compile: str = "auto"
+    """torch.compile the backbone: 'auto' (on CUDA), 'on' or 'off'"""
+    out: str = None
+    """output folder; default runs/<method>/<dataset>/seed<seed>"""
+    epochs: int = None
+    """training epochs; default: the dataset's recipe (RECIPES below)"""
+    batch_size: int = 64
+    """training batch size (LP-FT paper: 64)"""
+    lr: float = None
+    """learning rate; default: the dataset's recipe (RECIPES below)"""
+    momentum: float = 0.9
+    """SGD momentum (LP-FT code)"""
+    weight_decay: float = 0.0
+    """SGD weight decay (LP-FT code: 0)"""
+    c_min: float = 1e-7
+    """smallest inverse regularisation strength C of the LP sweep (LP-FT code)"""
+    c_max: float = 1e2
+    """largest C of the LP sweep (LP-FT code)"""
+    num_c: int = 50
+    """number of C values, log-spaced (LP-FT code)"""
+    max_iter: int = 200
+    """L-BFGS iterations per C (LP-FT code: scikit-learn max_iter 200)"""
+
+
+# Per-dataset defaults. Embedded world: lr and epochs chosen on ID validation accuracy (docs/embedded.md).
+RECIPES = {
+    "embedded": {"epochs": 10, "lr": 1e-3},
+    "embedded-tiny": {"epochs": 2, "lr": 1e-3},
+}
+
+
+# ----- method: logistic regression on standardised features (stage 1, edit here) -----
+def standardize(train_feats):
+    """One scalar mean and one scalar std over the whole train-feature matrix (LP-FT code), not per dimension."""
+    return train_feats.mean().item(), train_feats.std().item()
+
+
+def fit_logreg(x, y, num_classes, c, init=None, max_iter=200):
+    """Multinomial logistic regression minimising sum_i CE_i + ||W||^2 / (2C) (scikit-learn's objective scaled by
+    1/C; the bias is not penalised), full-batch L-BFGS. Returns (W [k, d], b [k])."""
+    w = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device) if init is None else init[0].clone()
+    b = torch.zeros(num_classes, dtype=x.dtype, device=x.device) if init is None else init[1].clone()
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-6,
+                            tolerance_change=1e-9, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = logreg_objective(x, y, w, b, c) / len(y)  # mean scale keeps L-BFGS tolerances meaningful
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def logreg_objective(x, y, w, b, c):
+    """scikit-learn's LogisticRegression objective / C: sum of cross-entropies + ||W||^2 / (2C)."""
+    return F.cross_entropy(x @ w.T + b, y, reduction="sum") + (w ** 2).sum() / (2 * c)
+
+
+def linear_probe(args, dataset, encoder, ref, device):
+    """Stage 1: the LP sweep on frozen features; returns the ID-validation-best head in raw-feature space."""
+    train_feats = common.extract_features(encoder, dataset.train, device, args.precision)
+    mean, std = standardize(train_feats)
+    x, y = ((train_feats - mean) / std).to(device), dataset.train.labels.to(device)
+    val = ((ref["id_val"] - mean) / std).to(device)
+    best, init = None, None
+    for c in common.progress(np.logspace(np.log10(args.c_min), np.log10(args.c_max), args.num_c), desc="LP: C sweep"):
+        w, b = init = fit_logreg(x, y, len(dataset.classnames), float(c), init, args.max_iter)
+        acc = ((val @ w.T + b).argmax(1).cpu() == dataset.val.labels).float().mean().item()
+        if best is None or acc > best[0]:
+            best = (acc, float(c), w, b)
+    _, c, w, b = best
+    return w / std, b - (w * mean / std).sum(1), c  # W_raw = W / std, b_raw = b - W (mean / std) 1
+
+
+# ----- method: which parameters train and how the head starts (stage 2, edit here) -----
+def build_model(encoder, w, b):
+    """The pretrained encoder followed by a linear head initialised from the LP solution."""
+    head = nn.Linear(encoder.output_dim, len(b))
+    with torch.no_grad():
+        head.weight.copy_(w)
+        head.bias.copy_(b)
+    return nn.Sequential(encoder, head)
+
+
+def set_train_mode(model):
+    model.eval()  # the whole network stays in eval mode in stage 2 (LP-FT code; BatchNorm statistics frozen)
+# ----- end of method -----
+
+
+def main(args):
+    device, results, log = common.setup(args, "lpft")
+    recipe = RECIPES.get(args.dataset, RECIPES["embedded"])
+    epochs, lr = args.epochs or recipe["epochs"], args.lr or recipe["lr"]
+    dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root)
+    backbone = common.load_backbone(args.backbone or dataset.backbone, args.weights, log=log)
+    encoder = backbone.encoder.to(device)
+    ref = common.split_features(encoder, dataset, device, args.precision)  # pretrained features: distortion origin
+
+    w, b, c = linear_probe(args, dataset, encoder, ref, device)
+    model = build_model(encoder, w, b).to(device)
+    metrics = common.evaluate(ref, model[1], dataset, ref, device, args.precision)  # stage-2 start = the LP head
+    results.log(0, metrics, stage="lp", c=c)
+    log(f"LP head (C {c:.3g}) | {common.format_metrics(metrics)}")
+    encode = common.maybe_compile(model[0], args.compile, device)  # the saved model stays unwrapped
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)  # stepped per epoch
+    g = torch.Generator().manual_seed(args.seed)
+
+    records = []
+    for epoch in range(1, epochs + 1):
+        set_train_mode(model)
+        start, total, n = time.time(), 0.0, 0
+        for x, y in common.progress(dataset.train.batches(args.batch_size, device, shuffle=True, drop_last=True,
+                                                          generator=g), desc=f"epoch {epoch}/{epochs}"):
+            with common.autocast(device, args.precision):
+                loss = F.cross_entropy(model[1](encode(x)), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, n = total + loss.item() * len(y), n + len(y)
+        scheduler.step()
+
+        feats = common.split_features(encode, dataset, device, args.precision)
+        metrics = common.evaluate(feats, model[1], dataset, ref, device, args.precision)
+        records.append(results.log(epoch, metrics, train_loss=total / n, epoch_seconds=time.time() - start))
+        log(f"epoch {epoch:2d} loss {total / n:.3f} | {common.format_metrics(metrics)}")
+
+    best = common.select_best(records)
+    log(f"best epoch {best['step']} (by ID val) | {common.format_metrics(best['metrics'])}")
+    results.done({"step": best["step"], "metrics": best["metrics"]})
+    return best
+
+
+if __name__ == "__main__":
+    main(common.parse_args(Args, description=__doc__))
