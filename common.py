@@ -355,9 +355,11 @@ def parse_args(cls, argv=None, description=None):
 
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     docs = _field_docs(cls)
+    listed = {"dataset": data.DATASETS, "backbone": BACKBONES}  # checked where they are used, listed here
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        help_ = f"{docs.get(f.name, '')} (default: {f.default})"
+        choices = f"; one of: {', '.join(listed[f.name])}" if f.name in listed else ""
+        help_ = f"{docs.get(f.name, '')}{choices} (default: {f.default})"
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         else:

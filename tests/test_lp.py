@@ -24,9 +24,10 @@ def test_matches_sklearn(c):
     mean, std = lp.standardize(x)
     x, xt = (x - mean) / std, (xt - mean) / std
     x64, y64 = x.double(), y
-    w, b = lp.fit_logreg(x64, y64, 10, c, max_iter=500)
-    ref = sklearn.LogisticRegression(C=c, max_iter=10_000, tol=1e-10).fit(x.numpy(), y.numpy())
-    w_sk, b_sk = torch.from_numpy(ref.coef_), torch.from_numpy(ref.intercept_)
+    w, b = lp.fit_logreg(x, y, 10, c, max_iter=500)  # float32, as lp.py runs it
+    w, b = w.double(), b.double()
+    ref = sklearn.LogisticRegression(C=c, max_iter=10_000, tol=1e-10).fit(x64.numpy(), y.numpy())
+    w_sk, b_sk = torch.from_numpy(ref.coef_).double(), torch.from_numpy(ref.intercept_).double()
     ours, theirs = lp.logreg_objective(x64, y64, w, b, c).item(), lp.logreg_objective(x64, y64, w_sk, b_sk, c).item()
     assert abs(ours - theirs) / theirs < 1e-3, (ours, theirs)
     acc_ours = ((xt.double() @ w.T + b).argmax(1) == yt).double().mean().item() * 100

