@@ -300,6 +300,10 @@ class Results:
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "results.jsonl"
+        if self.path.exists():  # a new run in an old folder: keep the old lines aside, never mix or lose them
+            kept = list(self.dir.glob("results.previous*.jsonl"))
+            os.replace(self.path, self.dir / f"results.previous{len(kept)}.jsonl")
+        (self.dir / "done").unlink(missing_ok=True)
         self.header = {"method": method, "args": dataclasses.asdict(args), "seed": args.seed, "commit": git_commit(),
                        "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__,
                                     "python": sys.version.split()[0]},

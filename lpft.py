@@ -64,8 +64,8 @@ class Args:
 
 # Per-dataset defaults. Embedded world: lr and epochs chosen on ID validation accuracy (docs/embedded.md).
 RECIPES = {
-    "embedded": {"epochs": 10, "lr": 1e-3},
-    "embedded-tiny": {"epochs": 2, "lr": 1e-3},
+    "embedded": {"epochs": 10, "lr": 1e-4},
+    "embedded-tiny": {"epochs": 2, "lr": 1e-4},
 }
 
 

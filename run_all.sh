@@ -23,7 +23,6 @@ for dataset in $DATASETS; do
     for seed in $SEEDS; do
       out="$ROOT/$method/$dataset/seed$seed"
       if [ -f "$out/done" ]; then echo "skip $out (done)"; continue; fi
-      rm -f "$out/results.jsonl"  # an unfinished run starts over
       pending+=("$method $dataset $seed $out")
     done
   done

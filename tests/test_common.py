@@ -71,3 +71,16 @@ def test_precision_and_device_defaults():
         common.autocast("cpu", "fp8")
     model = torch.nn.Linear(2, 2)
     assert common.maybe_compile(model, "auto", "cpu") is model
+
+
+def test_a_rerun_keeps_the_previous_results_aside(tmp_path):
+    args = lpft.Args(dataset="embedded-tiny")
+    first = common.Results(tmp_path, "lpft", args, torch.device("cpu"))
+    first.log(0, {"acc/id_val": 1.0})
+    first.done({"step": 0, "metrics": {}})
+    second = common.Results(tmp_path, "lpft", args, torch.device("cpu"))
+    second.log(0, {"acc/id_val": 2.0})
+    assert not (tmp_path / "done").exists()
+    assert [json.loads(x)["metrics"]["acc/id_val"] for x in (tmp_path / "results.jsonl").read_text().splitlines()] == [2.0]
+    kept = list(tmp_path.glob("results.previous*.jsonl"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["metrics"]["acc/id_val"] == 1.0
