@@ -384,5 +384,6 @@ def setup(args, method):
 
     def log(msg):
         tqdm.write(f"[{method}] {msg}")
+        sys.stdout.flush()  # one line per evaluation shows up at once, also when stdout is a file
 
     return device, results, log

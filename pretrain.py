@@ -80,7 +80,7 @@ def main():
     if path.exists() and not args.force:
         print(f"cached: {path}")
         return
-    pretrain(cfg, path)
+    pretrain(cfg, path, log=lambda msg: print(msg, flush=True))
     print(f"saved {path}")
 
 

@@ -84,3 +84,15 @@ def test_a_rerun_keeps_the_previous_results_aside(tmp_path):
     assert [json.loads(x)["metrics"]["acc/id_val"] for x in (tmp_path / "results.jsonl").read_text().splitlines()] == [2.0]
     kept = list(tmp_path.glob("results.previous*.jsonl"))
     assert len(kept) == 1 and json.loads(kept[0].read_text())["metrics"]["acc/id_val"] == 1.0
+
+
+def test_resnet50_loads_from_a_local_torchvision_file(tmp_path):
+    import torchvision
+
+    path = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), path)
+    backbone = common.load_backbone("resnet50", str(path))
+    assert backbone.encoder.output_dim == 2048 and backbone.clip is None
+    backbone.encoder.eval()
+    with torch.no_grad():
+        assert backbone.encoder(torch.zeros(1, 3, 64, 64)).shape == (1, 2048)
