@@ -244,9 +244,11 @@ def eval_splits(dataset):
     return {"id_val": dataset.val, "id_test": dataset.test, **{f"ood_{k}": v for k, v in dataset.ood.items()}}
 
 
-def split_features(encoder, dataset, device, precision="auto"):
-    """Features on every evaluation split. Of the pretrained encoder, they are the origin of feature distortion."""
-    return {k: extract_features(encoder, s, device, precision) for k, s in eval_splits(dataset).items()}
+def split_features(encoder, dataset, device, precision="auto", only=None):
+    """Features on every evaluation split (or the splits named in `only`). Of the pretrained encoder, they are the
+    origin of feature distortion."""
+    return {k: extract_features(encoder, s, device, precision) for k, s in eval_splits(dataset).items()
+            if only is None or k in only}
 
 
 def distortion(features, ref):
@@ -258,11 +260,13 @@ def distortion(features, ref):
 
 @torch.inference_mode()
 def evaluate(features, classify, dataset, ref, device, precision="auto"):
-    """Accuracy and feature distortion on ID val, ID test and each OOD test, from `features` (split_features of the
-    current encoder) and `classify` (features -> logits); `ref` holds the pretrained encoder's split_features.
-    Keys: acc/<split>, distortion/<split>, plus acc/ood_avg and distortion/ood_avg."""
+    """Accuracy and feature distortion on the splits in `features` (split_features of the current encoder), with
+    `classify` mapping features to logits; `ref` holds the pretrained encoder's split_features.
+    Keys: acc/<split>, distortion/<split>, plus acc/ood_avg and distortion/ood_avg when OOD splits are present."""
     metrics = {}
     for name, split in eval_splits(dataset).items():
+        if name not in features:
+            continue
         feats = features[name]
         with autocast(device, precision):
             logits = classify(feats.to(device)).float().cpu()
@@ -270,13 +274,15 @@ def evaluate(features, classify, dataset, ref, device, precision="auto"):
         metrics[f"distortion/{name}"] = distortion(feats, ref[name])
     for key in ("acc", "distortion"):
         ood = [v for k, v in metrics.items() if k.startswith(f"{key}/ood_")]
-        metrics[f"{key}/ood_avg"] = sum(ood) / len(ood) if ood else float("nan")
+        if ood:
+            metrics[f"{key}/ood_avg"] = sum(ood) / len(ood)
     return metrics
 
 
 def format_metrics(metrics):
     acc = " ".join(f"{k[4:]} {v:.1f}" for k, v in metrics.items() if k.startswith("acc/"))
-    return f"acc: {acc} | distortion id_test {metrics['distortion/id_test']:.4f} ood_avg {metrics['distortion/ood_avg']:.4f}"
+    dist = " ".join(f"{k[11:]} {metrics[k]:.4f}" for k in ("distortion/id_test", "distortion/ood_avg") if k in metrics)
+    return f"acc: {acc}" + (f" | distortion {dist}" if dist else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------
