@@ -13,8 +13,8 @@ JOBS=${JOBS:-2}   # parallel runs; each gets an equal share of the cores
 ROOT=${ROOT:-runs}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 
-for dataset in $DATASETS; do  # pretrain the dataset's backbone once, before runs start in parallel
-  python -c "import common, data; common.load_backbone(data.load_dataset('$dataset').backbone)"
+for dataset in $DATASETS; do  # pretrain an embedded world's model once, before runs start in parallel
+  python -c "import common, data; '$dataset' in data.WORLDS and common.load_backbone(data.WORLDS['$dataset'][1])"
 done
 
 pending=()
