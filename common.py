@@ -93,10 +93,6 @@ class EmbeddedCLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
 
-def build_embedded_clip(cfg):
-    return EmbeddedCLIP(cfg)
-
-
 def cache_dir():
     return Path(os.environ.get("RFT_CACHE", Path.home() / ".cache" / "robust-finetuning"))
 
@@ -114,7 +110,7 @@ def load_embedded_clip(name, log=print):
 
         log(f"no cached {name} at {path}: pretraining it now (once)")
         pretrain.pretrain(cfg, path, log=log)
-    model = build_embedded_clip(cfg)
+    model = EmbeddedCLIP(cfg)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
     return model
 
@@ -380,11 +376,11 @@ def parse_args(cls, argv=None, description=None):
 
 
 def setup(args, method):
-    """Seed, threads, device, the results writer and a log function; returns (device, results, log)."""
+    """Seed, device (deterministic algorithms on CPU), the results writer and a log function."""
     seed_everything(args.seed)
-    if torch.device(get_device(args.device)).type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
     device = get_device(args.device)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
     out = args.out or os.path.join("runs", method, args.dataset, f"seed{args.seed}")
     results = Results(out, method, args, device)
 

@@ -39,7 +39,7 @@ def clip_loss(image_features, text_features, logit_scale):
 def pretrain(cfg, path, device="cpu", log=print):
     common.seed_everything(cfg.seed)
     corpus = data.generate(cfg.n_corpus, cfg.seed)  # all four domains, balanced shapes
-    model = common.build_embedded_clip(cfg).to(device)
+    model = common.EmbeddedCLIP(cfg).to(device)
     model.visual.to(memory_format=torch.channels_last)  # ~20% faster convolutions, on CPU too
     decay = [p for n, p in model.named_parameters() if n != "logit_scale"]
     optimizer = torch.optim.AdamW([{"params": decay}, {"params": [model.logit_scale], "weight_decay": 0.0}],
