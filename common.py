@@ -195,6 +195,15 @@ def load_backbone(name, weights=None, log=print):
     raise SystemExit(f"error: unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
 
 
+def to_device(model, device):
+    """Move a model to `device`; convolutional models also go channels-last (~1.4x faster convolutions in our CPU
+    measurements, and the layout GPU tensor cores want)."""
+    model = model.to(device)
+    if any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 @torch.inference_mode()
 def extract_features(encoder, split, device, precision="auto", batch_size=500):
     """Features of every image of a split, in order, as float32 on the CPU."""
@@ -202,6 +211,49 @@ def extract_features(encoder, split, device, precision="auto", batch_size=500):
     with autocast(device, precision):
         feats = [encoder(x).float().cpu() for x, _ in split.batches(batch_size, device)]
     return torch.cat(feats) if feats else torch.empty(0, encoder.output_dim)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Zero-shot heads: classifiers built from class names and prompt templates by a CLIP text tower
+# ---------------------------------------------------------------------------------------------------------------
+class ClassificationHead(nn.Linear):
+    """A linear head on L2-normalised features (`normalize=True`), as CLIP classifies: with weight = logit scale x
+    class text embeddings it is the zero-shot head; WiSE-FT's fine-tuning starts from it."""
+
+    def __init__(self, weight, bias=None, normalize=True):
+        super().__init__(weight.shape[1], weight.shape[0])
+        self.normalize = normalize
+        with torch.no_grad():
+            self.weight.copy_(weight)
+            self.bias.copy_(torch.zeros(weight.shape[0]) if bias is None else bias)
+
+    def forward(self, features):
+        return super().forward(F.normalize(features, dim=-1) if self.normalize else features)
+
+
+@torch.no_grad()
+def zeroshot_weights(clip, tokenizer, classnames, templates, device, precision="auto"):
+    """One embedding per class: every template filled with the class name, embedded by the text tower,
+    L2-normalised, averaged over templates and normalised again (CLIP's recipe). Returns [classes, dim] float32."""
+    texts = [t.format(c) for c in classnames for t in templates]
+    with autocast(device, precision):
+        emb = F.normalize(clip.encode_text(tokenizer(texts).to(device)).float(), dim=-1)
+    return F.normalize(emb.view(len(classnames), len(templates), -1).mean(1), dim=-1)
+
+
+def zeroshot_head(clip, tokenizer, classnames, templates, device, precision="auto"):
+    """The zero-shot classifier of a CLIP model: logits = scale * normalise(f(x)) . class embeddings."""
+    weight = clip.logit_scale.exp().detach().float() * zeroshot_weights(clip, tokenizer, classnames, templates, device,
+                                                                         precision)
+    return ClassificationHead(weight).to(device)
+
+
+def require_clip(backbone, what):
+    """The backbone, if it is a CLIP model (it has a text tower); otherwise a clear error."""
+    if backbone.clip is None:
+        raise SystemExit(f"error: {what} needs a CLIP backbone (a text tower to embed class names); choose one of: "
+                         f"{', '.join(sorted(EMBEDDED_BACKBONES) + sorted(OPEN_CLIP_MODELS))}")
+    return backbone
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -302,12 +354,14 @@ class Results:
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "results.jsonl"
-        if self.path.exists():  # a new run in an old folder: keep the old lines aside, never mix or lose them
-            kept = list(self.dir.glob("results.previous*.jsonl"))
-            os.replace(self.path, self.dir / f"results.previous{len(kept)}.jsonl")
+        for name in ("results.jsonl", "model.pt"):  # a new run in an old folder: keep the old files aside, never
+            old = self.dir / name                     # mix them with the new run's or lose them
+            if old.exists():
+                kept = list(self.dir.glob(f"{old.stem}.previous*{old.suffix}"))
+                os.replace(old, self.dir / f"{old.stem}.previous{len(kept)}{old.suffix}")
         (self.dir / "done").unlink(missing_ok=True)
         self.header = {"method": method, "args": dataclasses.asdict(args), "seed": args.seed, "commit": git_commit(),
-                       "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__,
+                       "versions": {"torch": str(torch.__version__), "open_clip": open_clip.__version__,
                                     "python": sys.version.split()[0]},
                        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
                        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
@@ -317,6 +371,10 @@ class Results:
         old = self.path.read_text() if self.path.exists() else ""
         write_text_atomic(self.path, old + json.dumps(record) + "\n")
         return record
+
+    def save_model(self, model, **extra):
+        """<out>/model.pt: the unwrapped model's state dict plus the header (method, args, commit) that made it."""
+        save_atomic({**self.header, **extra, "state_dict": model.state_dict()}, self.dir / "model.pt")
 
     def done(self, final):
         """Mark the run finished; the marker holds the selected evaluation (what tables report)."""

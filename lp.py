@@ -87,7 +87,7 @@ def main(args):
     device, results, log = common.setup(args, "lp")
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root)
     backbone = common.load_backbone(args.backbone or dataset.backbone, args.weights, log=log)
-    encoder = common.maybe_compile(backbone.encoder.to(device), args.compile, device)
+    encoder = common.maybe_compile(common.to_device(backbone.encoder, device), args.compile, device)
 
     # Features once: the backbone never trains, so the evaluation features are also the reference features.
     train_feats = common.extract_features(encoder, dataset.train, device, args.precision)

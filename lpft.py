@@ -43,6 +43,8 @@ class Args:
     """torch.compile the backbone: 'auto' (on CUDA), 'on' or 'off'"""
     out: str = None
     """output folder; default runs/<method>/<dataset>/seed<seed>"""
+    save: bool = False
+    """save the selected model to <out>/model.pt (state dict + args; what wiseft.py reads)"""
     epochs: int = None
     """training epochs; default: the dataset's recipe (RECIPES below)"""
     batch_size: int = 64
@@ -137,7 +139,7 @@ def main(args):
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root)
     epochs, lr = args.epochs or RECIPES[dataset.name]["epochs"], args.lr or RECIPES[dataset.name]["lr"]
     backbone = common.load_backbone(args.backbone or dataset.backbone, args.weights, log=log)
-    encoder = backbone.encoder.to(device)
+    encoder = common.to_device(backbone.encoder, device)
     ref = common.split_features(encoder, dataset, device, args.precision)  # pretrained features: distortion origin
 
     w, b, c = linear_probe(args, dataset, encoder, ref, device)
@@ -178,6 +180,8 @@ def main(args):
                               device, args.precision)
     record = results.log(epoch, metrics, stage="selected")
     log(f"best epoch {epoch} (by ID val) | {common.format_metrics(metrics)}")
+    if args.save:
+        results.save_model(model, step=epoch)
     results.done({"step": epoch, "metrics": metrics})
     return record
 
