@@ -40,6 +40,8 @@ class Args:
     """torch.compile the backbone: 'auto' (on CUDA), 'on' or 'off'"""
     out: str = None
     """output folder; default runs/<method>/<dataset>/seed<seed>"""
+    save: bool = False
+    """save the selected model to <out>/model.pt (state dict + args; what wiseft.py reads)"""
     epochs: int = None
     """training epochs; default: the dataset's recipe (RECIPES below)"""
     batch_size: int = 64
@@ -50,6 +52,9 @@ class Args:
     """SGD momentum (LP-FT code)"""
     weight_decay: float = 0.0
     """SGD weight decay (LP-FT code: 0)"""
+    head_init: str = "random"
+    """'random' (nn.Linear's default init, LP-FT paper) or 'zeroshot' (CLIP's zero-shot head on normalised features,
+    WiSE-FT paper; needs a CLIP backbone; makes the run a WiSE-FT endpoint)"""
 
 
 # Per-dataset defaults. Embedded world: lr and epochs chosen on ID validation accuracy (docs/embedded.md).
@@ -60,9 +65,17 @@ RECIPES = {
 
 
 # ----- method: which parameters train and how the head starts (edit here) -----
-def build_model(encoder, num_classes):
-    """The pretrained encoder followed by a fresh nn.Linear head with PyTorch's default (random) initialisation."""
-    return nn.Sequential(encoder, nn.Linear(encoder.output_dim, num_classes))
+def build_model(backbone, dataset, head_init, device, precision):
+    """The pretrained encoder followed by a linear head: a fresh nn.Linear with PyTorch's default (random)
+    initialisation, or CLIP's zero-shot head built from the class names and templates."""
+    if head_init == "random":
+        head = nn.Linear(backbone.encoder.output_dim, len(dataset.classnames))
+    elif head_init == "zeroshot":
+        clip = common.require_clip(backbone, "--head-init zeroshot").clip.to(device)
+        head = common.zeroshot_head(clip, backbone.tokenizer, dataset.classnames, dataset.templates, device, precision)
+    else:
+        raise SystemExit(f"error: unknown --head-init {head_init!r}; choose random or zeroshot")
+    return nn.Sequential(backbone.encoder, head)
 
 
 def set_train_mode(model):
@@ -75,10 +88,10 @@ def main(args):
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root)
     epochs, lr = args.epochs or RECIPES[dataset.name]["epochs"], args.lr or RECIPES[dataset.name]["lr"]
     backbone = common.load_backbone(args.backbone or dataset.backbone, args.weights, log=log)
-    encoder = backbone.encoder.to(device)
+    encoder = common.to_device(backbone.encoder, device)
     ref = common.split_features(encoder, dataset, device, args.precision)  # pretrained features: distortion origin
 
-    model = build_model(encoder, len(dataset.classnames)).to(device)
+    model = build_model(backbone, dataset, args.head_init, device, args.precision).to(device)
     encode = common.maybe_compile(model[0], args.compile, device)  # the saved model stays unwrapped
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)  # stepped per epoch
@@ -112,6 +125,8 @@ def main(args):
                               device, args.precision)
     record = results.log(epoch, metrics, stage="selected")
     log(f"best epoch {epoch} (by ID val) | {common.format_metrics(metrics)}")
+    if args.save:
+        results.save_model(model, step=epoch)
     results.done({"step": epoch, "metrics": metrics})
     return record
 

@@ -1,0 +1,147 @@
+"""L2-SP: fine-tuning with an L2 penalty towards the pretrained weights instead of towards zero.
+
+Paper: Li, Grandvalet, Davoine, "Explicit Inductive Bias for Transfer Learning with Convolutional Networks", ICML 2018,
+https://arxiv.org/abs/1802.01483 (Eq. 4). The classic "stay close to the pretrained model" baseline of the LP-FT paper.
+Loss = cross-entropy + alpha/2 ||w - w0||^2 over the pretrained weights + beta/2 ||w_head||^2 over the new head, with
+the authors' defaults (alpha 0.1, beta 0.01, weight tensors only: BatchNorm scale/shift and biases are free).
+`--all-params` switches to the LP-FT code's variant: alpha ||w - w0||^2 over every backbone parameter, no 1/2, no
+head term (it used alpha 0.01). Everything else is ft.py: SGD momentum 0.9, cosine over epochs, batch 64, a fresh
+random head, the epoch with the best ID validation accuracy reported.
+
+    python l2sp.py                     # the embedded world
+    python l2sp.py --dataset embedded --seed 1 --alpha 0.01
+"""
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+import data
+
+
+@dataclass
+class Args:
+    dataset: str = "embedded"
+    """dataset name (see data.DATASETS)"""
+    data_root: str = None
+    """root folder of real datasets (unused by the embedded world)"""
+    backbone: str = None
+    """pretrained backbone (see common.BACKBONES); default: the dataset's"""
+    weights: str = None
+    """local weights file (or open_clip pretrained tag) for real backbones"""
+    seed: int = 0
+    """seed of the ID training draw and of every random choice"""
+    device: str = "auto"
+    """'auto' (CUDA if available), 'cpu' or 'cuda'"""
+    precision: str = "auto"
+    """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32'"""
+    compile: str = "auto"
+    """torch.compile the backbone: 'auto' (on CUDA), 'on' or 'off'"""
+    out: str = None
+    """output folder; default runs/<method>/<dataset>/seed<seed>"""
+    save: bool = False
+    """save the selected model to <out>/model.pt (state dict + args; what wiseft.py reads)"""
+    epochs: int = None
+    """training epochs; default: the dataset's recipe (RECIPES below)"""
+    batch_size: int = 64
+    """training batch size (LP-FT paper: 64)"""
+    lr: float = None
+    """learning rate; default: the dataset's recipe (RECIPES below)"""
+    momentum: float = 0.9
+    """SGD momentum (LP-FT code)"""
+    weight_decay: float = 0.0
+    """SGD weight decay (LP-FT code: 0)"""
+    alpha: float = 0.1
+    """weight of alpha/2 ||w - w0||^2 on the pretrained weights (L2-SP authors' code: 0.1)"""
+    beta: float = 0.01
+    """weight of beta/2 ||w_head||^2 on the new head's weight (L2-SP authors' code: 0.01)"""
+    all_params: bool = False
+    """the LP-FT code's variant: alpha ||w - w0||^2 over every backbone parameter (BatchNorm and biases too), no 1/2,
+    no head term"""
+
+
+# Per-dataset defaults: ft.py's recipes (L2-SP only adds the penalty).
+RECIPES = {
+    "embedded": {"epochs": 10, "lr": 3e-2},
+    "embedded-tiny": {"epochs": 2, "lr": 3e-2},
+}
+
+
+# ----- method: a fresh head, and the penalty towards the pretrained weights (edit here) -----
+def build_model(encoder, num_classes):
+    """The pretrained encoder followed by a fresh nn.Linear head with PyTorch's default (random) initialisation."""
+    return nn.Sequential(encoder, nn.Linear(encoder.output_dim, num_classes))
+
+
+def l2sp_penalty(model, w0, alpha, beta, all_params=False):
+    """alpha/2 ||w - w0||^2 over the encoder's weight tensors (ndim >= 2: conv and linear weights, not BatchNorm or
+    biases) + beta/2 ||W_head||^2; `w0` maps encoder parameter names to their pretrained values.
+    With all_params: alpha ||w - w0||^2 over every encoder parameter and no head term (LP-FT code)."""
+    encoder, head = model[0], model[1]
+    if all_params:
+        return alpha * sum(((p - w0[n]) ** 2).sum() for n, p in encoder.named_parameters())
+    shared = sum(((p - w0[n]) ** 2).sum() for n, p in encoder.named_parameters() if p.ndim >= 2)
+    return alpha / 2 * shared + beta / 2 * (head.weight ** 2).sum()
+
+
+def set_train_mode(model):
+    model.train()  # BatchNorm (where the backbone has it) updates its statistics, as in the LP-FT code's FT
+# ----- end of method -----
+
+
+def main(args):
+    device, results, log = common.setup(args, "l2sp")
+    dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root)
+    epochs, lr = args.epochs or RECIPES[dataset.name]["epochs"], args.lr or RECIPES[dataset.name]["lr"]
+    backbone = common.load_backbone(args.backbone or dataset.backbone, args.weights, log=log)
+    encoder = common.to_device(backbone.encoder, device)
+    ref = common.split_features(encoder, dataset, device, args.precision)  # pretrained features: distortion origin
+
+    model = build_model(encoder, len(dataset.classnames)).to(device)
+    w0 = {n: p.detach().clone() for n, p in model[0].named_parameters()}  # the pretrained weights
+    encode = common.maybe_compile(model[0], args.compile, device)  # the saved model stays unwrapped
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)  # stepped per epoch
+    g = torch.Generator().manual_seed(args.seed)
+
+    best = None  # (ID val accuracy, epoch, weights) of the best epoch so far
+    for epoch in range(1, epochs + 1):
+        set_train_mode(model)
+        start, total, n = time.time(), 0.0, 0
+        for x, y in common.progress(dataset.train.batches(args.batch_size, device, shuffle=True, drop_last=True,
+                                                          generator=g), desc=f"epoch {epoch}/{epochs}"):
+            with common.autocast(device, args.precision):
+                loss = F.cross_entropy(model[1](encode(x)), y)
+            loss = loss + l2sp_penalty(model, w0, args.alpha, args.beta, args.all_params)  # in fp32
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, n = total + loss.item() * len(y), n + len(y)
+        scheduler.step()
+
+        # Model selection sees ID validation only; test and OOD splits are scored once, for the selected epoch.
+        feats = common.split_features(encode, dataset, device, args.precision, only=["id_val"])
+        metrics = common.evaluate(feats, model[1], dataset, ref, device, args.precision)
+        results.log(epoch, metrics, train_loss=total / n, epoch_seconds=time.time() - start)
+        log(f"epoch {epoch:2d} loss {total / n:.3f} | {common.format_metrics(metrics)}")
+        if best is None or metrics["acc/id_val"] > best[0]:
+            best = (metrics["acc/id_val"], epoch, copy.deepcopy(model.state_dict()))
+
+    _, epoch, state = best
+    model.load_state_dict(state)
+    metrics = common.evaluate(common.split_features(encode, dataset, device, args.precision), model[1], dataset, ref,
+                              device, args.precision)
+    record = results.log(epoch, metrics, stage="selected")
+    log(f"best epoch {epoch} (by ID val) | {common.format_metrics(metrics)}")
+    if args.save:
+        results.save_model(model, step=epoch)
+    results.done({"step": epoch, "metrics": metrics})
+    return record
+
+
+if __name__ == "__main__":
+    main(common.parse_args(Args, description=__doc__))
