@@ -1,0 +1,157 @@
+"""FLYP: fine-tune like you pretrain. Fine-tune both CLIP towers with CLIP's contrastive loss between each image and
+a caption made from its class name; classify with the zero-shot head of the current text tower.
+
+Paper: Goyal, Kumar, Garg, Kolter, Raghunathan, "Finetune like you pretrain: Improved finetuning of zero-shot vision
+models", CVPR 2023, https://arxiv.org/abs/2212.00638 (Sec. 3; the recipe of its code).
+Recipe: each training image is paired with ONE caption, a prompt template drawn uniformly at random and filled with its
+class name; the plain symmetric CLIP loss over the batch (same-class pairs count as negatives, as in the authors' runs);
+every parameter of both towers and the learned temperature train (no clamp), AdamW, cosine schedule per step with
+linear warmup. After each epoch the zero-shot head is rebuilt from the current text tower (templates averaged) and
+the epoch with the best ID validation accuracy is reported. The few-shot protocol is flyp_fewshot.py.
+
+    python flyp.py                     # the embedded world
+    python flyp.py --dataset embedded --seed 1 --save
+"""
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import common
+import data
+
+
+@dataclass
+class Args:
+    dataset: str = "embedded"
+    """dataset name (see data.DATASETS)"""
+    data_root: str = None
+    """root folder of real datasets (unused by the embedded world)"""
+    backbone: str = None
+    """pretrained backbone (see common.BACKBONES); default: the dataset's"""
+    weights: str = None
+    """local weights file (or open_clip pretrained tag) for real backbones"""
+    seed: int = 0
+    """seed of the ID training draw and of every random choice"""
+    device: str = "auto"
+    """'auto' (CUDA if available), 'cpu' or 'cuda'"""
+    precision: str = "auto"
+    """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32'"""
+    compile: str = "auto"
+    """torch.compile the backbone: 'auto' (on CUDA), 'on' or 'off'"""
+    out: str = None
+    """output folder; default runs/<method>/<dataset>/seed<seed>"""
+    save: bool = False
+    """save the selected model to <out>/model.pt (state dict + args; what wiseft.py reads)"""
+    epochs: int = None
+    """training epochs; default: the dataset's recipe (RECIPES below; FLYP paper: 10 on ImageNet, 20 on WILDS)"""
+    batch_size: int = None
+    """contrastive batch size; default: the dataset's recipe (FLYP paper: 512 on ImageNet, 256 on WILDS)"""
+    lr: float = None
+    """peak learning rate; default: the dataset's recipe (FLYP paper: 1e-5)"""
+    weight_decay: float = None
+    """AdamW weight decay; default: the dataset's recipe (FLYP paper: 0.1 on ImageNet, 0.2 on WILDS)"""
+    warmup: int = None
+    """linear warmup steps before the cosine decay; default: the dataset's recipe (FLYP paper: 500)"""
+
+
+# Per-dataset defaults. ImageNet: the FLYP paper. Embedded world: lr chosen on ID validation accuracy, warmup scaled
+# to the run's length like the paper's (500 of ~25k steps), see docs/flyp.md.
+RECIPES = {
+    "embedded": {"epochs": 10, "batch_size": 128, "lr": 1e-3, "weight_decay": 0.1, "warmup": 10},
+    "embedded-tiny": {"epochs": 2, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.1, "warmup": 2},
+}
+
+
+# ----- method: captions, the contrastive loss and its schedule (edit here) -----
+def caption_tokens(tokenizer, classnames, templates):
+    """Token ids of every (class, template) caption: [classes, templates, context length]."""
+    texts = [t.format(c) for c in classnames for t in templates]
+    return tokenizer(texts).view(len(classnames), len(templates), -1)
+
+
+def clip_loss(image_features, text_features, logit_scale):
+    """The symmetric CLIP loss on L2-normalised features: image i's positive is caption i, every other caption in the
+    batch is a negative (also same-class ones: the FLYP code never masked them)."""
+    logits = logit_scale.exp() * image_features @ text_features.T
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def cosine_lr(warmup, total_steps):
+    """Learning-rate factor per step: linear warmup, then cosine decay to 0 (the FLYP / WiSE-FT code)."""
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+    return factor
+
+
+def set_train_mode(model):
+    model.train()  # as the FLYP code (BatchNorm, where the image tower has it, updates its statistics)
+# ----- end of method -----
+
+
+def main(args):
+    device, results, log = common.setup(args, "flyp")
+    dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root)
+    recipe = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in RECIPES[dataset.name].items()}
+    backbone = common.require_clip(common.load_backbone(args.backbone or dataset.backbone, args.weights, log=log), "FLYP")
+    model = common.to_device(backbone.clip, device)  # the whole CLIP trains
+    ref = common.split_features(model.visual, dataset, device, args.precision)  # pretrained features: distortion origin
+
+    captions = caption_tokens(backbone.tokenizer, dataset.classnames, dataset.templates).to(device)
+    encode = common.maybe_compile(model.visual, args.compile, device)  # the saved model stays unwrapped
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"],
+                                  fused=device.type == "cuda")
+    steps_per_epoch = len(dataset.train) // recipe["batch_size"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lr(recipe["warmup"], recipe["epochs"] * steps_per_epoch))
+    g = torch.Generator().manual_seed(args.seed)
+
+    def head():  # the zero-shot head of the current text tower
+        return common.zeroshot_head(model, backbone.tokenizer, dataset.classnames, dataset.templates, device,
+                                    args.precision)
+
+    best = None  # (ID val accuracy, epoch, weights) of the best epoch so far
+    epochs = recipe["epochs"]
+    for epoch in range(1, epochs + 1):
+        set_train_mode(model)
+        start, total, n = time.time(), 0.0, 0
+        for x, y in common.progress(dataset.train.batches(recipe["batch_size"], device, shuffle=True, drop_last=True,
+                                                          generator=g), desc=f"epoch {epoch}/{epochs}"):
+            template = torch.randint(captions.shape[1], (len(y),), generator=g).to(device)  # one random caption each
+            with common.autocast(device, args.precision):
+                loss = clip_loss(F.normalize(encode(x), dim=-1), model.encode_text(captions[y, template], normalize=True),
+                                 model.logit_scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()  # per step
+            total, n = total + loss.item() * len(y), n + len(y)
+
+        # Model selection sees ID validation only; test and OOD splits are scored once, for the selected epoch.
+        feats = common.split_features(encode, dataset, device, args.precision, only=["id_val"])
+        metrics = common.evaluate(feats, head(), dataset, ref, device, args.precision)
+        results.log(epoch, metrics, train_loss=total / n, epoch_seconds=time.time() - start,
+                    logit_scale=model.logit_scale.exp().item())
+        log(f"epoch {epoch:2d} loss {total / n:.3f} | {common.format_metrics(metrics)}")
+        if best is None or metrics["acc/id_val"] > best[0]:
+            best = (metrics["acc/id_val"], epoch, copy.deepcopy(model.state_dict()))
+
+    _, epoch, state = best
+    model.load_state_dict(state)
+    metrics = common.evaluate(common.split_features(encode, dataset, device, args.precision), head(), dataset, ref,
+                              device, args.precision)
+    record = results.log(epoch, metrics, stage="selected")
+    log(f"best epoch {epoch} (by ID val) | {common.format_metrics(metrics)}")
+    if args.save:
+        results.save_model(model, step=epoch)
+    results.done({"step": epoch, "metrics": metrics})
+    return record
+
+
+if __name__ == "__main__":
+    main(common.parse_args(Args, description=__doc__))

@@ -1,0 +1,160 @@
+"""FLYP few-shot: k labelled images per class, full-batch FLYP steps, the step with the lowest validation loss kept
+(the zero-shot start included), repeated over random draws; mean ± std over draws.
+
+Paper: Goyal, Kumar, Garg, Kolter, Raghunathan, "Finetune like you pretrain: Improved finetuning of zero-shot vision
+models", CVPR 2023, https://arxiv.org/abs/2212.00638 (few-shot binary classification: PatchCamelyon, Rendered SST2).
+Recipe: per draw, k images per class from ID train and a validation set of the same size from ID validation; each step
+pairs every training image with a caption from a random template and takes one AdamW step on the CLIP loss (cosine
+schedule, no warmup); the validation loss is the zero-shot head's cross-entropy on the validation draw; the best
+step is scored on the full ID test and OOD splits. flyp.py has the full-data recipe.
+
+    python flyp_fewshot.py                        # the embedded world, 16 shots, 10 draws
+    python flyp_fewshot.py --shots 4 --draws 50
+"""
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import common
+import data
+
+
+@dataclass
+class Args:
+    dataset: str = "embedded"
+    """dataset name (see data.DATASETS)"""
+    data_root: str = None
+    """root folder of real datasets (unused by the embedded world)"""
+    backbone: str = None
+    """pretrained backbone (see common.BACKBONES); default: the dataset's"""
+    weights: str = None
+    """local weights file (or open_clip pretrained tag) for real backbones"""
+    seed: int = 0
+    """seed of the ID training draw and of every random choice"""
+    device: str = "auto"
+    """'auto' (CUDA if available), 'cpu' or 'cuda'"""
+    precision: str = "auto"
+    """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32'"""
+    compile: str = "auto"
+    """torch.compile the backbone: 'auto' (on CUDA), 'on' or 'off'"""
+    out: str = None
+    """output folder; default runs/<method>/<dataset>/seed<seed>"""
+
+    shots: int = 16
+    """labelled training images per class, k (FLYP paper: 4, 16, 32; its README: 16)"""
+    draws: int = None
+    """random draws of the k-shot train/validation sets; default: the dataset's recipe (FLYP paper: 50)"""
+    steps: int = 20
+    """full-batch steps per draw (FLYP paper: 20)"""
+    lr: float = None
+    """peak learning rate; default: the dataset's recipe (FLYP paper: 1e-5 SST2, 1e-6 PatchCamelyon)"""
+    weight_decay: float = None
+    """AdamW weight decay; default: the dataset's recipe (FLYP paper: 0.2 SST2, 0 PatchCamelyon)"""
+
+
+# Per-dataset defaults. Embedded world: flyp.py's learning rate scale, 10 draws to keep a run near 2 minutes.
+RECIPES = {
+    "embedded": {"draws": 10, "lr": 3e-4, "weight_decay": 0.1},
+    "embedded-tiny": {"draws": 2, "lr": 1e-3, "weight_decay": 0.1},
+}
+
+
+# ----- method: the k-shot draws, the contrastive loss, the schedule (edit here) -----
+def draw_shots(labels, shots, g):
+    """Indices of `shots` random examples of each class (fewer where a class has fewer)."""
+    return torch.cat([torch.nonzero(labels == c).flatten()[torch.randperm(int((labels == c).sum()), generator=g)[:shots]]
+                      for c in labels.unique()])
+
+
+def caption_tokens(tokenizer, classnames, templates):
+    """Token ids of every (class, template) caption: [classes, templates, context length]."""
+    texts = [t.format(c) for c in classnames for t in templates]
+    return tokenizer(texts).view(len(classnames), len(templates), -1)
+
+
+def clip_loss(image_features, text_features, logit_scale):
+    """The symmetric CLIP loss on L2-normalised features: image i's positive is caption i, every other caption in the
+    batch is a negative (also same-class ones: the FLYP code never masked them)."""
+    logits = logit_scale.exp() * image_features @ text_features.T
+    labels = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def cosine_lr(total_steps):
+    """Learning-rate factor per step: cosine decay to 0, no warmup (FLYP's few-shot runs)."""
+    return lambda step: 0.5 * (1 + math.cos(math.pi * step / max(1, total_steps)))
+
+
+def set_train_mode(model):
+    model.train()  # as the FLYP code (BatchNorm, where the image tower has it, updates its statistics)
+# ----- end of method -----
+
+
+def main(args):
+    device, results, log = common.setup(args, "flyp-fewshot")
+    dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root)
+    recipe = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in RECIPES[dataset.name].items()}
+    backbone = common.require_clip(common.load_backbone(args.backbone or dataset.backbone, args.weights, log=log), "FLYP")
+    model = common.to_device(backbone.clip, device)
+    pretrained = copy.deepcopy(model.state_dict())  # every draw starts from the zero-shot model
+    ref = common.split_features(model.visual, dataset, device, args.precision)  # distortion origin
+    captions = caption_tokens(backbone.tokenizer, dataset.classnames, dataset.templates).to(device)
+    encode = common.maybe_compile(model.visual, args.compile, device)
+    g = torch.Generator().manual_seed(args.seed)
+
+    def head():  # the zero-shot head of the current text tower
+        return common.zeroshot_head(model, backbone.tokenizer, dataset.classnames, dataset.templates, device,
+                                    args.precision)
+
+    records = []
+    for draw in common.progress(range(recipe["draws"]), desc="draws"):
+        model.load_state_dict(pretrained)
+        train_idx, val_idx = draw_shots(dataset.train.labels, args.shots, g), draw_shots(dataset.val.labels, args.shots, g)
+        x = data.normalize(dataset.train.images[train_idx]).to(device)
+        y = dataset.train.labels[train_idx].to(device)
+        val = data.Split(dataset.val.images[val_idx], dataset.val.labels[val_idx])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"],
+                                      fused=device.type == "cuda")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lr(args.steps))
+
+        best, val_losses = None, []  # best = (validation loss, step, weights); step 0 is the zero-shot model
+        for step in range(args.steps + 1):
+            with torch.no_grad():
+                feats = common.extract_features(encode, val, device, args.precision)
+                val_loss = F.cross_entropy(head()(feats.to(device)).float().cpu(), val.labels).item()
+            val_losses.append(val_loss)
+            if best is None or val_loss < best[0]:
+                best = (val_loss, step, copy.deepcopy(model.state_dict()))
+            if step == args.steps:
+                break
+            set_train_mode(model)
+            template = torch.randint(captions.shape[1], (len(y),), generator=g).to(device)
+            with common.autocast(device, args.precision):
+                loss = clip_loss(F.normalize(encode(x), dim=-1), model.encode_text(captions[y, template], normalize=True),
+                                 model.logit_scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+
+        val_loss, step, state = best
+        model.load_state_dict(state)
+        metrics = common.evaluate(common.split_features(encode, dataset, device, args.precision), head(), dataset, ref,
+                                  device, args.precision)
+        records.append(results.log(draw, metrics, selected_step=step, val_losses=val_losses, shots=args.shots))
+        log(f"draw {draw:2d}: step {step:2d} (val loss {val_loss:.3f}) | {common.format_metrics(metrics)}")
+
+    values = {k: torch.tensor([r["metrics"][k] for r in records], dtype=torch.float64) for k in records[0]["metrics"]}
+    mean = {k: v.mean().item() for k, v in values.items()}
+    std = {k: v.std().item() if len(v) > 1 else 0.0 for k, v in values.items()}  # sample std over draws
+    log(f"{args.shots}-shot, {len(records)} draws, mean | {common.format_metrics(mean)}")
+    log("std over draws | " + " ".join(f"{k[4:]} {v:.1f}" for k, v in std.items() if k.startswith("acc/")))
+    results.done({"step": len(records) - 1, "metrics": mean, "std": std, "draws": len(records), "shots": args.shots})
+    return mean, std
+
+
+if __name__ == "__main__":
+    main(common.parse_args(Args, description=__doc__))

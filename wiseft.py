@@ -1,0 +1,126 @@
+"""WiSE-FT: weight-space ensembles of the zero-shot and a fine-tuned model, evaluated along the line between them.
+
+Paper: Wortsman, Ilharco, Kim, Li, Kornblith, Roelofs, Gontijo-Lopes, Hajishirzi, Farhadi, Namkoong, Schmidt,
+"Robust fine-tuning of zero-shot models", CVPR 2022, https://arxiv.org/abs/2109.01903 (Eq. 1).
+theta_alpha = (1 - alpha) theta_zero-shot + alpha theta_fine-tuned, every tensor, for alpha = 0, 0.1, ..., 1; the table
+reports alpha = 0.5, the paper's recommended value (fixed in advance, so no test split chooses it).
+Endpoints: a FLYP checkpoint interpolates both towers and the temperature and rebuilds the zero-shot head from the
+interpolated text tower; an FT checkpoint started from the zero-shot head (ft.py --head-init zeroshot) interpolates
+encoder and head; any other checkpoint (a random or LP head) interpolates the encoder only and keeps its head.
+
+    python flyp.py --save && python wiseft.py          # the embedded world, FLYP endpoint
+    python ft.py --head-init zeroshot --save && python wiseft.py --checkpoint runs/ft/embedded/seed0/model.pt
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import common
+import data
+
+
+@dataclass
+class Args:
+    dataset: str = "embedded"
+    """dataset name (see data.DATASETS)"""
+    data_root: str = None
+    """root folder of real datasets (unused by the embedded world)"""
+    backbone: str = None
+    """pretrained backbone (see common.BACKBONES); default: the dataset's"""
+    weights: str = None
+    """local weights file (or open_clip pretrained tag) for real backbones"""
+    seed: int = 0
+    """seed of the ID training draw and of every random choice"""
+    device: str = "auto"
+    """'auto' (CUDA if available), 'cpu' or 'cuda'"""
+    precision: str = "auto"
+    """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32'"""
+    compile: str = "auto"
+    """torch.compile the backbone: 'auto' (on CUDA), 'on' or 'off'"""
+    out: str = None
+    """output folder; default runs/<method>/<dataset>/seed<seed>"""
+
+    checkpoint: str = None
+    """fine-tuned endpoint, a model.pt written by flyp.py / ft.py / lpft.py / l2sp.py --save; default:
+    runs/flyp/<dataset>/seed<seed>/model.pt"""
+    alpha_step: float = 0.1
+    """spacing of the alpha grid from 0 to 1 (WiSE-FT paper: 0.1)"""
+    report_alpha: float = 0.5
+    """the alpha whose evaluation the table reports (WiSE-FT paper's recommendation: 0.5)"""
+
+
+# ----- method: the two endpoints and the line between them (edit here) -----
+def interpolate(theta0, theta1, alpha):
+    """(1 - alpha) theta0 + alpha theta1 for every floating-point tensor (integer buffers such as BatchNorm's batch
+    counter come from theta1). Exact at the ends: alpha = 0 gives theta0, alpha = 1 gives theta1, bit for bit."""
+    return {k: (1 - alpha) * theta0[k] + alpha * theta1[k] if theta1[k].is_floating_point() else theta1[k]
+            for k in theta1}
+
+
+def endpoints(ckpt, backbone, dataset, device, precision):
+    """The model to evaluate, theta_zero-shot, theta_fine-tuned, and the function that builds its current head."""
+    theta1 = ckpt["state_dict"]
+    if ckpt["method"] == "flyp":  # both towers; the head comes from the (interpolated) text tower
+        model = common.to_device(common.require_clip(backbone, "WiSE-FT of a FLYP checkpoint").clip, device)
+        theta0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return model, model.visual, theta0, theta1, lambda: common.zeroshot_head(
+            model, backbone.tokenizer, dataset.classnames, dataset.templates, device, precision)
+    encoder = common.to_device(backbone.encoder, device)
+    if ckpt["args"].get("head_init") == "zeroshot":  # FT from the zero-shot head: interpolate the head too
+        clip = common.require_clip(backbone, "WiSE-FT of a zero-shot-initialised FT checkpoint").clip.to(device)
+        head = common.zeroshot_head(clip, backbone.tokenizer, dataset.classnames, dataset.templates, device, precision)
+    else:  # a new random or LP head has no zero-shot counterpart: interpolate the encoder only
+        head = nn.Linear(theta1["1.weight"].shape[1], theta1["1.weight"].shape[0]).to(device)
+        head.load_state_dict({"weight": theta1["1.weight"], "bias": theta1["1.bias"]})
+    model = nn.Sequential(encoder, head)
+    theta0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return model, encoder, theta0, theta1, lambda: model[1]
+# ----- end of method -----
+
+
+def load_checkpoint(path, dataset):
+    if not Path(path).is_file():
+        raise SystemExit(f"error: no fine-tuned checkpoint at {path!r}; make one with `python flyp.py --dataset {dataset} "
+                         "--save` (or ft.py --head-init zeroshot --save) and pass it with --checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, foreign pickles
+        raise SystemExit(f"error: could not read checkpoint {path!r} ({type(e).__name__}: {str(e)[:200]})")
+    if not isinstance(ckpt, dict) or not {"method", "args", "state_dict"} <= set(ckpt):
+        raise SystemExit(f"error: {path!r} is not a model.pt written by a method script's --save (expected the keys "
+                         "method, args and state_dict)")
+    if ckpt["args"]["dataset"] != dataset:
+        raise SystemExit(f"error: {path!r} was fine-tuned on {ckpt['args']['dataset']!r}, not on {dataset!r}; "
+                         f"pass --dataset {ckpt['args']['dataset']}")
+    return ckpt
+
+
+def main(args):
+    path = args.checkpoint or str(Path("runs", "flyp", args.dataset, f"seed{args.seed}", "model.pt"))
+    ckpt = load_checkpoint(path, args.dataset)
+    device, results, log = common.setup(args, f"wiseft-{ckpt['method']}")
+    dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root)
+    # The zero-shot endpoint is the pretrained backbone the checkpoint was fine-tuned from.
+    backbone = common.load_backbone(ckpt["args"]["backbone"] or dataset.backbone, ckpt["args"]["weights"], log=log)
+    model, encoder, theta0, theta1, classifier = endpoints(ckpt, backbone, dataset, device, args.precision)
+    encode = common.maybe_compile(encoder, args.compile, device)
+    ref = common.split_features(encode, dataset, device, args.precision)  # pretrained features: distortion origin
+
+    alphas = [round(i * args.alpha_step, 6) for i in range(round(1 / args.alpha_step) + 1)]
+    records = []
+    for i, alpha in enumerate(common.progress(alphas, desc="alpha")):
+        model.load_state_dict(interpolate(theta0, theta1, alpha))
+        feats = common.split_features(encode, dataset, device, args.precision)
+        metrics = common.evaluate(feats, classifier(), dataset, ref, device, args.precision)
+        records.append(results.log(i, metrics, alpha=alpha, endpoint=path, endpoint_step=ckpt.get("step")))
+        log(f"alpha {alpha:.2f} | {common.format_metrics(metrics)}")
+
+    reported = min(records, key=lambda r: abs(r["alpha"] - args.report_alpha))
+    results.done({"step": reported["step"], "alpha": reported["alpha"], "metrics": reported["metrics"]})
+    return records
+
+
+if __name__ == "__main__":
+    main(common.parse_args(Args, description=__doc__))
