@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Reproduce the ID/OOD summary table: every method x dataset x seed, skipping runs that already finished
-# (a `done` marker in the run folder), then build the table from the results files.
+# Reproduce the ID/OOD summary table and pictures: every method x dataset x seed, skipping runs that already finished
+# (a `done` marker in the run folder), then build the table (summarize.py) and the feature picture (feature_map.py).
 #
-#   bash run_all.sh                         # embedded world, seeds 0 1 2, two runs at a time
-#   DATASETS="embedded" SEEDS="0" JOBS=1 bash run_all.sh
+#   bash run_all.sh                         # embedded world, seeds 0 1 2, all seven methods, two runs at a time
+#   DATASETS="embedded" SEEDS="0" METHODS="lp ft" JOBS=1 bash run_all.sh
+#
+# WiSE-FT interpolates the zero-shot model and each seed's FLYP checkpoint, so it runs after FLYP finished.
 set -euo pipefail
 cd "$(dirname "$0")"
 DATASETS=${DATASETS:-embedded}
 SEEDS=${SEEDS:-"0 1 2"}
-METHODS=${METHODS:-"lp ft lpft"}
+METHODS=${METHODS:-"zeroshot lp ft lpft l2sp flyp wiseft"}
 JOBS=${JOBS:-2}   # parallel runs; each gets an equal share of the cores
 ROOT=${ROOT:-runs}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
@@ -17,26 +19,41 @@ for dataset in $DATASETS; do  # pretrain an embedded world's model once, before 
   python -c "import common, data; '$dataset' in data.WORLDS and common.load_backbone(data.WORLDS['$dataset'][1])"
 done
 
-pending=()
-for dataset in $DATASETS; do
-  for method in $METHODS; do
-    for seed in $SEEDS; do
-      out="$ROOT/$method/$dataset/seed$seed"
-      if [ -f "$out/done" ]; then echo "skip $out (done)"; continue; fi
-      pending+=("$method $dataset $seed $out")
+# One line per pending run: script, run folder, extra arguments.
+plan() {
+  local phase=$1
+  for dataset in $DATASETS; do
+    for method in $METHODS; do
+      for seed in $SEEDS; do
+        if [ "$method" = wiseft ]; then phase_of=2; else phase_of=1; fi
+        [ "$phase" = "$phase_of" ] || continue
+        case "$method" in
+          wiseft) line="wiseft $ROOT/wiseft-flyp/$dataset/seed$seed --checkpoint $ROOT/flyp/$dataset/seed$seed/model.pt" ;;
+          ft|lpft|flyp) line="$method $ROOT/$method/$dataset/seed$seed --save" ;;  # checkpoints: WiSE-FT, pictures
+          *) line="$method $ROOT/$method/$dataset/seed$seed" ;;
+        esac
+        read -r _ out _ <<<"$line"
+        if [ -f "$out/done" ]; then echo "skip $out (done)" >&2; continue; fi
+        echo "$line --dataset $dataset --seed $seed"
+      done
     done
   done
-done
+}
 
 run() {
-  read -r method dataset seed out <<<"$1"
+  read -r script out extra <<<"$1"
   mkdir -p "$out"
   echo "run  $out"
-  python "$method.py" --dataset "$dataset" --seed "$seed" --out "$out" >"$out/log.txt" 2>&1 \
-    || { echo "FAILED $out (see $out/log.txt)"; return 1; }
+  python "$script.py" --out "$out" $extra >"$out/log.txt" 2>&1 || { echo "FAILED $out (see $out/log.txt)"; return 1; }
 }
 export -f run
-if [ ${#pending[@]} -gt 0 ]; then
-  printf '%s\n' "${pending[@]}" | xargs -P "$JOBS" -I{} bash -c 'run "$@"' _ {}
-fi
+
+for phase in 1 2; do
+  plan $phase | xargs -r -P "$JOBS" -I{} bash -c 'run "$@"' _ {}
+done
 python summarize.py "$ROOT"
+for dataset in $DATASETS; do
+  if [ -f "$ROOT/ft/$dataset/seed${SEEDS%% *}/model.pt" ] && [ -f "$ROOT/lpft/$dataset/seed${SEEDS%% *}/model.pt" ]; then
+    python feature_map.py --dataset "$dataset" --seed "${SEEDS%% *}" --root "$ROOT"
+  fi
+done

@@ -1,7 +1,9 @@
-"""Build the ID/OOD summary table from finished runs: mean ± 90% CI over seeds (1.645 std / sqrt(n), as in the
-LP-FT paper) of the evaluation each run selected on ID validation (its `done` marker).
+"""Build the ID/OOD summary table and pictures from finished runs: mean ± 90% CI over seeds (1.645 std / sqrt(n), as
+in the LP-FT paper) of the evaluation each run selected on ID validation (its `done` marker). For real datasets the
+paper's number stands beside ours where reference/published.json has one, with its provenance tag.
 
-    python summarize.py runs                 # prints a markdown table, writes runs/summary.md and runs/summary.csv
+    python summarize.py runs       # prints the table; writes runs/summary.md, runs/summary.csv and, per dataset,
+                                   # runs/<dataset>_id_ood.png and runs/<dataset>_distortion.png
 """
 import argparse
 import csv
@@ -10,7 +12,10 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-METHOD_ORDER = ["zeroshot", "lp", "ft", "lpft", "l2sp", "flyp", "wiseft"]
+METHOD_ORDER = ["zeroshot", "lp", "ft", "lpft", "l2sp", "flyp", "wiseft-flyp", "wiseft-ft"]
+LABELS = {"zeroshot": "zero-shot", "lp": "LP", "ft": "FT", "lpft": "LP-FT", "l2sp": "L2-SP", "flyp": "FLYP",
+          "wiseft-flyp": "WiSE-FT (FLYP, α=0.5)", "wiseft-ft": "WiSE-FT (FT, α=0.5)"}
+PUBLISHED = Path(__file__).with_name("reference") / "published.json"
 
 
 def mean_ci(values):
@@ -21,41 +26,127 @@ def mean_ci(values):
 
 
 def load_runs(root):
-    runs = defaultdict(list)  # (dataset, method) -> list of done records
+    """(dataset, method) -> the `done` records of its finished runs, each with the path of its results file."""
+    runs = defaultdict(list)
     for marker in sorted(Path(root).rglob("done")):
         record = json.loads(marker.read_text())
-        runs[(record["dataset"], record["method"])].append(record)
+        runs[(record["dataset"], record["method"])].append({**record, "results": str(marker.with_name("results.jsonl"))})
     return runs
 
 
-def build_table(runs):
+def load_published(path=PUBLISHED):
+    """(dataset, method, column) -> published entry."""
+    entries = json.loads(Path(path).read_text())["entries"] if Path(path).exists() else []
+    return {(e["dataset"], e["method"], e["column"]): e for e in entries}
+
+
+def ordered_methods(runs, dataset):
+    return sorted({m for d, m in runs if d == dataset}, key=lambda m: ((METHOD_ORDER + [m]).index(m), m))
+
+
+def columns(runs, dataset):
+    """(column name, metric key) pairs: ID, each OOD split, OOD average, feature distortion ID and OOD."""
+    ood = list(dict.fromkeys(k[len("acc/ood_"):] for (d, m), records in sorted(runs.items()) if d == dataset
+                             for r in records for k in r["metrics"] if k.startswith("acc/ood_") and k != "acc/ood_avg"))
+    return [("ID", "acc/id_test")] + [(f"OOD {o}", f"acc/ood_{o}") for o in ood] + [
+        ("OOD avg", "acc/ood_avg"), ("distortion ID", "distortion/id_test"), ("distortion OOD", "distortion/ood_avg")]
+
+
+def build_table(runs, published=None):
     """Returns (markdown, csv rows) with one row per (dataset, method)."""
+    published = load_published() if published is None else published
     lines, rows = [], []
     for dataset in sorted({d for d, _ in runs}):
-        methods = sorted({m for d, m in runs if d == dataset}, key=lambda m: (METHOD_ORDER + [m]).index(m))
-        ood = sorted({k[len("acc/ood_"):] for m in methods for r in runs[(dataset, m)] for k in r["metrics"]
-                      if k.startswith("acc/ood_") and k != "acc/ood_avg"})
-        cols = [("ID", "acc/id_test")] + [(f"OOD {o}", f"acc/ood_{o}") for o in ood] + [("OOD avg", "acc/ood_avg"),
-                ("distortion ID", "distortion/id_test"), ("distortion OOD", "distortion/ood_avg")]
+        cols = columns(runs, dataset)
         lines += [f"**{dataset}**", "", "| method | seeds | " + " | ".join(c for c, _ in cols) + " |",
                   "|---|---|" + "---|" * len(cols)]
-        for method in methods:
+        for method in ordered_methods(runs, dataset):
             records = runs[(dataset, method)]
             cells, row = [], {"dataset": dataset, "method": method, "seeds": len(records)}
             for name, key in cols:
-                mean, ci = mean_ci([r["metrics"][key] for r in records])
+                values = [r["metrics"][key] for r in records if key in r["metrics"]]
+                if not values:
+                    cells.append("–")
+                    continue
+                mean, ci = mean_ci(values)
                 digits = 4 if key.startswith("distortion") else 1
-                cells.append(f"{mean:.{digits}f} ± {ci:.{digits}f}")
+                cell = f"{mean:.{digits}f} ± {ci:.{digits}f}"
                 row[f"{name} mean"], row[f"{name} ci90"] = round(mean, 6), round(ci, 6)
-            lines.append(f"| {method} | {len(records)} | " + " | ".join(cells) + " |")
+                paper = published.get((dataset, method, name))
+                if paper:
+                    cell += f" (paper {paper['value']:.1f}" + (f" ± {paper['ci']:.1f}" if "ci" in paper else "") + \
+                            f" [{paper['tag']}])"
+                    row[f"{name} paper"], row[f"{name} paper source"] = paper["value"], f"{paper['source']} [{paper['tag']}]"
+                cells.append(cell)
+            lines.append(f"| {LABELS.get(method, method)} | {len(records)} | " + " | ".join(cells) + " |")
             rows.append(row)
         lines.append("")
     return "\n".join(lines), rows
 
 
+def alpha_curve(records):
+    """WiSE-FT's (alpha, mean ID acc, mean OOD avg acc) over seeds, from each run's results file."""
+    by_alpha = defaultdict(list)
+    for r in records:
+        for line in Path(r["results"]).read_text().splitlines():
+            entry = json.loads(line)
+            by_alpha[entry["alpha"]].append(entry["metrics"])
+    return [(a, mean_ci([m["acc/id_test"] for m in ms])[0], mean_ci([m["acc/ood_avg"] for m in ms])[0])
+            for a, ms in sorted(by_alpha.items())]
+
+
+def plot(runs, dataset, out_dir):
+    """Two pictures: ID vs OOD accuracy of every method (with WiSE-FT's alpha curves) and feature distortion."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = ordered_methods(runs, dataset)
+    stats = {m: {k: mean_ci([r["metrics"][k] for r in runs[(dataset, m)]]) for k in
+                 ("acc/id_test", "acc/ood_avg", "distortion/id_test", "distortion/ood_avg")} for m in methods}
+    colours = {m: f"C{i}" for i, m in enumerate(methods)}
+
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for m in methods:
+        if m.startswith("wiseft"):
+            curve = alpha_curve(runs[(dataset, m)])
+            ax.plot([c[1] for c in curve], [c[2] for c in curve], "-", color=colours[m], alpha=0.6, zorder=1)
+            for a, x, y in curve:
+                if a in (0.0, 0.5, 1.0):
+                    ax.annotate(f"α={a:g}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8,
+                                color=colours[m])
+        (x, xe), (y, ye) = stats[m]["acc/id_test"], stats[m]["acc/ood_avg"]
+        ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", color=colours[m], label=LABELS.get(m, m), capsize=3, zorder=2)
+    ax.set_xlabel("ID test accuracy (%)")
+    ax.set_ylabel("OOD accuracy, average over shifts (%)")
+    ax.set_title(f"{dataset}: ID vs OOD (mean ± 90% CI over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(Path(out_dir) / f"{dataset}_id_ood.png", dpi=120)
+    plt.close(fig)
+
+    moved = [m for m in methods if stats[m]["distortion/id_test"][0] > 0 or stats[m]["distortion/ood_avg"][0] > 0]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, (key, name) in enumerate((("distortion/id_test", "ID test"), ("distortion/ood_avg", "OOD (avg)"))):
+        ax.bar([j + (i - 0.5) * 0.38 for j in range(len(moved))], [stats[m][key][0] for m in moved], 0.38,
+               yerr=[stats[m][key][1] for m in moved], capsize=3, label=name)
+    ax.set_xticks(range(len(moved)), [LABELS.get(m, m) for m in moved], rotation=20, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("feature distortion  ‖f − f₀‖² / ‖f₀‖²")
+    ax.set_title(f"{dataset}: how far fine-tuning moved the features (LP, zero-shot: 0)")
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(Path(out_dir) / f"{dataset}_distortion.png", dpi=120)
+    plt.close(fig)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", nargs="?", default="runs", help="folder holding the run folders (default: runs)")
+    parser.add_argument("--no-plots", action="store_true", help="write the table and CSV only")
     args = parser.parse_args()
     runs = load_runs(args.root)
     if not runs:
@@ -67,6 +158,9 @@ def main():
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
+    if not args.no_plots:
+        for dataset in sorted({d for d, _ in runs}):
+            plot(runs, dataset, args.root)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,90 @@
+"""The picture behind the theory: a 2-D map of how fine-tuning moves the features of ID and OOD test images.
+
+The projection (PCA) is fitted on the PRETRAINED features of ID and OOD test images; each fine-tuned model's features
+of the same images are drawn in that same plane, with an arrow from where each image started. Fine-tuning with a
+random head (FT) drags the ID features along with the head while the OOD features lag behind; LP-FT barely moves
+either (Kumar et al., ICLR 2022, Sec. 3 and Fig. 1).
+
+    python feature_map.py --dataset embedded --seed 0 --root runs      # needs ft.py / lpft.py --save checkpoints
+"""
+import argparse
+from pathlib import Path
+
+import torch
+
+import common
+import data
+
+LABELS = {"ft": "FT", "lpft": "LP-FT", "l2sp": "L2-SP", "flyp": "FLYP"}
+
+
+def encoder_from_checkpoint(path, dataset):
+    """The fine-tuned image encoder of a method's model.pt (nn.Sequential(encoder, head), or a whole CLIP for FLYP)."""
+    if not Path(path).is_file():
+        raise SystemExit(f"error: no checkpoint {path}; rerun that method with --save (run_all.sh does)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    backbone = common.load_backbone(ckpt["args"]["backbone"] or dataset.backbone, ckpt["args"]["weights"], log=lambda m: None)
+    if ckpt["method"] == "flyp":
+        backbone.clip.load_state_dict(ckpt["state_dict"])
+    else:
+        backbone.encoder.load_state_dict({k[2:]: v for k, v in ckpt["state_dict"].items() if k.startswith("0.")})
+    return backbone.encoder
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="embedded", help="dataset name (see data.DATASETS)")
+    parser.add_argument("--data-root", default=None, help="root folder of real datasets")
+    parser.add_argument("--seed", type=int, default=0, help="which seed's checkpoints to draw")
+    parser.add_argument("--root", default="runs", help="folder holding the run folders (default: runs)")
+    parser.add_argument("--methods", nargs="+", default=["ft", "lpft"], help="methods to draw (default: ft lpft)")
+    parser.add_argument("--points", type=int, default=120, help="arrows per panel for ID and for OOD images")
+    parser.add_argument("--out", default=None, help="PNG path; default <root>/<dataset>_feature_map.png")
+    args = parser.parse_args()
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root)
+    pretrained = common.load_backbone(dataset.backbone, log=lambda m: None).encoder
+    splits = {"ID": data.Split(dataset.test.images, dataset.test.labels),
+              "OOD": data.Split(torch.cat([s.images for s in dataset.ood.values()]),
+                                torch.cat([s.labels for s in dataset.ood.values()]))}
+    g = torch.Generator().manual_seed(0)
+    picked = {k: torch.randperm(len(s), generator=g)[:args.points] for k, s in splits.items()}
+
+    def features(encoder):
+        return {k: common.extract_features(encoder, s, "cpu") for k, s in splits.items()}
+
+    before = features(pretrained)
+    fit = torch.cat(list(before.values()))
+    mean = fit.mean(0)
+    _, _, v = torch.linalg.svd(fit - mean, full_matrices=False)  # PCA of the pretrained features
+    project = lambda f: (f - mean) @ v[:2].T
+
+    fig, axes = plt.subplots(1, len(args.methods), figsize=(5.5 * len(args.methods), 5), squeeze=False)
+    for ax, method in zip(axes[0], args.methods):
+        path = Path(args.root) / method / args.dataset / f"seed{args.seed}" / "model.pt"
+        after = features(encoder_from_checkpoint(path, dataset))
+        for (name, colour) in (("ID", "tab:blue"), ("OOD", "tab:orange")):
+            p0, p1 = project(before[name][picked[name]]), project(after[name][picked[name]])
+            ax.quiver(p0[:, 0], p0[:, 1], p1[:, 0] - p0[:, 0], p1[:, 1] - p0[:, 1], angles="xy", scale_units="xy",
+                      scale=1, color=colour, alpha=0.35, width=0.003)
+            ax.scatter(p1[:, 0], p1[:, 1], s=8, color=colour, label=f"{name} (distortion "
+                       f"{common.distortion(after[name], before[name]):.3g})")
+        ax.set_title(f"{LABELS.get(method, method)}: pretrained → fine-tuned features")
+        ax.set_xlabel("PC 1 of the pretrained features")
+        ax.set_ylabel("PC 2")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{args.dataset}, seed {args.seed}: arrows start at each test image's pretrained feature", fontsize=10)
+    fig.tight_layout()
+    out = args.out or str(Path(args.root) / f"{args.dataset}_feature_map.png")
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
