@@ -96,3 +96,25 @@ def test_resnet50_loads_from_a_local_torchvision_file(tmp_path):
     backbone.encoder.eval()
     with torch.no_grad():
         assert backbone.encoder(torch.zeros(1, 3, 64, 64)).shape == (1, 2048)
+
+
+def test_summary_table_rebuilds_the_checked_in_golden_table(tmp_path):
+    """Golden test: the fake results under tests/data/fake_runs (fixtures, not measurements) give exactly the
+    checked-in table, published numbers beside ours included; the pictures and the CSV get written."""
+    import shutil
+    import subprocess
+    import sys
+
+    import summarize
+    from conftest import ROOT
+
+    data_dir = ROOT / "tests" / "data"
+    markdown, rows = summarize.build_table(summarize.load_runs(data_dir / "fake_runs"))
+    assert markdown + "\n" == (data_dir / "golden_summary.md").read_text()
+    assert len(rows) == 10 and rows[0]["method"] == "zeroshot"
+
+    shutil.copytree(data_dir / "fake_runs", tmp_path / "runs")
+    subprocess.run([sys.executable, str(ROOT / "summarize.py"), str(tmp_path / "runs")], check=True, capture_output=True)
+    for name in ("summary.md", "summary.csv", "embedded_id_ood.png", "embedded_distortion.png", "living17_id_ood.png"):
+        assert (tmp_path / "runs" / name).stat().st_size > 0, name
+    assert (tmp_path / "runs" / "summary.md").read_text() == (data_dir / "golden_summary.md").read_text()

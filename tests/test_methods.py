@@ -13,7 +13,7 @@ import lp
 import lpft
 from conftest import ROOT
 
-METHODS = ["lp", "ft", "lpft"]
+METHODS = ["zeroshot", "lp", "ft", "lpft", "l2sp", "flyp"]
 
 
 def run_script(method, *argv, check=True):
@@ -36,6 +36,7 @@ def test_script_end_to_end(method, tmp_path):
     assert keys <= set(done["metrics"])
     # The reported evaluation is the one with the best ID validation accuracy among the logged ones.
     candidates = [r for r in lines if r.get("stage") != "lp"]
+    assert method == "zeroshot" or len(candidates) >= 2
     assert done["metrics"]["acc/id_val"] == max(r["metrics"]["acc/id_val"] for r in candidates)
 
 
@@ -96,3 +97,33 @@ def test_lpft_head_gives_the_lp_logits():
     w, b = init
     with torch.no_grad():
         assert torch.allclose(model[1](ref["id_test"]), ((ref["id_test"] - mean) / std) @ w.T + b, atol=1e-4)
+
+
+def test_wiseft_script_end_to_end(tmp_path):
+    run_script("flyp", "--dataset", "embedded-tiny", "--out", str(tmp_path / "flyp"), "--save")
+    run_script("wiseft", "--dataset", "embedded-tiny", "--checkpoint", str(tmp_path / "flyp" / "model.pt"),
+               "--out", str(tmp_path / "wise"))
+    lines = [json.loads(line) for line in (tmp_path / "wise" / "results.jsonl").read_text().splitlines()]
+    assert [r["alpha"] for r in lines] == [round(i / 10, 6) for i in range(11)]
+    assert json.loads((tmp_path / "wise" / "done").read_text())["alpha"] == 0.5
+
+
+def test_checkpoint_holds_the_unwrapped_model_and_its_args(tmp_path):
+    run_script("ft", "--dataset", "embedded-tiny", "--out", str(tmp_path), "--save", "--compile", "on", "--epochs", "1")
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert ckpt["method"] == "ft" and ckpt["args"]["dataset"] == "embedded-tiny" and ckpt["step"] == 1
+    assert not any(k.startswith("_orig_mod") for k in ckpt["state_dict"]) and "1.weight" in ckpt["state_dict"]
+
+
+def test_run_all_tiny_builds_table_and_pictures_then_skips_finished_runs(tmp_path):
+    env = {**os.environ, "DATASETS": "embedded-tiny", "SEEDS": "0", "JOBS": "2", "ROOT": str(tmp_path)}
+    first = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    table = (tmp_path / "summary.md").read_text()
+    for label in ("zero-shot", "LP", "FT", "LP-FT", "L2-SP", "FLYP", "WiSE-FT (FLYP, α=0.5)"):
+        assert f"| {label} | 1 |" in table, label
+    for picture in ("embedded-tiny_id_ood.png", "embedded-tiny_distortion.png", "embedded-tiny_feature_map.png"):
+        assert (tmp_path / picture).stat().st_size > 0, picture
+    again = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and "run  " not in again.stdout and again.stderr.count("skip ") == 7
+    assert (tmp_path / "summary.md").read_text() == table

@@ -1,0 +1,149 @@
+"""FLYP, L2-SP, zero-shot and WiSE-FT: the method invariants, on hand-computed values and the tiny embedded world."""
+import json
+import math
+
+import pytest
+import torch
+
+import common
+import flyp
+import ft
+import l2sp
+import wiseft
+import zeroshot
+
+
+def test_flyp_loss_equals_a_hand_computed_symmetric_clip_loss():
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    log_scale = torch.tensor(math.log(20.0))
+    s = [[20.0 * sum(img[i, k].item() * txt[j, k].item() for k in range(8)) for j in range(5)] for i in range(5)]
+    image_to_text = [-(s[i][i] - math.log(sum(math.exp(s[i][j]) for j in range(5)))) for i in range(5)]
+    text_to_image = [-(s[j][j] - math.log(sum(math.exp(s[i][j]) for i in range(5)))) for j in range(5)]
+    expected = (sum(image_to_text) / 5 + sum(text_to_image) / 5) / 2
+    assert flyp.clip_loss(img, txt, log_scale).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_flyp_captions_fill_each_template_with_each_class_name():
+    tokenizer = common.load_backbone("embedded-clip-tiny").tokenizer
+    tokens = flyp.caption_tokens(tokenizer, ["circle", "star"], ["a {}.", "a drawing of a {}."])
+    assert tokens.shape[:2] == (2, 2)
+    assert torch.equal(tokens[1, 1], tokenizer(["a drawing of a star."])[0])
+
+
+def test_flyp_schedule_warms_up_then_decays_to_zero():
+    f = flyp.cosine_lr(warmup=4, total_steps=20)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0 and f(12) == pytest.approx(0.5) and f(20) == pytest.approx(0.0, abs=1e-12)
+
+
+def l2sp_model():
+    encoder = common.load_backbone("embedded-clip-tiny").encoder
+    model = l2sp.build_model(encoder, 10)
+    start = {n: p.detach().clone() for n, p in model[0].named_parameters()}
+    return model, start
+
+
+def test_l2sp_penalty_is_zero_at_the_start_and_its_gradient_is_alpha_times_the_displacement():
+    model, start = l2sp_model()
+    assert l2sp.l2sp_penalty(model, start, alpha=0.1, beta=0.0).item() == 0.0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.zero_grad()
+    l2sp.l2sp_penalty(model, start, alpha=0.1, beta=0.01).backward()
+    for name, p in model[0].named_parameters():
+        if p.ndim >= 2:  # conv and linear weights: alpha (w - w0)
+            assert torch.allclose(p.grad, 0.1 * (p.detach() - start[name]), atol=1e-7), name
+        else:  # BatchNorm scale/shift and biases are not penalised (the authors' default)
+            assert p.grad is None or not p.grad.any(), name
+    assert torch.allclose(model[1].weight.grad, 0.01 * model[1].weight.detach(), atol=1e-8)  # beta W_head
+    assert model[1].bias.grad is None or not model[1].bias.grad.any()
+
+
+def test_l2sp_all_params_variant_penalises_every_backbone_parameter_and_not_the_head():
+    model, start = l2sp_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    model.zero_grad()
+    l2sp.l2sp_penalty(model, start, alpha=0.01, beta=0.5, all_params=True).backward()
+    for name, p in model[0].named_parameters():
+        assert torch.allclose(p.grad, 2 * 0.01 * (p.detach() - start[name]), atol=1e-7), name
+    assert model[1].weight.grad is None
+
+
+def test_zeroshot_head_averages_normalised_template_embeddings():
+    backbone = common.load_backbone("embedded-clip-tiny")
+    names, templates = ["circle", "star"], ["a {}.", "a drawing of a {}."]
+    w = common.zeroshot_weights(backbone.clip, backbone.tokenizer, names, templates, "cpu")
+    with torch.no_grad():
+        e = torch.nn.functional.normalize(backbone.clip.encode_text(backbone.tokenizer(["a star.", "a drawing of a star."])), dim=-1)
+    assert torch.allclose(w[1], torch.nn.functional.normalize(e.mean(0), dim=0), atol=1e-6)
+    head = common.zeroshot_head(backbone.clip, backbone.tokenizer, names, templates, "cpu")
+    f = torch.randn(3, w.shape[1])
+    expected = backbone.clip.logit_scale.exp().item() * torch.nn.functional.normalize(f, dim=-1) @ w.T
+    assert torch.allclose(head(f), expected, atol=1e-4)
+
+
+def test_wiseft_endpoints_give_back_zeroshot_and_flyp_exactly(tmp_path, monkeypatch):
+    zs = zeroshot.main(zeroshot.Args(dataset="embedded-tiny", out=str(tmp_path / "zs")))
+    tuned = flyp.main(flyp.Args(dataset="embedded-tiny", out=str(tmp_path / "flyp"), save=True, lr=1e-2))
+    records = wiseft.main(wiseft.Args(dataset="embedded-tiny", checkpoint=str(tmp_path / "flyp" / "model.pt"),
+                                      out=str(tmp_path / "wise")))
+    assert [r["alpha"] for r in records] == [i / 10 for i in range(11)]
+    assert records[0]["metrics"] == zs["metrics"]
+    assert records[-1]["metrics"] == tuned["metrics"]
+    assert records[-1]["metrics"]["distortion/id_test"] > 0  # the endpoints differ, so the check has teeth
+    done = json.loads((tmp_path / "wise" / "done").read_text())
+    assert done["method"] == "wiseft-flyp" and done["alpha"] == 0.5 and done["metrics"] == records[5]["metrics"]
+
+
+def test_wiseft_of_ft_from_the_zeroshot_head(tmp_path):
+    zs = zeroshot.main(zeroshot.Args(dataset="embedded-tiny", out=str(tmp_path / "zs")))
+    tuned = ft.main(ft.Args(dataset="embedded-tiny", out=str(tmp_path / "ft"), head_init="zeroshot", lr=1e-3, save=True))
+    records = wiseft.main(wiseft.Args(dataset="embedded-tiny", checkpoint=str(tmp_path / "ft" / "model.pt"),
+                                      out=str(tmp_path / "wise"), alpha_step=0.5))
+    assert [r["alpha"] for r in records] == [0.0, 0.5, 1.0]
+    assert records[0]["metrics"] == zs["metrics"] and records[-1]["metrics"] == tuned["metrics"]
+
+
+@pytest.mark.parametrize("content,expected", [(None, "no fine-tuned checkpoint"), (b"not a checkpoint", "could not read"),
+                                              ({"weights": 1}, "not a model.pt")])
+def test_wiseft_bad_checkpoint_gives_a_clear_error(tmp_path, content, expected):
+    path = tmp_path / "model.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        torch.save(content, path)
+    with pytest.raises(SystemExit, match=expected):
+        wiseft.main(wiseft.Args(dataset="embedded-tiny", checkpoint=str(path), out=str(tmp_path / "out")))
+
+
+def test_clip_only_methods_refuse_a_backbone_without_text_tower():
+    with pytest.raises(SystemExit, match="needs a CLIP backbone"):
+        common.require_clip(common.Backbone(encoder=torch.nn.Identity()), "FLYP")
+
+
+def test_fewshot_keeps_the_step_with_the_lowest_validation_loss_zeroshot_start_included(tmp_path):
+    import flyp_fewshot
+
+    zs = zeroshot.main(zeroshot.Args(dataset="embedded-tiny", out=str(tmp_path / "zs")))
+    mean, std = flyp_fewshot.main(flyp_fewshot.Args(dataset="embedded-tiny", out=str(tmp_path / "fs"), steps=0, draws=2))
+    assert mean == zs["metrics"] and all(v == 0 for v in std.values())  # no step taken: the zero-shot model
+
+    flyp_fewshot.main(flyp_fewshot.Args(dataset="embedded-tiny", out=str(tmp_path / "fs2"), steps=4, draws=3))
+    for r in [json.loads(line) for line in (tmp_path / "fs2" / "results.jsonl").read_text().splitlines()]:
+        assert len(r["val_losses"]) == 5 and r["selected_step"] == min(range(5), key=r["val_losses"].__getitem__)
+        if r["selected_step"] == 0:
+            assert r["metrics"] == zs["metrics"]
+
+
+def test_fewshot_draws_k_examples_of_every_class():
+    import flyp_fewshot
+
+    labels = torch.arange(10).repeat_interleave(7)
+    idx = flyp_fewshot.draw_shots(labels, 4, torch.Generator().manual_seed(0))
+    assert len(idx) == 40 and len(set(idx.tolist())) == 40
+    assert torch.equal(torch.bincount(labels[idx]), torch.full((10,), 4))
