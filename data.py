@@ -227,7 +227,7 @@ class WorldConfig:
     """Sizes of one embedded-world task. The pretraining corpus lives in the backbone's config (common.py)."""
     n_train: int = 4000  # labelled ID training images (photo)
     n_val: int = 1000  # held-out ID validation images, used for all model selection
-    n_test: int = 2000  # ID test images and images per OOD domain
+    n_test: int = 1000  # ID test images and images per OOD domain
     id_domain: str = "photo"
 
 

@@ -59,7 +59,7 @@ class Args:
 
 # Per-dataset defaults. Embedded world: lr and epochs chosen on ID validation accuracy (docs/embedded.md).
 RECIPES = {
-    "embedded": {"epochs": 10, "lr": 3e-2},
+    "embedded": {"epochs": 5, "lr": 3e-2},
     "embedded-tiny": {"epochs": 2, "lr": 3e-2},
 }
 

@@ -66,7 +66,7 @@ class Args:
 
 # Per-dataset defaults: ft.py's recipes (L2-SP only adds the penalty).
 RECIPES = {
-    "embedded": {"epochs": 10, "lr": 3e-2},
+    "embedded": {"epochs": 5, "lr": 3e-2},
     "embedded-tiny": {"epochs": 2, "lr": 3e-2},
 }
 

@@ -67,7 +67,7 @@ class Args:
 
 # Per-dataset defaults. Embedded world: lr and epochs chosen on ID validation accuracy (docs/embedded.md).
 RECIPES = {
-    "embedded": {"epochs": 10, "lr": 1e-4},
+    "embedded": {"epochs": 5, "lr": 1e-4},
     "embedded-tiny": {"epochs": 2, "lr": 1e-4},
 }
 
