@@ -1,0 +1,262 @@
+"""Speed, measured side by side: our training path against a plain eager fp32 loop like the reference code's, in one
+run on one device, so every number is a ratio against a baseline measured minutes apart on the same machine.
+
+    python bench.py                       # CUDA: CLIP ViT-B/16 and ResNet-50 at 224 px (random weights: speed only)
+    python bench.py --device cpu          # tiny models at small resolution, under 2 minutes on 2 cores
+
+Sections: (a) training images/s and model FLOPs utilisation (MFU, against the device's bf16 peak), ours vs eager
+fp32, on synthetic tensors and end to end from JPEG files; (b) FLYP image-text pairs/s; (c) feature extraction
+images/s; (d) the LP sweep on identical features, lp.py's torch L-BFGS vs scikit-learn, time and accuracy; (e) the
+share of step time spent waiting for data. Prints a table and writes JSON (--out).
+"""
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peak, FLOP/s
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def models(device):
+    """name -> (builder of an image classifier, resolution, batch). Random weights: speed does not depend on them."""
+    import open_clip
+    import torchvision
+
+    def clip_visual(arch):
+        def build():
+            visual = open_clip.create_model(arch).visual
+            return nn.Sequential(visual, nn.Linear(visual.output_dim, 1000))
+        return build
+
+    if device.type == "cuda":
+        return {"clip-vit-b16": (clip_visual("ViT-B-16-quickgelu"), 224, 256),
+                "resnet50": (lambda: torchvision.models.resnet50(), 224, 256)}
+    embedded = common.EmbeddedCLIPConfig()
+    return {"embedded-clip": (lambda: nn.Sequential(common.ConvTower(embedded.convs, embedded.embed_dim),
+                                                    nn.Linear(embedded.embed_dim, 10)), 32, 64),
+            "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), 64, 32)}
+
+
+def forward_flops(model, x):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() / len(x)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_rate(build, res, batch, device, fast, steps, batches=None):
+    """Images/s of a cross-entropy training step. fast = our path (channels-last, bf16 autocast and compile on CUDA,
+    fused AdamW on CUDA); otherwise eager fp32 with a plain AdamW. `batches` = an iterator of real (x, y) batches;
+    None = one synthetic batch reused. Returns (images/s, share of time waiting for data)."""
+    torch.manual_seed(0)
+    model = build().to(device)
+    if fast:
+        model = common.to_device(model, device)
+    step_model = common.maybe_compile(model, "auto" if fast else "off", device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fast and device.type == "cuda")
+    x = torch.randn(batch, 3, res, res, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    waited, start = 0.0, None
+    for i in range(steps + 3):  # 3 warm-up steps (compilation, allocator, cuDNN autotuning)
+        if i == 3:
+            sync(device)
+            start, waited = time.perf_counter(), 0.0
+        if batches is not None:
+            t = time.perf_counter()
+            x, y = next(batches)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            waited += time.perf_counter() - t
+        with common.autocast(device, "auto" if fast else "fp32"):
+            loss = F.cross_entropy(step_model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    sync(device)
+    elapsed = time.perf_counter() - start
+    return steps * batch / elapsed, waited / elapsed
+
+
+def flyp_rate(device, fast, steps):
+    """Image-text pairs/s of a FLYP step (both towers, CLIP loss)."""
+    import open_clip
+
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        clip, res, batch = open_clip.create_model("ViT-B-16-quickgelu"), 224, 256
+        tokens = open_clip.get_tokenizer("ViT-B-16-quickgelu")(["a photo of a dog."] * batch).to(device)
+    else:
+        clip, res, batch = common.EmbeddedCLIP(common.EmbeddedCLIPConfig()), 32, 128
+        tokens = clip.tokenizer(["a picture of a circle."] * batch).to(device)
+    clip = common.to_device(clip, device) if fast else clip.to(device)
+    visual = common.maybe_compile(clip.visual, "auto" if fast else "off", device)
+    opt = torch.optim.AdamW(clip.parameters(), lr=1e-5, fused=fast and device.type == "cuda")
+    x = torch.randn(batch, 3, res, res, device=device)
+    labels = torch.arange(batch, device=device)
+    for i in range(steps + 3):
+        if i == 3:
+            sync(device)
+            start = time.perf_counter()
+        with common.autocast(device, "auto" if fast else "fp32"):
+            img = F.normalize(visual(x).float(), dim=-1)
+            txt = F.normalize(clip.encode_text(tokens).float(), dim=-1)
+            logits = clip.logit_scale.exp() * img @ txt.T
+            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    sync(device)
+    return steps * batch / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def extract_rate(build, res, batch, device, fast, steps):
+    model = build().to(device).eval()
+    if fast:
+        model = common.to_device(model, device)
+    run = common.maybe_compile(model, "auto" if fast else "off", device)
+    x = torch.randn(batch * 4, 3, res, res, device=device)
+    for i in range(steps + 2):
+        if i == 2:
+            sync(device)
+            start = time.perf_counter()
+        with common.autocast(device, "auto" if fast else "fp32"):
+            run(x)
+    sync(device)
+    return steps * len(x) / (time.perf_counter() - start)
+
+
+def lp_sweep(device, n, dim, classes, num_c):
+    """lp.py's warm-started torch L-BFGS sweep vs scikit-learn's on the same standardised features and C grid."""
+    import lp
+    from sklearn.linear_model import LogisticRegression
+
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(classes, dim, generator=g) * 0.4
+    y = torch.randint(classes, (2 * n,), generator=g)
+    x = means[y] + torch.randn(2 * n, dim, generator=g)
+    mean, std = lp.standardize(x[:n])
+    x = (x - mean) / std
+    cs = np.logspace(-4, 2, num_c)
+
+    start, init, ours = time.perf_counter(), None, []
+    xd, yd = x[:n].to(device), y[:n].to(device)
+    for c in cs:
+        w, b = init = lp.fit_logreg(xd, yd, classes, float(c), init)
+        ours.append(100 * ((x[n:].to(device) @ w.T + b).argmax(1).cpu() == y[n:]).float().mean().item())
+    sync(device)
+    ours_s = time.perf_counter() - start
+
+    start, theirs = time.perf_counter(), []
+    clf = LogisticRegression(warm_start=True, max_iter=200)
+    for c in cs:
+        clf.set_params(C=float(c)).fit(x[:n].numpy(), y[:n].numpy())
+        theirs.append(100 * (clf.predict(x[n:].numpy()) == y[n:].numpy()).mean())
+    sklearn_s = time.perf_counter() - start
+    return {"features": [n, dim], "classes": classes, "c_values": num_c, "ours_s": ours_s, "sklearn_s": sklearn_s,
+            "speedup": sklearn_s / ours_s, "best_acc_ours": max(ours), "best_acc_sklearn": max(theirs),
+            "max_acc_gap": max(abs(a - b) for a, b in zip(ours, theirs))}
+
+
+def jpeg_batches(res, batch, device, n_images=512, workers=None):
+    """An endless iterator of (images, labels) decoded from JPEG files through a DataLoader (workers, pinned memory,
+    persistent workers), with a random-resized-crop-like random crop and flip."""
+    from torchvision.io import decode_jpeg, encode_jpeg, read_file
+    from torchvision.transforms import v2
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-jpeg-"))
+    g = torch.Generator().manual_seed(0)
+    for i in range(n_images):
+        img = (torch.rand(3, res // 8, res // 8, generator=g) * 255).to(torch.uint8)
+        img = F.interpolate(img[None].float(), size=(res + res // 8, res + res // 8), mode="bilinear")[0].to(torch.uint8)
+        (folder / f"{i:05d}.jpg").write_bytes(encode_jpeg(img, quality=90).numpy().tobytes())
+    files = sorted(folder.glob("*.jpg"))
+    crop = v2.Compose([v2.RandomResizedCrop(res, scale=(0.9, 1.0), antialias=True), v2.RandomHorizontalFlip()])
+
+    class Files(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(files)
+
+        def __getitem__(self, i):
+            img = crop(decode_jpeg(read_file(str(files[i]))))
+            return (img.float() / 255 - 0.5) / 0.25, i % 10
+
+    workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+    loader = torch.utils.data.DataLoader(Files(), batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+
+    def forever():
+        while True:
+            yield from loader
+    return forever()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default: 30 CUDA, 5 CPU)")
+    parser.add_argument("--out", default="bench.json", help="JSON results file")
+    args = parser.parse_args()
+    device = common.get_device(args.device)
+    steps = args.steps or (30 if device.type == "cuda" else 5)
+    peak = peak_flops(device)
+    report = {"device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+              "torch": str(torch.__version__), "threads": torch.get_num_threads(), "steps": steps, "train": {},
+              "extract": {}, "flyp": {}}
+    rows = []
+    for name, (build, res, batch) in models(device).items():
+        flops = 3 * forward_flops(build(), torch.randn(2, 3, res, res))  # training ~ 3x forward
+        entry = {"resolution": res, "batch": batch, "train_gflops_per_image": flops / 1e9}
+        for path, fast in (("eager_fp32", False), ("ours", True)):
+            rate, _ = train_rate(build, res, batch, device, fast, steps)
+            entry[path] = {"images_per_s": rate, "mfu": rate * flops / peak if peak else None}
+        rate, wait = train_rate(build, res, batch, device, True, steps, jpeg_batches(res, batch, device))
+        entry["ours_jpeg"] = {"images_per_s": rate, "data_wait_share": wait, "share_of_synthetic": rate / entry["ours"]["images_per_s"]}
+        entry["speedup"] = entry["ours"]["images_per_s"] / entry["eager_fp32"]["images_per_s"]
+        report["train"][name] = entry
+        ext = {p: extract_rate(build, res, batch, device, fast, steps) for p, fast in (("eager_fp32", False), ("ours", True))}
+        report["extract"][name] = ext
+        mfu = f"{entry['ours']['mfu']:.1%}" if peak else "–"
+        rows.append(f"| train {name} {res}px b{batch} | {entry['eager_fp32']['images_per_s']:.0f} | "
+                    f"{entry['ours']['images_per_s']:.0f} | {entry['speedup']:.2f}× | MFU {mfu}; JPEG "
+                    f"{entry['ours_jpeg']['images_per_s']:.0f} img/s ({entry['ours_jpeg']['share_of_synthetic']:.0%} of "
+                    f"synthetic, {entry['ours_jpeg']['data_wait_share']:.0%} waiting for data) |")
+        rows.append(f"| extract {name} | {ext['eager_fp32']:.0f} | {ext['ours']:.0f} | {ext['ours'] / ext['eager_fp32']:.2f}× | |")
+    flyp = {p: flyp_rate(device, fast, steps) for p, fast in (("eager_fp32", False), ("ours", True))}
+    report["flyp"] = flyp
+    rows.append(f"| FLYP pairs/s | {flyp['eager_fp32']:.0f} | {flyp['ours']:.0f} | {flyp['ours'] / flyp['eager_fp32']:.2f}× | |")
+    shape = (20_000, 512, 20, 6) if device.type == "cuda" else (4_000, 128, 10, 8)
+    report["lp_sweep"] = lp = lp_sweep(device, *shape)
+    rows.append(f"| LP sweep {lp['features'][0]}×{lp['features'][1]}, {lp['c_values']} C (s) | sklearn "
+                f"{lp['sklearn_s']:.1f} | ours {lp['ours_s']:.1f} | {lp['speedup']:.1f}× | best acc {lp['best_acc_ours']:.1f} "
+                f"vs {lp['best_acc_sklearn']:.1f}, max gap {lp['max_acc_gap']:.2f} |")
+    print(f"device: {report['device']}, torch {report['torch']}, {steps} timed steps per cell\n")
+    print("| measurement | eager fp32 (reference-style) | ours | ratio | notes |\n|---|---|---|---|---|")
+    print("\n".join(rows))
+    common.write_text_atomic(args.out, json.dumps(report, indent=1) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
