@@ -10,8 +10,10 @@ images/s; (d) the LP sweep on identical features, lp.py's torch L-BFGS vs scikit
 share of step time spent waiting for data. Prints a table and writes JSON (--out).
 """
 import argparse
+import atexit
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -186,6 +188,7 @@ def jpeg_batches(res, batch, device, n_images=512, workers=None):
     from torchvision.transforms import v2
 
     folder = Path(tempfile.mkdtemp(prefix="bench-jpeg-"))
+    atexit.register(shutil.rmtree, folder, True)  # the JPEGs are scratch files
     g = torch.Generator().manual_seed(0)
     for i in range(n_images):
         img = (torch.rand(3, res // 8, res // 8, generator=g) * 255).to(torch.uint8)

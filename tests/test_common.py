@@ -118,3 +118,20 @@ def test_summary_table_rebuilds_the_checked_in_golden_table(tmp_path):
     for name in ("summary.md", "summary.csv", "embedded_id_ood.png", "embedded_distortion.png", "living17_id_ood.png"):
         assert (tmp_path / "runs" / name).stat().st_size > 0, name
     assert (tmp_path / "runs" / "summary.md").read_text() == (data_dir / "golden_summary.md").read_text()
+
+
+def test_bench_cpu_writes_its_table_and_json(tmp_path):
+    """bench.py --device cpu runs end to end (1 timed step per cell) and its LP solver matches scikit-learn."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--device", "cpu", "--steps", "1", "--out",
+                           str(tmp_path / "bench.json")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert "| LP sweep" in proc.stdout and set(report["train"]) == {"embedded-clip", "resnet18"}
+    assert all(e["ours"]["images_per_s"] > 0 and e["eager_fp32"]["images_per_s"] > 0 for e in report["train"].values())
+    assert abs(report["lp_sweep"]["best_acc_ours"] - report["lp_sweep"]["best_acc_sklearn"]) <= 0.5
