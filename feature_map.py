@@ -49,7 +49,7 @@ def main():
 
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root)
     pretrained = common.load_backbone(dataset.backbone, log=lambda m: None).encoder
-    splits = {"ID": data.Split(dataset.test.images, dataset.test.labels),
+    splits = {"ID": dataset.test,
               "OOD": data.Split(torch.cat([s.images for s in dataset.ood.values()]),
                                 torch.cat([s.labels for s in dataset.ood.values()]))}
     g = torch.Generator().manual_seed(0)

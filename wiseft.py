@@ -112,7 +112,8 @@ def main(args):
     records = []
     for i, alpha in enumerate(common.progress(alphas, desc="alpha")):
         model.load_state_dict(interpolate(theta0, theta1, alpha))
-        feats = common.split_features(encode, dataset, device, args.precision)
+        # At alpha = 0 the weights are theta0 bit for bit: its features are the reference ones, already computed.
+        feats = ref if alpha == 0 else common.split_features(encode, dataset, device, args.precision)
         metrics = common.evaluate(feats, classifier(), dataset, ref, device, args.precision)
         records.append(results.log(i, metrics, alpha=alpha, endpoint=path, endpoint_step=ckpt.get("step")))
         log(f"alpha {alpha:.2f} | {common.format_metrics(metrics)}")
