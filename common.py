@@ -306,11 +306,30 @@ def distortion(features, ref):
     return ((features - ref) ** 2).sum(1).mean().item() / (ref ** 2).sum(1).mean().clamp_min(1e-12).item()
 
 
+def macro_f1(pred, labels):
+    """Mean F1 over the classes present in `labels` (WILDS' iWildCam metric: scikit-learn's f1_score, average='macro',
+    labels=unique(y_true)); a class never predicted scores 0."""
+    scores = []
+    for c in labels.unique():
+        tp, fp, fn = ((pred == c) & (labels == c)).sum(), ((pred == c) & (labels != c)).sum(), ((pred != c) & (labels == c)).sum()
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return 100.0 * torch.stack(scores).float().mean().item()
+
+
+def worst_group_acc(pred, labels, groups, names):
+    """The lowest accuracy over the groups present, 'Other' excluded (WILDS' FMoW worst-region accuracy)."""
+    accs = [(pred[groups == g] == labels[groups == g]).float().mean().item() for g in groups.unique().tolist()
+            if names[g] != "Other"]
+    return 100.0 * min(accs) if accs else float("nan")
+
+
 @torch.inference_mode()
 def evaluate(features, classify, dataset, ref, device, precision="auto"):
     """Accuracy and feature distortion on the splits in `features` (split_features of the current encoder), with
-    `classify` mapping features to logits; `ref` holds the pretrained encoder's split_features.
-    Keys: acc/<split>, distortion/<split>, plus acc/ood_avg and distortion/ood_avg when OOD splits are present."""
+    `classify` mapping features to logits; `ref` holds the pretrained encoder's split_features. A split scored on a
+    class subset (ImageNet-R/-A) takes the argmax over those classes' logits only.
+    Keys: acc/<split>, distortion/<split>, the dataset's own metric where it has one (macro_f1/<split> for
+    iWildCam, worst_region_acc/<split> for FMoW), and <key>/ood_avg over the OOD splits."""
     metrics = {}
     for name, split in eval_splits(dataset).items():
         if name not in features:
@@ -318,9 +337,14 @@ def evaluate(features, classify, dataset, ref, device, precision="auto"):
         feats = features[name]
         with autocast(device, precision):
             logits = classify(feats.to(device)).float().cpu()
-        metrics[f"acc/{name}"] = 100.0 * (logits.argmax(1) == split.labels).float().mean().item()
+        pred = logits.argmax(1) if split.classes is None else split.classes[logits[:, split.classes].argmax(1)]
+        metrics[f"acc/{name}"] = 100.0 * (pred == split.labels).float().mean().item()
+        if dataset.metric == "macro_f1":
+            metrics[f"macro_f1/{name}"] = macro_f1(pred, split.labels)
+        if dataset.metric == "worst_region_acc" and split.groups is not None:
+            metrics[f"worst_region_acc/{name}"] = worst_group_acc(pred, split.labels, split.groups, split.group_names)
         metrics[f"distortion/{name}"] = distortion(feats, ref[name])
-    for key in ("acc", "distortion"):
+    for key in dict.fromkeys(("acc", dataset.metric, "distortion")):
         ood = [v for k, v in metrics.items() if k.startswith(f"{key}/ood_")]
         if ood:
             metrics[f"{key}/ood_avg"] = sum(ood) / len(ood)

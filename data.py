@@ -9,9 +9,15 @@ size and colour. It provides
     other domain, see `load_dataset`.
 Everything is a deterministic function of a seed; images are generated in memory in a few seconds.
 """
+import dataclasses
+import functools
+import json
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -182,16 +188,37 @@ def caption(shape, domain, colour, g, p_colour=0.3, p_domain=0.3):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Splits and loaders
+# Splits: an in-memory one (the embedded world, arrays) and a file-backed one (real datasets); both yield normalised
+# float batches on the device, so the method files never see the difference
 # ---------------------------------------------------------------------------------------------------------------
+def normalize(images_uint8, mean=MEAN, std=STD):
+    """uint8 [N, 3, H, W] -> float, normalised. Done on the device: workers ship 4x fewer bytes as uint8."""
+    mean = torch.tensor(mean, device=images_uint8.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=images_uint8.device).view(1, 3, 1, 1)
+    return (images_uint8.float() / 255 - mean) / std
+
+
 @dataclass
 class Split:
-    """An in-memory labelled split: uint8 images [N, 3, H, W] and int64 labels [N]."""
+    """An in-memory labelled split: uint8 images [N, 3, H, W] and int64 labels [N].
+
+    Optional, for the evaluation of some benchmarks: `classes`, the label subset a split is scored on (ImageNet-R/-A:
+    200 of the 1,000 classes; argmax over those logits only); `groups` [N] and `group_names` (FMoW's regions)."""
     images: torch.Tensor
     labels: torch.Tensor
+    mean: tuple = MEAN
+    std: tuple = STD
+    classes: torch.Tensor = None
+    groups: torch.Tensor = None
+    group_names: list = None
 
     def __len__(self):
         return len(self.labels)
+
+    def subset(self, idx):
+        idx = torch.as_tensor(idx)
+        return dataclasses.replace(self, images=self.images[idx], labels=self.labels[idx],
+                                   groups=None if self.groups is None else self.groups[idx])
 
     def batches(self, batch_size, device="cpu", shuffle=False, drop_last=False, generator=None):
         """Yield (normalised float images, labels) on `device`."""
@@ -199,18 +226,117 @@ class Split:
         stop = len(self) - len(self) % batch_size if drop_last else len(self)
         for i in range(0, stop, batch_size):
             idx = order[i:i + batch_size]
-            yield normalize(self.images[idx].to(device, non_blocking=True)), self.labels[idx].to(device, non_blocking=True)
+            yield (normalize(self.images[idx].to(device, non_blocking=True), self.mean, self.std),
+                   self.labels[idx].to(device, non_blocking=True))
 
 
-def normalize(images_uint8):
-    mean = torch.tensor(MEAN, device=images_uint8.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images_uint8.device).view(1, 3, 1, 1)
-    return (images_uint8.float() / 255 - mean) / std
+@dataclass
+class FileSplit:
+    """A split read on demand: `items[i]` is what `read` turns into a PIL image (a path, or an index into an array),
+    `transform` makes it a uint8 [3, H, W] tensor (random for the ID training split, fixed otherwise). Batches come
+    from a DataLoader with worker processes, pinned memory and persistent workers. Same interface as `Split`."""
+    items: list
+    labels: torch.Tensor
+    read: object
+    transform: object
+    mean: tuple = MEAN
+    std: tuple = STD
+    classes: torch.Tensor = None
+    groups: torch.Tensor = None
+    group_names: list = None
+
+    def __len__(self):
+        return len(self.labels)
+
+    def subset(self, idx):
+        idx = torch.as_tensor(idx)
+        return dataclasses.replace(self, items=[self.items[i] for i in idx.tolist()], labels=self.labels[idx],
+                                   groups=None if self.groups is None else self.groups[idx])
+
+    def __getitem__(self, i):
+        return self.transform(self.read(self.items[i])), self.labels[i]
+
+    def batches(self, batch_size, device="cpu", shuffle=False, drop_last=False, generator=None):
+        for x, y in self._loader(batch_size, torch.device(device), shuffle, drop_last, generator):
+            yield normalize(x.to(device, non_blocking=True), self.mean, self.std), y.to(device, non_blocking=True)
+
+    def _loader(self, batch_size, device, shuffle, drop_last, generator):
+        # One loader per way of iterating, kept: persistent workers skip the worker start-up at every epoch.
+        key = (batch_size, device.type, shuffle, drop_last, id(generator))
+        loaders = self.__dict__.setdefault("_loaders", {})
+        if key not in loaders:
+            workers = num_workers() if len(self) > 2 * batch_size else 0  # tiny splits: workers cost more than they save
+            loaders[key] = torch.utils.data.DataLoader(
+                self, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=generator,
+                num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                prefetch_factor=4 if workers else None)
+        return loaders[key]
+
+
+def num_workers():
+    """Data-loading processes: RFT_WORKERS, else one per CPU core up to 16."""
+    return int(os.environ.get("RFT_WORKERS", min(16, os.cpu_count() or 1)))
+
+
+def read_image(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def read_array(array, i):
+    """Image i of a uint8 [N, H, W, 3] array."""
+    from PIL import Image
+
+    return Image.fromarray(array[i])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preprocessing: what the backbone expects (resolution, normalisation) and the training augmentation of its papers
+# ---------------------------------------------------------------------------------------------------------------
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the LP-FT code's 0.228 is a typo
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    size: int  # training and evaluation resolution
+    resize: int  # evaluation: shorter side resized to this, then a centre crop of `size`
+    mean: tuple
+    std: tuple
+    interpolation: str  # 'bicubic' (CLIP) or 'bilinear'
+    crop_scale: tuple  # training: RandomResizedCrop scale range
+    flip: bool  # training: random horizontal flip
+
+
+def preprocessing(backbone):
+    """CLIP backbones: CLIP's own preprocessing; training crops of scale 0.9-1, no flip (WiSE-FT / FLYP code).
+    ResNets (MoCo-v2, supervised): ImageNet's; RandomResizedCrop + flip (LP-FT code). Embedded backbones: 32 px."""
+    if backbone.startswith("embedded"):
+        return Preprocess(IMAGE_SIZE, IMAGE_SIZE, MEAN, STD, "bilinear", (0.9, 1.0), False)
+    if backbone.startswith("clip"):
+        return Preprocess(224, 224, CLIP_MEAN, CLIP_STD, "bicubic", (0.9, 1.0), False)
+    return Preprocess(224, 256, IMAGENET_MEAN, IMAGENET_STD, "bilinear", (0.08, 1.0), True)
+
+
+def transforms(pre, train):
+    """PIL image -> uint8 [3, size, size] tensor (normalisation happens on the device, see `normalize`)."""
+    from torchvision.transforms import v2
+
+    mode = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR}[pre.interpolation]
+    if train:
+        steps = [v2.RandomResizedCrop(pre.size, scale=pre.crop_scale, interpolation=mode, antialias=True)]
+        steps += [v2.RandomHorizontalFlip()] if pre.flip else []
+    else:
+        steps = [v2.Resize(pre.resize, interpolation=mode, antialias=True), v2.CenterCrop(pre.size)]
+    return v2.Compose(steps + [v2.PILToTensor()])
 
 
 @dataclass
 class Dataset:
-    """What every method needs: ID train / val / test, named OOD tests, class names, prompt templates."""
+    """What every method needs: ID train / val / test, named OOD tests, class names, prompt templates, and the
+    benchmark's headline metric ('acc', 'macro_f1' for iWildCam, 'worst_region_acc' for FMoW's OOD test)."""
     name: str
     train: Split
     val: Split
@@ -218,8 +344,9 @@ class Dataset:
     ood: dict
     classnames: list
     templates: list
-    backbone: str  # the default backbone of this dataset
+    backbone: str  # the backbone this dataset is run with (--backbone, else the dataset's default)
     info: dict = field(default_factory=dict)
+    metric: str = "acc"
 
 
 @dataclass(frozen=True)
@@ -237,13 +364,13 @@ WORLDS = {
 }
 
 
-def embedded_world(name="embedded", seed=0):
+def embedded_world(name="embedded", seed=0, backbone=None):
     """The labelled downstream task of the embedded world. `seed` only changes the ID training draw.
 
     Validation and test images come from fixed seeds so that every run is scored on the same images.
     The seeds are disjoint from the pretraining corpus's seeds (see common.EMBEDDED_BACKBONES).
     """
-    cfg, backbone = WORLDS[name]
+    cfg, default_backbone = WORLDS[name]
     id_dom = DOMAINS.index(cfg.id_domain)
 
     def split(n, s, doms):
@@ -253,17 +380,386 @@ def embedded_world(name="embedded", seed=0):
     ood = {d: split(cfg.n_test, 10_000 + k, [k]) for k, d in enumerate(DOMAINS) if k != id_dom}
     return Dataset(name=name, train=split(cfg.n_train, 1_000 + seed, [id_dom]), val=split(cfg.n_val, 2_000, [id_dom]),
                    test=split(cfg.n_test, 3_000, [id_dom]), ood=ood, classnames=list(SHAPES),
-                   templates=list(EMBEDDED_TEMPLATES), backbone=backbone, info={"id_domain": cfg.id_domain})
+                   templates=list(EMBEDDED_TEMPLATES), backbone=backbone or default_backbone,
+                   info={"id_domain": cfg.id_domain})
 
 
-DATASETS = sorted(WORLDS)
+# ---------------------------------------------------------------------------------------------------------------
+# Real datasets, read from their published on-disk formats under one data root (docs/datasets.md has the layouts).
+# Facts (class lists, BREEDS splits, templates) are shipped in reference/ with their provenance.
+# ---------------------------------------------------------------------------------------------------------------
+REFERENCE = Path(__file__).resolve().parent / "reference"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+VAL_FRACTION = 0.1  # ID validation held out of ID train where the benchmark defines none (fixed seed 0)
 
 
-def load_dataset(name, seed=0, data_root=None):
-    """Build dataset `name` (see DATASETS); a clear error lists the choices for an unknown name."""
+def reference(name):
+    return json.loads((REFERENCE / f"{name}.json").read_text())
+
+
+def fail(dataset, message):
+    """The one error of every loader: what is wrong, and where the layout is documented."""
+    raise SystemExit(f"error: {dataset}: {message}\n       expected layout and downloads: docs/datasets.md#{dataset}")
+
+
+def list_images(folder):
+    with os.scandir(folder) as entries:
+        return sorted(e.path for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def image_folder(dataset, folder, classes, labels=None):
+    """(paths, labels) of the images in folder/<class>/ for each class folder name in `classes`; a class's label is
+    its position in `classes`, or labels[i] when given. A missing class folder is an error that names it."""
+    folder = Path(folder)
+    missing = [c for c in classes if not (folder / c).is_dir()]
+    if missing:
+        fail(dataset, f"{len(missing)} of {len(classes)} class folders missing under {folder} (e.g. "
+                      f"{', '.join(missing[:3])})")
+    items, targets = [], []
+    for i, c in enumerate(classes):
+        files = list_images(folder / c)
+        items += files
+        targets += [i if labels is None else labels[i]] * len(files)
+    return items, targets
+
+
+def file_split(items, labels, pre, train=False, read=read_image, **extra):
+    return FileSplit(list(items), torch.as_tensor(labels, dtype=torch.long), read, transforms(pre, train), pre.mean,
+                     pre.std, **extra)
+
+
+def holdout(labels, fraction=VAL_FRACTION, seed=0):
+    """Stratified hold-out: (kept indices, held-out indices), a `fraction` of each class (at least one image of any
+    class with two or more), drawn with a fixed seed so every run selects on the same images."""
+    labels = torch.as_tensor(labels)
+    g = torch.Generator().manual_seed(seed)
+    held = []
+    for c in labels.unique():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        held.append(idx[:max(1, round(fraction * len(idx))) if len(idx) > 1 else 0])
+    held = torch.cat(held).sort().values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[held] = False
+    return keep.nonzero().flatten(), held
+
+
+def train_val(items, labels, pre, read=read_image):
+    """ID train and an ID validation split held out of it (the benchmark defines none)."""
+    keep, held = holdout(labels)
+    pick = (lambda idx: [items[i] for i in idx.tolist()]) if isinstance(items, list) else (lambda idx: items[idx])
+    labels = torch.as_tensor(labels)
+    return (file_split(pick(keep), labels[keep], pre, train=True, read=read),
+            file_split(pick(held), labels[held], pre, read=read))
+
+
+def breeds(name, root, pre):
+    """Living-17 / Entity-30: ImageNet images of each superclass's source subclasses (ID) and target subclasses (OOD),
+    BREEDS split 'rand' (reference/breeds_rand_splits.json). ID test and OOD come from ImageNet val."""
+    hierarchy = reference("breeds_rand_splits")[name]
+    imagenet = root / "imagenet"
+
+    def part(split, side):
+        wnids = [w for sup in hierarchy for _, w, _ in sup[side]]
+        labels = [sup["label"] for sup in hierarchy for _ in sup[side]]
+        return image_folder(name, imagenet / split, wnids, labels)
+
+    train, val = train_val(*part("train", "source"), pre)
+    return dict(train=train, val=val, test=file_split(*part("val", "source"), pre),
+                ood={"target": file_split(*part("val", "target"), pre)},
+                classnames=[sup["superclass_name"] for sup in hierarchy],
+                templates=reference("openai_imagenet_templates")["openai_imagenet_templates"],
+                info={"val": f"{VAL_FRACTION:.0%} of ID train held out (BREEDS defines no validation split)"})
+
+
+def cifar10(name, root, pre):
+    """CIFAR-10 (torchvision's python batches) -> STL-10 test (monkey dropped, labels mapped to CIFAR's) and
+    CIFAR-10.1 v6."""
+    import pickle
+
+    def batches(files):
+        xs, ys = [], []
+        for f in files:
+            path = root / "cifar-10-batches-py" / f
+            if not path.is_file():
+                fail(name, f"{path} not found")
+            with open(path, "rb") as fh:
+                d = pickle.load(fh, encoding="latin1")
+            xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            ys += list(d["labels"])
+        return np.ascontiguousarray(np.concatenate(xs)), ys
+
+    def array_split(x, y, train=False):
+        return file_split(range(len(y)), y, pre, train, read=functools.partial(read_array, x))
+
+    x, y = batches([f"data_batch_{i}" for i in range(1, 6)])
+    keep, held = holdout(y)
+    y = torch.as_tensor(y)
+    train, val = array_split(x[keep.numpy()], y[keep], True), array_split(x[held.numpy()], y[held])
+    test = array_split(*batches(["test_batch"]))
+    stl_x, stl_y = root / "stl10_binary" / "test_X.bin", root / "stl10_binary" / "test_y.bin"
+    c101_x, c101_y = root / "cifar10.1" / "cifar10.1_v6_data.npy", root / "cifar10.1" / "cifar10.1_v6_labels.npy"
+    for p in (stl_x, stl_y, c101_x, c101_y):
+        if not p.is_file():
+            fail(name, f"{p} not found")
+    # STL-10 binary: uint8 images stored column-major [N, 3, 96, 96]; labels 1..10 in STL's class order.
+    sx = np.fromfile(stl_x, dtype=np.uint8).reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1)
+    sy = torch.as_tensor(STL_TO_CIFAR)[torch.as_tensor(np.fromfile(stl_y, dtype=np.uint8).astype(np.int64) - 1)]
+    keep = (sy >= 0).numpy()  # no monkeys in CIFAR-10
+    cx, cy = np.load(c101_x), np.load(c101_y).astype(np.int64)
+    names = reference("few_shot_templates")["cifar10"]
+    return dict(train=train, val=val, test=test,
+                ood={"stl10": array_split(np.ascontiguousarray(sx[keep]), sy[keep]), "cifar10.1": array_split(cx, cy)},
+                classnames=names["classnames"], templates=names["templates"],
+                info={"val": f"{VAL_FRACTION:.0%} of the 50,000 training images held out"})
+
+
+# STL-10 class i (airplane, bird, car, cat, deer, dog, horse, monkey, ship, truck) -> CIFAR-10 class; -1 = no match
+STL_TO_CIFAR = [0, 2, 1, 3, 4, 5, 7, -1, 8, 9]
+
+
+def imagenet(name, root, pre):
+    """ImageNet (train/val in wnid folders) -> ImageNet-V2 (matched frequency), -R, -Sketch, -A. V2's folders are
+    class indices; -R and -A hold 200 classes and are scored on those 200 logits only. A missing OOD set is skipped
+    with a message; the ID folders are required."""
+    meta = reference("imagenet_classes")
+    wnids, index = meta["wnids"], {w: i for i, w in enumerate(meta["wnids"])}
+    train, val = train_val(*image_folder(name, root / "imagenet" / "train", wnids), pre)
+    test = file_split(*image_folder(name, root / "imagenet" / "val", wnids), pre)
+    ood, missing = {}, []
+    v2 = root / "imagenetv2-matched-frequency-format-val"
+    if v2.is_dir():
+        ood["v2"] = file_split(*image_folder(name, v2, [str(i) for i in range(1000)]), pre)  # folder i = class i
+    else:
+        missing.append(str(v2))
+    subsets = reference("imagenet_r_a")
+    for key, folder, subset in (("r", "imagenet-r", "imagenet_r"), ("sketch", "sketch", None), ("a", "imagenet-a", "imagenet_a")):
+        path = root / folder
+        if not path.is_dir():
+            missing.append(str(path))
+            continue
+        classes = subsets[subset]["wnids"] if subset else wnids
+        items, labels = image_folder(name, path, classes, [index[w] for w in classes])
+        ood[key] = file_split(items, labels, pre, classes=torch.tensor(subsets[subset]["indices"]) if subset else None)
+    if missing:
+        print(f"note: {name}: OOD sets not found, skipped: {', '.join(missing)} (see docs/datasets.md#imagenet)")
+    return dict(train=train, val=val, test=test, ood=ood, classnames=meta["classnames"],
+                templates=reference("openai_imagenet_templates")["openai_imagenet_templates"],
+                info={"val": f"{VAL_FRACTION:.0%} of ImageNet train held out; ImageNet val is the ID test set",
+                      "missing_ood": missing})
+
+
+def domainnet(name, root, pre):
+    """DomainNet, SENTRY's 40-class split (reference/domainnet_sentry40.json): ID = sketch, OOD = real, painting,
+    clipart test lists. SENTRY's list files give paths relative to the DomainNet root and the label."""
+    meta, base = reference("domainnet_sentry40"), root / "domainnet"
+
+    def listed(domain, part):
+        path = base / "SENTRY_splits" / f"{domain}_{part}_mini.txt"
+        if not path.is_file():
+            fail(name, f"split list {path} not found (SENTRY's data/DomainNet/txt/{path.name})")
+        rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
+        items = [str(base / r[0]) for r in rows]
+        absent = [p for p in items if not os.path.isfile(p)]
+        if absent:
+            fail(name, f"{len(absent)} of {len(items)} images listed in {path.name} missing (e.g. {absent[0]})")
+        return items, [int(r[1]) for r in rows]
+
+    train, val = train_val(*listed("sketch", "train"), pre)
+    return dict(train=train, val=val, test=file_split(*listed("sketch", "test"), pre),
+                ood={d: file_split(*listed(d, "test"), pre) for d in ("real", "painting", "clipart")},
+                classnames=meta["classnames"],
+                templates=reference("openai_imagenet_templates")["openai_imagenet_templates"],
+                info={"val": f"{VAL_FRACTION:.0%} of sketch train held out (SENTRY validated on its test list)"})
+
+
+def read_csv(dataset, path):
+    import csv
+
+    if not path.is_file():
+        fail(dataset, f"{path} not found")
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+class ArticleTemplate(str):
+    """A prompt template that puts 'a'/'an' before the class name with underscores made spaces (the WiSE-FT / FLYP
+    FMoW templates marked append_proper_article); `.format` does it, so every caller fills templates alike."""
+
+    def format(self, name):
+        name = name.replace("_", " ")
+        return super().format(("an " if name[:1].lower() in "aeiou" else "a ") + name)
+
+
+FMOW_REGIONS = ["Asia", "Europe", "Africa", "Americas", "Oceania", "Other"]
+
+
+def fmow(name, root, pre):
+    """FMoW (WILDS v1.1, official split): ID train/val/test = images before 2013, OOD test = 2016 and later; the
+    OOD metric is the worst accuracy over regions ('Other' excluded), as WILDS reports it."""
+    import datetime
+
+    base = root / "fmow_v1.1"
+    rows = read_csv(name, base / "rgb_metadata.csv")
+    region_of = {r["alpha-3"]: r["region"] for r in read_csv(name, base / "country_code_mapping.csv")}
+    classes = reference("wilds_templates")["fmow_classnames"]["names"]
+    label = {c: i for i, c in enumerate(classes)}
+    utc = datetime.timezone.utc
+
+    def year_start(y):
+        return datetime.datetime(y, 1, 1, tzinfo=utc)
+
+    parts = {k: ([], [], []) for k in ("train", "id_val", "id_test", "test")}
+    for i, r in enumerate(rows):  # the image of CSV row i is images/rgb_img_<i>.png ('seq' rows included)
+        t = datetime.datetime.fromisoformat(r["timestamp"].replace("Z", "+00:00"))
+        t = t if t.tzinfo else t.replace(tzinfo=utc)
+        ood_test, ood_val = t >= year_start(2016), year_start(2013) <= t < year_start(2016)
+        split = r["split"]
+        key = ({"train": "train", "val": "id_val", "test": "id_test"}.get(split) if not (ood_test or ood_val)
+               else "test" if split == "test" and ood_test else None)  # OOD val ('val' 2013-2015) is not used
+        if key:
+            parts[key][0].append(str(base / "images" / f"rgb_img_{i}.png"))
+            parts[key][1].append(label[r["category"]])
+            parts[key][2].append(FMOW_REGIONS.index(region_of.get(r["country_code"], "Other")))
+
+    def split(key, train=False):
+        items, labels, groups = parts[key]
+        return file_split(items, labels, pre, train, groups=torch.tensor(groups, dtype=torch.long),
+                          group_names=FMOW_REGIONS)
+
+    templates = reference("wilds_templates")["fmow_templates"]
+    return dict(train=split("train", True), val=split("id_val"), test=split("id_test"), ood={"test": split("test")},
+                classnames=classes, metric="worst_region_acc",
+                templates=[ArticleTemplate(t["template"]) if t["class_name_transform"] == "append_proper_article"
+                           else t["template"] for t in templates])
+
+
+def iwildcam(name, root, pre):
+    """iWildCam (WILDS v2.0, official split): train / id_val / id_test by camera, OOD test = new cameras; the papers
+    report macro-F1 over the classes present."""
+    base = root / "iwildcam_v2.0"
+    rows = read_csv(name, base / "metadata.csv")
+    meta = reference("wilds_templates")
+
+    def split(key, train=False):
+        sel = [r for r in rows if r["split"] == key]
+        return file_split([str(base / "train" / r["filename"]) for r in sel], [int(r["y"]) for r in sel], pre, train)
+
+    return dict(train=split("train", True), val=split("id_val"), test=split("id_test"), ood={"test": split("test")},
+                classnames=meta["iwildcam_labels_csv"]["english_lower"], templates=meta["iwildcam_templates"],
+                metric="macro_f1")
+
+
+def pcam_image(pcam, i):
+    return pcam[i][0]
+
+
+def pcam(name, root, pre):
+    """PatchCamelyon through torchvision (its HDF5 files; needs h5py): train / valid / test, no OOD split (FLYP's
+    few-shot benchmark)."""
+    import torchvision
+
+    try:
+        import h5py
+    except ImportError:
+        raise SystemExit("error: pcam needs h5py to read PatchCamelyon's HDF5 files: pip install h5py")
+
+    def split(part, train=False):
+        try:
+            ds = torchvision.datasets.PCAM(str(root), split=part)
+        except RuntimeError as e:
+            fail(name, f"{e} (torchvision looked in {root / 'pcam'})")
+        tag = {"train": "train", "val": "valid", "test": "test"}[part]
+        with h5py.File(root / "pcam" / f"camelyonpatch_level_2_split_{tag}_y.h5") as f:
+            labels = torch.as_tensor(np.asarray(f["y"]).reshape(-1).astype(np.int64))
+        return file_split(range(len(labels)), labels, pre, train, read=functools.partial(pcam_image, ds))
+
+    meta = reference("few_shot_templates")["patchcamelyon"]
+    return dict(train=split("train", True), val=split("val"), test=split("test"), ood={},
+                classnames=meta["classnames"], templates=meta["templates"])
+
+
+def sst2(name, root, pre):
+    """Rendered SST2 in torchvision's layout (rendered-sst2/{train,valid,test}/{negative,positive}): FLYP's other
+    few-shot benchmark; no OOD split."""
+    meta, base = reference("few_shot_templates")["rendered_sst2"], root / "rendered-sst2"
+
+    def split(part, train=False):
+        return file_split(*image_folder(name, base / part, ["negative", "positive"]), pre, train)
+
+    return dict(train=split("train", True), val=split("valid"), test=split("test"), ood={},
+                classnames=meta["classnames"], templates=meta["templates"])
+
+
+def folder(name, root, pre):
+    """Your own data: <root>/train/<class>/* (required), <root>/val and <root>/test (optional, else held out of
+    train), and every other sub-folder of <root> is a named OOD test set with the same class folders (a subset is
+    fine). Class names are the train folder names with '_' read as ' '; templates from <root>/templates.txt (one per
+    line, '{}' for the class name) or 'a photo of a {}.'."""
+    if not (root / "train").is_dir():
+        fail(name, f"{root / 'train'} not found: the ID training images go in train/<class name>/")
+    classes = sorted(e.name for e in os.scandir(root / "train") if e.is_dir())
+    index = {c: i for i, c in enumerate(classes)}
+
+    def split(path, train=False):
+        unknown = sorted(e.name for e in os.scandir(path) if e.is_dir() and e.name not in index)
+        if unknown:
+            fail(name, f"{path} has class folders that train/ lacks: {', '.join(unknown[:5])}")
+        present = sorted(e.name for e in os.scandir(path) if e.is_dir())
+        return image_folder(name, path, present, [index[c] for c in present])
+
+    items, labels = split(root / "train")
+    info = {}
+    if not (root / "test").is_dir():
+        keep, held = holdout(labels, seed=1)
+        test = file_split([items[i] for i in held.tolist()], torch.as_tensor(labels)[held], pre)
+        items, labels = [items[i] for i in keep.tolist()], [labels[i] for i in keep.tolist()]
+        info["test"] = f"{VAL_FRACTION:.0%} of train held out (no test/ folder)"
+    else:
+        test = file_split(*split(root / "test"), pre)
+    if (root / "val").is_dir():
+        train, val = file_split(items, labels, pre, train=True), file_split(*split(root / "val"), pre)
+    else:
+        train, val = train_val(items, labels, pre)
+        info["val"] = f"{VAL_FRACTION:.0%} of train held out (no val/ folder)"
+    ood = {e.name: file_split(*split(Path(e.path)), pre) for e in sorted(os.scandir(root), key=lambda e: e.name)
+           if e.is_dir() and e.name not in ("train", "val", "test")}
+    templates = (root / "templates.txt").read_text().splitlines() if (root / "templates.txt").is_file() else ["a photo of a {}."]
+    return dict(train=train, val=val, test=test, ood=ood, classnames=[c.replace("_", " ") for c in classes],
+                templates=[t for t in templates if t.strip()], info=info)
+
+
+# name -> (loader, default backbone: the one its papers used that loads here; see docs/datasets.md)
+REAL = {
+    "living17": (breeds, "moco-v2-rn50"),
+    "entity30": (breeds, "moco-v2-rn50"),
+    "cifar10": (cifar10, "moco-v2-rn50"),
+    "imagenet": (imagenet, "clip-vit-b16"),
+    "domainnet": (domainnet, "clip-rn50"),
+    "fmow": (fmow, "clip-vit-b16"),
+    "iwildcam": (iwildcam, "clip-vit-b16"),
+    "pcam": (pcam, "clip-vit-b16"),
+    "sst2": (sst2, "clip-vit-b16"),
+    "folder": (folder, "clip-vit-b16"),
+}
+DATASETS = sorted(WORLDS) + sorted(REAL)
+
+
+def load_dataset(name, seed=0, data_root=None, backbone=None):
+    """Build dataset `name` (see DATASETS) for `backbone` (default: the dataset's), whose preprocessing the real
+    datasets apply. Real data lives under `data_root` or $RFT_DATA (for 'folder': the folder itself)."""
     if name in WORLDS:
-        return embedded_world(name, seed)
-    raise SystemExit(f"error: unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+        return embedded_world(name, seed, backbone)
+    if name not in REAL:
+        raise SystemExit(f"error: unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    loader, default_backbone = REAL[name]
+    root = data_root or os.environ.get("RFT_DATA")
+    if not root:
+        fail(name, "no data root: pass --data-root DIR or set RFT_DATA")
+    if not os.path.isdir(root):
+        fail(name, f"data root {root} is not a folder")
+    backbone = backbone or default_backbone
+    return Dataset(name=name, backbone=backbone, **loader(name, Path(root), preprocessing(backbone)))
 
 
 def save_samples(path, per_cell=2, seed=0):
@@ -280,7 +776,33 @@ def save_samples(path, per_cell=2, seed=0):
     torchvision.utils.save_image(grid, path, nrow=len(SHAPES), padding=2, pad_value=1.0)
 
 
+def prepare_imagenet_val(val_dir, solution_csv):
+    """Move ImageNet's flat validation images into wnid folders, using Kaggle's LOC_val_solution.csv (ImageId,
+    PredictionString; the prediction string starts with the wnid). Moves, never copies or deletes; rerunnable."""
+    import csv
+
+    val_dir, moved = Path(val_dir), 0
+    with open(solution_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"ImageId", "PredictionString"} <= set(rows[0]):
+        raise SystemExit(f"error: {solution_csv} is not Kaggle's LOC_val_solution.csv (columns ImageId, PredictionString)")
+    for r in rows:
+        wnid, name = r["PredictionString"].split()[0], r["ImageId"] + ".JPEG"
+        src = val_dir / name
+        if src.is_file():  # already-moved images are skipped, so a second run is a no-op
+            (val_dir / wnid).mkdir(exist_ok=True)
+            os.replace(src, val_dir / wnid / name)
+            moved += 1
+    print(f"moved {moved} images into {len({r['PredictionString'].split()[0] for r in rows})} wnid folders under {val_dir}")
+
+
 if __name__ == "__main__":
     import sys
 
-    save_samples(sys.argv[1] if len(sys.argv) > 1 else "docs/world.png")
+    if sys.argv[1:2] == ["prepare-imagenet-val"] and len(sys.argv) == 4:
+        prepare_imagenet_val(sys.argv[2], sys.argv[3])
+    elif len(sys.argv) <= 2 and sys.argv[1:2] != ["prepare-imagenet-val"]:
+        save_samples(sys.argv[1] if len(sys.argv) > 1 else "docs/world.png")
+    else:
+        raise SystemExit("usage: python data.py prepare-imagenet-val IMAGENET_VAL_DIR LOC_val_solution.csv\n"
+                         "       python data.py [PNG]   (a sample grid of the embedded world)")

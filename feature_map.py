@@ -49,14 +49,12 @@ def main():
 
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root)
     pretrained = common.load_backbone(dataset.backbone, log=lambda m: None).encoder
-    splits = {"ID": dataset.test,
-              "OOD": data.Split(torch.cat([s.images for s in dataset.ood.values()]),
-                                torch.cat([s.labels for s in dataset.ood.values()]))}
+    splits = {"ID": [dataset.test], "OOD": list(dataset.ood.values())}
     g = torch.Generator().manual_seed(0)
-    picked = {k: torch.randperm(len(s), generator=g)[:args.points] for k, s in splits.items()}
+    picked = {k: torch.randperm(sum(map(len, v)), generator=g)[:args.points] for k, v in splits.items()}
 
     def features(encoder):
-        return {k: common.extract_features(encoder, s, "cpu") for k, s in splits.items()}
+        return {k: torch.cat([common.extract_features(encoder, s, "cpu") for s in v]) for k, v in splits.items()}
 
     before = features(pretrained)
     fit = torch.cat(list(before.values()))

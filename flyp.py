@@ -11,6 +11,7 @@ the epoch with the best ID validation accuracy is reported. The few-shot protoco
 
     python flyp.py                     # the embedded world
     python flyp.py --dataset embedded --seed 1 --save
+    python flyp.py --dataset imagenet --data-root /data --weights ViT-B-16.pt --save
 """
 import copy
 import math
@@ -29,7 +30,7 @@ class Args:
     dataset: str = "embedded"
     """dataset name (see data.DATASETS)"""
     data_root: str = None
-    """root folder of real datasets (unused by the embedded world)"""
+    """folder holding the real datasets (else $RFT_DATA; layouts: docs/datasets.md); unused by the embedded world"""
     backbone: str = None
     """pretrained backbone (see common.BACKBONES); default: the dataset's"""
     weights: str = None
@@ -58,11 +59,23 @@ class Args:
     """linear warmup steps before the cosine decay; default: the dataset's recipe (FLYP paper: 500)"""
 
 
-# Per-dataset defaults. Embedded world: lr chosen on ID validation accuracy among rates up to the pretraining rate
-# (3e-3), warmup ~6% of the run (the paper: 500 of ~25k steps); docs/flyp.md has the sweep.
+
+# Per-dataset defaults. ImageNet and the WILDS datasets: the FLYP paper's (AdamW, warmup 500, cosine per step); the
+# other real datasets take ImageNet's, unswept (docs/recipes.md). Embedded world: chosen on ID validation accuracy
+# with the lr capped at its pretraining rate (docs/embedded.md).
 RECIPES = {
     "embedded": {"epochs": 5, "batch_size": 128, "lr": 3e-3, "weight_decay": 0.1, "warmup": 10},
     "embedded-tiny": {"epochs": 2, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.1, "warmup": 2},
+    "imagenet": {"epochs": 10, "batch_size": 512, "lr": 1e-5, "weight_decay": 0.1, "warmup": 500},
+    "iwildcam": {"epochs": 20, "batch_size": 256, "lr": 1e-5, "weight_decay": 0.2, "warmup": 500},
+    "fmow": {"epochs": 20, "batch_size": 256, "lr": 1e-5, "weight_decay": 0.2, "warmup": 500},
+    "living17": {"epochs": 10, "batch_size": 512, "lr": 1e-5, "weight_decay": 0.1, "warmup": 500},
+    "entity30": {"epochs": 10, "batch_size": 512, "lr": 1e-5, "weight_decay": 0.1, "warmup": 500},
+    "cifar10": {"epochs": 10, "batch_size": 512, "lr": 1e-5, "weight_decay": 0.1, "warmup": 500},
+    "domainnet": {"epochs": 10, "batch_size": 512, "lr": 1e-5, "weight_decay": 0.1, "warmup": 500},
+    "pcam": {"epochs": 10, "batch_size": 512, "lr": 1e-6, "weight_decay": 0.0, "warmup": 500},
+    "sst2": {"epochs": 10, "batch_size": 512, "lr": 1e-5, "weight_decay": 0.2, "warmup": 500},
+    "folder": {"epochs": 10, "batch_size": 512, "lr": 1e-5, "weight_decay": 0.1, "warmup": 500},
 }
 
 
@@ -97,9 +110,9 @@ def set_train_mode(model):
 
 def main(args):
     device, results, log = common.setup(args, "flyp")
-    dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root)
+    dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
     recipe = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in RECIPES[dataset.name].items()}
-    backbone = common.require_clip(common.load_backbone(args.backbone or dataset.backbone, args.weights, log=log), "FLYP")
+    backbone = common.require_clip(common.load_backbone(dataset.backbone, args.weights, log=log), "FLYP")
     model = common.to_device(backbone.clip, device)  # the whole CLIP trains
     ref = common.split_features(model.visual, dataset, device, args.precision)  # pretrained features: distortion origin
 

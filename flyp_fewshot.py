@@ -10,6 +10,7 @@ step is scored on the full ID test and OOD splits. flyp.py has the full-data rec
 
     python flyp_fewshot.py                        # the embedded world, 16 shots, 10 draws
     python flyp_fewshot.py --shots 4 --draws 50
+    python flyp_fewshot.py --dataset sst2 --data-root /data --weights ViT-B-16.pt
 """
 import copy
 import math
@@ -27,7 +28,7 @@ class Args:
     dataset: str = "embedded"
     """dataset name (see data.DATASETS)"""
     data_root: str = None
-    """root folder of real datasets (unused by the embedded world)"""
+    """folder holding the real datasets (else $RFT_DATA; layouts: docs/datasets.md); unused by the embedded world"""
     backbone: str = None
     """pretrained backbone (see common.BACKBONES); default: the dataset's"""
     weights: str = None
@@ -55,10 +56,15 @@ class Args:
     """AdamW weight decay; default: the dataset's recipe (FLYP paper: 0.2 SST2, 0 PatchCamelyon)"""
 
 
-# Per-dataset defaults. Embedded world: flyp.py's learning rate scale, 10 draws to keep a run near 2 minutes.
+
+# Per-dataset defaults. PatchCamelyon and SST2: the FLYP paper's (50 draws); the other datasets take SST2's, unswept.
+# Embedded world: flyp.py's learning rate scale, 10 draws to keep a run near 2 minutes.
 RECIPES = {
     "embedded": {"draws": 10, "lr": 3e-4, "weight_decay": 0.1},
     "embedded-tiny": {"draws": 2, "lr": 1e-3, "weight_decay": 0.1},
+    "pcam": {"draws": 50, "lr": 1e-6, "weight_decay": 0.0},
+    "sst2": {"draws": 50, "lr": 1e-5, "weight_decay": 0.2},
+    **{name: {"draws": 50, "lr": 1e-5, "weight_decay": 0.2} for name in data.REAL if name not in ("pcam", "sst2")},
 }
 
 
@@ -95,9 +101,9 @@ def set_train_mode(model):
 
 def main(args):
     device, results, log = common.setup(args, "flyp-fewshot")
-    dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root)
+    dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
     recipe = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in RECIPES[dataset.name].items()}
-    backbone = common.require_clip(common.load_backbone(args.backbone or dataset.backbone, args.weights, log=log), "FLYP")
+    backbone = common.require_clip(common.load_backbone(dataset.backbone, args.weights, log=log), "FLYP")
     model = common.to_device(backbone.clip, device)
     pretrained = copy.deepcopy(model.state_dict())  # every draw starts from the zero-shot model
     ref = common.split_features(model.visual, dataset, device, args.precision)  # distortion origin
@@ -113,9 +119,8 @@ def main(args):
     for draw in common.progress(range(recipe["draws"]), desc="draws"):
         model.load_state_dict(pretrained)
         train_idx, val_idx = draw_shots(dataset.train.labels, args.shots, g), draw_shots(dataset.val.labels, args.shots, g)
-        x = data.normalize(dataset.train.images[train_idx]).to(device)
-        y = dataset.train.labels[train_idx].to(device)
-        val = data.Split(dataset.val.images[val_idx], dataset.val.labels[val_idx])
+        x, y = next(dataset.train.subset(train_idx).batches(len(train_idx), device))  # one augmented view per image
+        val = dataset.val.subset(val_idx)
         optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"],
                                       fused=device.type == "cuda")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lr(args.steps))

@@ -10,6 +10,7 @@ random head, the epoch with the best ID validation accuracy reported.
 
     python l2sp.py                     # the embedded world
     python l2sp.py --dataset embedded --seed 1 --alpha 0.01
+    python l2sp.py --dataset living17 --data-root /data --weights moco_v2_800ep_pretrain.pth.tar
 """
 import copy
 import time
@@ -28,7 +29,7 @@ class Args:
     dataset: str = "embedded"
     """dataset name (see data.DATASETS)"""
     data_root: str = None
-    """root folder of real datasets (unused by the embedded world)"""
+    """folder holding the real datasets (else $RFT_DATA; layouts: docs/datasets.md); unused by the embedded world"""
     backbone: str = None
     """pretrained backbone (see common.BACKBONES); default: the dataset's"""
     weights: str = None
@@ -47,8 +48,8 @@ class Args:
     """save the selected model to <out>/model.pt (state dict + args; what wiseft.py reads)"""
     epochs: int = None
     """training epochs; default: the dataset's recipe (RECIPES below)"""
-    batch_size: int = 64
-    """training batch size (LP-FT paper: 64)"""
+    batch_size: int = None
+    """training batch size; default: the dataset's recipe (LP-FT paper: 64; 128 on ImageNet)"""
     lr: float = None
     """learning rate; default: the dataset's recipe (RECIPES below)"""
     momentum: float = 0.9
@@ -64,10 +65,20 @@ class Args:
     no head term"""
 
 
-# Per-dataset defaults: ft.py's recipes (L2-SP only adds the penalty).
+# Per-dataset defaults: ft.py's recipes (L2-SP only adds the penalty; the LP-FT code ran it with its FT recipe).
 RECIPES = {
-    "embedded": {"epochs": 5, "lr": 3e-2},
-    "embedded-tiny": {"epochs": 2, "lr": 3e-2},
+    "embedded": {"epochs": 5, "lr": 3e-2, "batch_size": 64},
+    "embedded-tiny": {"epochs": 2, "lr": 3e-2, "batch_size": 64},
+    "living17": {"epochs": 20, "lr": 1e-3, "batch_size": 64},
+    "entity30": {"epochs": 20, "lr": 1e-3, "batch_size": 64},
+    "cifar10": {"epochs": 20, "lr": 1e-3, "batch_size": 64},
+    "domainnet": {"epochs": 50, "lr": 1e-3, "batch_size": 64},
+    "fmow": {"epochs": 50, "lr": 1e-2, "batch_size": 64},
+    "imagenet": {"epochs": 10, "lr": 1e-4, "batch_size": 128},
+    "iwildcam": {"epochs": 20, "lr": 1e-3, "batch_size": 64},
+    "pcam": {"epochs": 20, "lr": 1e-3, "batch_size": 64},
+    "sst2": {"epochs": 20, "lr": 1e-3, "batch_size": 64},
+    "folder": {"epochs": 20, "lr": 1e-3, "batch_size": 64},
 }
 
 
@@ -95,9 +106,10 @@ def set_train_mode(model):
 
 def main(args):
     device, results, log = common.setup(args, "l2sp")
-    dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root)
-    epochs, lr = args.epochs or RECIPES[dataset.name]["epochs"], args.lr or RECIPES[dataset.name]["lr"]
-    backbone = common.load_backbone(args.backbone or dataset.backbone, args.weights, log=log)
+    dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
+    recipe = {k: getattr(args, k) or v for k, v in RECIPES[dataset.name].items()}  # flags override the recipe
+    epochs, lr, batch_size = recipe["epochs"], recipe["lr"], recipe["batch_size"]
+    backbone = common.load_backbone(dataset.backbone, args.weights, log=log)
     encoder = common.to_device(backbone.encoder, device)
     ref = common.split_features(encoder, dataset, device, args.precision)  # pretrained features: distortion origin
 
@@ -112,7 +124,7 @@ def main(args):
     for epoch in range(1, epochs + 1):
         set_train_mode(model)
         start, total, n = time.time(), 0.0, 0
-        for x, y in common.progress(dataset.train.batches(args.batch_size, device, shuffle=True, drop_last=True,
+        for x, y in common.progress(dataset.train.batches(batch_size, device, shuffle=True, drop_last=True,
                                                           generator=g), desc=f"epoch {epoch}/{epochs}"):
             with common.autocast(device, args.precision):
                 loss = F.cross_entropy(model[1](encode(x)), y)

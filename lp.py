@@ -9,6 +9,7 @@ full-batch L-BFGS in torch (GPU or CPU), the same objective as scikit-learn's `L
 
     python lp.py                       # the embedded world
     python lp.py --dataset embedded --seed 1
+    python lp.py --dataset living17 --data-root /data   # MoCo-v2 weights in ~/.cache/robust-finetuning/weights/
 """
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ class Args:
     dataset: str = "embedded"
     """dataset name (see data.DATASETS)"""
     data_root: str = None
-    """root folder of real datasets (unused by the embedded world)"""
+    """folder holding the real datasets (else $RFT_DATA; layouts: docs/datasets.md); unused by the embedded world"""
     backbone: str = None
     """pretrained backbone (see common.BACKBONES); default: the dataset's"""
     weights: str = None
@@ -85,8 +86,8 @@ def logreg_objective(x, y, w, b, c):
 
 def main(args):
     device, results, log = common.setup(args, "lp")
-    dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root)
-    backbone = common.load_backbone(args.backbone or dataset.backbone, args.weights, log=log)
+    dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
+    backbone = common.load_backbone(dataset.backbone, args.weights, log=log)
     encoder = common.maybe_compile(common.to_device(backbone.encoder, device), args.compile, device)
 
     # Features once: the backbone never trains, so the evaluation features are also the reference features.

@@ -26,7 +26,7 @@ class Args:
     dataset: str = "embedded"
     """dataset name (see data.DATASETS)"""
     data_root: str = None
-    """root folder of real datasets (unused by the embedded world)"""
+    """folder holding the real datasets (else $RFT_DATA; layouts: docs/datasets.md); unused by the embedded world"""
     backbone: str = None
     """pretrained backbone (see common.BACKBONES); default: the dataset's"""
     weights: str = None
@@ -101,9 +101,9 @@ def main(args):
     path = args.checkpoint or str(Path("runs", "flyp", args.dataset, f"seed{args.seed}", "model.pt"))
     ckpt = load_checkpoint(path, args.dataset)
     device, results, log = common.setup(args, f"wiseft-{ckpt['method']}")
-    dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root)
+    dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=ckpt["args"]["backbone"])
     # The zero-shot endpoint is the pretrained backbone the checkpoint was fine-tuned from.
-    backbone = common.load_backbone(ckpt["args"]["backbone"] or dataset.backbone, ckpt["args"]["weights"], log=log)
+    backbone = common.load_backbone(dataset.backbone, ckpt["args"]["weights"], log=log)
     model, encoder, theta0, theta1, classifier = endpoints(ckpt, backbone, dataset, device, args.precision)
     encode = common.maybe_compile(encoder, args.compile, device)
     ref = common.split_features(encode, dataset, device, args.precision)  # pretrained features: distortion origin

@@ -7,6 +7,7 @@ normalised again; logits = logit scale * normalised image embedding . class embe
 
     python zeroshot.py                 # the embedded world
     python zeroshot.py --dataset embedded --seed 1
+    python zeroshot.py --dataset imagenet --data-root /data --weights ViT-B-16.pt
 """
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ class Args:
     dataset: str = "embedded"
     """dataset name (see data.DATASETS)"""
     data_root: str = None
-    """root folder of real datasets (unused by the embedded world)"""
+    """folder holding the real datasets (else $RFT_DATA; layouts: docs/datasets.md); unused by the embedded world"""
     backbone: str = None
     """pretrained backbone (see common.BACKBONES); default: the dataset's"""
     weights: str = None
@@ -38,8 +39,8 @@ class Args:
 
 def main(args):
     device, results, log = common.setup(args, "zeroshot")
-    dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root)
-    backbone = common.require_clip(common.load_backbone(args.backbone or dataset.backbone, args.weights, log=log),
+    dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
+    backbone = common.require_clip(common.load_backbone(dataset.backbone, args.weights, log=log),
                                    "zero-shot classification")
     clip = common.to_device(backbone.clip, device)
     encoder = common.maybe_compile(clip.visual, args.compile, device)

@@ -127,3 +127,23 @@ def test_run_all_tiny_builds_table_and_pictures_then_skips_finished_runs(tmp_pat
     again = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and "run  " not in again.stdout and again.stderr.count("skip ") == 7
     assert (tmp_path / "summary.md").read_text() == table
+
+
+def test_every_method_has_a_recipe_for_every_dataset_and_docs_list_them():
+    """`python <method>.py --dataset NAME` needs no more flags for any dataset; docs/recipes.md shows the same values."""
+    import data
+    import flyp
+    import flyp_fewshot
+    import l2sp
+
+    doc = (ROOT / "docs" / "recipes.md").read_text()
+    for module in (ft, lpft, l2sp, flyp, flyp_fewshot):
+        assert set(module.RECIPES) == set(data.DATASETS), module.__name__
+    for name in data.REAL:
+        f, s, fs = ft.RECIPES[name], flyp.RECIPES[name], flyp_fewshot.RECIPES[name]
+        row = (f"| `{name}` | `{data.REAL[name][1]}` | {f['epochs']}, {f['batch_size']}, {f['lr']:g} | "
+               f"{lpft.RECIPES[name]['lr']:g} | {s['epochs']}, {s['batch_size']}, {s['lr']:g}, {s['weight_decay']:g}, "
+               f"{s['warmup']} | {fs['draws']}, {fs['lr']:g}, {fs['weight_decay']:g} |")
+        assert row in doc, row
+        assert l2sp.RECIPES[name] == f and (lpft.RECIPES[name]["epochs"], lpft.RECIPES[name]["batch_size"]) == \
+            (f["epochs"], f["batch_size"])
