@@ -149,18 +149,132 @@ class Backbone:
     std: tuple = data.STD
 
 
-OPEN_CLIP_MODELS = {  # name -> open_clip architecture; OpenAI's CLIP weights need the QuickGELU variants
-    "clip-vit-b16": "ViT-B-16-quickgelu",
-    "clip-rn50": "RN50-quickgelu",
+OPEN_CLIP_MODELS = {  # name -> open_clip architecture. OpenAI trained CLIP with QuickGELU: plain 'ViT-B-16' loads
+    "clip-vit-b16": "ViT-B-16-quickgelu",  # their weights from a file without a word (open_clip warns only for the
+    "clip-rn50": "RN50-quickgelu",  # 'openai' tag) but computes GELU, a different function
 }
-BACKBONES = sorted(EMBEDDED_BACKBONES) + sorted(OPEN_CLIP_MODELS) + ["resnet50"]
+WEIGHTS = {  # name -> (official file, where to download it, what it holds); the URLs are the ones in open_clip's
+    # pretrained.py, torchvision's ResNet50_Weights.IMAGENET1K_V1 (what the LP-FT paper's supervised model was) and
+    # the MoCo release; tests/test_backbones.py checks the first two against the installed libraries
+    "clip-vit-b16": ("ViT-B-16.pt", "https://openaipublic.azureedge.net/clip/models/"
+                     "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+                     "OpenAI's CLIP ViT-B/16 weights: their TorchScript archive or a state dict"),
+    "clip-rn50": ("RN50.pt", "https://openaipublic.azureedge.net/clip/models/"
+                  "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
+                  "OpenAI's CLIP RN50 weights: their TorchScript archive or a state dict"),
+    "moco-v2-rn50": ("moco_v2_800ep_pretrain.pth.tar", "https://dl.fbaipublicfiles.com/moco/moco_checkpoints/"
+                     "moco_v2_800ep/moco_v2_800ep_pretrain.pth.tar",
+                     "MoCo's released checkpoint: a dict whose 'state_dict' holds the ResNet-50 as module.encoder_q.*"),
+    "resnet50": ("resnet50-0676ba61.pth", "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+                 "torchvision's ResNet-50 state dict (conv1.weight ... fc.bias)"),
+}
+BACKBONES = sorted(EMBEDDED_BACKBONES) + sorted(WEIGHTS)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+def weights_dir():
+    """Where a backbone's official weights file is looked for when --weights is not given."""
+    return cache_dir() / "weights"
+
+
+def weights_file(name, weights=None):
+    """The local weights file of a backbone: `weights`, else its official file in weights_dir(); never downloads."""
+    file, url, what = WEIGHTS[name]
+    path = Path(weights) if weights else weights_dir() / file
+    if path.is_file():
+        return path
+    tag = " (or an open_clip pretrained tag in your hub cache: --weights openai)" if name in OPEN_CLIP_MODELS else ""
+    problem = f"weights file {path} not found" if weights else f"{name} needs --weights FILE{tag}: {path} not found"
+    raise SystemExit(f"error: {problem}. {name} expects {what}, released as {file}: download it from {url}, then put "
+                     f"it in {weights_dir()} or pass its path with --weights")
+
+
+def _bad_weights(path, problem, name):
+    raise SystemExit(f"error: {path} is not usable as {name} weights: {problem.rstrip('.')}. "
+                     f"Expected: {WEIGHTS[name][2]}")
+
+
+def _why(e, n):
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:n]
+
+
+def _load_exact(net, state_dict, path, name):
+    """load_state_dict with strict=True, but a one-line SystemExit instead of a traceback listing hundreds of keys."""
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        _bad_weights(path, f"it holds a {type(state_dict).__name__}, not a state dict of tensors", name)
+    expected = net.state_dict().keys()
+    missing, unexpected = sorted(expected - state_dict.keys()), sorted(state_dict.keys() - expected)
+    if missing or unexpected:
+        _bad_weights(path, f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys "
+                           f"{unexpected[:3]}", name)
+    try:
+        net.load_state_dict(state_dict)
+    except RuntimeError as e:  # the keys match but some shapes do not
+        mismatch = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        _bad_weights(path, mismatch[0] if mismatch else str(e), name)
+
+
+def load_resnet50(name, path):
+    """torchvision's ResNet-50 with fc = Identity: features are the 2048-d pooled penultimate layer, as in the LP-FT
+    paper. MoCo's file holds the query encoder (encoder_q, with a 2048-2048-128 MLP `fc` head that is not part of the
+    features), the key encoder and the queue; only encoder_q minus fc is kept."""
+    import torchvision
+
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: never run pickled code
+    except Exception as e:
+        _bad_weights(path, f"not a checkpoint of tensors, torch.load fails ({_why(e, 160)})", name)
+    net = torchvision.models.resnet50()
+    if name == "moco-v2-rn50":
+        prefix = "module.encoder_q."
+        state_dict = state_dict.get("state_dict") if isinstance(state_dict, dict) else None
+        if not isinstance(state_dict, dict) or not any(k.startswith(prefix) for k in state_dict):
+            _bad_weights(path, f"no {prefix}* keys in its 'state_dict'", name)
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()
+                      if k.startswith(prefix) and not k.startswith(prefix + "fc.")}
+        net.fc = nn.Identity()
+    _load_exact(net, state_dict, path, name)
+    net.fc = nn.Identity()
+    net.output_dim = 2048
+    return net
+
+
+def load_open_clip(name, weights=None):
+    """An open_clip CLIP model from a local file (OpenAI's TorchScript archive or a state dict) or from a pretrained
+    tag already in the local Hugging Face hub cache."""
+    import huggingface_hub
+
+    arch = OPEN_CLIP_MODELS[name]
+    # huggingface_hub reads HF_HUB_OFFLINE once, when open_clip imports it, so setting the variable here would be too
+    # late (a tag missing from the cache then retries the network for ~45 s); its constant is read at each request.
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    if weights and open_clip.get_pretrained_cfg(arch, str(weights)):
+        try:
+            return open_clip.create_model(arch, pretrained=weights)
+        except Exception as e:
+            file, url, _ = WEIGHTS[name]
+            raise SystemExit(f"error: open_clip's {weights!r} weights for {arch} did not load from the local hub cache "
+                             f"(nothing is downloaded): {_why(e, 200)}. Download {file} from {url}, then put it in "
+                             f"{weights_dir()} or pass its path with --weights")
+    path = weights_file(name, weights)
+    try:  # torch.load refuses TorchScript archives (OpenAI's own .pt files) unless weights_only=False, and then hands
+        # them to torch.jit.load, which runs no pickled Python code
+        return open_clip.create_model(arch, pretrained=str(path), weights_only=not _is_torchscript(path))
+    except Exception as e:  # unreadable file, missing or unexpected keys, wrong shapes
+        _bad_weights(path, _why(e, 400), name)
+
+
+def _is_torchscript(path):
+    import zipfile
+
+    return zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist())
+
+
 def load_backbone(name, weights=None, log=print):
-    """Build a pretrained backbone. Nothing is downloaded: real weights come from a local file (or, for open_clip,
-    a pretrained tag already in the local hub cache); a missing file is a clear error saying where to get it.
+    """Build a pretrained backbone. Nothing is downloaded: real weights come from a local file (`weights`, else the
+    official file name in weights_dir()) or, for open_clip, a pretrained tag already in the local hub cache; a missing
+    or malformed file is a one-line error saying what is wrong and where to get the right one.
 
     name: one of BACKBONES. weights: a file path, or an open_clip pretrained tag such as 'openai'.
     """
@@ -168,30 +282,10 @@ def load_backbone(name, weights=None, log=print):
         clip = load_embedded_clip(name, log=log)
         return Backbone(clip.visual, clip, clip.tokenizer)
     if name in OPEN_CLIP_MODELS:
-        arch = OPEN_CLIP_MODELS[name]
-        if weights is None:
-            raise SystemExit(f"error: backbone {name!r} needs --weights: a local file of {arch} weights (e.g. OpenAI's "
-                             f"ViT-B-16.pt / RN50.pt) or an open_clip pretrained tag already in your hub cache ('openai')")
-        if not os.path.isfile(weights) and (os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors"))):
-            raise SystemExit(f"error: weights file {weights!r} not found; download OpenAI's CLIP weights for {arch} "
-                             "(see docs) and pass the local path with --weights")
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network
-        try:
-            clip = open_clip.create_model(arch, pretrained=weights)
-        except Exception as e:  # open_clip raises several types for a missing cache entry
-            raise SystemExit(f"error: could not load {arch} weights {weights!r} offline ({e}); pass a local file with --weights")
-        return Backbone(clip.visual, clip, open_clip.get_tokenizer(arch), CLIP_MEAN, CLIP_STD)
-    if name == "resnet50":
-        import torchvision
-
-        if weights is None or not os.path.isfile(weights):
-            raise SystemExit(f"error: resnet50 needs --weights FILE, a local torchvision state dict (got {weights!r}); "
-                             "torchvision's ImageNet weights are resnet50-11ad3fa6.pth from its model zoo")
-        net = torchvision.models.resnet50()
-        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        net.fc = nn.Identity()  # features = 2048-d pooled penultimate layer, as in the LP-FT paper
-        net.output_dim = 2048
-        return Backbone(net, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        clip = load_open_clip(name, weights)
+        return Backbone(clip.visual, clip, open_clip.get_tokenizer(OPEN_CLIP_MODELS[name]), CLIP_MEAN, CLIP_STD)
+    if name in WEIGHTS:
+        return Backbone(load_resnet50(name, weights_file(name, weights)), mean=IMAGENET_MEAN, std=IMAGENET_STD)
     raise SystemExit(f"error: unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
 
 

@@ -86,18 +86,6 @@ def test_a_rerun_keeps_the_previous_results_aside(tmp_path):
     assert len(kept) == 1 and json.loads(kept[0].read_text())["metrics"]["acc/id_val"] == 1.0
 
 
-def test_resnet50_loads_from_a_local_torchvision_file(tmp_path):
-    import torchvision
-
-    path = tmp_path / "resnet50.pth"
-    torch.save(torchvision.models.resnet50().state_dict(), path)
-    backbone = common.load_backbone("resnet50", str(path))
-    assert backbone.encoder.output_dim == 2048 and backbone.clip is None
-    backbone.encoder.eval()
-    with torch.no_grad():
-        assert backbone.encoder(torch.zeros(1, 3, 64, 64)).shape == (1, 2048)
-
-
 def test_summary_table_rebuilds_the_checked_in_golden_table(tmp_path):
     """Golden test: the fake results under tests/data/fake_runs (fixtures, not measurements) give exactly the
     checked-in table, published numbers beside ours included; the pictures and the CSV get written."""

@@ -1,0 +1,159 @@
+"""Backbone loaders: each real backbone saved with random weights in its released file format, loaded back offline
+through common.load_backbone; the default weights folder; clear errors for missing and malformed files."""
+import open_clip
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import common
+
+
+def same_weights(loaded, saved):
+    loaded = loaded.state_dict()
+    return loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+
+
+def feature_size(encoder, size=64):
+    encoder.eval()
+    with torch.no_grad():
+        return encoder(torch.zeros(1, 3, size, size)).shape
+
+
+@pytest.fixture(scope="module")
+def resnet50_state_dict():
+    return torchvision.models.resnet50().state_dict()
+
+
+def test_official_files_are_the_libraries_own():
+    for name, arch in common.OPEN_CLIP_MODELS.items():
+        file, url, _ = common.WEIGHTS[name]
+        assert url == open_clip.get_pretrained_url(arch, "openai") and url.endswith("/" + file)
+    v1 = torchvision.models.ResNet50_Weights.IMAGENET1K_V1  # the supervised weights of the LP-FT paper
+    assert common.WEIGHTS["resnet50"][:2] == (v1.url.rsplit("/", 1)[1], v1.url)
+    assert common.BACKBONES == ["embedded-clip", "embedded-clip-tiny", "clip-rn50", "clip-vit-b16", "moco-v2-rn50",
+                                "resnet50"]
+
+
+def test_resnet50_loads_from_a_local_torchvision_file(tmp_path, resnet50_state_dict):
+    path = tmp_path / "resnet50.pth"
+    torch.save(resnet50_state_dict, path)
+    backbone = common.load_backbone("resnet50", str(path))
+    assert backbone.encoder.output_dim == 2048 and backbone.clip is None
+    assert (backbone.mean, backbone.std) == (common.IMAGENET_MEAN, common.IMAGENET_STD)
+    assert same_weights(backbone.encoder, {k: v for k, v in resnet50_state_dict.items() if not k.startswith("fc.")})
+    assert feature_size(backbone.encoder) == (1, 2048)
+
+
+def test_moco_v2_keeps_the_query_encoder_without_its_mlp_head(tmp_path):
+    """The released file: encoder_q (ResNet-50 + fc MLP 2048-2048-128), encoder_k, the queue, the optimizer."""
+    encoder_q, encoder_k = torchvision.models.resnet50(), torchvision.models.resnet50()
+    for net in (encoder_q, encoder_k):
+        net.fc = nn.Sequential(nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 128))
+    state_dict = {**{f"module.encoder_q.{k}": v for k, v in encoder_q.state_dict().items()},
+                  **{f"module.encoder_k.{k}": v for k, v in encoder_k.state_dict().items()},
+                  "module.queue": torch.randn(128, 65536), "module.queue_ptr": torch.zeros(1, dtype=torch.long)}
+    assert {"module.encoder_q.fc.0.weight", "module.encoder_q.fc.2.bias"} <= state_dict.keys()
+    path = tmp_path / "moco_v2_800ep_pretrain.pth.tar"
+    torch.save({"epoch": 800, "arch": "resnet50", "state_dict": state_dict,
+                "optimizer": torch.optim.SGD(encoder_q.parameters(), lr=0.03, momentum=0.9).state_dict()}, path)
+    backbone = common.load_backbone("moco-v2-rn50", str(path))
+    assert backbone.encoder.output_dim == 2048 and backbone.clip is None and backbone.mean == common.IMAGENET_MEAN
+    assert same_weights(backbone.encoder, {k: v for k, v in encoder_q.state_dict().items() if not k.startswith("fc.")})
+    assert feature_size(backbone.encoder) == (1, 2048)
+
+
+def test_clip_vit_b16_loads_an_openai_state_dict(tmp_path):
+    """open_clip's CLIP uses OpenAI's parameter names, so its state dict is OpenAI's format."""
+    saved = open_clip.create_model("ViT-B-16-quickgelu").state_dict()
+    path = tmp_path / "ViT-B-16.pt"
+    torch.save(saved, path)
+    backbone = common.load_backbone("clip-vit-b16", str(path))
+    assert same_weights(backbone.clip, saved) and backbone.encoder is backbone.clip.visual
+    assert isinstance(backbone.clip.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+    assert backbone.encoder.output_dim == 512 and feature_size(backbone.encoder, 224) == (1, 512)
+    assert backbone.tokenizer(["a photo of a dog."]).shape == (1, 77)
+    assert (backbone.mean, backbone.std) == (common.CLIP_MEAN, common.CLIP_STD)
+
+
+def save_torchscript_archive(state_dict, path):
+    """A TorchScript archive holding `state_dict`, as OpenAI's RN50.pt / ViT-B-16.pt do (theirs also carry the
+    model's code, which the loader does not use)."""
+    root = nn.Module()
+    for key, value in state_dict.items():
+        *parents, leaf = key.split(".")
+        module = root
+        for name in parents:
+            if not hasattr(module, name):
+                module.add_module(name, nn.Module())
+            module = getattr(module, name)
+        module.register_buffer(leaf, value)
+    torch.jit.script(root).save(str(path))
+
+
+@pytest.mark.filterwarnings("ignore:.*TorchScript:UserWarning", "ignore:.*torch.jit:FutureWarning")
+def test_clip_rn50_loads_openais_torchscript_archive_from_the_default_folder(tmp_path, monkeypatch):
+    saved = open_clip.create_model("RN50-quickgelu").state_dict()
+    # OpenAI's archives hold most weights in fp16, and three ints that are not parameters
+    openai = {k: v.half() if v.ndim >= 2 else v for k, v in saved.items()}
+    extra = {k: torch.tensor(v) for k, v in [("input_resolution", 224), ("context_length", 77), ("vocab_size", 49408)]}
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path))
+    (tmp_path / "weights").mkdir()
+    save_torchscript_archive({**openai, **extra}, tmp_path / "weights" / "RN50.pt")
+    backbone = common.load_backbone("clip-rn50")  # no --weights: the official file name in the default folder
+    assert same_weights(backbone.clip, {k: v.float() if v.is_floating_point() else v for k, v in openai.items()})
+    assert backbone.clip.visual.conv1.weight.dtype == torch.float32 and backbone.tokenizer is not None
+    assert backbone.encoder.output_dim == 1024 and feature_size(backbone.encoder, 224) == (1, 1024)
+
+
+def test_default_folder_holds_the_official_file(tmp_path, monkeypatch, resnet50_state_dict):
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path))
+    assert common.weights_dir() == tmp_path / "weights"
+    common.weights_dir().mkdir()
+    torch.save(resnet50_state_dict, common.weights_dir() / "resnet50-0676ba61.pth")
+    assert same_weights(common.load_backbone("resnet50").encoder,
+                        {k: v for k, v in resnet50_state_dict.items() if not k.startswith("fc.")})
+
+
+@pytest.mark.parametrize("name", ["clip-vit-b16", "clip-rn50", "moco-v2-rn50", "resnet50"])
+def test_a_missing_file_names_the_file_the_folder_the_flag_and_the_url(tmp_path, monkeypatch, name):
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path))
+    file, url, _ = common.WEIGHTS[name]
+    with pytest.raises(SystemExit) as default:
+        common.load_backbone(name)
+    with pytest.raises(SystemExit) as given:
+        common.load_backbone(name, str(tmp_path / "nowhere" / file))
+    assert f"{name} needs --weights" in str(default.value) and "not found" in str(given.value)
+    for e in (default, given):
+        assert all(s in str(e.value) for s in (file, str(tmp_path / "weights"), "--weights", url)), e.value
+
+
+def test_an_uncached_open_clip_tag_is_a_clear_error_without_network():
+    with pytest.raises(SystemExit, match="did not load from the local hub cache"):
+        common.load_backbone("clip-rn50", "cc12m")
+
+
+def test_malformed_files_say_what_is_wrong(tmp_path, resnet50_state_dict):
+    def error(name, obj):
+        path = tmp_path / "weights.pt"
+        path.write_text(obj) if isinstance(obj, str) else torch.save(obj, path)
+        with pytest.raises(SystemExit) as e:
+            common.load_backbone(name, str(path))
+        return str(e.value)
+
+    for name in ("resnet50", "moco-v2-rn50", "clip-rn50"):
+        assert "Expected: " in error(name, "not a checkpoint\n")
+    assert "not a checkpoint of tensors" in error("resnet50", "not a checkpoint\n")
+    broken = {**{k: v for k, v in resnet50_state_dict.items() if k != "conv1.weight"}, "extra": torch.zeros(1)}
+    assert "1 missing keys ['conv1.weight'], 1 unexpected keys ['extra']" in error("resnet50", broken)
+    ten_classes = {**resnet50_state_dict, "fc.weight": torch.zeros(10, 2048)}
+    assert "size mismatch for fc.weight" in error("resnet50", ten_classes)
+    assert "not a state dict of tensors" in error("resnet50", {"state_dict": resnet50_state_dict})
+    moco = error("moco-v2-rn50", {"state_dict": {f"module.encoder_k.{k}": v for k, v in resnet50_state_dict.items()}})
+    assert "no module.encoder_q.* keys" in moco and "MoCo's released checkpoint" in moco
+    assert "Missing key(s)" in error("clip-rn50", {"conv1.weight": torch.zeros(64, 3, 7, 7)})  # not a CLIP
+
+
+def test_unknown_backbone():
+    with pytest.raises(SystemExit, match="choose one of: embedded-clip"):
+        common.load_backbone("vit-huge-9000")
