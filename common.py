@@ -1,5 +1,6 @@
 """What every method shares and that is not the method: backbones, seeding, device, precision and compile,
 evaluation, feature distortion, the results writer and the dataclass -> argparse helper."""
+import atexit
 import contextlib
 import dataclasses
 import hashlib
@@ -125,7 +126,7 @@ def seed_everything(seed):
 
 
 def progress(iterable, **kwargs):
-    return tqdm(iterable, dynamic_ncols=True, leave=False, disable=not sys.stderr.isatty(), **kwargs)
+    return tqdm(iterable, dynamic_ncols=True, leave=False, disable=not sys.stderr.isatty() or not is_main(), **kwargs)
 
 
 def save_atomic(obj, path):
@@ -144,9 +145,7 @@ def save_atomic(obj, path):
 class Backbone:
     encoder: nn.Module  # images -> features; `encoder.output_dim` is the feature size
     clip: nn.Module = None  # the whole CLIP model (text tower for zero-shot heads and FLYP), None for plain ResNets
-    tokenizer: object = None
-    mean: tuple = data.MEAN
-    std: tuple = data.STD
+    tokenizer: object = None  # (the input resolution and normalisation it expects: data.preprocessing(name))
 
 
 OPEN_CLIP_MODELS = {  # name -> open_clip architecture. OpenAI trained CLIP with QuickGELU: plain 'ViT-B-16' loads
@@ -169,8 +168,6 @@ WEIGHTS = {  # name -> (official file, where to download it, what it holds); the
                  "torchvision's ResNet-50 state dict (conv1.weight ... fc.bias)"),
 }
 BACKBONES = sorted(EMBEDDED_BACKBONES) + sorted(WEIGHTS)
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def weights_dir():
@@ -283,9 +280,9 @@ def load_backbone(name, weights=None, log=print):
         return Backbone(clip.visual, clip, clip.tokenizer)
     if name in OPEN_CLIP_MODELS:
         clip = load_open_clip(name, weights)
-        return Backbone(clip.visual, clip, open_clip.get_tokenizer(OPEN_CLIP_MODELS[name]), CLIP_MEAN, CLIP_STD)
+        return Backbone(clip.visual, clip, open_clip.get_tokenizer(OPEN_CLIP_MODELS[name]))
     if name in WEIGHTS:
-        return Backbone(load_resnet50(name, weights_file(name, weights)), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        return Backbone(load_resnet50(name, weights_file(name, weights)))
     raise SystemExit(f"error: unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
 
 
@@ -300,10 +297,11 @@ def to_device(model, device):
 
 @torch.inference_mode()
 def extract_features(encoder, split, device, precision="auto", batch_size=500):
-    """Features of every image of a split, in order, as float32 on the CPU."""
+    """Features of every image of a split, in order, as float32 on the CPU (under torchrun each rank extracts its
+    share of every batch and all ranks get all features)."""
     encoder.eval()
     with autocast(device, precision):
-        feats = [encoder(x).float().cpu() for x, _ in split.batches(batch_size, device)]
+        feats = [all_gather(encoder(x).float()).cpu() for x, _ in split.batches(batch_size, device)]
     return torch.cat(feats) if feats else torch.empty(0, encoder.output_dim)
 
 
@@ -376,6 +374,79 @@ def maybe_compile(model, flag="auto", device="cpu"):
     if flag == "on" or (flag == "auto" and torch.device(device).type == "cuda"):
         return torch.compile(model)
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Several processes: `torchrun --nproc_per_node=N <script>.py ...` trains with DistributedDataParallel. Batch sizes
+# stay global (each rank takes its share of every batch, data.BatchIndices), evaluation features are gathered, and
+# only rank 0 writes results.
+# ---------------------------------------------------------------------------------------------------------------
+def init_distributed(device):
+    """Join torchrun's process group (WORLD_SIZE > 1): NCCL with one GPU per rank, gloo on CPUs. Returns the device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(torch.distributed.destroy_process_group)
+    return device
+
+
+def is_main():
+    return data.rank_and_world()[0] == 0
+
+
+def distribute(module, device):
+    """`module` wrapped in DistributedDataParallel (gradients averaged over ranks) when there are several processes,
+    else `module` itself. BatchNorm statistics stay per rank, as under the reference code's nn.DataParallel."""
+    if data.rank_and_world()[1] == 1:
+        return module
+    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def shard(tensor):
+    """This rank's share of a tensor that describes a whole global batch (the same split as data.BatchIndices)."""
+    rank, world = data.rank_and_world()
+    return tensor.tensor_split(world)[rank]
+
+
+class _AllGather(torch.autograd.Function):
+    """Rows of every rank, in rank order; the backward sums the gradient over ranks (every rank's loss depends on
+    every row) and returns this rank's rows, so the gradient equals one process's on the whole batch."""
+
+    @staticmethod
+    def forward(ctx, x):
+        rank, world = data.rank_and_world()
+        sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+        torch.distributed.all_gather(sizes, torch.tensor([len(x)], device=x.device))
+        sizes = [int(n) for n in sizes]
+        padded = x.new_zeros((max(sizes), *x.shape[1:]))  # all_gather needs equal shapes: a last batch may differ
+        padded[:len(x)] = x
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        torch.distributed.all_gather(parts, padded)
+        ctx.start, ctx.size = sum(sizes[:rank]), len(x)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.start:ctx.start + ctx.size]
+
+
+def all_gather(x):
+    """Every rank's rows of `x` concatenated (differentiable); `x` itself in a single process."""
+    return x if data.rank_and_world()[1] == 1 else _AllGather.apply(x)
+
+
+def all_reduce_sum(*values):
+    """Python numbers summed over ranks (training-loss totals); unchanged in a single process."""
+    if data.rank_and_world()[1] == 1:
+        return values
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else None
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return tuple(t.tolist())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -466,39 +537,46 @@ def git_commit():
 
 class Results:
     """Appends one JSON line per evaluation to <out>/results.jsonl; each line carries the run's args, git commit,
-    library versions, device and seed so that every number traces back to its command."""
+    library versions, device and seed so that every number traces back to its command. Under torchrun only rank 0
+    writes (every rank holds the same metrics)."""
 
     def __init__(self, out_dir, method, args, device):
         self.dir = Path(out_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "results.jsonl"
-        for name in ("results.jsonl", "model.pt"):  # a new run in an old folder: keep the old files aside, never
+        self.writes = is_main()
+        if self.writes:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        for name in ("results.jsonl", "model.pt") if self.writes else ():  # a new run in an old folder: keep the old files aside, never
             old = self.dir / name                     # mix them with the new run's or lose them
             if old.exists():
                 kept = list(self.dir.glob(f"{old.stem}.previous*{old.suffix}"))
                 os.replace(old, self.dir / f"{old.stem}.previous{len(kept)}{old.suffix}")
-        (self.dir / "done").unlink(missing_ok=True)
+        if self.writes:
+            (self.dir / "done").unlink(missing_ok=True)
         self.header = {"method": method, "args": dataclasses.asdict(args), "seed": args.seed, "commit": git_commit(),
                        "versions": {"torch": str(torch.__version__), "open_clip": open_clip.__version__,
                                     "python": sys.version.split()[0]},
                        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-                       "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:])}
+                       "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "processes": data.rank_and_world()[1]}
 
     def log(self, step, metrics, **extra):
         record = {**self.header, "step": step, **extra, "metrics": metrics, "time": time.time()}
-        old = self.path.read_text() if self.path.exists() else ""
-        write_text_atomic(self.path, old + json.dumps(record) + "\n")
+        if self.writes:
+            old = self.path.read_text() if self.path.exists() else ""
+            write_text_atomic(self.path, old + json.dumps(record) + "\n")
         return record
 
     def save_model(self, model, **extra):
         """<out>/model.pt: the unwrapped model's state dict plus the header (method, args, commit) that made it."""
-        save_atomic({**self.header, **extra, "state_dict": model.state_dict()}, self.dir / "model.pt")
+        if self.writes:
+            save_atomic({**self.header, **extra, "state_dict": model.state_dict()}, self.dir / "model.pt")
 
     def done(self, final):
         """Mark the run finished; the marker holds the selected evaluation (what tables report)."""
         record = {"method": self.header["method"], "dataset": self.header["args"]["dataset"], "seed": self.header["seed"],
                   "commit": self.header["commit"], **final}
-        write_text_atomic(self.dir / "done", json.dumps(record) + "\n")
+        if self.writes:
+            write_text_atomic(self.dir / "done", json.dumps(record) + "\n")
 
 
 def write_text_atomic(path, text):
@@ -554,14 +632,15 @@ def parse_args(cls, argv=None, description=None):
 def setup(args, method):
     """Seed, device (deterministic algorithms on CPU), the results writer and a log function."""
     seed_everything(args.seed)
-    device = get_device(args.device)
+    device = init_distributed(get_device(args.device))
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
     out = args.out or os.path.join("runs", method, args.dataset, f"seed{args.seed}")
     results = Results(out, method, args, device)
 
     def log(msg):
-        tqdm.write(f"[{method}] {msg}")
-        sys.stdout.flush()  # one line per evaluation shows up at once, also when stdout is a file
+        if is_main():
+            tqdm.write(f"[{method}] {msg}")
+            sys.stdout.flush()  # one line per evaluation shows up at once, also when stdout is a file
 
     return device, results, log

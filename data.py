@@ -221,13 +221,38 @@ class Split:
                                    groups=None if self.groups is None else self.groups[idx])
 
     def batches(self, batch_size, device="cpu", shuffle=False, drop_last=False, generator=None):
-        """Yield (normalised float images, labels) on `device`."""
-        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
-        stop = len(self) - len(self) % batch_size if drop_last else len(self)
-        for i in range(0, stop, batch_size):
-            idx = order[i:i + batch_size]
+        """Yield (normalised float images, labels) on `device`; under torch.distributed, this rank's share of each
+        batch (see `BatchIndices`)."""
+        for idx in BatchIndices(len(self), batch_size, shuffle, drop_last, generator):
             yield (normalize(self.images[idx].to(device, non_blocking=True), self.mean, self.std),
                    self.labels[idx].to(device, non_blocking=True))
+
+
+def rank_and_world():
+    """(this process's rank, number of processes) under torch.distributed (torchrun), else (0, 1)."""
+    dist = torch.distributed
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+@dataclass
+class BatchIndices:
+    """The index batches of one pass over n examples (a new shuffle from `generator` at every pass). `batch_size` is
+    the global batch: under torch.distributed each rank takes its contiguous share of every batch (torch's
+    tensor_split), so N processes together see exactly the batches one process would, whatever N is."""
+    n: int
+    batch_size: int
+    shuffle: bool = False
+    drop_last: bool = False
+    generator: torch.Generator = None
+
+    def __iter__(self):
+        rank, world = rank_and_world()
+        order = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
+        for i in range(0, self.n - self.n % self.batch_size if self.drop_last else self.n, self.batch_size):
+            yield order[i:i + self.batch_size].tensor_split(world)[rank]
+
+    def __len__(self):
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
 
 
 @dataclass
@@ -267,7 +292,7 @@ class FileSplit:
         if key not in loaders:
             workers = num_workers() if len(self) > 2 * batch_size else 0  # tiny splits: workers cost more than they save
             loaders[key] = torch.utils.data.DataLoader(
-                self, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, generator=generator,
+                self, batch_sampler=BatchIndices(len(self), batch_size, shuffle, drop_last, generator),
                 num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                 prefetch_factor=4 if workers else None)
         return loaders[key]

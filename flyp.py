@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import common
@@ -94,6 +95,17 @@ def clip_loss(image_features, text_features, logit_scale):
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
+class Towers(nn.Module):
+    """Both towers in one forward: what trains, and what DDP wraps under torchrun so it averages every gradient."""
+
+    def __init__(self, clip, encode_image):
+        super().__init__()
+        self.clip, self.encode_image = clip, encode_image
+
+    def forward(self, images, texts):
+        return F.normalize(self.encode_image(images), dim=-1), self.clip.encode_text(texts, normalize=True)
+
+
 def cosine_lr(warmup, total_steps):
     """Learning-rate factor per step: linear warmup, then cosine decay to 0 (the FLYP / WiSE-FT code)."""
     def factor(step):
@@ -118,6 +130,7 @@ def main(args):
 
     captions = caption_tokens(backbone.tokenizer, dataset.classnames, dataset.templates).to(device)
     encode = common.maybe_compile(model.visual, args.compile, device)  # the saved model stays unwrapped
+    towers = common.distribute(Towers(model, encode), device)  # what trains: DDP-wrapped under torchrun
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"],
                                   fused=device.type == "cuda")
     steps_per_epoch = len(dataset.train) // recipe["batch_size"]
@@ -135,15 +148,18 @@ def main(args):
         start, total, n = time.time(), 0.0, 0
         for x, y in common.progress(dataset.train.batches(recipe["batch_size"], device, shuffle=True, drop_last=True,
                                                           generator=g), desc=f"epoch {epoch}/{epochs}"):
-            template = torch.randint(captions.shape[1], (len(y),), generator=g).to(device)  # one random caption each
+            # one random caption per image, drawn for the global batch (this rank's share under torchrun)
+            template = common.shard(torch.randint(captions.shape[1], (recipe["batch_size"],), generator=g)).to(device)
             with common.autocast(device, args.precision):
-                loss = clip_loss(F.normalize(encode(x), dim=-1), model.encode_text(captions[y, template], normalize=True),
-                                 model.logit_scale)
+                image_features, text_features = towers(x, captions[y, template])
+                # the contrastive batch is the global batch: every rank's features are gathered (open_clip does too)
+                loss = clip_loss(common.all_gather(image_features), common.all_gather(text_features), model.logit_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()  # per step
             total, n = total + loss.item() * len(y), n + len(y)
+        total, n = common.all_reduce_sum(total, n)  # over every rank's share of the batches
 
         # Model selection sees ID validation only; test and OOD splits are scored once, for the selected epoch.
         feats = common.split_features(encode, dataset, device, args.precision, only=["id_val"])

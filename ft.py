@@ -107,6 +107,7 @@ def main(args):
 
     model = build_model(backbone, dataset, args.head_init, device, args.precision).to(device)
     encode = common.maybe_compile(model[0], args.compile, device)  # the saved model stays unwrapped
+    net = common.distribute(nn.Sequential(encode, model[1]), device)  # what trains: DDP-wrapped under torchrun
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)  # stepped per epoch
     g = torch.Generator().manual_seed(args.seed)
@@ -118,11 +119,12 @@ def main(args):
         for x, y in common.progress(dataset.train.batches(batch_size, device, shuffle=True, drop_last=True,
                                                           generator=g), desc=f"epoch {epoch}/{epochs}"):
             with common.autocast(device, args.precision):
-                loss = F.cross_entropy(model[1](encode(x)), y)
+                loss = F.cross_entropy(net(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total, n = total + loss.item() * len(y), n + len(y)
+        total, n = common.all_reduce_sum(total, n)  # over every rank's share of the batches
         scheduler.step()
 
         # Model selection sees ID validation only; test and OOD splits are scored once, for the selected epoch.

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torchvision
 
 import common
+import data
 
 
 def same_weights(loaded, saved):
@@ -40,7 +41,7 @@ def test_resnet50_loads_from_a_local_torchvision_file(tmp_path, resnet50_state_d
     torch.save(resnet50_state_dict, path)
     backbone = common.load_backbone("resnet50", str(path))
     assert backbone.encoder.output_dim == 2048 and backbone.clip is None
-    assert (backbone.mean, backbone.std) == (common.IMAGENET_MEAN, common.IMAGENET_STD)
+    assert (data.preprocessing("resnet50").mean, data.preprocessing("resnet50").std) == (data.IMAGENET_MEAN, data.IMAGENET_STD)
     assert same_weights(backbone.encoder, {k: v for k, v in resnet50_state_dict.items() if not k.startswith("fc.")})
     assert feature_size(backbone.encoder) == (1, 2048)
 
@@ -58,7 +59,7 @@ def test_moco_v2_keeps_the_query_encoder_without_its_mlp_head(tmp_path):
     torch.save({"epoch": 800, "arch": "resnet50", "state_dict": state_dict,
                 "optimizer": torch.optim.SGD(encoder_q.parameters(), lr=0.03, momentum=0.9).state_dict()}, path)
     backbone = common.load_backbone("moco-v2-rn50", str(path))
-    assert backbone.encoder.output_dim == 2048 and backbone.clip is None and backbone.mean == common.IMAGENET_MEAN
+    assert backbone.encoder.output_dim == 2048 and backbone.clip is None and data.preprocessing("resnet50").mean == data.IMAGENET_MEAN
     assert same_weights(backbone.encoder, {k: v for k, v in encoder_q.state_dict().items() if not k.startswith("fc.")})
     assert feature_size(backbone.encoder) == (1, 2048)
 
@@ -73,7 +74,7 @@ def test_clip_vit_b16_loads_an_openai_state_dict(tmp_path):
     assert isinstance(backbone.clip.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
     assert backbone.encoder.output_dim == 512 and feature_size(backbone.encoder, 224) == (1, 512)
     assert backbone.tokenizer(["a photo of a dog."]).shape == (1, 77)
-    assert (backbone.mean, backbone.std) == (common.CLIP_MEAN, common.CLIP_STD)
+    assert (data.preprocessing("clip-vit-b16").mean, data.preprocessing("clip-vit-b16").std) == (data.CLIP_MEAN, data.CLIP_STD)
 
 
 def save_torchscript_archive(state_dict, path):
