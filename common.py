@@ -146,6 +146,7 @@ class Backbone:
     encoder: nn.Module  # images -> features; `encoder.output_dim` is the feature size
     clip: nn.Module = None  # the whole CLIP model (text tower for zero-shot heads and FLYP), None for plain ResNets
     tokenizer: object = None  # (the input resolution and normalisation it expects: data.preprocessing(name))
+    key: str = None  # what identifies these weights (name and file), for the feature cache
 
 
 OPEN_CLIP_MODELS = {  # name -> open_clip architecture. OpenAI trained CLIP with QuickGELU: plain 'ViT-B-16' loads
@@ -277,13 +278,21 @@ def load_backbone(name, weights=None, log=print):
     """
     if name in EMBEDDED_BACKBONES:
         clip = load_embedded_clip(name, log=log)
-        return Backbone(clip.visual, clip, clip.tokenizer)
+        return Backbone(clip.visual, clip, clip.tokenizer, key=str(embedded_cache_path(EMBEDDED_BACKBONES[name])))
     if name in OPEN_CLIP_MODELS:
         clip = load_open_clip(name, weights)
-        return Backbone(clip.visual, clip, open_clip.get_tokenizer(OPEN_CLIP_MODELS[name]))
+        return Backbone(clip.visual, clip, open_clip.get_tokenizer(OPEN_CLIP_MODELS[name]), key=weights_key(name, weights))
     if name in WEIGHTS:
-        return Backbone(load_resnet50(name, weights_file(name, weights)))
+        return Backbone(load_resnet50(name, weights_file(name, weights)), key=weights_key(name, weights))
     raise SystemExit(f"error: unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
+
+
+def weights_key(name, weights):
+    """A backbone's identity for the feature cache: its weights file (path, size, modification time) or hub tag."""
+    if name in OPEN_CLIP_MODELS and weights and open_clip.get_pretrained_cfg(OPEN_CLIP_MODELS[name], weights):
+        return f"{name}:{weights}"
+    path = weights_file(name, weights).resolve()
+    return f"{name}:{path}:{path.stat().st_size}:{path.stat().st_mtime_ns}"
 
 
 def to_device(model, device):
@@ -296,13 +305,38 @@ def to_device(model, device):
 
 
 @torch.inference_mode()
-def extract_features(encoder, split, device, precision="auto", batch_size=500):
+def extract_features(encoder, split, device, precision="auto", batch_size=500, cache=None):
     """Features of every image of a split, in order, as float32 on the CPU (under torchrun each rank extracts its
-    share of every batch and all ranks get all features)."""
+    share of every batch and all ranks get all features). With `cache` (a `feature_cache` key) they are read from,
+    or written to, <cache dir>/features/. A compiled encoder gets every batch padded to the full size, so the last
+    one does not make torch.compile build a second graph."""
+    path = cache_dir() / "features" / f"{cache}.pt" if cache else None
+    if path is not None and path.is_file():
+        return torch.load(path, weights_only=True)
     encoder.eval()
+    static = isinstance(encoder, torch._dynamo.eval_frame.OptimizedModule)
+    feats = []
     with autocast(device, precision):
-        feats = [all_gather(encoder(x).float()).cpu() for x, _ in split.batches(batch_size, device)]
-    return torch.cat(feats) if feats else torch.empty(0, encoder.output_dim)
+        for x, _ in split.batches(batch_size, device):
+            n, full = len(x), -(-batch_size // data.rank_and_world()[1])
+            x = torch.cat([x, x.new_zeros((full - n, *x.shape[1:]))]) if static and n < full else x
+            feats.append(all_gather(encoder(x)[:n].float()).cpu())
+    feats = torch.cat(feats) if feats else torch.empty(0, encoder.output_dim)
+    if path is not None and is_main():
+        save_atomic(feats, path)
+    return feats
+
+
+def feature_cache(backbone, dataset, split, precision, seed=0):
+    """The cache key of a real dataset's split under a pretrained backbone, or None (the embedded world's features
+    take seconds). It covers the weights, the data on disk, the preprocessing and the precision; the ID training
+    split's features depend on the seed too (one random augmented view per image, as the LP-FT code takes)."""
+    if dataset.name in data.WORLDS or backbone.key is None:
+        return None
+    size = len({"id_train": dataset.train, **eval_splits(dataset)}[split])
+    parts = [backbone.key, dataset.name, dataset.info.get("root"), split, size,
+             repr(data.preprocessing(dataset.backbone)), precision, seed if split == "id_train" else None]
+    return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -457,11 +491,14 @@ def eval_splits(dataset):
     return {"id_val": dataset.val, "id_test": dataset.test, **{f"ood_{k}": v for k, v in dataset.ood.items()}}
 
 
-def split_features(encoder, dataset, device, precision="auto", only=None):
+def split_features(encoder, dataset, device, precision="auto", only=None, backbone=None):
     """Features on every evaluation split (or the splits named in `only`). Of the pretrained encoder, they are the
-    origin of feature distortion."""
-    return {k: extract_features(encoder, s, device, precision) for k, s in eval_splits(dataset).items()
-            if only is None or k in only}
+    origin of feature distortion; pass its `backbone` and a real dataset's features are cached on disk."""
+    def cache(k):
+        return feature_cache(backbone, dataset, k, precision) if backbone else None
+
+    return {k: extract_features(encoder, s, device, precision, cache=cache(k))
+            for k, s in eval_splits(dataset).items() if only is None or k in only}
 
 
 def distortion(features, ref):
@@ -476,7 +513,8 @@ def macro_f1(pred, labels):
     labels=unique(y_true)); a class never predicted scores 0."""
     scores = []
     for c in labels.unique():
-        tp, fp, fn = ((pred == c) & (labels == c)).sum(), ((pred == c) & (labels != c)).sum(), ((pred != c) & (labels == c)).sum()
+        hit, true = pred == c, labels == c
+        tp, fp, fn = (hit & true).sum(), (hit & ~true).sum(), (~hit & true).sum()
         scores.append(2 * tp / (2 * tp + fp + fn))
     return 100.0 * torch.stack(scores).float().mean().item()
 
@@ -546,18 +584,18 @@ class Results:
         self.writes = is_main()
         if self.writes:
             self.dir.mkdir(parents=True, exist_ok=True)
-        for name in ("results.jsonl", "model.pt") if self.writes else ():  # a new run in an old folder: keep the old files aside, never
-            old = self.dir / name                     # mix them with the new run's or lose them
-            if old.exists():
-                kept = list(self.dir.glob(f"{old.stem}.previous*{old.suffix}"))
-                os.replace(old, self.dir / f"{old.stem}.previous{len(kept)}{old.suffix}")
-        if self.writes:
+            for name in ("results.jsonl", "model.pt"):  # a new run in an old folder: keep the old files aside, never
+                old = self.dir / name                     # mix them with the new run's or lose them
+                if old.exists():
+                    kept = list(self.dir.glob(f"{old.stem}.previous*{old.suffix}"))
+                    os.replace(old, self.dir / f"{old.stem}.previous{len(kept)}{old.suffix}")
             (self.dir / "done").unlink(missing_ok=True)
         self.header = {"method": method, "args": dataclasses.asdict(args), "seed": args.seed, "commit": git_commit(),
                        "versions": {"torch": str(torch.__version__), "open_clip": open_clip.__version__,
                                     "python": sys.version.split()[0]},
                        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-                       "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "processes": data.rank_and_world()[1]}
+                       "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+                       "processes": data.rank_and_world()[1]}
 
     def log(self, step, metrics, **extra):
         record = {**self.header, "step": step, **extra, "metrics": metrics, "time": time.time()}

@@ -247,6 +247,11 @@ class BatchIndices:
 
     def __iter__(self):
         rank, world = rank_and_world()
+        if self.drop_last and self.n < self.batch_size:
+            raise SystemExit(f"error: {self.n} training images, fewer than one batch of {self.batch_size}: pass "
+                             f"--batch-size {self.n} or less")
+        if self.drop_last and self.batch_size % world:  # unequal shares would weigh the ranks' gradients unequally
+            raise SystemExit(f"error: the batch size {self.batch_size} does not split evenly over {world} processes")
         order = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
         for i in range(0, self.n - self.n % self.batch_size if self.drop_last else self.n, self.batch_size):
             yield order[i:i + self.batch_size].tensor_split(world)[rank]
@@ -598,13 +603,23 @@ def domainnet(name, root, pre):
                 info={"val": f"{VAL_FRACTION:.0%} of sketch train held out (SENTRY validated on its test list)"})
 
 
-def read_csv(dataset, path):
+def read_csv(dataset, path, columns):
+    """The rows of a CSV file as dicts; a missing file or a missing one of `columns` is an error naming it."""
     import csv
 
     if not path.is_file():
         fail(dataset, f"{path} not found")
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            fail(dataset, f"{path} lacks the column(s) {', '.join(missing)} (it has: {', '.join(reader.fieldnames or [])})")
+        return list(reader)
+
+
+def require_folder(dataset, path, what):
+    if not path.is_dir():
+        fail(dataset, f"{path} not found ({what})")
 
 
 class ArticleTemplate(str):
@@ -625,8 +640,9 @@ def fmow(name, root, pre):
     import datetime
 
     base = root / "fmow_v1.1"
-    rows = read_csv(name, base / "rgb_metadata.csv")
-    region_of = {r["alpha-3"]: r["region"] for r in read_csv(name, base / "country_code_mapping.csv")}
+    rows = read_csv(name, base / "rgb_metadata.csv", ["split", "category", "country_code", "timestamp"])
+    region_of = {r["alpha-3"]: r["region"] for r in read_csv(name, base / "country_code_mapping.csv", ["alpha-3", "region"])}
+    require_folder(name, base / "images", "the rgb_img_<i>.png files")
     classes = reference("wilds_templates")["fmow_classnames"]["names"]
     label = {c: i for i, c in enumerate(classes)}
     utc = datetime.timezone.utc
@@ -645,7 +661,8 @@ def fmow(name, root, pre):
         if key:
             parts[key][0].append(str(base / "images" / f"rgb_img_{i}.png"))
             parts[key][1].append(label[r["category"]])
-            parts[key][2].append(FMOW_REGIONS.index(region_of.get(r["country_code"], "Other")))
+            region = region_of.get(r["country_code"]) or "Other"  # unknown codes and empty regions (Antarctica)
+            parts[key][2].append(FMOW_REGIONS.index(region if region in FMOW_REGIONS else "Other"))
 
     def split(key, train=False):
         items, labels, groups = parts[key]
@@ -663,7 +680,8 @@ def iwildcam(name, root, pre):
     """iWildCam (WILDS v2.0, official split): train / id_val / id_test by camera, OOD test = new cameras; the papers
     report macro-F1 over the classes present."""
     base = root / "iwildcam_v2.0"
-    rows = read_csv(name, base / "metadata.csv")
+    rows = read_csv(name, base / "metadata.csv", ["split", "filename", "y"])
+    require_folder(name, base / "train", "every image, whatever its split")
     meta = reference("wilds_templates")
 
     def split(key, train=False):
@@ -689,11 +707,13 @@ def pcam(name, root, pre):
     except ImportError:
         raise SystemExit("error: pcam needs h5py to read PatchCamelyon's HDF5 files: pip install h5py")
 
+    files = [root / "pcam" / f"camelyonpatch_level_2_split_{s}_{xy}.h5" for s in ("train", "valid", "test") for xy in "xy"]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:  # before torchvision, whose message suggests download=True
+        fail(name, f"{len(missing)} of PatchCamelyon's HDF5 files missing in {root / 'pcam'}: {', '.join(missing)}")
+
     def split(part, train=False):
-        try:
-            ds = torchvision.datasets.PCAM(str(root), split=part)
-        except RuntimeError as e:
-            fail(name, f"{e} (torchvision looked in {root / 'pcam'})")
+        ds = torchvision.datasets.PCAM(str(root), split=part)
         tag = {"train": "train", "val": "valid", "test": "test"}[part]
         with h5py.File(root / "pcam" / f"camelyonpatch_level_2_split_{tag}_y.h5") as f:
             labels = torch.as_tensor(np.asarray(f["y"]).reshape(-1).astype(np.int64))
@@ -716,6 +736,11 @@ def sst2(name, root, pre):
                 classnames=meta["classnames"], templates=meta["templates"])
 
 
+def subfolders(path):
+    """Sorted sub-folder names, without hidden and system ones (.ipynb_checkpoints, __MACOSX, ...)."""
+    return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith((".", "__")))
+
+
 def folder(name, root, pre):
     """Your own data: <root>/train/<class>/* (required), <root>/val and <root>/test (optional, else held out of
     train), and every other sub-folder of <root> is a named OOD test set with the same class folders (a subset is
@@ -723,14 +748,14 @@ def folder(name, root, pre):
     line, '{}' for the class name) or 'a photo of a {}.'."""
     if not (root / "train").is_dir():
         fail(name, f"{root / 'train'} not found: the ID training images go in train/<class name>/")
-    classes = sorted(e.name for e in os.scandir(root / "train") if e.is_dir())
+    classes = subfolders(root / "train")
     index = {c: i for i, c in enumerate(classes)}
 
     def split(path, train=False):
-        unknown = sorted(e.name for e in os.scandir(path) if e.is_dir() and e.name not in index)
+        unknown = [c for c in subfolders(path) if c not in index]
         if unknown:
             fail(name, f"{path} has class folders that train/ lacks: {', '.join(unknown[:5])}")
-        present = sorted(e.name for e in os.scandir(path) if e.is_dir())
+        present = subfolders(path)
         return image_folder(name, path, present, [index[c] for c in present])
 
     items, labels = split(root / "train")
@@ -747,8 +772,7 @@ def folder(name, root, pre):
     else:
         train, val = train_val(items, labels, pre)
         info["val"] = f"{VAL_FRACTION:.0%} of train held out (no val/ folder)"
-    ood = {e.name: file_split(*split(Path(e.path)), pre) for e in sorted(os.scandir(root), key=lambda e: e.name)
-           if e.is_dir() and e.name not in ("train", "val", "test")}
+    ood = {d: file_split(*split(root / d), pre) for d in subfolders(root) if d not in ("train", "val", "test")}
     templates = (root / "templates.txt").read_text().splitlines() if (root / "templates.txt").is_file() else ["a photo of a {}."]
     return dict(train=train, val=val, test=test, ood=ood, classnames=[c.replace("_", " ") for c in classes],
                 templates=[t for t in templates if t.strip()], info=info)
@@ -784,7 +808,9 @@ def load_dataset(name, seed=0, data_root=None, backbone=None):
     if not os.path.isdir(root):
         fail(name, f"data root {root} is not a folder")
     backbone = backbone or default_backbone
-    return Dataset(name=name, backbone=backbone, **loader(name, Path(root), preprocessing(backbone)))
+    parts = loader(name, Path(root), preprocessing(backbone))
+    parts["info"] = {**parts.get("info", {}), "root": str(Path(root).resolve())}  # where the data came from
+    return Dataset(name=name, backbone=backbone, **parts)
 
 
 def save_samples(path, per_cell=2, seed=0):

@@ -126,7 +126,7 @@ def main(args):
     recipe = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in RECIPES[dataset.name].items()}
     backbone = common.require_clip(common.load_backbone(dataset.backbone, args.weights, log=log), "FLYP")
     model = common.to_device(backbone.clip, device)  # the whole CLIP trains
-    ref = common.split_features(model.visual, dataset, device, args.precision)  # pretrained features: distortion origin
+    ref = common.split_features(model.visual, dataset, device, args.precision, backbone=backbone)  # distortion origin
 
     captions = caption_tokens(backbone.tokenizer, dataset.classnames, dataset.templates).to(device)
     encode = common.maybe_compile(model.visual, args.compile, device)  # the saved model stays unwrapped

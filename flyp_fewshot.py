@@ -108,7 +108,7 @@ def main(args):
     backbone = common.require_clip(common.load_backbone(dataset.backbone, args.weights, log=log), "FLYP")
     model = common.to_device(backbone.clip, device)
     pretrained = copy.deepcopy(model.state_dict())  # every draw starts from the zero-shot model
-    ref = common.split_features(model.visual, dataset, device, args.precision)  # distortion origin
+    ref = common.split_features(model.visual, dataset, device, args.precision, backbone=backbone)  # distortion origin
     captions = caption_tokens(backbone.tokenizer, dataset.classnames, dataset.templates).to(device)
     encode = common.maybe_compile(model.visual, args.compile, device)
     g = torch.Generator().manual_seed(args.seed)

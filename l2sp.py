@@ -111,7 +111,7 @@ def main(args):
     epochs, lr, batch_size = recipe["epochs"], recipe["lr"], recipe["batch_size"]
     backbone = common.load_backbone(dataset.backbone, args.weights, log=log)
     encoder = common.to_device(backbone.encoder, device)
-    ref = common.split_features(encoder, dataset, device, args.precision)  # pretrained features: distortion origin
+    ref = common.split_features(encoder, dataset, device, args.precision, backbone=backbone)  # distortion origin
 
     model = build_model(encoder, len(dataset.classnames)).to(device)
     w0 = {n: p.detach().clone() for n, p in model[0].named_parameters()}  # the pretrained weights

@@ -91,8 +91,9 @@ def main(args):
     encoder = common.maybe_compile(common.to_device(backbone.encoder, device), args.compile, device)
 
     # Features once: the backbone never trains, so the evaluation features are also the reference features.
-    train_feats = common.extract_features(encoder, dataset.train, device, args.precision)
-    feats = common.split_features(encoder, dataset, device, args.precision)
+    train_feats = common.extract_features(encoder, dataset.train, device, args.precision, cache=common.feature_cache(
+        backbone, dataset, "id_train", args.precision, args.seed))  # one augmented view per image; cached for real data
+    feats = common.split_features(encoder, dataset, device, args.precision, backbone=backbone)
     mean, std = standardize(train_feats)
     x = ((train_feats - mean) / std).to(device)
     y = dataset.train.labels.to(device)

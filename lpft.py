@@ -68,7 +68,8 @@ class Args:
 
 # Per-dataset defaults. Real datasets: the LP-FT code's recipe (FT's epochs and batch size, the stage-2 learning rate
 # its grid search chose; ImageNet: the lowest of its grid); datasets it never ran (iWildCam, PCam, SST2, your own
-# folder) take Living-17's, unswept (docs/recipes.md). Embedded world: lr and epochs chosen on ID validation accuracy (docs/embedded.md).
+# folder) take Living-17's, unswept (docs/recipes.md). Embedded world: lr and epochs chosen on ID validation accuracy
+# (docs/embedded.md).
 RECIPES = {
     "embedded": {"epochs": 5, "lr": 1e-4, "batch_size": 64},
     "embedded-tiny": {"epochs": 2, "lr": 1e-4, "batch_size": 64},
@@ -116,9 +117,8 @@ def logreg_objective(x, y, w, b, c):
     return F.cross_entropy(x @ w.T + b, y, reduction="sum") + (w ** 2).sum() / (2 * c)
 
 
-def linear_probe(args, dataset, encoder, ref, device):
+def linear_probe(args, dataset, train_feats, ref, device):
     """Stage 1: the LP sweep on frozen features; returns the ID-validation-best head in raw-feature space."""
-    train_feats = common.extract_features(encoder, dataset.train, device, args.precision)
     mean, std = standardize(train_feats)
     x, y = ((train_feats - mean) / std).to(device), dataset.train.labels.to(device)
     val = ((ref["id_val"] - mean) / std).to(device)
@@ -154,9 +154,11 @@ def main(args):
     epochs, lr, batch_size = recipe["epochs"], recipe["lr"], recipe["batch_size"]
     backbone = common.load_backbone(dataset.backbone, args.weights, log=log)
     encoder = common.to_device(backbone.encoder, device)
-    ref = common.split_features(encoder, dataset, device, args.precision)  # pretrained features: distortion origin
+    ref = common.split_features(encoder, dataset, device, args.precision, backbone=backbone)  # distortion origin
 
-    w, b, c = linear_probe(args, dataset, encoder, ref, device)
+    train_feats = common.extract_features(encoder, dataset.train, device, args.precision, cache=common.feature_cache(
+        backbone, dataset, "id_train", args.precision, args.seed))  # one augmented view per image; cached for real data
+    w, b, c = linear_probe(args, dataset, train_feats, ref, device)
     model = build_model(encoder, w, b).to(device)
     metrics = common.evaluate(ref, model[1], dataset, ref, device, args.precision)  # stage-2 start = the LP head
     results.log(0, metrics, stage="lp", c=c)

@@ -123,3 +123,35 @@ def test_bench_cpu_writes_its_table_and_json(tmp_path):
     assert "| LP sweep" in proc.stdout and set(report["train"]) == {"embedded-clip", "resnet18"}
     assert all(e["ours"]["images_per_s"] > 0 and e["eager_fp32"]["images_per_s"] > 0 for e in report["train"].values())
     assert abs(report["lp_sweep"]["best_acc_ours"] - report["lp_sweep"]["best_acc_sklearn"]) <= 0.5
+
+
+def test_pretrained_features_of_real_data_are_cached_on_disk_and_keyed(tmp_path, monkeypatch):
+    """Real datasets' pretrained features are computed once: a second call reads the cache (here proven by changing
+    the encoder, which the cache key deliberately does not see: it keys on the weights file, never edited in place).
+    The ID training split's key depends on the seed (one random augmented view per image); the others do not."""
+    import numpy as np
+    from PIL import Image
+
+    import data
+
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path / "cache"))
+    for split in ("train", "test", "night"):
+        for c in ("cat", "dog"):
+            (tmp_path / "d" / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(np.random.default_rng(i).integers(0, 255, (9, 9, 3), dtype=np.uint8)).save(
+                    tmp_path / "d" / split / c / f"{i}.png")
+    dataset = data.load_dataset("folder", data_root=str(tmp_path / "d"), backbone="embedded-clip-tiny")
+    backbone = common.load_backbone("embedded-clip-tiny")
+    first = common.split_features(backbone.encoder, dataset, "cpu", backbone=backbone)
+    assert len(list((tmp_path / "cache" / "features").glob("*.pt"))) == 3  # id_val, id_test, ood_night
+    with torch.no_grad():
+        backbone.encoder.proj.weight.mul_(2)
+    again = common.split_features(backbone.encoder, dataset, "cpu", backbone=backbone)
+    fresh = common.split_features(backbone.encoder, dataset, "cpu")
+    for k in first:
+        assert torch.equal(again[k], first[k]) and not torch.allclose(fresh[k], first[k])
+    key = lambda split, seed: common.feature_cache(backbone, dataset, split, "auto", seed)  # noqa: E731
+    assert key("id_train", 0) != key("id_train", 1) and key("id_val", 0) == key("id_val", 1)
+    assert key("id_val", 0) != common.feature_cache(backbone, dataset, "id_val", "bf16")
+    assert common.feature_cache(backbone, data.load_dataset("embedded-tiny"), "id_val", "auto") is None

@@ -434,9 +434,6 @@ def test_fmow_templates_put_the_article_before_the_class_name(minis):
     assert "satellite photo of an airport hangar." in [t.format("airport_hangar") for t in ds.templates]
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="data.py fmow(): a country whose mapping row has an empty region (Antarctica, ATA, in the "
-                          "ISO-3166 file WILDS ships) gives FMOW_REGIONS.index('') -> ValueError instead of 'Other'")
 def test_fmow_country_with_an_empty_region_is_other(tmp_path):
     rows = [("train", 2010, 1, 1, "airport", "USA"), ("train", 2010, 1, 2, "zoo", "ATA"),
             ("val", 2011, 1, 1, "zoo", "FRA"), ("test", 2011, 1, 1, "dam", "CHN"), ("test", 2016, 1, 1, "dam", "ATA")]
@@ -447,8 +444,6 @@ def test_fmow_country_with_an_empty_region_is_other(tmp_path):
     assert truth["region"][next(iter(labelled(split, tmp_path)))] == "Other"
 
 
-@pytest.mark.xfail(strict=True, reason="data.py fmow()/iwildcam(): the image folder is never checked (docs: 'A missing "
-                                       "folder ... stops with error'); the run dies later in a DataLoader worker")
 @pytest.mark.parametrize("name,folder", [("fmow", "fmow_v1.1/images"), ("iwildcam", "iwildcam_v2.0/train")])
 def test_wilds_missing_image_folder_is_an_error_naming_it(tmp_path, name, folder):
     getattr(mini, f"make_{name}")(tmp_path)
@@ -458,11 +453,6 @@ def test_wilds_missing_image_folder_is_an_error_naming_it(tmp_path, name, folder
     check_error(e, tmp_path / folder)
 
 
-MALFORMED = ("data.py read_csv(): no column check; a CSV without a required column dies with a bare KeyError "
-             "instead of `error: <dataset>: <csv> lacks column ...`")
-
-
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=MALFORMED)
 def test_fmow_malformed_csv_is_an_error_naming_it(tmp_path):
     mini.make_fmow(tmp_path, columns=[c for c in mini.FMOW_COLUMNS if c != "timestamp"])
     with pytest.raises(SystemExit) as e:
@@ -507,7 +497,6 @@ def test_iwildcam_macro_f1_is_wilds_and_sklearn(minis):
     assert metrics["macro_f1/ood_avg"] == pytest.approx(expected["ood_test"])
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=MALFORMED)
 def test_iwildcam_malformed_csv_is_an_error_naming_it(tmp_path):
     mini.make_iwildcam(tmp_path, columns=[c for c in mini.IWILDCAM_COLUMNS if c != "y"])
     with pytest.raises(SystemExit) as e:
@@ -592,6 +581,15 @@ def test_folder_ood_class_unknown_to_train_is_an_error(tmp_path):
     check_error(e, "snow_leopard")
 
 
+def test_folder_ignores_hidden_and_system_folders(tmp_path):
+    root = tmp_path / "mydata"
+    mini.make_folder(root, ood=(("sketches", mini.FOLDER_CLASSES),))
+    for junk in (".ipynb_checkpoints", "__MACOSX", "train/.cache"):
+        mini.write_image(root / junk / mini.FOLDER_CLASSES[0] / "a.jpg")
+    ds = data.load_dataset("folder", data_root=str(root), backbone=BACKBONE)
+    assert ood_names(ds) == ["sketches"] and len(ds.classnames) == len(mini.FOLDER_CLASSES)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Every split: normalised float batches at the backbone's resolution, subsets
 # ---------------------------------------------------------------------------------------------------------------
@@ -674,9 +672,6 @@ def test_cifar10_missing_file_is_an_error_naming_it(tmp_path, missing):
 
 
 @needs_h5py
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="data.py pcam(): torchvision's 'Dataset not found. You can use download=True' names "
-                          "neither the missing .h5 file nor a flag the scripts have")
 def test_pcam_missing_file_is_an_error_naming_it(tmp_path):
     mini.make_pcam(tmp_path)
     (tmp_path / "pcam" / "camelyonpatch_level_2_split_valid_y.h5").unlink()
@@ -735,10 +730,6 @@ def test_method_end_to_end_on_a_miniature(minis, tiny_backbone, tmp_path, module
         assert key in metrics and math.isfinite(metrics[key]), (key, sorted(metrics))
 
 
-@pytest.mark.xfail(strict=True, raises=ZeroDivisionError,
-                   reason="ft/lpft/l2sp/flyp.py: train loss = total / n with drop_last=True batches; a training split "
-                          "smaller than the batch size (a small `folder` dataset with the recipe's 64, FLYP's 512) "
-                          "gives no batch and a ZeroDivisionError")
 def test_training_split_smaller_than_the_batch_runs_or_says_so(minis, tiny_backbone, tmp_path):
     root, truth = minis.build("folder")
     batch = str(len(truth["train"]) + 1)

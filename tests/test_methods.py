@@ -84,10 +84,10 @@ def test_lpft_head_gives_the_lp_logits():
     encoder = common.load_backbone("embedded-clip-tiny").encoder
     ref = common.split_features(encoder, dataset, "cpu")
     args = lpft.Args(dataset="embedded-tiny", num_c=8)
-    w_raw, b_raw, c = lpft.linear_probe(args, dataset, encoder, ref, "cpu")
+    train = common.extract_features(encoder, dataset.train, "cpu")
+    w_raw, b_raw, c = lpft.linear_probe(args, dataset, train, ref, "cpu")
     model = lpft.build_model(encoder, w_raw, b_raw)
 
-    train = common.extract_features(encoder, dataset.train, "cpu")
     mean, std = lp.standardize(train)
     init = None
     for c_i in np.logspace(np.log10(args.c_min), np.log10(args.c_max), args.num_c):
