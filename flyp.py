@@ -83,8 +83,8 @@ RECIPES = {
 # ----- method: captions, the contrastive loss and its schedule (edit here) -----
 def caption_tokens(tokenizer, classnames, templates):
     """Token ids of every (class, template) caption: [classes, templates, context length]."""
-    texts = [t.format(c) for c in classnames for t in templates]
-    return tokenizer(texts).view(len(classnames), len(templates), -1)
+    texts = tuple(t.format(c) for c in classnames for t in templates)  # the zero-shot head's, tokenized once
+    return common.tokenize(tokenizer, texts).view(len(classnames), len(templates), -1)
 
 
 def clip_loss(image_features, text_features, logit_scale):

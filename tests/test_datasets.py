@@ -722,6 +722,13 @@ def run_method(module_name, dataset, root, out, *extra):
     ("flyp", "iwildcam", ["--epochs", "1", "--batch-size", "8", "--warmup", "1"],
      ["macro_f1/ood_test", "macro_f1/id_test"]),
     ("flyp_fewshot", "sst2", ["--shots", "2", "--draws", "1", "--steps", "2"], []),
+    ("lpft", "entity30", ["--epochs", "1", "--batch-size", "8", "--num-c", "2", "--max-iter", "10"],
+     ["acc/ood_target"]),
+    ("lpft", "domainnet", ["--epochs", "1", "--batch-size", "8", "--num-c", "2", "--max-iter", "10"],
+     ["acc/ood_real", "acc/ood_painting", "acc/ood_clipart"]),
+    ("flyp", "imagenet", ["--epochs", "1", "--batch-size", "8", "--warmup", "1"],
+     ["acc/ood_v2", "acc/ood_r", "acc/ood_sketch", "acc/ood_a"]),
+    ("flyp_fewshot", "pcam", ["--shots", "2", "--draws", "1", "--steps", "2"], []),
 ])
 def test_method_end_to_end_on_a_miniature(minis, tiny_backbone, tmp_path, module_name, name, extra, keys):
     root, _ = minis.build(name)
