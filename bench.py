@@ -11,6 +11,7 @@ share of step time spent waiting for data. Prints a table and writes JSON (--out
 """
 import argparse
 import atexit
+import dataclasses
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import data
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peak, FLOP/s
 
@@ -181,37 +183,28 @@ def lp_sweep(device, n, dim, classes, num_c):
             "max_acc_gap": max(abs(a - b) for a, b in zip(ours, theirs))}
 
 
-def jpeg_batches(res, batch, device, n_images=512, workers=None):
-    """An endless iterator of (images, labels) decoded from JPEG files through a DataLoader (workers, pinned memory,
-    persistent workers), with a random-resized-crop-like random crop and flip."""
-    from torchvision.io import decode_jpeg, encode_jpeg, read_file
-    from torchvision.transforms import v2
+def jpeg_batches(res, batch, device, on_device=False, n_images=512):
+    """An endless iterator of training batches from JPEG files through data.py's own pipeline (the FileSplit of every
+    real dataset: DataLoader workers, pinned memory, persistent workers, RandomResizedCrop + flip, normalisation on the
+    device). on_device: workers only read bytes and batches are decoded where they go (RFT_GPU_DECODE=1)."""
+    from torchvision.io import encode_jpeg
 
     folder = Path(tempfile.mkdtemp(prefix="bench-jpeg-"))
     atexit.register(shutil.rmtree, folder, True)  # the JPEGs are scratch files
     g = torch.Generator().manual_seed(0)
-    for i in range(n_images):
+    for i in range(n_images):  # smooth random images a little larger than the crop, like resized photos
         img = (torch.rand(3, res // 8, res // 8, generator=g) * 255).to(torch.uint8)
         img = F.interpolate(img[None].float(), size=(res + res // 8, res + res // 8), mode="bilinear")[0].to(torch.uint8)
         (folder / f"{i:05d}.jpg").write_bytes(encode_jpeg(img, quality=90).numpy().tobytes())
-    files = sorted(folder.glob("*.jpg"))
-    crop = v2.Compose([v2.RandomResizedCrop(res, scale=(0.9, 1.0), antialias=True), v2.RandomHorizontalFlip()])
-
-    class Files(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(files)
-
-        def __getitem__(self, i):
-            img = crop(decode_jpeg(read_file(str(files[i]))))
-            return (img.float() / 255 - 0.5) / 0.25, i % 10
-
-    workers = workers if workers is not None else min(8, os.cpu_count() or 1)
-    loader = torch.utils.data.DataLoader(Files(), batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    pre = data.Preprocess(res, res, data.IMAGENET_MEAN, data.IMAGENET_STD, "bilinear", (0.08, 1.0), True)
+    split = data.file_split(sorted(str(p) for p in folder.glob("*.jpg")), [i % 10 for i in range(n_images)], pre,
+                            train=True)
+    split = dataclasses.replace(split, decode_on_device=on_device)
+    g = torch.Generator().manual_seed(0)
 
     def forever():
         while True:
-            yield from loader
+            yield from split.batches(batch, device, shuffle=True, drop_last=True, generator=g)
     return forever()
 
 
@@ -234,8 +227,11 @@ def main():
         for path, fast in (("eager_fp32", False), ("ours", True)):
             rate, _ = train_rate(build, res, batch, device, fast, steps)
             entry[path] = {"images_per_s": rate, "mfu": rate * flops / peak if peak else None}
-        rate, wait = train_rate(build, res, batch, device, True, steps, jpeg_batches(res, batch, device))
-        entry["ours_jpeg"] = {"images_per_s": rate, "data_wait_share": wait, "share_of_synthetic": rate / entry["ours"]["images_per_s"]}
+        gpu_decode = device.type == "cuda"  # nvJPEG; on a CPU it would only move decoding out of the workers
+        for key, on_device in (("ours_jpeg", False), ("ours_jpeg_decode_on_device", True))[:2 if gpu_decode else 1]:
+            rate, wait = train_rate(build, res, batch, device, True, steps, jpeg_batches(res, batch, device, on_device))
+            entry[key] = {"images_per_s": rate, "data_wait_share": wait,
+                          "share_of_synthetic": rate / entry["ours"]["images_per_s"]}
         entry["speedup"] = entry["ours"]["images_per_s"] / entry["eager_fp32"]["images_per_s"]
         report["train"][name] = entry
         ext = {p: extract_rate(build, res, batch, device, fast, steps) for p, fast in (("eager_fp32", False), ("ours", True))}
@@ -244,7 +240,10 @@ def main():
         rows.append(f"| train {name} {res}px b{batch} | {entry['eager_fp32']['images_per_s']:.0f} | "
                     f"{entry['ours']['images_per_s']:.0f} | {entry['speedup']:.2f}× | MFU {mfu}; JPEG "
                     f"{entry['ours_jpeg']['images_per_s']:.0f} img/s ({entry['ours_jpeg']['share_of_synthetic']:.0%} of "
-                    f"synthetic, {entry['ours_jpeg']['data_wait_share']:.0%} waiting for data) |")
+                    f"synthetic, {entry['ours_jpeg']['data_wait_share']:.0%} waiting for data)"
+                    + (f"; decoded on the GPU {entry['ours_jpeg_decode_on_device']['images_per_s']:.0f} img/s "
+                       f"({entry['ours_jpeg_decode_on_device']['data_wait_share']:.0%} waiting)" if gpu_decode else "")
+                    + " |")
         rows.append(f"| extract {name} | {ext['eager_fp32']:.0f} | {ext['ours']:.0f} | {ext['ours'] / ext['eager_fp32']:.2f}× | |")
     flyp = {p: flyp_rate(device, fast, steps) for p, fast in (("eager_fp32", False), ("ours", True))}
     report["flyp"] = flyp

@@ -264,7 +264,11 @@ class BatchIndices:
 class FileSplit:
     """A split read on demand: `items[i]` is what `read` turns into a PIL image (a path, or an index into an array),
     `transform` makes it a uint8 [3, H, W] tensor (random for the ID training split, fixed otherwise). Batches come
-    from a DataLoader with worker processes, pinned memory and persistent workers. Same interface as `Split`."""
+    from a DataLoader with worker processes, pinned memory and persistent workers. Same interface as `Split`.
+
+    With `decode_on_device` (JPEG files only; set by RFT_GPU_DECODE=1), workers only read the files' bytes and each
+    batch is decoded where it is headed (nvJPEG on a GPU: torchvision.io.decode_jpeg(device='cuda')), then cropped
+    there, which takes JPEG decoding, the usual bottleneck of a fast GPU, off the CPU cores."""
     items: list
     labels: torch.Tensor
     read: object
@@ -274,6 +278,7 @@ class FileSplit:
     classes: torch.Tensor = None
     groups: torch.Tensor = None
     group_names: list = None
+    decode_on_device: bool = False
 
     def __len__(self):
         return len(self.labels)
@@ -284,11 +289,24 @@ class FileSplit:
                                    groups=None if self.groups is None else self.groups[idx])
 
     def __getitem__(self, i):
+        if self.decode_on_device:
+            return torchvision_io().read_file(self.items[i]), self.labels[i]  # the undecoded file
         return self.transform(self.read(self.items[i])), self.labels[i]
 
     def batches(self, batch_size, device="cpu", shuffle=False, drop_last=False, generator=None):
         for x, y in self._loader(batch_size, torch.device(device), shuffle, drop_last, generator):
-            yield normalize(x.to(device, non_blocking=True), self.mean, self.std), y.to(device, non_blocking=True)
+            x = self._decode(x, device) if self.decode_on_device else x.to(device, non_blocking=True)
+            yield normalize(x, self.mean, self.std), y.to(device, non_blocking=True)
+
+    def _decode(self, packed, device):
+        """A batch of JPEG files (see `collate_bytes`) -> images on `device`, each through the split's transform there."""
+        io = torchvision_io()
+        files = list(packed[0].split(packed[1].tolist()))
+        try:
+            images = io.decode_jpeg(files, mode=io.ImageReadMode.RGB, device=device)
+        except RuntimeError:  # a file nvJPEG refuses (ImageNet holds a few CMYK JPEGs and one PNG named .JPEG)
+            images = [io.decode_image(f, mode=io.ImageReadMode.RGB).to(device) for f in files]
+        return torch.stack([self.transform(img.float()) for img in images])  # float: CUDA resizes no uint8 bicubic
 
     def _loader(self, batch_size, device, shuffle, drop_last, generator):
         # One loader per way of iterating, kept: persistent workers skip the worker start-up at every epoch.
@@ -299,8 +317,21 @@ class FileSplit:
             loaders[key] = torch.utils.data.DataLoader(
                 self, batch_sampler=BatchIndices(len(self), batch_size, shuffle, drop_last, generator),
                 num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                prefetch_factor=4 if workers else None)
+                prefetch_factor=4 if workers else None, collate_fn=collate_bytes if self.decode_on_device else None)
         return loaders[key]
+
+
+def torchvision_io():
+    import torchvision.io
+
+    return torchvision.io
+
+
+def collate_bytes(samples):
+    """A batch of (file bytes, label) -> ((all bytes in one tensor, each file's length), labels). One tensor, not one
+    per file: workers hand each tensor over as a file descriptor, and hundreds per batch exhaust them."""
+    files = [b for b, _ in samples]
+    return (torch.cat(files), torch.tensor([len(b) for b in files])), torch.stack([torch.as_tensor(y) for _, y in samples])
 
 
 def num_workers():
@@ -454,8 +485,11 @@ def image_folder(dataset, folder, classes, labels=None):
 
 
 def file_split(items, labels, pre, train=False, read=read_image, **extra):
-    return FileSplit(list(items), torch.as_tensor(labels, dtype=torch.long), read, transforms(pre, train), pre.mean,
-                     pre.std, **extra)
+    items = list(items)
+    on_device = (os.environ.get("RFT_GPU_DECODE") == "1" and read is read_image
+                 and all(str(p).lower().endswith((".jpg", ".jpeg")) for p in items))
+    return FileSplit(items, torch.as_tensor(labels, dtype=torch.long), read, transforms(pre, train), pre.mean, pre.std,
+                     decode_on_device=on_device, **extra)
 
 
 def holdout(labels, fraction=VAL_FRACTION, seed=0):

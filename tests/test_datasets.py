@@ -744,3 +744,30 @@ def test_training_split_smaller_than_the_batch_runs_or_says_so(minis, tiny_backb
         run_method("ft", "folder", root, tmp_path / "out", "--epochs", "1", "--batch-size", batch)
     except SystemExit as e:
         assert "batch" in str(e)
+
+
+def test_decoding_on_the_device_matches_the_worker_path(tmp_path, monkeypatch):
+    """RFT_GPU_DECODE=1: workers read bytes, batches are decoded and cropped where they go (here the CPU, on a GPU
+    nvJPEG); the images equal the PIL path's within about one grey level (two resamplers), including a greyscale JPEG
+    and a PNG named .jpg (as ImageNet has), which falls back to a per-image decode."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(6):
+                img = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize((40 + 7 * i, 30 + 5 * i))
+                img = img.convert("L") if i == 0 else img
+                img.save(tmp_path / split / c / f"{i}.jpg", format="PNG" if i == 1 else "JPEG", quality=95)
+    pil = data.load_dataset("folder", data_root=str(tmp_path), backbone=BACKBONE)
+    monkeypatch.setenv("RFT_GPU_DECODE", "1")
+    device = data.load_dataset("folder", data_root=str(tmp_path), backbone=BACKBONE)
+    assert device.test.decode_on_device and not pil.test.decode_on_device
+    (x1, y1), = list(pil.test.batches(100))
+    (x2, y2), = list(device.test.batches(100))
+    grey_levels = (x1 - x2).abs() * torch.tensor(pil.test.std).view(1, 3, 1, 1) * 255
+    assert torch.equal(y1, y2) and x2.shape == x1.shape and grey_levels.max() < 2 and grey_levels.mean() < 0.5
+    (x, y), = list(device.train.batches(len(device.train), shuffle=True, drop_last=True,
+                                        generator=torch.Generator().manual_seed(0)))
+    assert x.shape == (len(device.train), 3, 32, 32) and x.dtype == torch.float32
