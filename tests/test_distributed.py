@@ -74,13 +74,29 @@ def test_two_processes_match_one(method, tmp_path, monkeypatch):
     assert not (tmp_path / "two" / "results.previous0.jsonl").exists()  # rank 1 wrote nothing of its own
 
 
-def test_batch_shares_of_the_ranks_make_up_the_global_batches(monkeypatch):
-    single = list(data.BatchIndices(50, 8, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0)))
+def shares_of(monkeypatch, world, n, batch_size, drop_last):
+    """Every rank's index batches of one shuffled pass, as the ranks of a `world`-process run would draw them."""
     shares = []
-    for rank in range(3):
-        monkeypatch.setattr(data, "rank_and_world", lambda rank=rank: (rank, 3))
-        shares.append(list(data.BatchIndices(50, 8, shuffle=True, drop_last=True,
+    for rank in range(world):
+        monkeypatch.setattr(data, "rank_and_world", lambda rank=rank: (rank, world))
+        shares.append(list(data.BatchIndices(n, batch_size, shuffle=True, drop_last=drop_last,
                                              generator=torch.Generator().manual_seed(0))))
-    assert len(single) == 6 and all(len(s) == 6 for s in shares)
+    monkeypatch.undo()
+    return shares
+
+
+@pytest.mark.parametrize("batch_size,drop_last,batches", [(9, True, 5), (8, False, 7)])
+def test_batch_shares_of_the_ranks_make_up_the_global_batches(monkeypatch, batch_size, drop_last, batches):
+    """Training (drop_last) batches split evenly; evaluation batches may split unevenly (features are gathered)."""
+    single = list(data.BatchIndices(50, batch_size, shuffle=True, drop_last=drop_last,
+                                    generator=torch.Generator().manual_seed(0)))
+    shares = shares_of(monkeypatch, 3, 50, batch_size, drop_last)
+    assert len(single) == batches and all(len(s) == batches for s in shares)
     for i, batch in enumerate(single):
         assert torch.equal(torch.cat([s[i] for s in shares]), batch)
+
+
+def test_training_batch_that_does_not_split_over_the_processes_is_an_error(monkeypatch):
+    """Unequal shares would weigh the ranks' mean losses unequally under DDP's gradient average."""
+    with pytest.raises(SystemExit, match="does not split evenly over 3 processes"):
+        shares_of(monkeypatch, 3, 50, 8, drop_last=True)
