@@ -152,35 +152,49 @@ def extract_rate(build, res, batch, device, fast, steps):
 
 
 def lp_sweep(device, n, dim, classes, num_c):
-    """lp.py's warm-started torch L-BFGS sweep vs scikit-learn's on the same standardised features and C grid."""
+    """lp.py's protocol with two solvers on identical standardised features: the warm-started sweep over the LP-FT
+    code's C grid (logspace(-7, 2)), C selected on a validation split, test accuracy at the selected C. Ours = lp.py's
+    torch L-BFGS on `device`; theirs = scikit-learn's LogisticRegression (lbfgs, warm start, max_iter 200, as the
+    LP-FT code). Class means close enough together that C matters (test accuracy ~60%, not a saturated 99%)."""
     import lp
     from sklearn.linear_model import LogisticRegression
 
     g = torch.Generator().manual_seed(0)
-    means = torch.randn(classes, dim, generator=g) * 0.4
+    means = torch.randn(classes, dim, generator=g) * 0.15
     y = torch.randint(classes, (2 * n,), generator=g)
     x = means[y] + torch.randn(2 * n, dim, generator=g)
     mean, std = lp.standardize(x[:n])
     x = (x - mean) / std
-    cs = np.logspace(-4, 2, num_c)
+    parts = {"train": slice(0, n), "val": slice(n, n + n // 2), "test": slice(n + n // 2, 2 * n)}
+    cs = np.logspace(-7, 2, num_c)
 
+    def accuracies(predict):  # {split: accuracy} for val and test
+        return {k: 100 * (predict(x[s]) == y[s]).float().mean().item() for k, s in parts.items() if k != "train"}
+
+    def selected(accs):  # lp.py's rule: best validation accuracy, the earlier C on ties
+        i = max(range(len(cs)), key=lambda i: (accs[i]["val"], -i))
+        return float(cs[i]), accs[i]["test"]
+
+    xd, yd = x.to(device), y.to(device)
+    lp.fit_logreg(xd[:100], yd[:100], classes, 1.0)  # warm-up, untimed: first-call costs (CUDA kernels, imports)
+    LogisticRegression(max_iter=200).fit(x[:100].numpy(), y[:100].numpy())
     start, init, ours = time.perf_counter(), None, []
-    xd, yd = x[:n].to(device), y[:n].to(device)
     for c in cs:
-        w, b = init = lp.fit_logreg(xd, yd, classes, float(c), init)
-        ours.append(100 * ((x[n:].to(device) @ w.T + b).argmax(1).cpu() == y[n:]).float().mean().item())
+        w, b = init = lp.fit_logreg(xd[parts["train"]], yd[parts["train"]], classes, float(c), init)
+        ours.append(accuracies(lambda f: (f.to(device) @ w.T + b).argmax(1).cpu()))
     sync(device)
     ours_s = time.perf_counter() - start
 
     start, theirs = time.perf_counter(), []
     clf = LogisticRegression(warm_start=True, max_iter=200)
     for c in cs:
-        clf.set_params(C=float(c)).fit(x[:n].numpy(), y[:n].numpy())
-        theirs.append(100 * (clf.predict(x[n:].numpy()) == y[n:].numpy()).mean())
+        clf.set_params(C=float(c)).fit(x[parts["train"]].numpy(), y[parts["train"]].numpy())
+        theirs.append(accuracies(lambda f: torch.from_numpy(clf.predict(f.numpy()))))
     sklearn_s = time.perf_counter() - start
+    (c_ours, acc_ours), (c_theirs, acc_theirs) = selected(ours), selected(theirs)
     return {"features": [n, dim], "classes": classes, "c_values": num_c, "ours_s": ours_s, "sklearn_s": sklearn_s,
-            "speedup": sklearn_s / ours_s, "best_acc_ours": max(ours), "best_acc_sklearn": max(theirs),
-            "max_acc_gap": max(abs(a - b) for a, b in zip(ours, theirs))}
+            "speedup": sklearn_s / ours_s, "selected_c_ours": c_ours, "selected_c_sklearn": c_theirs,
+            "test_acc_ours": acc_ours, "test_acc_sklearn": acc_theirs, "acc_gap": abs(acc_ours - acc_theirs)}
 
 
 def jpeg_batches(res, batch, device, on_device=False, n_images=512):
@@ -248,11 +262,11 @@ def main():
     flyp = {p: flyp_rate(device, fast, steps) for p, fast in (("eager_fp32", False), ("ours", True))}
     report["flyp"] = flyp
     rows.append(f"| FLYP pairs/s | {flyp['eager_fp32']:.0f} | {flyp['ours']:.0f} | {flyp['ours'] / flyp['eager_fp32']:.2f}× | |")
-    shape = (20_000, 512, 20, 6) if device.type == "cuda" else (4_000, 128, 10, 8)
+    shape = (20_000, 512, 20, 20) if device.type == "cuda" else (4_000, 128, 10, 20)
     report["lp_sweep"] = lp = lp_sweep(device, *shape)
     rows.append(f"| LP sweep {lp['features'][0]}×{lp['features'][1]}, {lp['c_values']} C (s) | sklearn "
-                f"{lp['sklearn_s']:.1f} | ours {lp['ours_s']:.1f} | {lp['speedup']:.1f}× | best acc {lp['best_acc_ours']:.1f} "
-                f"vs {lp['best_acc_sklearn']:.1f}, max gap {lp['max_acc_gap']:.2f} |")
+                f"{lp['sklearn_s']:.1f} | ours {lp['ours_s']:.1f} | {lp['speedup']:.1f}× | test acc at the C chosen on val: "
+                f"{lp['test_acc_ours']:.2f} vs {lp['test_acc_sklearn']:.2f} (gap {lp['acc_gap']:.2f}) |")
     print(f"device: {report['device']}, torch {report['torch']}, {steps} timed steps per cell\n")
     print("| measurement | eager fp32 (reference-style) | ours | ratio | notes |\n|---|---|---|---|---|")
     print("\n".join(rows))

@@ -122,7 +122,8 @@ def test_bench_cpu_writes_its_table_and_json(tmp_path):
     report = json.loads((tmp_path / "bench.json").read_text())
     assert "| LP sweep" in proc.stdout and set(report["train"]) == {"embedded-clip", "resnet18"}
     assert all(e["ours"]["images_per_s"] > 0 and e["eager_fp32"]["images_per_s"] > 0 for e in report["train"].values())
-    assert abs(report["lp_sweep"]["best_acc_ours"] - report["lp_sweep"]["best_acc_sklearn"]) <= 0.5
+    lp = report["lp_sweep"]  # issue 5's bar: the same accuracy within 0.3 point, selected as lp.py selects
+    assert abs(lp["test_acc_ours"] - lp["test_acc_sklearn"]) <= 0.3 and 40 < lp["test_acc_ours"] < 95
 
 
 def test_pretrained_features_of_real_data_are_cached_on_disk_and_keyed(tmp_path, monkeypatch):
