@@ -197,12 +197,13 @@ def lp_sweep(device, n, dim, classes, num_c):
             "test_acc_ours": acc_ours, "test_acc_sklearn": acc_theirs, "acc_gap": abs(acc_ours - acc_theirs)}
 
 
-def jpeg_batches(res, batch, device, on_device=False, n_images=512):
+def jpeg_batches(res, batch, device, on_device=False):
     """An endless iterator of training batches from JPEG files through data.py's own pipeline (the FileSplit of every
     real dataset: DataLoader workers, pinned memory, persistent workers, RandomResizedCrop + flip, normalisation on the
     device). on_device: workers only read bytes and batches are decoded where they go (RFT_GPU_DECODE=1)."""
     from torchvision.io import encode_jpeg
 
+    n_images = 8 * batch  # several batches a pass: the workers' prefetch is not drained at every pass boundary
     folder = Path(tempfile.mkdtemp(prefix="bench-jpeg-"))
     atexit.register(shutil.rmtree, folder, True)  # the JPEGs are scratch files
     g = torch.Generator().manual_seed(0)
@@ -222,6 +223,33 @@ def jpeg_batches(res, batch, device, on_device=False, n_images=512):
     return forever()
 
 
+def train_rows(name, build, res, batch, device, steps, peak):
+    """Section (a) and (e) for one model: eager fp32 vs ours on synthetic tensors, ours from JPEG files (decoded by
+    the workers, and on CUDA also by nvJPEG on the GPU); then section (c), feature extraction."""
+    flops = 3 * forward_flops(build(), torch.randn(2, 3, res, res))  # training ~ 3x forward
+    entry = {"resolution": res, "batch": batch, "train_gflops_per_image": flops / 1e9}
+    for path, fast in (("eager_fp32", False), ("ours", True)):
+        rate, _ = train_rate(build, res, batch, device, fast, steps)
+        entry[path] = {"images_per_s": rate, "mfu": rate * flops / peak if peak else None}
+    gpu_decode = device.type == "cuda"  # nvJPEG; on a CPU it would only move decoding out of the workers
+    for key, on_device in (("ours_jpeg", False), ("ours_jpeg_decode_on_device", True))[:2 if gpu_decode else 1]:
+        rate, wait = train_rate(build, res, batch, device, True, steps, jpeg_batches(res, batch, device, on_device))
+        entry[key] = {"images_per_s": rate, "data_wait_share": wait,
+                      "share_of_synthetic": rate / entry["ours"]["images_per_s"]}
+    entry["speedup"] = entry["ours"]["images_per_s"] / entry["eager_fp32"]["images_per_s"]
+    ext = {p: extract_rate(build, res, batch, device, fast, steps) for p, fast in (("eager_fp32", False), ("ours", True))}
+    mfu = f"{entry['ours']['mfu']:.1%}" if peak else "–"
+    jpeg = entry["ours_jpeg"]
+    rows = [f"| train {name} {res}px b{batch} (img/s) | {entry['eager_fp32']['images_per_s']:.0f} | "
+            f"{entry['ours']['images_per_s']:.0f} | {entry['speedup']:.2f}× | MFU {mfu}; JPEG {jpeg['images_per_s']:.0f} "
+            f"img/s ({jpeg['share_of_synthetic']:.0%} of synthetic, {jpeg['data_wait_share']:.0%} waiting for data)"
+            + (f"; decoded on the GPU {entry['ours_jpeg_decode_on_device']['images_per_s']:.0f} img/s "
+               f"({entry['ours_jpeg_decode_on_device']['data_wait_share']:.0%} waiting)" if gpu_decode else "") + " |",
+            f"| extract {name} (img/s) | {ext['eager_fp32']:.0f} | {ext['ours']:.0f} | "
+            f"{ext['ours'] / ext['eager_fp32']:.2f}× | |"]
+    return entry, ext, rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
@@ -234,43 +262,27 @@ def main():
     report = {"device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
               "torch": str(torch.__version__), "threads": torch.get_num_threads(), "steps": steps, "train": {},
               "extract": {}, "flyp": {}}
-    rows = []
-    for name, (build, res, batch) in models(device).items():
-        flops = 3 * forward_flops(build(), torch.randn(2, 3, res, res))  # training ~ 3x forward
-        entry = {"resolution": res, "batch": batch, "train_gflops_per_image": flops / 1e9}
-        for path, fast in (("eager_fp32", False), ("ours", True)):
-            rate, _ = train_rate(build, res, batch, device, fast, steps)
-            entry[path] = {"images_per_s": rate, "mfu": rate * flops / peak if peak else None}
-        gpu_decode = device.type == "cuda"  # nvJPEG; on a CPU it would only move decoding out of the workers
-        for key, on_device in (("ours_jpeg", False), ("ours_jpeg_decode_on_device", True))[:2 if gpu_decode else 1]:
-            rate, wait = train_rate(build, res, batch, device, True, steps, jpeg_batches(res, batch, device, on_device))
-            entry[key] = {"images_per_s": rate, "data_wait_share": wait,
-                          "share_of_synthetic": rate / entry["ours"]["images_per_s"]}
-        entry["speedup"] = entry["ours"]["images_per_s"] / entry["eager_fp32"]["images_per_s"]
-        report["train"][name] = entry
-        ext = {p: extract_rate(build, res, batch, device, fast, steps) for p, fast in (("eager_fp32", False), ("ours", True))}
-        report["extract"][name] = ext
-        mfu = f"{entry['ours']['mfu']:.1%}" if peak else "–"
-        rows.append(f"| train {name} {res}px b{batch} | {entry['eager_fp32']['images_per_s']:.0f} | "
-                    f"{entry['ours']['images_per_s']:.0f} | {entry['speedup']:.2f}× | MFU {mfu}; JPEG "
-                    f"{entry['ours_jpeg']['images_per_s']:.0f} img/s ({entry['ours_jpeg']['share_of_synthetic']:.0%} of "
-                    f"synthetic, {entry['ours_jpeg']['data_wait_share']:.0%} waiting for data)"
-                    + (f"; decoded on the GPU {entry['ours_jpeg_decode_on_device']['images_per_s']:.0f} img/s "
-                       f"({entry['ours_jpeg_decode_on_device']['data_wait_share']:.0%} waiting)" if gpu_decode else "")
-                    + " |")
-        rows.append(f"| extract {name} | {ext['eager_fp32']:.0f} | {ext['ours']:.0f} | {ext['ours'] / ext['eager_fp32']:.2f}× | |")
-    flyp = {p: flyp_rate(device, fast, steps) for p, fast in (("eager_fp32", False), ("ours", True))}
-    report["flyp"] = flyp
-    rows.append(f"| FLYP pairs/s | {flyp['eager_fp32']:.0f} | {flyp['ours']:.0f} | {flyp['ours'] / flyp['eager_fp32']:.2f}× | |")
+    print(f"device: {report['device']}, torch {report['torch']}, {steps} timed steps per cell\n")
+    print("| measurement | eager fp32 (reference-style) | ours | ratio | notes |\n|---|---|---|---|---|", flush=True)
+
+    def emit(*rows):  # each section's rows and the JSON as soon as it is measured: a time-out keeps what was done
+        print("\n".join(rows), flush=True)
+        common.write_text_atomic(args.out, json.dumps(report, indent=1) + "\n")
+
+    (first, spec), *rest = models(device).items()  # the first model, FLYP and LP before the second model
+    for name, (build, res, batch) in [(first, spec)]:
+        report["train"][name], report["extract"][name], rows = train_rows(name, build, res, batch, device, steps, peak)
+        emit(*rows)
+    report["flyp"] = flyp = {p: flyp_rate(device, fast, steps) for p, fast in (("eager_fp32", False), ("ours", True))}
+    emit(f"| FLYP pairs/s | {flyp['eager_fp32']:.0f} | {flyp['ours']:.0f} | {flyp['ours'] / flyp['eager_fp32']:.2f}× | |")
     shape = (20_000, 512, 20, 20) if device.type == "cuda" else (4_000, 128, 10, 20)
     report["lp_sweep"] = lp = lp_sweep(device, *shape)
-    rows.append(f"| LP sweep {lp['features'][0]}×{lp['features'][1]}, {lp['c_values']} C (s) | sklearn "
-                f"{lp['sklearn_s']:.1f} | ours {lp['ours_s']:.1f} | {lp['speedup']:.1f}× | test acc at the C chosen on val: "
-                f"{lp['test_acc_ours']:.2f} vs {lp['test_acc_sklearn']:.2f} (gap {lp['acc_gap']:.2f}) |")
-    print(f"device: {report['device']}, torch {report['torch']}, {steps} timed steps per cell\n")
-    print("| measurement | eager fp32 (reference-style) | ours | ratio | notes |\n|---|---|---|---|---|")
-    print("\n".join(rows))
-    common.write_text_atomic(args.out, json.dumps(report, indent=1) + "\n")
+    emit(f"| LP sweep {lp['features'][0]}×{lp['features'][1]}, {lp['c_values']} C (s) | sklearn "
+         f"{lp['sklearn_s']:.1f} | ours {lp['ours_s']:.1f} | {lp['speedup']:.1f}× | test acc at the C chosen on val: "
+         f"{lp['test_acc_ours']:.2f} vs {lp['test_acc_sklearn']:.2f} (gap {lp['acc_gap']:.2f}) |")
+    for name, (build, res, batch) in rest:
+        report["train"][name], report["extract"][name], rows = train_rows(name, build, res, batch, device, steps, peak)
+        emit(*rows)
     print(f"\nwrote {args.out}")
 
 
