@@ -267,7 +267,10 @@ def load_open_clip(name, weights=None):
 def _is_torchscript(path):
     import zipfile
 
-    return zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist())
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("/constants.pkl") for n in archive.namelist())
 
 
 def load_backbone(name, weights=None, log=print):
