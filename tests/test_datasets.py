@@ -124,6 +124,7 @@ def test_registry_lists_every_documented_dataset():
     doc = (ROOT / DOCS).read_text()
     for name in NAMES:
         assert f"| `{name}` |" in doc, name
+        assert f'<a id="{name}"></a>' in doc, f"the errors link to docs/datasets.md#{name}: no such anchor"
 
 
 def test_holdout_is_stratified_and_fixed():
@@ -715,7 +716,8 @@ def run_method(module_name, dataset, root, out, *extra):
 @pytest.mark.parametrize("module_name,name,extra,keys", [
     ("lpft", "living17", ["--epochs", "1", "--batch-size", "8", "--num-c", "2", "--max-iter", "10"],
      ["acc/ood_target"]),
-    ("lp", "cifar10", ["--num-c", "2", "--max-iter", "10"], ["acc/ood_stl10", "acc/ood_cifar10.1"]),
+    ("lpft", "cifar10", ["--epochs", "1", "--batch-size", "8", "--num-c", "2", "--max-iter", "10"],
+     ["acc/ood_stl10", "acc/ood_cifar10.1"]),
     ("ft", "folder", ["--epochs", "1", "--batch-size", "8"], ["acc/ood_sketches", "acc/ood_night"]),
     ("flyp", "fmow", ["--epochs", "1", "--batch-size", "4", "--warmup", "1"],
      ["worst_region_acc/ood_test", "worst_region_acc/ood_avg"]),
