@@ -678,6 +678,23 @@ def parse_args(cls, argv=None, description=None):
     return cls(**vars(parser.parse_args(argv)))
 
 
+def recipe(args, defaults):
+    """A dataset's recipe (a method file's RECIPES entry) with every flag the user set in its place."""
+    return {k: v if getattr(args, k) is None else getattr(args, k) for k, v in defaults.items()}
+
+
+def describe(dataset, results, log, recipe=None):
+    """Say what the run trains and is scored on, and put it in every results line: split sizes, where a held-out
+    split comes from (benchmarks without an ID validation split), the data root, the recipe actually used."""
+    sizes = {"id_train": len(dataset.train), **{k: len(v) for k, v in eval_splits(dataset).items()}}
+    results.header.update(data={"name": dataset.name, "backbone": dataset.backbone, "sizes": sizes, **dataset.info},
+                          recipe=recipe)
+    held = [f"{k}: {v}" for k, v in dataset.info.items() if k in ("val", "test")]
+    log(f"{dataset.name} with {dataset.backbone}: " + ", ".join(f"{k} {n:,}" for k, n in sizes.items())
+        + (f" ({'; '.join(held)})" if held else "")
+        + (" | recipe: " + ", ".join(f"{k} {v}" for k, v in recipe.items()) if recipe else ""))
+
+
 def setup(args, method):
     """Seed, device (deterministic algorithms on CPU), the results writer and a log function."""
     seed_everything(args.seed)

@@ -123,7 +123,8 @@ def set_train_mode(model):
 def main(args):
     device, results, log = common.setup(args, "flyp")
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
-    recipe = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in RECIPES[dataset.name].items()}
+    recipe = common.recipe(args, RECIPES[dataset.name])  # flags override the dataset's recipe
+    common.describe(dataset, results, log, recipe)
     backbone = common.require_clip(common.load_backbone(dataset.backbone, args.weights, log=log), "FLYP")
     model = common.to_device(backbone.clip, device)  # the whole CLIP trains
     ref = common.split_features(model.visual, dataset, device, args.precision, backbone=backbone)  # distortion origin

@@ -104,7 +104,8 @@ def main(args):
     if data.rank_and_world()[1] > 1:  # full-batch steps on a few dozen images: nothing to spread over processes
         raise SystemExit("error: flyp_fewshot.py runs in one process; start it with python, not torchrun")
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
-    recipe = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in RECIPES[dataset.name].items()}
+    recipe = common.recipe(args, RECIPES[dataset.name])  # flags override the dataset's recipe
+    common.describe(dataset, results, log, recipe)
     backbone = common.require_clip(common.load_backbone(dataset.backbone, args.weights, log=log), "FLYP")
     model = common.to_device(backbone.clip, device)
     pretrained = copy.deepcopy(model.state_dict())  # every draw starts from the zero-shot model

@@ -99,7 +99,8 @@ def set_train_mode(model):
 def main(args):
     device, results, log = common.setup(args, "ft")
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
-    recipe = {k: getattr(args, k) or v for k, v in RECIPES[dataset.name].items()}  # flags override the recipe
+    recipe = common.recipe(args, RECIPES[dataset.name])  # flags override the dataset's recipe
+    common.describe(dataset, results, log, recipe)
     epochs, lr, batch_size = recipe["epochs"], recipe["lr"], recipe["batch_size"]
     backbone = common.load_backbone(dataset.backbone, args.weights, log=log)
     encoder = common.to_device(backbone.encoder, device)

@@ -87,6 +87,7 @@ def logreg_objective(x, y, w, b, c):
 def main(args):
     device, results, log = common.setup(args, "lp")
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
+    common.describe(dataset, results, log)
     backbone = common.load_backbone(dataset.backbone, args.weights, log=log)
     encoder = common.maybe_compile(common.to_device(backbone.encoder, device), args.compile, device)
 

@@ -102,6 +102,7 @@ def main(args):
     ckpt = load_checkpoint(path, args.dataset)
     device, results, log = common.setup(args, f"wiseft-{ckpt['method']}")
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=ckpt["args"]["backbone"])
+    common.describe(dataset, results, log)
     # The zero-shot endpoint is the pretrained backbone the checkpoint was fine-tuned from.
     backbone = common.load_backbone(dataset.backbone, ckpt["args"]["weights"], log=log)
     model, encoder, theta0, theta1, classifier = endpoints(ckpt, backbone, dataset, device, args.precision)

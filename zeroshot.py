@@ -40,6 +40,7 @@ class Args:
 def main(args):
     device, results, log = common.setup(args, "zeroshot")
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
+    common.describe(dataset, results, log)
     backbone = common.require_clip(common.load_backbone(dataset.backbone, args.weights, log=log),
                                    "zero-shot classification")
     clip = common.to_device(backbone.clip, device)

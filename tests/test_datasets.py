@@ -710,6 +710,9 @@ def run_method(module_name, dataset, root, out, *extra):
     done = json.loads((Path(out) / "done").read_text())
     lines = [json.loads(line) for line in (Path(out) / "results.jsonl").read_text().splitlines()]
     assert lines and all(r["args"]["dataset"] == dataset for r in lines)
+    sizes = lines[0]["data"]["sizes"]  # what the run was trained and scored on, recorded with every line
+    scored = {k[4:] for k in done["metrics"] if k.startswith("acc/") and k != "acc/ood_avg"}
+    assert set(sizes) == {"id_train"} | scored and all(n > 0 for n in sizes.values()), (sizes, scored)
     return done["metrics"]
 
 

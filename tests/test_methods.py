@@ -30,7 +30,9 @@ def test_script_end_to_end(method, tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     done = json.loads((tmp_path / "done").read_text())
     assert lines and all(r["method"] == method and r["seed"] == 1 and r["args"]["dataset"] == "embedded-tiny" for r in lines)
-    assert {"commit", "versions", "device", "command"} <= set(lines[0])
+    assert {"commit", "versions", "device", "command", "data"} <= set(lines[0])
+    assert lines[0]["data"]["sizes"] == {"id_train": 200, "id_val": 100, "id_test": 100, "ood_sketch": 100,
+                                         "ood_painting": 100, "ood_neon": 100}  # WORLDS["embedded-tiny"]
     keys = {"acc/id_val", "acc/id_test", "acc/ood_sketch", "acc/ood_painting", "acc/ood_neon", "acc/ood_avg",
             "distortion/id_test", "distortion/ood_avg"}
     assert keys <= set(done["metrics"])
@@ -147,3 +149,12 @@ def test_every_method_has_a_recipe_for_every_dataset_and_docs_list_them():
         assert row in doc, row
         assert l2sp.RECIPES[name] == f and (lpft.RECIPES[name]["epochs"], lpft.RECIPES[name]["batch_size"]) == \
             (f["epochs"], f["batch_size"])
+
+
+def test_results_record_the_recipe_actually_used(tmp_path):
+    """Flags override the dataset's recipe, the rest comes from RECIPES; every results line records what was used."""
+    proc = run_script("ft", "--dataset", "embedded-tiny", "--out", str(tmp_path), "--epochs", "1", "--lr", "0.01")
+    lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    expected = {**ft.RECIPES["embedded-tiny"], "epochs": 1, "lr": 0.01}
+    assert all(r["recipe"] == expected for r in lines) and len(lines) == 2  # one epoch, then the selected one
+    assert "recipe: epochs 1, lr 0.01, batch_size 64" in proc.stdout
