@@ -508,3 +508,18 @@ def make_folder(root, val=True, test=True, ood=(("sketches", FOLDER_CLASSES), ("
         (root / "templates.txt").write_text("".join(f"{x}\n" for x in templates))
     t["templates"] = list(templates) if templates is not None else ["a photo of a {}."]
     return t
+
+
+MAKERS = {"living17": make_breeds, "entity30": make_breeds, "cifar10": make_cifar10, "imagenet": make_imagenet,
+          "domainnet": make_domainnet, "fmow": make_fmow, "iwildcam": make_iwildcam, "pcam": make_pcam,
+          "sst2": make_sst2, "folder": make_folder}
+
+if __name__ == "__main__":  # a miniature to try a dataset's whole path on before the real one is on disk
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] not in MAKERS:
+        raise SystemExit(f"usage: python tests/miniatures.py DATASET DIR   (DATASET: {', '.join(MAKERS)})")
+    name, out = sys.argv[1], Path(sys.argv[2])
+    MAKERS[name](out)
+    print(f"wrote a miniature {name} under {out}; try:\n  python lpft.py --dataset {name} --data-root {out} "
+          f"--backbone embedded-clip-tiny --epochs 1 --batch-size 4")
