@@ -776,3 +776,16 @@ def test_decoding_on_the_device_matches_the_worker_path(tmp_path, monkeypatch):
     (x, y), = list(device.train.batches(len(device.train), shuffle=True, drop_last=True,
                                         generator=torch.Generator().manual_seed(0)))
     assert x.shape == (len(device.train), 3, 32, 32) and x.dtype == torch.float32
+
+
+def test_miniature_command_writes_a_layout_the_loader_reads(tmp_path):
+    """`python tests/miniatures.py NAME DIR` (docs/datasets.md) writes what `--data-root DIR` loads."""
+    import subprocess
+
+    script = ROOT / "tests" / "miniatures.py"
+    proc = subprocess.run([sys.executable, str(script), "sst2", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--dataset sst2" in proc.stdout, proc.stderr
+    loaded = data.load_dataset("sst2", data_root=str(tmp_path), backbone=BACKBONE)
+    assert len(loaded.train) and len(loaded.val) and len(loaded.test)
+    proc = subprocess.run([sys.executable, str(script), "mnist", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode != 0 and "living17" in proc.stderr
