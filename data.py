@@ -335,8 +335,10 @@ def collate_bytes(samples):
 
 
 def num_workers():
-    """Data-loading processes: RFT_WORKERS, else one per CPU core up to 16."""
-    return int(os.environ.get("RFT_WORKERS", min(16, os.cpu_count() or 1)))
+    """Data-loading processes per training process: RFT_WORKERS, else an equal share of the CPU cores among the
+    processes torchrun starts on this machine (LOCAL_WORLD_SIZE), up to 16 each."""
+    share = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return int(os.environ.get("RFT_WORKERS", min(16, max(1, share))))
 
 
 def read_image(path):

@@ -100,3 +100,16 @@ def test_training_batch_that_does_not_split_over_the_processes_is_an_error(monke
     """Unequal shares would weigh the ranks' mean losses unequally under DDP's gradient average."""
     with pytest.raises(SystemExit, match="does not split evenly over 3 processes"):
         shares_of(monkeypatch, 3, 50, 8, drop_last=True)
+
+
+def test_loader_workers_share_the_cores_among_the_local_processes(monkeypatch):
+    monkeypatch.delenv("RFT_WORKERS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert data.num_workers() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "128")
+    assert data.num_workers() == 1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert data.num_workers() == 16
+    monkeypatch.setenv("RFT_WORKERS", "3")
+    assert data.num_workers() == 3
