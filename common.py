@@ -248,7 +248,7 @@ def load_open_clip(name, weights=None):
     # huggingface_hub reads HF_HUB_OFFLINE once, when open_clip imports it, so setting the variable here would be too
     # late (a tag missing from the cache then retries the network for ~45 s); its constant is read at each request.
     huggingface_hub.constants.HF_HUB_OFFLINE = True
-    if weights and open_clip.get_pretrained_cfg(arch, str(weights)):
+    if is_hub_tag(name, weights):
         try:
             return open_clip.create_model(arch, pretrained=weights)
         except Exception as e:
@@ -280,20 +280,33 @@ def load_backbone(name, weights=None, log=print):
 
     name: one of BACKBONES. weights: a file path, or an open_clip pretrained tag such as 'openai'.
     """
+    check_backbone(name, weights)
     if name in EMBEDDED_BACKBONES:
         clip = load_embedded_clip(name, log=log)
         return Backbone(clip.visual, clip, clip.tokenizer, key=str(embedded_cache_path(EMBEDDED_BACKBONES[name])))
     if name in OPEN_CLIP_MODELS:
         clip = load_open_clip(name, weights)
         return Backbone(clip.visual, clip, open_clip.get_tokenizer(OPEN_CLIP_MODELS[name]), key=weights_key(name, weights))
-    if name in WEIGHTS:
-        return Backbone(load_resnet50(name, weights_file(name, weights)), key=weights_key(name, weights))
-    raise SystemExit(f"error: unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
+    return Backbone(load_resnet50(name, weights_file(name, weights)), key=weights_key(name, weights))
+
+
+def is_hub_tag(name, weights):
+    """Whether `weights` names one of open_clip's pretrained tags for backbone `name` (such as 'openai'), not a file."""
+    return bool(name in OPEN_CLIP_MODELS and weights and open_clip.get_pretrained_cfg(OPEN_CLIP_MODELS[name], str(weights)))
+
+
+def check_backbone(name, weights=None):
+    """Fail now, before a dataset scan that takes minutes on ImageNet, if backbone `name` is unknown or its weights
+    file is missing (load_backbone later checks what the file holds)."""
+    if name not in BACKBONES:
+        raise SystemExit(f"error: unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
+    if name in WEIGHTS and not is_hub_tag(name, weights):
+        weights_file(name, weights)
 
 
 def weights_key(name, weights):
     """A backbone's identity for the feature cache: its weights file (path, size, modification time) or hub tag."""
-    if name in OPEN_CLIP_MODELS and weights and open_clip.get_pretrained_cfg(OPEN_CLIP_MODELS[name], weights):
+    if is_hub_tag(name, weights):
         return f"{name}:{weights}"
     path = weights_file(name, weights).resolve()
     return f"{name}:{path}:{path.stat().st_size}:{path.stat().st_mtime_ns}"
@@ -696,7 +709,9 @@ def describe(dataset, results, log, recipe=None):
 
 
 def setup(args, method):
-    """Seed, device (deterministic algorithms on CPU), the results writer and a log function."""
+    """Check the backbone and its weights file; seed, device (deterministic algorithms on CPU), the results writer
+    and a log function."""
+    check_backbone(args.backbone or data.default_backbone(args.dataset), args.weights)
     seed_everything(args.seed)
     device = init_distributed(get_device(args.device))
     if device.type == "cpu":

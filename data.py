@@ -433,7 +433,7 @@ def embedded_world(name="embedded", seed=0, backbone=None):
     Validation and test images come from fixed seeds so that every run is scored on the same images.
     The seeds are disjoint from the pretraining corpus's seeds (see common.EMBEDDED_BACKBONES).
     """
-    cfg, default_backbone = WORLDS[name]
+    cfg = WORLDS[name][0]
     id_dom = DOMAINS.index(cfg.id_domain)
 
     def split(n, s, doms):
@@ -443,7 +443,7 @@ def embedded_world(name="embedded", seed=0, backbone=None):
     ood = {d: split(cfg.n_test, 10_000 + k, [k]) for k, d in enumerate(DOMAINS) if k != id_dom}
     return Dataset(name=name, train=split(cfg.n_train, 1_000 + seed, [id_dom]), val=split(cfg.n_val, 2_000, [id_dom]),
                    test=split(cfg.n_test, 3_000, [id_dom]), ood=ood, classnames=list(SHAPES),
-                   templates=list(EMBEDDED_TEMPLATES), backbone=backbone or default_backbone,
+                   templates=list(EMBEDDED_TEMPLATES), backbone=backbone or WORLDS[name][1],
                    info={"id_domain": cfg.id_domain})
 
 
@@ -830,20 +830,25 @@ REAL = {
 DATASETS = sorted(WORLDS) + sorted(REAL)
 
 
+def default_backbone(name):
+    """The backbone dataset `name` runs with when --backbone is not given (its paper's)."""
+    if name not in WORLDS and name not in REAL:
+        raise SystemExit(f"error: unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    return (WORLDS.get(name) or REAL[name])[1]
+
+
 def load_dataset(name, seed=0, data_root=None, backbone=None):
     """Build dataset `name` (see DATASETS) for `backbone` (default: the dataset's), whose preprocessing the real
     datasets apply. Real data lives under `data_root` or $RFT_DATA (for 'folder': the folder itself)."""
+    backbone = backbone or default_backbone(name)
     if name in WORLDS:
         return embedded_world(name, seed, backbone)
-    if name not in REAL:
-        raise SystemExit(f"error: unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
-    loader, default_backbone = REAL[name]
+    loader = REAL[name][0]
     root = data_root or os.environ.get("RFT_DATA")
     if not root:
         fail(name, "no data root: pass --data-root DIR or set RFT_DATA")
     if not os.path.isdir(root):
         fail(name, f"data root {root} is not a folder")
-    backbone = backbone or default_backbone
     parts = loader(name, Path(root), preprocessing(backbone))
     parts["info"] = {**parts.get("info", {}), "root": str(Path(root).resolve())}  # where the data came from
     return Dataset(name=name, backbone=backbone, **parts)

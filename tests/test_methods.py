@@ -1,4 +1,5 @@
 """Each method script end to end on the tiny embedded world, and the method invariants."""
+import importlib
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import common
+import data
 import ft
 import lp
 import lpft
@@ -51,6 +53,16 @@ def test_script_end_to_end(method, tmp_path):
 def test_bad_arguments_exit_with_a_clear_message(argv, expected):
     proc = run_script("lpft", *argv, check=False)
     assert proc.returncode != 0 and expected in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("method", METHODS + ["flyp_fewshot"])
+def test_a_missing_weights_file_stops_the_run_before_the_dataset_is_read(method, tmp_path, monkeypatch):
+    module = importlib.import_module(method)  # reading ImageNet's folders alone takes minutes: fail before that
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("the dataset was read first"))
+    with pytest.raises(SystemExit, match="clip-vit-b16 needs --weights"):
+        module.main(module.Args(dataset="imagenet", data_root=str(tmp_path), out=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
 
 
 def test_same_seed_same_result(tmp_path):
