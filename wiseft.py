@@ -28,9 +28,10 @@ class Args:
     data_root: str = None
     """folder holding the real datasets (else $RFT_DATA; layouts: docs/datasets.md); unused by the embedded world"""
     backbone: str = None
-    """pretrained backbone (see common.BACKBONES); default: the dataset's"""
+    """pretrained backbone (see common.BACKBONES); default and only choice: the checkpoint's"""
     weights: str = None
-    """local weights file (or open_clip pretrained tag) for real backbones"""
+    """local weights file (or open_clip pretrained tag) for real backbones; default: the checkpoint's (pass it when
+    that file has moved)"""
     seed: int = 0
     """seed of the ID training draw and of every random choice"""
     device: str = "auto"
@@ -97,14 +98,25 @@ def load_checkpoint(path, dataset):
     return ckpt
 
 
+def endpoint_backbone(args, ckpt, path):
+    """The checkpoint's backbone (another one has other weights: nothing to interpolate with) and its weights file,
+    unless --weights points to where that file is now."""
+    trained = data.default_backbone(args.dataset) if ckpt["args"]["backbone"] is None else ckpt["args"]["backbone"]
+    if args.backbone not in (None, trained):
+        raise SystemExit(f"error: {path!r} was fine-tuned from {trained}, not {args.backbone}; drop --backbone (WiSE-FT "
+                         "interpolates a checkpoint with the backbone it started from)")
+    return trained, args.weights or ckpt["args"]["weights"]
+
+
 def main(args):
     path = args.checkpoint or str(Path("runs", "flyp", args.dataset, f"seed{args.seed}", "model.pt"))
     ckpt = load_checkpoint(path, args.dataset)
-    device, results, log = common.setup(args, f"wiseft-{ckpt['method']}")
-    dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=ckpt["args"]["backbone"])
-    common.describe(dataset, results, log)
     # The zero-shot endpoint is the pretrained backbone the checkpoint was fine-tuned from.
-    backbone = common.load_backbone(dataset.backbone, ckpt["args"]["weights"], log=log)
+    args.backbone, args.weights = endpoint_backbone(args, ckpt, path)
+    device, results, log = common.setup(args, f"wiseft-{ckpt['method']}")
+    dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
+    common.describe(dataset, results, log)
+    backbone = common.load_backbone(dataset.backbone, args.weights, log=log)
     model, encoder, theta0, theta1, classifier = endpoints(ckpt, backbone, dataset, device, args.precision)
     encode = common.maybe_compile(encoder, args.compile, device)
     ref = common.split_features(encode, dataset, device, args.precision)  # pretrained features: distortion origin

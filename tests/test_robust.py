@@ -121,6 +121,19 @@ def test_wiseft_bad_checkpoint_gives_a_clear_error(tmp_path, content, expected):
         wiseft.main(wiseft.Args(dataset="embedded-tiny", checkpoint=str(path), out=str(tmp_path / "out")))
 
 
+def test_wiseft_takes_the_checkpoints_backbone_and_weights_unless_the_file_moved(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"method": "flyp", "state_dict": {}, "args": {"dataset": "embedded-tiny", "backbone": "clip-vit-b16",
+                                                             "weights": str(tmp_path / "then" / "ViT-B-16.pt")}}, path)
+    run = lambda **kw: wiseft.main(wiseft.Args(dataset="embedded-tiny", checkpoint=str(path), out=str(tmp_path / "o"), **kw))
+    with pytest.raises(SystemExit, match=f"weights file {tmp_path / 'then' / 'ViT-B-16.pt'} not found"):
+        run()
+    with pytest.raises(SystemExit, match=f"weights file {tmp_path / 'now.pt'} not found"):
+        run(weights=str(tmp_path / "now.pt"))  # --weights says where the file is now
+    with pytest.raises(SystemExit, match="fine-tuned from clip-vit-b16, not clip-rn50"):
+        run(backbone="clip-rn50")
+
+
 def test_clip_only_methods_refuse_a_backbone_without_text_tower():
     with pytest.raises(SystemExit, match="needs a CLIP backbone"):
         common.require_clip(common.Backbone(encoder=torch.nn.Identity()), "FLYP")
