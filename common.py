@@ -170,6 +170,7 @@ WEIGHTS = {  # name -> (official file, where to download it, what it holds); the
                  "torchvision's ResNet-50 state dict (conv1.weight ... fc.bias)"),
 }
 BACKBONES = sorted(EMBEDDED_BACKBONES) + sorted(WEIGHTS)
+CLIP_BACKBONES = sorted(EMBEDDED_BACKBONES) + sorted(OPEN_CLIP_MODELS)  # the ones with a text tower
 
 
 def weights_dir():
@@ -295,11 +296,14 @@ def is_hub_tag(name, weights):
     return bool(name in OPEN_CLIP_MODELS and weights and open_clip.get_pretrained_cfg(OPEN_CLIP_MODELS[name], str(weights)))
 
 
-def check_backbone(name, weights=None):
-    """Fail now, before a dataset scan that takes minutes on ImageNet, if backbone `name` is unknown or its weights
-    file is missing (load_backbone later checks what the file holds)."""
+def check_backbone(name, weights=None, clip_for=None):
+    """Fail now, before a dataset scan that takes minutes on ImageNet, if backbone `name` is unknown, its weights
+    file is missing (load_backbone later checks what the file holds) or, when `clip_for` names what needs a text
+    tower, it has none."""
     if name not in BACKBONES:
         raise SystemExit(f"error: unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
+    if clip_for and name not in CLIP_BACKBONES:
+        not_clip(clip_for, name)
     if name in WEIGHTS and not is_hub_tag(name, weights):
         weights_file(name, weights)
 
@@ -401,9 +405,13 @@ def zeroshot_head(clip, tokenizer, classnames, templates, device, precision="aut
 def require_clip(backbone, what):
     """The backbone, if it is a CLIP model (it has a text tower); otherwise a clear error."""
     if backbone.clip is None:
-        raise SystemExit(f"error: {what} needs a CLIP backbone (a text tower to embed class names); choose one of: "
-                         f"{', '.join(sorted(EMBEDDED_BACKBONES) + sorted(OPEN_CLIP_MODELS))}")
+        not_clip(what, backbone.key.split(":")[0] if backbone.key else "this backbone")
     return backbone
+
+
+def not_clip(what, name):
+    raise SystemExit(f"error: {what} needs a CLIP backbone (a text tower to embed class names), and {name} has none; "
+                     f"pass --backbone with one of: {', '.join(CLIP_BACKBONES)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -708,10 +716,10 @@ def describe(dataset, results, log, recipe=None):
         + (" | recipe: " + ", ".join(f"{k} {v}" for k, v in recipe.items()) if recipe else ""))
 
 
-def setup(args, method):
-    """Check the backbone and its weights file; seed, device (deterministic algorithms on CPU), the results writer
-    and a log function."""
-    check_backbone(args.backbone or data.default_backbone(args.dataset), args.weights)
+def setup(args, method, clip_for=None):
+    """Check the backbone and its weights file (and that it is a CLIP model, if `clip_for` names what needs one);
+    seed, device (deterministic algorithms on CPU), the results writer and a log function."""
+    check_backbone(args.backbone or data.default_backbone(args.dataset), args.weights, clip_for)
     seed_everything(args.seed)
     device = init_distributed(get_device(args.device))
     if device.type == "cpu":

@@ -121,11 +121,11 @@ def set_train_mode(model):
 
 
 def main(args):
-    device, results, log = common.setup(args, "flyp")
+    device, results, log = common.setup(args, "flyp", clip_for="FLYP")
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
     recipe = common.recipe(args, RECIPES[dataset.name])  # flags override the dataset's recipe
     common.describe(dataset, results, log, recipe)
-    backbone = common.require_clip(common.load_backbone(dataset.backbone, args.weights, log=log), "FLYP")
+    backbone = common.load_backbone(dataset.backbone, args.weights, log=log)
     model = common.to_device(backbone.clip, device)  # the whole CLIP trains
     ref = common.split_features(model.visual, dataset, device, args.precision, backbone=backbone)  # distortion origin
 

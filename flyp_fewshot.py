@@ -100,13 +100,13 @@ def set_train_mode(model):
 
 
 def main(args):
-    device, results, log = common.setup(args, "flyp-fewshot")
+    device, results, log = common.setup(args, "flyp-fewshot", clip_for="FLYP")
     if data.rank_and_world()[1] > 1:  # full-batch steps on a few dozen images: nothing to spread over processes
         raise SystemExit("error: flyp_fewshot.py runs in one process; start it with python, not torchrun")
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
     recipe = common.recipe(args, RECIPES[dataset.name])  # flags override the dataset's recipe
     common.describe(dataset, results, log, recipe)
-    backbone = common.require_clip(common.load_backbone(dataset.backbone, args.weights, log=log), "FLYP")
+    backbone = common.load_backbone(dataset.backbone, args.weights, log=log)
     model = common.to_device(backbone.clip, device)
     pretrained = copy.deepcopy(model.state_dict())  # every draw starts from the zero-shot model
     ref = common.split_features(model.visual, dataset, device, args.precision, backbone=backbone)  # distortion origin

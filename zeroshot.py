@@ -38,11 +38,10 @@ class Args:
 
 
 def main(args):
-    device, results, log = common.setup(args, "zeroshot")
+    device, results, log = common.setup(args, "zeroshot", clip_for="zero-shot classification")
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
     common.describe(dataset, results, log)
-    backbone = common.require_clip(common.load_backbone(dataset.backbone, args.weights, log=log),
-                                   "zero-shot classification")
+    backbone = common.load_backbone(dataset.backbone, args.weights, log=log)
     clip = common.to_device(backbone.clip, device)
     encoder = common.maybe_compile(clip.visual, args.compile, device)
 

@@ -1,4 +1,5 @@
 """FLYP, L2-SP, zero-shot and WiSE-FT: the method invariants, on hand-computed values and the tiny embedded world."""
+import importlib
 import json
 import math
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 import common
+import data
 import flyp
 import ft
 import l2sp
@@ -137,6 +139,15 @@ def test_wiseft_takes_the_checkpoints_backbone_and_weights_unless_the_file_moved
 def test_clip_only_methods_refuse_a_backbone_without_text_tower():
     with pytest.raises(SystemExit, match="needs a CLIP backbone"):
         common.require_clip(common.Backbone(encoder=torch.nn.Identity()), "FLYP")
+
+
+@pytest.mark.parametrize("method,what", [("flyp", "FLYP"), ("flyp_fewshot", "FLYP"), ("zeroshot", "zero-shot")])
+def test_clip_only_methods_refuse_living17s_default_resnet_before_reading_the_dataset(method, what, tmp_path,
+                                                                                     monkeypatch):
+    module = importlib.import_module(method)
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("the dataset was read first"))
+    with pytest.raises(SystemExit, match=f"{what}.* needs a CLIP backbone .*moco-v2-rn50 has none; pass --backbone"):
+        module.main(module.Args(dataset="living17", data_root=str(tmp_path), out=str(tmp_path / "out")))
 
 
 def test_fewshot_keeps_the_step_with_the_lowest_validation_loss_zeroshot_start_included(tmp_path):
