@@ -520,6 +520,21 @@ def test_pcam_splits_and_labels(minis):
     assert test == truth["test"] and all(upright)
 
 
+@needs_h5py
+def test_pcam_reads_what_torchvision_reads(minis):
+    import torchvision
+
+    root, _ = minis.build("pcam")
+    ds = minis.load("pcam")
+    for split, part in ((ds.train, "train"), (ds.val, "val"), (ds.test, "test")):
+        theirs = torchvision.datasets.PCAM(str(root), split=part)
+        assert len(split) == len(theirs) > 0
+        for i in range(len(theirs)):
+            image, label = theirs[i]
+            assert np.array_equal(np.asarray(split.read(split.items[i])), np.asarray(image))
+            assert split.labels[i].item() == label
+
+
 def test_sst2_splits_and_labels(minis, monkeypatch):
     root, truth = minis.build("sst2")
     ds = minis.load("sst2")
