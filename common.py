@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import random
 import subprocess
@@ -417,18 +418,25 @@ def not_clip(what, name):
 # ---------------------------------------------------------------------------------------------------------------
 # Device, precision, compile
 # ---------------------------------------------------------------------------------------------------------------
+CHOICES = {"precision": ("auto", "bf16", "fp32"), "compile": ("auto", "on", "off")}
+
+
 def get_device(name="auto"):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: unknown --device {name!r}; choose auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {name} requested but no CUDA device is available; use --device cpu")
-    return torch.device(name)
+    return device
 
 
 def autocast(device, precision="auto"):
     """The one precision context: bf16 autocast on CUDA by default, full fp32 on CPU ('auto' | 'bf16' | 'fp32')."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise SystemExit(f"error: unknown precision {precision!r}; choose auto, bf16 or fp32")
+    if precision not in CHOICES["precision"]:
+        raise SystemExit(f"error: unknown precision {precision!r}; choose {', '.join(CHOICES['precision'])}")
     if precision == "fp32" or (precision == "auto" and torch.device(device).type != "cuda"):
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
@@ -699,6 +707,29 @@ def parse_args(cls, argv=None, description=None):
     return cls(**vars(parser.parse_args(argv)))
 
 
+COUNTS = ("epochs", "batch_size", "num_c", "max_iter", "shots", "steps", "draws")  # at least 1
+POSITIVE = ("c_min", "c_max", "alpha_step")  # above 0; every other number of an Args may be 0, none negative
+
+
+def check_args(args):
+    """Refuse an impossible option before anything runs, naming the flag and what it takes (a zero batch size
+    would otherwise surface as a ZeroDivisionError minutes later, --compile maybe as silence)."""
+    for f in dataclasses.fields(args):
+        value, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
+        if f.name in CHOICES and value not in CHOICES[f.name]:
+            raise SystemExit(f"error: {flag} {value!r}: choose {', '.join(CHOICES[f.name])}")
+        if value is None or isinstance(value, (bool, str)):
+            continue
+        if f.name in COUNTS:
+            ok, what = value >= 1, "at least 1"
+        elif f.name in POSITIVE:
+            ok, what = value > 0, "above 0"
+        else:
+            ok, what = value >= 0, "0 or more"
+        if not ok or not math.isfinite(value):
+            raise SystemExit(f"error: {flag} {value}: must be {what}")
+
+
 def recipe(args, defaults):
     """A dataset's recipe (a method file's RECIPES entry) with every flag the user set in its place."""
     return {k: v if getattr(args, k) is None else getattr(args, k) for k, v in defaults.items()}
@@ -717,8 +748,9 @@ def describe(dataset, results, log, recipe=None):
 
 
 def setup(args, method, clip_for=None):
-    """Check the backbone and its weights file (and that it is a CLIP model, if `clip_for` names what needs one);
-    seed, device (deterministic algorithms on CPU), the results writer and a log function."""
+    """Check the options, the backbone and its weights file (and that it is a CLIP model, if `clip_for` names what
+    needs one); seed, device (deterministic algorithms on CPU), the results writer and a log function."""
+    check_args(args)
     check_backbone(args.backbone or data.default_backbone(args.dataset), args.weights, clip_for)
     seed_everything(args.seed)
     device = init_distributed(get_device(args.device))

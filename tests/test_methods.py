@@ -65,6 +65,26 @@ def test_a_missing_weights_file_stops_the_run_before_the_dataset_is_read(method,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("method,option,expected", [
+    ("lpft", {"epochs": 0}, "--epochs 0: must be at least 1"),
+    ("ft", {"batch_size": 0}, "--batch-size 0: must be at least 1"),
+    ("lp", {"num_c": 0}, "--num-c 0: must be at least 1"),
+    ("lp", {"c_min": 0.0}, "--c-min 0.0: must be above 0"),
+    ("l2sp", {"lr": -1.0}, "--lr -1.0: must be 0 or more"),
+    ("flyp", {"weight_decay": float("nan")}, "--weight-decay nan: must be 0 or more"),
+    ("zeroshot", {"seed": -1}, "--seed -1: must be 0 or more"),
+    ("flyp_fewshot", {"shots": 0}, "--shots 0: must be at least 1"),
+    ("ft", {"compile": "maybe"}, "--compile 'maybe': choose auto, on, off"),
+    ("ft", {"precision": "fp16"}, "--precision 'fp16': choose auto, bf16, fp32"),
+    ("ft", {"device": "tpu"}, "unknown --device 'tpu'"),
+])
+def test_impossible_options_stop_the_run_before_it_starts(method, option, expected, tmp_path):
+    module = importlib.import_module(method)
+    with pytest.raises(SystemExit) as e:
+        module.main(module.Args(dataset="embedded-tiny", out=str(tmp_path / "out"), **option))
+    assert expected in str(e.value) and not (tmp_path / "out").exists()
+
+
 def test_same_seed_same_result(tmp_path):
     a = ft.main(ft.Args(dataset="embedded-tiny", out=str(tmp_path / "a"), seed=3))
     b = ft.main(ft.Args(dataset="embedded-tiny", out=str(tmp_path / "b"), seed=3))
