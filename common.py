@@ -708,7 +708,7 @@ def parse_args(cls, argv=None, description=None):
 
 
 COUNTS = ("epochs", "batch_size", "num_c", "max_iter", "shots", "steps", "draws")  # at least 1
-POSITIVE = ("c_min", "c_max", "alpha_step")  # above 0; every other number of an Args may be 0, none negative
+POSITIVE = ("c_min", "c_max")  # above 0; every other number of an Args may be 0, none negative
 
 
 def check_args(args):

@@ -60,6 +60,18 @@ def interpolate(theta0, theta1, alpha):
             for k in theta1}
 
 
+def alpha_grid(step, report):
+    """0, step, ..., 1: the step must divide 1 so that both endpoints are evaluated, and the reported alpha must be on
+    the grid (no nearest-point rounding that would report another alpha than asked)."""
+    n = round(1 / step) if 0 < step <= 1 else 0
+    if n == 0 or abs(n * step - 1) > 1e-6:
+        raise SystemExit(f"error: --alpha-step {step} does not divide 1; use 1/n, such as 0.1, 0.125, 0.25 or 0.5")
+    alphas = [round(i / n, 6) for i in range(n + 1)]
+    if round(report, 6) not in alphas:
+        raise SystemExit(f"error: --report-alpha {report} is not on the grid 0, {alphas[1]}, ..., 1 of --alpha-step {step}")
+    return alphas
+
+
 def endpoints(ckpt, backbone, dataset, device, precision):
     """The model to evaluate, theta_zero-shot, theta_fine-tuned, and the function that builds its current head."""
     theta1 = ckpt["state_dict"]
@@ -111,6 +123,7 @@ def endpoint_backbone(args, ckpt, path):
 def main(args):
     path = args.checkpoint or str(Path("runs", "flyp", args.dataset, f"seed{args.seed}", "model.pt"))
     ckpt = load_checkpoint(path, args.dataset)
+    alphas = alpha_grid(args.alpha_step, args.report_alpha)
     # The zero-shot endpoint is the pretrained backbone the checkpoint was fine-tuned from.
     args.backbone, args.weights = endpoint_backbone(args, ckpt, path)
     device, results, log = common.setup(args, f"wiseft-{ckpt['method']}")
@@ -121,7 +134,6 @@ def main(args):
     encode = common.maybe_compile(encoder, args.compile, device)
     ref = common.split_features(encode, dataset, device, args.precision)  # pretrained features: distortion origin
 
-    alphas = [round(i * args.alpha_step, 6) for i in range(round(1 / args.alpha_step) + 1)]
     records = []
     for i, alpha in enumerate(common.progress(alphas, desc="alpha")):
         model.load_state_dict(interpolate(theta0, theta1, alpha))
@@ -131,7 +143,7 @@ def main(args):
         records.append(results.log(i, metrics, alpha=alpha, endpoint=path, endpoint_step=ckpt.get("step")))
         log(f"alpha {alpha:.2f} | {common.format_metrics(metrics)}")
 
-    reported = min(records, key=lambda r: abs(r["alpha"] - args.report_alpha))
+    reported = next(r for r in records if r["alpha"] == round(args.report_alpha, 6))
     results.done({"step": reported["step"], "alpha": reported["alpha"], "metrics": reported["metrics"]})
     return records
 

@@ -123,6 +123,14 @@ def test_wiseft_bad_checkpoint_gives_a_clear_error(tmp_path, content, expected):
         wiseft.main(wiseft.Args(dataset="embedded-tiny", checkpoint=str(path), out=str(tmp_path / "out")))
 
 
+@pytest.mark.parametrize("step,report,expected", [(0.3, 0.5, "does not divide 1"), (0.0, 0.5, "does not divide 1"),
+                                                  (2.0, 0.5, "does not divide 1"), (0.25, 0.6, "not on the grid")])
+def test_wiseft_refuses_an_alpha_grid_that_misses_an_endpoint_or_the_reported_alpha(step, report, expected):
+    with pytest.raises(SystemExit, match=expected):
+        wiseft.alpha_grid(step, report)
+    assert wiseft.alpha_grid(0.125, 0.5) == [i / 8 for i in range(9)] and wiseft.alpha_grid(1 / 3, 1.0)[-1] == 1.0
+
+
 def test_wiseft_takes_the_checkpoints_backbone_and_weights_unless_the_file_moved(tmp_path):
     path = tmp_path / "model.pt"
     torch.save({"method": "flyp", "state_dict": {}, "args": {"dataset": "embedded-tiny", "backbone": "clip-vit-b16",
