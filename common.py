@@ -418,7 +418,7 @@ def not_clip(what, name):
 # ---------------------------------------------------------------------------------------------------------------
 # Device, precision, compile
 # ---------------------------------------------------------------------------------------------------------------
-CHOICES = {"precision": ("auto", "bf16", "fp32"), "compile": ("auto", "on", "off")}
+CHOICES = {"precision": ("auto", "bf16", "fp32"), "compile": ("auto", "on", "off"), "head_init": ("random", "zeroshot")}
 
 
 def get_device(name="auto"):

@@ -97,7 +97,8 @@ def set_train_mode(model):
 
 
 def main(args):
-    device, results, log = common.setup(args, "ft")
+    needs_clip = "--head-init zeroshot" if args.head_init == "zeroshot" else None  # its head comes from a text tower
+    device, results, log = common.setup(args, "ft", clip_for=needs_clip)
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
     recipe = common.recipe(args, RECIPES[dataset.name])  # flags override the dataset's recipe
     common.describe(dataset, results, log, recipe)
