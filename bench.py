@@ -70,10 +70,11 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def train_rate(build, res, batch, device, fast, steps, batches=None):
+def train_rate(build, res, batch, device, fast, steps, batches=None, profile=None):
     """Images/s of a cross-entropy training step. fast = our path (channels-last, bf16 autocast and compile on CUDA,
     fused AdamW on CUDA); otherwise eager fp32 with a plain AdamW. `batches` = an iterator of real (x, y) batches;
-    None = one synthetic batch reused. Returns (images/s, share of time waiting for data)."""
+    None = one synthetic batch reused. `profile`: a file for the profile of a few more steps, after the timed ones.
+    Returns (images/s, share of time waiting for data)."""
     torch.manual_seed(0)
     model = build().to(device)
     if fast:
@@ -82,6 +83,14 @@ def train_rate(build, res, batch, device, fast, steps, batches=None):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fast and device.type == "cuda")
     x = torch.randn(batch, 3, res, res, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
+
+    def step(x, y):
+        with common.autocast(device, "auto" if fast else "fp32"):
+            loss = F.cross_entropy(step_model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
     waited, start = 0.0, None
     for i in range(steps + 3):  # 3 warm-up steps (compilation, allocator, cuDNN autotuning)
         if i == 3:
@@ -92,14 +101,26 @@ def train_rate(build, res, batch, device, fast, steps, batches=None):
             x, y = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             waited += time.perf_counter() - t
-        with common.autocast(device, "auto" if fast else "fp32"):
-            loss = F.cross_entropy(step_model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        step(x, y)
     sync(device)
     elapsed = time.perf_counter() - start
+    if profile:
+        write_profile(lambda: step(x, y), device, profile)
     return steps * batch / elapsed, waited / elapsed
+
+
+def write_profile(step, device, path, steps=5):
+    """torch.profiler's table of `steps` more steps of a warm (already compiled) model, the most self time on the
+    device first: where a step's time goes, for a target that is missed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    table = prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=30)
+    common.write_text_atomic(path, f"{steps} training steps of our path on {device}\n{table}\n")
 
 
 def flyp_rate(device, fast, steps):
@@ -223,13 +244,14 @@ def jpeg_batches(res, batch, device, on_device=False):
     return forever()
 
 
-def train_rows(name, build, res, batch, device, steps, peak):
-    """Section (a) and (e) for one model: eager fp32 vs ours on synthetic tensors, ours from JPEG files (decoded by
-    the workers, and on CUDA also by nvJPEG on the GPU); then section (c), feature extraction."""
+def train_rows(name, build, res, batch, device, steps, peak, profile=None):
+    """Section (a) and (e) for one model: eager fp32 vs ours on synthetic tensors (`profile`: a file for a profile of
+    ours), ours from JPEG files (decoded by the workers, and on CUDA also by nvJPEG on the GPU); then section (c),
+    feature extraction."""
     flops = 3 * forward_flops(build(), torch.randn(2, 3, res, res))  # training ~ 3x forward
     entry = {"resolution": res, "batch": batch, "train_gflops_per_image": flops / 1e9}
     for path, fast in (("eager_fp32", False), ("ours", True)):
-        rate, _ = train_rate(build, res, batch, device, fast, steps)
+        rate, _ = train_rate(build, res, batch, device, fast, steps, profile=profile if fast else None)
         entry[path] = {"images_per_s": rate, "mfu": rate * flops / peak if peak else None}
     gpu_decode = device.type == "cuda"  # nvJPEG; on a CPU it would only move decoding out of the workers
     for key, on_device in (("ours_jpeg", False), ("ours_jpeg_decode_on_device", True))[:2 if gpu_decode else 1]:
@@ -255,6 +277,8 @@ def main():
     parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default: 30 CUDA, 5 CPU)")
     parser.add_argument("--out", default="bench.json", help="JSON results file")
+    parser.add_argument("--profile", default=None, help="write a torch.profiler table of our training step of the "
+                                                        "first model (CUDA: ViT-B/16) to this file")
     args = parser.parse_args()
     device = common.get_device(args.device)
     steps = args.steps or (30 if device.type == "cuda" else 5)
@@ -269,12 +293,13 @@ def main():
         print("\n".join(rows), flush=True)
         common.write_text_atomic(args.out, json.dumps(report, indent=1) + "\n")
 
-    def measure(name, build, res, batch):
-        report["train"][name], report["extract"][name], rows = train_rows(name, build, res, batch, device, steps, peak)
+    def measure(name, build, res, batch, profile=None):
+        report["train"][name], report["extract"][name], rows = train_rows(name, build, res, batch, device, steps, peak,
+                                                                          profile)
         emit(*rows)
 
     (first, spec), *rest = models(device).items()  # the first model, FLYP and LP before the other model
-    measure(first, *spec)
+    measure(first, *spec, profile=args.profile)
     report["flyp"] = flyp = {p: flyp_rate(device, fast, steps) for p, fast in (("eager_fp32", False), ("ours", True))}
     emit(f"| FLYP pairs/s | {flyp['eager_fp32']:.0f} | {flyp['ours']:.0f} | {flyp['ours'] / flyp['eager_fp32']:.2f}× | |")
     shape = (20_000, 512, 20, 20) if device.type == "cuda" else (4_000, 128, 10, 20)

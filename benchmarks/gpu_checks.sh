@@ -2,7 +2,9 @@
 # Every GPU check of issue 5 in one script, for a session lent a GPU (DEVELOPERS.md, the device tool):
 #   (1) bench.py on CUDA: CLIP ViT-B/16 training ours vs eager fp32 (synthetic, then JPEG with worker and nvJPEG
 #       decoding), feature extraction, FLYP pairs/s, the LP sweep vs scikit-learn, then ResNet-50 (last: a time-out
-#       keeps every section already measured, bench.py writes its JSON after each);
+#       keeps every section already measured, bench.py writes its JSON after each); profile.txt: torch.profiler's
+#       table of five more ViT-B/16 steps of our path, the kernels with the most GPU time first (the "why" of a
+#       missed target, from the same call);
 #   (2) lp / ft / lpft / flyp on the tiny embedded world with the CUDA defaults (bf16 autocast + torch.compile), to
 #       check that the default path runs end to end (speed is bench.py's job);
 #   (3) ft.py on a folder of JPEGs with RFT_GPU_DECODE=1 (nvJPEG inside a real run).
@@ -32,7 +34,7 @@ export RFT_CACHE="$WORK/cache" PYTHONUNBUFFERED=1
 cat "$OUT/env.txt"
 
 # (1) The benchmark: its table goes to bench.txt, its JSON to bench.json.
-timeout 270 "$PY" bench.py --device cuda --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+timeout 270 "$PY" bench.py --device cuda --out "$OUT/bench.json" --profile "$OUT/profile.txt" 2>&1 | tee "$OUT/bench.txt"
 
 # (2) The method scripts with the CUDA defaults, timed; the last lines of each log go to methods.txt.
 "$PY" -c "import common; common.load_backbone('embedded-clip-tiny')" > "$WORK/pretrain.txt" 2>&1

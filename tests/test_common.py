@@ -117,8 +117,10 @@ def test_bench_cpu_writes_its_table_and_json(tmp_path):
     from conftest import ROOT
 
     proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--device", "cpu", "--steps", "1", "--out",
-                           str(tmp_path / "bench.json")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                           str(tmp_path / "bench.json"), "--profile", str(tmp_path / "profile.txt")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "aten::convolution_backward" in (tmp_path / "profile.txt").read_text()  # the embedded tower's step
     report = json.loads((tmp_path / "bench.json").read_text())
     assert "| LP sweep" in proc.stdout and set(report["train"]) == {"embedded-clip", "resnet18"}
     assert all(e["ours"]["images_per_s"] > 0 and e["eager_fp32"]["images_per_s"] > 0 for e in report["train"].values())
