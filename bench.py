@@ -105,7 +105,10 @@ def train_rate(build, res, batch, device, fast, steps, batches=None, profile=Non
     sync(device)
     elapsed = time.perf_counter() - start
     if profile:
-        write_profile(lambda: step(x, y), device, profile)
+        try:  # a profiler that fails (versions differ on a lent machine) must not cost the measurements
+            write_profile(lambda: step(x, y), device, profile)
+        except Exception as e:
+            common.write_text_atomic(profile, f"profiling failed: {type(e).__name__}: {e}\n")
     return steps * batch / elapsed, waited / elapsed
 
 
