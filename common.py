@@ -707,7 +707,7 @@ def parse_args(cls, argv=None, description=None):
     return cls(**vars(parser.parse_args(argv)))
 
 
-COUNTS = ("epochs", "batch_size", "num_c", "max_iter", "shots", "steps", "draws")  # at least 1
+COUNTS = ("epochs", "batch_size", "num_c", "max_iter", "shots", "draws")  # at least 1 (few-shot --steps 0 = zero-shot)
 POSITIVE = ("c_min", "c_max")  # above 0; every other number of an Args may be 0, none negative
 
 
