@@ -298,9 +298,9 @@ def is_hub_tag(name, weights):
 
 
 def check_backbone(name, weights=None, clip_for=None):
-    """Fail now, before a dataset scan that takes minutes on ImageNet, if backbone `name` is unknown, its weights
-    file is missing (load_backbone later checks what the file holds) or, when `clip_for` names what needs a text
-    tower, it has none."""
+    """Fail before the dataset is listed if backbone `name` is unknown, its weights file is missing (load_backbone
+    later checks what the file holds) or, when `clip_for` names what needs a text tower, it has none. (Listing
+    ImageNet's 1.3 M files: ~1 s here from a warm page cache, measured on 128,000; more from a cold or network disk.)"""
     if name not in BACKBONES:
         raise SystemExit(f"error: unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
     if clip_for and name not in CLIP_BACKBONES:
