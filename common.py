@@ -724,6 +724,8 @@ def check_args(args):
             ok, what = value >= 1, "at least 1"
         elif f.name in POSITIVE:
             ok, what = value > 0, "above 0"
+        elif f.name == "seed":
+            ok, what = 0 <= value < 2 ** 32, "from 0 to 2**32 - 1 (numpy's range)"
         else:
             ok, what = value >= 0, "0 or more"
         if not ok or not math.isfinite(value):
