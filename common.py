@@ -406,7 +406,7 @@ def zeroshot_head(clip, tokenizer, classnames, templates, device, precision="aut
 def require_clip(backbone, what):
     """The backbone, if it is a CLIP model (it has a text tower); otherwise a clear error."""
     if backbone.clip is None:
-        not_clip(what, backbone.key.split(":")[0] if backbone.key else "this backbone")
+        not_clip(what, "this backbone")
     return backbone
 
 
@@ -418,7 +418,7 @@ def not_clip(what, name):
 # ---------------------------------------------------------------------------------------------------------------
 # Device, precision, compile
 # ---------------------------------------------------------------------------------------------------------------
-CHOICES = {"precision": ("auto", "bf16", "fp32"), "compile": ("auto", "on", "off"), "head_init": ("random", "zeroshot")}
+CHOICES = {"precision": ("auto", "bf16", "fp32"), "compile": ("auto", "on", "off")}
 
 
 def get_device(name="auto"):

@@ -78,16 +78,17 @@ RECIPES = {
 
 
 # ----- method: which parameters train and how the head starts (edit here) -----
+HEAD_INITS = ("random", "zeroshot")
+
+
 def build_model(backbone, dataset, head_init, device, precision):
     """The pretrained encoder followed by a linear head: a fresh nn.Linear with PyTorch's default (random)
     initialisation, or CLIP's zero-shot head built from the class names and templates."""
     if head_init == "random":
         head = nn.Linear(backbone.encoder.output_dim, len(dataset.classnames))
-    elif head_init == "zeroshot":
+    else:  # 'zeroshot' (main checked the choice)
         clip = common.require_clip(backbone, "--head-init zeroshot").clip.to(device)
         head = common.zeroshot_head(clip, backbone.tokenizer, dataset.classnames, dataset.templates, device, precision)
-    else:
-        raise SystemExit(f"error: unknown --head-init {head_init!r}; choose random or zeroshot")
     return nn.Sequential(backbone.encoder, head)
 
 
@@ -97,6 +98,8 @@ def set_train_mode(model):
 
 
 def main(args):
+    if args.head_init not in HEAD_INITS:  # before setup: a typo costs no data loading
+        raise SystemExit(f"error: --head-init {args.head_init!r}: choose {', '.join(HEAD_INITS)}")
     needs_clip = "--head-init zeroshot" if args.head_init == "zeroshot" else None  # its head comes from a text tower
     device, results, log = common.setup(args, "ft", clip_for=needs_clip)
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
