@@ -443,7 +443,7 @@ def embedded_world(name="embedded", seed=0, backbone=None):
     ood = {d: split(cfg.n_test, 10_000 + k, [k]) for k, d in enumerate(DOMAINS) if k != id_dom}
     return Dataset(name=name, train=split(cfg.n_train, 1_000 + seed, [id_dom]), val=split(cfg.n_val, 2_000, [id_dom]),
                    test=split(cfg.n_test, 3_000, [id_dom]), ood=ood, classnames=list(SHAPES),
-                   templates=list(EMBEDDED_TEMPLATES), backbone=backbone or WORLDS[name][1],
+                   templates=list(EMBEDDED_TEMPLATES), backbone=backbone or default_backbone(name),
                    info={"id_domain": cfg.id_domain})
 
 
