@@ -139,6 +139,7 @@ def flyp_rate(device, fast, steps):
         tokens = clip.tokenizer(["a picture of a circle."] * batch).to(device)
     clip = common.to_device(clip, device) if fast else clip.to(device)
     visual = common.maybe_compile(clip.visual, "auto" if fast else "off", device)
+    encode_text = common.maybe_compile(clip.encode_text, "auto" if fast else "off", device)  # both towers, as flyp.py
     opt = torch.optim.AdamW(clip.parameters(), lr=1e-5, fused=fast and device.type == "cuda")
     x = torch.randn(batch, 3, res, res, device=device)
     labels = torch.arange(batch, device=device)
@@ -148,7 +149,7 @@ def flyp_rate(device, fast, steps):
             start = time.perf_counter()
         with common.autocast(device, "auto" if fast else "fp32"):
             img = F.normalize(visual(x).float(), dim=-1)
-            txt = F.normalize(clip.encode_text(tokens).float(), dim=-1)
+            txt = F.normalize(encode_text(tokens).float(), dim=-1)
             logits = clip.logit_scale.exp() * img @ txt.T
             loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
         opt.zero_grad(set_to_none=True)

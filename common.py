@@ -443,8 +443,8 @@ def autocast(device, precision="auto"):
 
 
 def maybe_compile(model, flag="auto", device="cpu"):
-    """torch.compile the model (not the loop) when flag is 'on', or 'auto' on CUDA. Keep the unwrapped model for
-    saving: compiled modules prefix their state dict with `_orig_mod.`."""
+    """torch.compile the model (not the loop), or a model's method such as clip.encode_text, when flag is 'on', or
+    'auto' on CUDA. Keep the unwrapped model for saving: compiled modules prefix their state dict with `_orig_mod.`."""
     if flag == "on" or (flag == "auto" and torch.device(device).type == "cuda"):
         return torch.compile(model)
     return model

@@ -96,14 +96,15 @@ def clip_loss(image_features, text_features, logit_scale):
 
 
 class Towers(nn.Module):
-    """Both towers in one forward: what trains, and what DDP wraps under torchrun so it averages every gradient."""
+    """Both towers in one forward: what trains, and what DDP wraps under torchrun so it averages every gradient.
+    `clip` holds the parameters; encode_image and encode_text are its towers, compiled or not."""
 
-    def __init__(self, clip, encode_image):
+    def __init__(self, clip, encode_image, encode_text):
         super().__init__()
-        self.clip, self.encode_image = clip, encode_image
+        self.clip, self.encode_image, self.encode_text = clip, encode_image, encode_text
 
     def forward(self, images, texts):
-        return F.normalize(self.encode_image(images), dim=-1), self.clip.encode_text(texts, normalize=True)
+        return F.normalize(self.encode_image(images), dim=-1), self.encode_text(texts, normalize=True)
 
 
 def cosine_lr(warmup, total_steps):
@@ -131,7 +132,8 @@ def main(args):
 
     captions = caption_tokens(backbone.tokenizer, dataset.classnames, dataset.templates).to(device)
     encode = common.maybe_compile(model.visual, args.compile, device)  # the saved model stays unwrapped
-    towers = common.distribute(Towers(model, encode), device)  # what trains: DDP-wrapped under torchrun
+    encode_text = common.maybe_compile(model.encode_text, args.compile, device)  # captions: one shape, one graph
+    towers = common.distribute(Towers(model, encode, encode_text), device)  # what trains: DDP-wrapped under torchrun
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"],
                                   fused=device.type == "cuda")
     steps_per_epoch = len(dataset.train) // recipe["batch_size"]

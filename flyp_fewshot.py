@@ -112,6 +112,7 @@ def main(args):
     ref = common.split_features(model.visual, dataset, device, args.precision, backbone=backbone)  # distortion origin
     captions = caption_tokens(backbone.tokenizer, dataset.classnames, dataset.templates).to(device)
     encode = common.maybe_compile(model.visual, args.compile, device)
+    encode_text = common.maybe_compile(model.encode_text, args.compile, device)  # captions: one shape per draw
     g = torch.Generator().manual_seed(args.seed)
 
     def head():  # the zero-shot head of the current text tower
@@ -141,7 +142,7 @@ def main(args):
             set_train_mode(model)
             template = torch.randint(captions.shape[1], (len(y),), generator=g).to(device)
             with common.autocast(device, args.precision):
-                loss = clip_loss(F.normalize(encode(x), dim=-1), model.encode_text(captions[y, template], normalize=True),
+                loss = clip_loss(F.normalize(encode(x), dim=-1), encode_text(captions[y, template], normalize=True),
                                  model.logit_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
