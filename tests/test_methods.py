@@ -183,6 +183,14 @@ def test_run_all_tiny_builds_table_and_pictures_then_skips_finished_runs(tmp_pat
     assert (tmp_path / "summary.md").read_text() == table
 
 
+
+@pytest.mark.parametrize("var,value", [("DATASETS", "embedded-tiny living71"), ("METHODS", "lp lpf")])
+def test_run_all_refuses_a_typo_before_any_run(var, value, tmp_path):
+    env = {**os.environ, "DATASETS": "embedded-tiny", "SEEDS": "0", "ROOT": str(tmp_path / "runs"), var: value}
+    proc = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0 and f"error: {var} has '{value.split()[1]}'; choose from:" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
 def test_every_method_has_a_recipe_for_every_dataset_and_docs_list_them():
     """`python <method>.py --dataset NAME` needs no more flags for any dataset; docs/recipes.md shows the same values."""
     import data
