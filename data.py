@@ -294,9 +294,13 @@ class FileSplit:
         return self.transform(self.read(self.items[i])), self.labels[i]
 
     def batches(self, batch_size, device="cpu", shuffle=False, drop_last=False, generator=None):
-        for x, y in self._loader(batch_size, torch.device(device), shuffle, drop_last, generator):
-            x = self._decode(x, device) if self.decode_on_device else x.to(device, non_blocking=True)
-            yield normalize(x, self.mean, self.std), y.to(device, non_blocking=True)
+        try:
+            for x, y in self._loader(batch_size, torch.device(device), shuffle, drop_last, generator):
+                x = self._decode(x, device) if self.decode_on_device else x.to(device, non_blocking=True)
+                yield normalize(x, self.mean, self.std), y.to(device, non_blocking=True)
+        except UnreadableImage as e:  # one line, not a worker's traceback (a worker re-raises it with its own)
+            line = next(line for line in reversed(str(e).splitlines()) if "cannot read image file" in line)
+            raise SystemExit("error: " + line[line.index("cannot read image file"):]) from None
 
     def _decode(self, packed, device):
         """A batch of JPEG files (see `collate_bytes`) -> images on `device`, each through the split's transform there."""
@@ -341,11 +345,18 @@ def num_workers():
     return int(os.environ.get("RFT_WORKERS", min(16, max(1, share))))
 
 
+class UnreadableImage(OSError):
+    """An image file PIL cannot decode (a truncated download, a file that is not an image)."""
+
+
 def read_image(path):
     from PIL import Image
 
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for broken files
+        raise UnreadableImage(f"cannot read image file {path} ({e}): replace or delete it") from e
 
 
 def read_array(array, i):
@@ -483,6 +494,9 @@ def image_folder(dataset, folder, classes, labels=None):
         files = list_images(folder / c)
         items += files
         targets += [i if labels is None else labels[i]] * len(files)
+    if not items:
+        fail(dataset, f"no images under {folder}/<class>/ (looked for {', '.join(IMAGE_EXTENSIONS)} files in "
+                      f"{len(classes)} class folders)")
     return items, targets
 
 

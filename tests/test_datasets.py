@@ -606,6 +606,34 @@ def test_folder_ignores_hidden_and_system_folders(tmp_path):
     assert ood_names(ds) == ["sketches"] and len(ds.classnames) == len(mini.FOLDER_CLASSES)
 
 
+
+def test_folder_without_images_is_an_error_saying_what_it_looked_for(tmp_path):
+    root = tmp_path / "mydata"
+    for c in mini.FOLDER_CLASSES:
+        (root / "train" / c).mkdir(parents=True)
+        (root / "train" / c / "notes.txt").write_text("no image")
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("folder", data_root=str(root), backbone=BACKBONE)
+    check_error(e, f"no images under {root / 'train'}/<class>/", ".jpg", "3 class folders")
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+@pytest.mark.parametrize("damage", ["truncated", "not an image"])
+def test_an_unreadable_image_stops_the_run_naming_the_file(damage, workers, tmp_path, monkeypatch):
+    monkeypatch.setenv("RFT_WORKERS", workers)  # a worker re-raises the error in its own words: same one line
+    root = tmp_path / "mydata"
+    mini.make_folder(root, ood=())
+    bad = sorted((root / "train" / mini.FOLDER_CLASSES[1]).glob("*.jpg"))[0]
+    mini.write_image(bad, size=64)
+    bad.write_bytes(bad.read_bytes()[:300] if damage == "truncated" else b"<html>404 Not Found</html>")
+    ds = data.load_dataset("folder", data_root=str(root), backbone=BACKBONE)
+    split = next(s for s in (ds.train, ds.val, ds.test) if str(bad) in map(str, s.items))
+    with pytest.raises(SystemExit) as e:
+        for _ in split.batches(4):
+            pass
+    assert str(e.value).startswith(f"error: cannot read image file {bad} (") and str(e.value).endswith(
+        "): replace or delete it") and "\n" not in str(e.value)
+
 # ---------------------------------------------------------------------------------------------------------------
 # Every split: normalised float batches at the backbone's resolution, subsets
 # ---------------------------------------------------------------------------------------------------------------
