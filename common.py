@@ -349,14 +349,29 @@ def extract_features(encoder, split, device, precision="auto", batch_size=500, c
     return feats
 
 
+def data_fingerprint(split):
+    """A hash of a split's labels and of each image file's path, inode, size and modification time: swapping, moving,
+    replacing or editing an image changes it (0.38 s per 128,000 files here, warm). Images in an array file
+    (CIFAR-10, PCam) are covered by their index and label only."""
+    h = hashlib.sha1(split.labels.numpy().tobytes())
+    for item in split.items:
+        try:
+            st = os.stat(item) if isinstance(item, (str, os.PathLike)) else None
+        except OSError:  # a missing file is reported by the loader, naming it
+            st = None
+        h.update(f"{item}\0{st and (st.st_ino, st.st_size, st.st_mtime_ns)}\n".encode())
+    return h.hexdigest()
+
+
 def feature_cache(backbone, dataset, split, precision, seed=0):
     """The cache key of a real dataset's split under a pretrained backbone, or None (the embedded world's features
-    take seconds). It covers the weights, the data on disk, the preprocessing and the precision; the ID training
-    split's features depend on the seed too (one random augmented view per image, as the LP-FT code takes)."""
+    take seconds). It covers the weights, the split's images and labels (data_fingerprint), the preprocessing and the
+    precision; the ID training split's features depend on the seed too (one random augmented view per image, as the
+    LP-FT code takes)."""
     if dataset.name in data.WORLDS or backbone.key is None:
         return None
-    size = len({"id_train": dataset.train, **eval_splits(dataset)}[split])
-    parts = [backbone.key, dataset.name, dataset.info.get("root"), split, size,
+    part = {"id_train": dataset.train, **eval_splits(dataset)}[split]
+    parts = [backbone.key, dataset.name, dataset.info.get("root"), split, len(part), data_fingerprint(part),
              repr(data.preprocessing(dataset.backbone)), precision, seed if split == "id_train" else None]
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 

@@ -158,3 +158,10 @@ def test_pretrained_features_of_real_data_are_cached_on_disk_and_keyed(tmp_path,
     assert key("id_train", 0) != key("id_train", 1) and key("id_val", 0) == key("id_val", 1)
     assert key("id_val", 0) != common.feature_cache(backbone, dataset, "id_val", "bf16")
     assert common.feature_cache(backbone, data.load_dataset("embedded-tiny"), "id_val", "auto") is None
+    before = {k: key(k, 0) for k in ("id_test", "ood_night")}
+    (tmp_path / "d" / "test" / "cat").rename(tmp_path / "d" / "test" / "tmp")  # relabelled: same names and count
+    (tmp_path / "d" / "test" / "dog").rename(tmp_path / "d" / "test" / "cat")
+    (tmp_path / "d" / "test" / "tmp").rename(tmp_path / "d" / "test" / "dog")
+    swapped = data.load_dataset("folder", data_root=str(tmp_path / "d"), backbone="embedded-clip-tiny")
+    assert common.feature_cache(backbone, swapped, "id_test", "auto") != before["id_test"]
+    assert common.feature_cache(backbone, swapped, "ood_night", "auto") == before["ood_night"]
