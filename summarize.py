@@ -7,6 +7,7 @@ paper's number stands beside ours where reference/published.json has one, with i
 """
 import argparse
 import csv
+import io
 import json
 import math
 from collections import defaultdict
@@ -153,14 +154,20 @@ def main():
         raise SystemExit(f"error: no finished runs (no 'done' markers) under {args.root!r}; run lp.py, ft.py, ... first")
     markdown, rows = build_table(runs)
     print(markdown)
-    (Path(args.root) / "summary.md").write_text(markdown + "\n")
-    with open(Path(args.root) / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        writer.writeheader()
-        writer.writerows(rows)
+    from common import write_text_atomic  # a reader of the tables never sees half of one
+
+    write_text_atomic(Path(args.root) / "summary.md", markdown + "\n")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(Path(args.root) / "summary.csv", table.getvalue())
     if not args.no_plots:
         for dataset in sorted({d for d, _ in runs}):
-            plot(runs, dataset, args.root)
+            if all("acc/ood_avg" in r["metrics"] for (d, _), rs in runs.items() if d == dataset for r in rs):
+                plot(runs, dataset, args.root)
+            else:  # PCam, SST-2: FLYP's few-shot benchmarks have no OOD test set
+                print(f"{dataset}: no OOD test sets, so no ID-vs-OOD picture")
 
 
 if __name__ == "__main__":

@@ -108,6 +108,24 @@ def test_summary_table_rebuilds_the_checked_in_golden_table(tmp_path):
     assert (tmp_path / "runs" / "summary.md").read_text() == (data_dir / "golden_summary.md").read_text()
 
 
+def test_summarize_draws_no_id_vs_ood_picture_for_a_dataset_without_ood_sets(tmp_path):
+    """PCam and SST-2 (FLYP's few-shot benchmarks) have no OOD test set: a table row, and no crash in the plots."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    run = tmp_path / "runs" / "flyp-fewshot" / "pcam" / "seed0"
+    run.mkdir(parents=True)
+    (run / "done").write_text(json.dumps({"method": "flyp-fewshot", "dataset": "pcam", "seed": 0, "step": 0,
+                                          "metrics": {"acc/id_val": 60.0, "acc/id_test": 58.0}}))
+    proc = subprocess.run([sys.executable, str(ROOT / "summarize.py"), str(tmp_path / "runs")], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "pcam: no OOD test sets" in proc.stdout and "58.0" in (tmp_path / "runs" / "summary.md").read_text()
+    assert not list((tmp_path / "runs").glob("*.png"))
+
+
 def test_bench_cpu_writes_its_table_and_json(tmp_path):
     """bench.py --device cpu runs end to end (1 timed step per cell) and its LP solver matches scikit-learn."""
     import json
