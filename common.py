@@ -636,15 +636,9 @@ class Results:
     def __init__(self, out_dir, method, args, device):
         self.dir = Path(out_dir)
         self.path = self.dir / "results.jsonl"
-        self.writes = is_main()
-        if self.writes:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            for name in ("results.jsonl", "model.pt"):  # a new run in an old folder: keep the old files aside, never
-                old = self.dir / name                     # mix them with the new run's or lose them
-                if old.exists():
-                    kept = list(self.dir.glob(f"{old.stem}.previous*{old.suffix}"))
-                    os.replace(old, self.dir / f"{old.stem}.previous{len(kept)}{old.suffix}")
-            (self.dir / "done").unlink(missing_ok=True)
+        self.writes, self.started = is_main(), False
+        if self.dir.exists() and not self.dir.is_dir():
+            raise SystemExit(f"error: --out {out_dir} is a file; pass a folder (it is created if missing)")
         self.header = {"method": method, "args": dataclasses.asdict(args), "seed": args.seed, "commit": git_commit(),
                        "versions": {"torch": str(torch.__version__), "open_clip": open_clip.__version__,
                                     "python": sys.version.split()[0]},
@@ -652,9 +646,24 @@ class Results:
                        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                        "processes": data.rank_and_world()[1]}
 
+    def _start(self):
+        """At the first write: a new run in an old folder keeps the old files aside, never mixes them with its own or
+        loses them. Not before: a run that fails before its first evaluation leaves a finished folder as it was."""
+        if self.started:
+            return
+        self.started = True
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for name in ("results.jsonl", "model.pt"):
+            old = self.dir / name
+            if old.exists():
+                kept = list(self.dir.glob(f"{old.stem}.previous*{old.suffix}"))
+                os.replace(old, self.dir / f"{old.stem}.previous{len(kept)}{old.suffix}")
+        (self.dir / "done").unlink(missing_ok=True)
+
     def log(self, step, metrics, **extra):
         record = {**self.header, "step": step, **extra, "metrics": metrics, "time": time.time()}
         if self.writes:
+            self._start()
             old = self.path.read_text() if self.path.exists() else ""
             write_text_atomic(self.path, old + json.dumps(record) + "\n")
         return record
@@ -662,6 +671,7 @@ class Results:
     def save_model(self, model, **extra):
         """<out>/model.pt: the unwrapped model's state dict plus the header (method, args, commit) that made it."""
         if self.writes:
+            self._start()
             save_atomic({**self.header, **extra, "state_dict": model.state_dict()}, self.dir / "model.pt")
 
     def done(self, final):
@@ -669,6 +679,7 @@ class Results:
         record = {"method": self.header["method"], "dataset": self.header["args"]["dataset"], "seed": self.header["seed"],
                   "commit": self.header["commit"], **final}
         if self.writes:
+            self._start()
             write_text_atomic(self.dir / "done", json.dumps(record) + "\n")
 
 

@@ -108,6 +108,17 @@ def test_summary_table_rebuilds_the_checked_in_golden_table(tmp_path):
     assert (tmp_path / "runs" / "summary.md").read_text() == (data_dir / "golden_summary.md").read_text()
 
 
+def test_a_rerun_that_fails_before_its_first_evaluation_leaves_the_finished_run_as_it_was(tmp_path):
+    args = lpft.Args(dataset="embedded-tiny")
+    first = common.Results(tmp_path, "lpft", args, torch.device("cpu"))
+    first.log(0, {"acc/id_val": 1.0})
+    first.done({"step": 0, "metrics": {}})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    common.Results(tmp_path, "lpft", args, torch.device("cpu"))  # e.g. then a wrong --data-root stops the run
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    with pytest.raises(SystemExit, match="is a file; pass a folder"):
+        common.Results(tmp_path / "done", "lpft", args, torch.device("cpu"))
+
 def test_summarize_draws_no_id_vs_ood_picture_for_a_dataset_without_ood_sets(tmp_path):
     """PCam and SST-2 (FLYP's few-shot benchmarks) have no OOD test set: a table row, and no crash in the plots."""
     import subprocess
