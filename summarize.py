@@ -28,9 +28,15 @@ def mean_ci(values):
 
 def load_runs(root):
     """(dataset, method) -> the `done` records of its finished runs, each with the path of its results file."""
-    runs = defaultdict(list)
+    runs, seen = defaultdict(list), {}
     for marker in sorted(Path(root).rglob("done")):
         record = json.loads(marker.read_text())
+        key = (record["dataset"], record["method"], record["seed"])
+        if key in seen:  # a sweep or a variant under the same root would be averaged in as another seed
+            raise SystemExit(f"error: {seen[key]} and {marker.parent} are both {key[1]} on {key[0]} with seed {key[2]}; a "
+                             f"table row averages seeds of one recipe: move one run out of {root}, or summarize each "
+                             "folder on its own")
+        seen[key] = marker.parent
         runs[(record["dataset"], record["method"])].append({**record, "results": str(marker.with_name("results.jsonl"))})
     return runs
 

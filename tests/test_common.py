@@ -119,6 +119,18 @@ def test_a_rerun_that_fails_before_its_first_evaluation_leaves_the_finished_run_
     with pytest.raises(SystemExit, match="is a file; pass a folder"):
         common.Results(tmp_path / "done", "lpft", args, torch.device("cpu"))
 
+def test_summarize_refuses_to_average_two_runs_of_one_seed(tmp_path):
+    """A sweep run beside the recipe's runs would enter the table as one more seed."""
+    import shutil
+
+    import summarize
+    from conftest import ROOT
+
+    shutil.copytree(ROOT / "tests" / "data" / "fake_runs", tmp_path / "runs")
+    shutil.copytree(tmp_path / "runs" / "ft" / "embedded" / "seed0", tmp_path / "runs" / "ft-lr1e-4" / "seed0")
+    with pytest.raises(SystemExit, match="are both ft on embedded with seed 0"):
+        summarize.load_runs(tmp_path / "runs")
+
 def test_summarize_draws_no_id_vs_ood_picture_for_a_dataset_without_ood_sets(tmp_path):
     """PCam and SST-2 (FLYP's few-shot benchmarks) have no OOD test set: a table row, and no crash in the plots."""
     import subprocess
