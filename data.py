@@ -823,6 +823,11 @@ def folder(name, root, pre):
         return image_folder(name, path, present, [index[c] for c in present])
 
     items, labels = split(root / "train")
+    taught = set(labels)
+    empty = [c for i, c in enumerate(classes) if i not in taught]
+    if empty:  # a class no training image teaches
+        fail(name, f"{len(empty)} class folder(s) under {root / 'train'} hold no images (e.g. {', '.join(empty[:3])}): "
+                   "add images or remove the folder")
     info = {}
     if not (root / "test").is_dir():
         keep, held = holdout(labels, seed=1)

@@ -617,6 +617,15 @@ def test_folder_without_images_is_an_error_saying_what_it_looked_for(tmp_path):
     check_error(e, f"no images under {root / 'train'}/<class>/", ".jpg", "3 class folders")
 
 
+def test_folder_with_an_empty_training_class_is_an_error_naming_it(tmp_path):
+    root = tmp_path / "mydata"
+    mini.make_folder(root, ood=())
+    (root / "train" / "zebra").mkdir()
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("folder", data_root=str(root), backbone=BACKBONE)
+    check_error(e, "1 class folder(s)", "hold no images (e.g. zebra)")
+
+
 @pytest.mark.parametrize("workers", ["0", "2"])
 @pytest.mark.parametrize("damage", ["truncated", "not an image"])
 def test_an_unreadable_image_stops_the_run_naming_the_file(damage, workers, tmp_path, monkeypatch):
