@@ -33,9 +33,9 @@ def load_runs(root):
         record = json.loads(marker.read_text())
         key = (record["dataset"], record["method"], record["seed"])
         if key in seen:  # a sweep or a variant under the same root would be averaged in as another seed
-            raise SystemExit(f"error: {seen[key]} and {marker.parent} are both {key[1]} on {key[0]} with seed {key[2]}; a "
-                             f"table row averages seeds of one recipe: move one run out of {root}, or summarize each "
-                             "folder on its own")
+            raise SystemExit(f"error: {seen[key]} and {marker.parent} are both {key[1]} on {key[0]} with seed "
+                             f"{key[2]}; a table row averages seeds of one recipe: move one run out of {root}, or "
+                             "summarize each folder on its own")
         seen[key] = marker.parent
         runs[(record["dataset"], record["method"])].append({**record, "results": str(marker.with_name("results.jsonl"))})
     return runs
@@ -51,12 +51,19 @@ def ordered_methods(runs, dataset):
     return sorted({m for d, m in runs if d == dataset}, key=lambda m: ((METHOD_ORDER + [m]).index(m), m))
 
 
+HEADLINE = {"macro_f1": "macro-F1", "worst_region_acc": "worst region"}  # iWildCam's and FMoW's own metrics
+
+
 def columns(runs, dataset):
-    """(column name, metric key) pairs: ID, each OOD split, OOD average, feature distortion ID and OOD."""
-    ood = list(dict.fromkeys(k[len("acc/ood_"):] for (d, m), records in sorted(runs.items()) if d == dataset
-                             for r in records for k in r["metrics"] if k.startswith("acc/ood_") and k != "acc/ood_avg"))
-    return [("ID", "acc/id_test")] + [(f"OOD {o}", f"acc/ood_{o}") for o in ood] + [
-        ("OOD avg", "acc/ood_avg"), ("distortion ID", "distortion/id_test"), ("distortion OOD", "distortion/ood_avg")]
+    """(column name, metric key) pairs: ID, each OOD split, OOD average, the benchmark's own metric ID and OOD where
+    it has one (HEADLINE), feature distortion ID and OOD."""
+    keys = list(dict.fromkeys(k for (d, m), records in sorted(runs.items()) if d == dataset for r in records
+                              for k in r["metrics"]))
+    ood = [k[len("acc/ood_"):] for k in keys if k.startswith("acc/ood_") and k != "acc/ood_avg"]
+    own = [(f"{side} {label}", f"{metric}/{split}") for metric, label in HEADLINE.items()
+           for side, split in (("ID", "id_test"), ("OOD", "ood_avg")) if f"{metric}/{split}" in keys]
+    return ([("ID", "acc/id_test")] + [(f"OOD {o}", f"acc/ood_{o}") for o in ood] + [("OOD avg", "acc/ood_avg")]
+            + own + [("distortion ID", "distortion/id_test"), ("distortion OOD", "distortion/ood_avg")])
 
 
 def build_table(runs, published=None):

@@ -131,6 +131,22 @@ def test_summarize_refuses_to_average_two_runs_of_one_seed(tmp_path):
     with pytest.raises(SystemExit, match="are both ft on embedded with seed 0"):
         summarize.load_runs(tmp_path / "runs")
 
+def test_summary_shows_iwildcams_macro_f1_and_fmows_worst_region_accuracy(tmp_path):
+    import summarize
+
+    metrics = {"iwildcam": {"acc/id_test": 70.0, "acc/ood_test": 60.0, "acc/ood_avg": 60.0, "macro_f1/id_test": 40.0,
+                            "macro_f1/ood_test": 30.0, "macro_f1/ood_avg": 30.0},
+               "fmow": {"acc/id_test": 55.0, "acc/ood_test": 50.0, "acc/ood_avg": 50.0, "worst_region_acc/id_test": 45.0,
+                        "worst_region_acc/ood_test": 35.0, "worst_region_acc/ood_avg": 35.0}}
+    for dataset, m in metrics.items():
+        run = tmp_path / "lp" / dataset / "seed0"
+        run.mkdir(parents=True)
+        (run / "done").write_text(json.dumps({"method": "lp", "dataset": dataset, "seed": 0, "metrics": m}))
+    markdown, _ = summarize.build_table(summarize.load_runs(tmp_path), published={})
+    assert "| OOD avg | ID macro-F1 | OOD macro-F1 | distortion ID |" in markdown and "| 40.0 ± 0.0 | 30.0 ± 0.0 |" in markdown
+    assert "| OOD avg | ID worst region | OOD worst region | distortion ID |" in markdown
+    assert "| 45.0 ± 0.0 | 35.0 ± 0.0 |" in markdown
+
 def test_summarize_draws_no_id_vs_ood_picture_for_a_dataset_without_ood_sets(tmp_path):
     """PCam and SST-2 (FLYP's few-shot benchmarks) have no OOD test set: a table row, and no crash in the plots."""
     import subprocess
