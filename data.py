@@ -298,9 +298,8 @@ class FileSplit:
             for x, y in self._loader(batch_size, torch.device(device), shuffle, drop_last, generator):
                 x = self._decode(x, device) if self.decode_on_device else x.to(device, non_blocking=True)
                 yield normalize(x, self.mean, self.std), y.to(device, non_blocking=True)
-        except UnreadableImage as e:  # one line, not a worker's traceback (a worker re-raises it with its own)
-            line = next(line for line in reversed(str(e).splitlines()) if "cannot read image file" in line)
-            raise SystemExit("error: " + line[line.index("cannot read image file"):]) from None
+        except UnreadableImage as e:  # one line, not a worker's traceback
+            raise SystemExit("error: " + e.line()) from None
 
     def _decode(self, packed, device):
         """A batch of JPEG files (see `collate_bytes`) -> images on `device`, each through the split's transform there."""
@@ -348,6 +347,13 @@ def num_workers():
 class UnreadableImage(OSError):
     """An image file PIL cannot decode (a truncated download, a file that is not an image)."""
 
+    PREFIX = "cannot read image file "
+
+    def line(self):
+        """The one-line message, also where a loader worker re-raised it with its traceback in the text."""
+        text = str(self)
+        return text[text.rindex(self.PREFIX):].splitlines()[0]
+
 
 def read_image(path):
     from PIL import Image
@@ -356,7 +362,7 @@ def read_image(path):
         with Image.open(path) as im:
             return im.convert("RGB")
     except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for broken files
-        raise UnreadableImage(f"cannot read image file {path} ({e}): replace or delete it") from e
+        raise UnreadableImage(f"{UnreadableImage.PREFIX}{path} ({e}): replace or delete it") from e
 
 
 def read_array(array, i):

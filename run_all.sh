@@ -16,10 +16,9 @@ ROOT=${ROOT:-runs}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 
 # A typo in DATASETS or METHODS stops here, not as one failed run per method and seed.
+KNOWN="zeroshot lp ft lpft l2sp flyp flyp_fewshot wiseft"
 for method in $METHODS; do
-  case " zeroshot lp ft lpft l2sp flyp flyp_fewshot wiseft " in *" $method "*) ;;
-    *) echo "error: METHODS has '$method'; choose from: zeroshot lp ft lpft l2sp flyp flyp_fewshot wiseft" >&2; exit 2 ;;
-  esac
+  case " $KNOWN " in *" $method "*) ;; *) echo "error: METHODS has '$method'; choose from: $KNOWN" >&2; exit 2 ;; esac
 done
 python -c "import sys, data; bad = [d for d in sys.argv[1:] if d not in data.DATASETS]
 bad and sys.exit(f'error: DATASETS has {bad[0]!r}; choose from: {\", \".join(data.DATASETS)}')" $DATASETS
