@@ -290,7 +290,7 @@ class FileSplit:
 
     def __getitem__(self, i):
         if self.decode_on_device:
-            return torchvision_io().read_file(self.items[i]), self.labels[i]  # the undecoded file
+            return (torchvision_io().read_file(self.items[i]), i), self.labels[i]  # the undecoded file
         return self.transform(self.read(self.items[i])), self.labels[i]
 
     def batches(self, batch_size, device="cpu", shuffle=False, drop_last=False, generator=None):
@@ -304,12 +304,20 @@ class FileSplit:
     def _decode(self, packed, device):
         """A batch of JPEG files (see `collate_bytes`) -> images on `device`, each through the split's transform there."""
         io = torchvision_io()
-        files = list(packed[0].split(packed[1].tolist()))
+        data, lengths, index = packed
+        files = list(data.split(lengths.tolist()))
         try:
             images = io.decode_jpeg(files, mode=io.ImageReadMode.RGB, device=device)
         except RuntimeError:  # a file nvJPEG refuses (ImageNet holds a few CMYK JPEGs and one PNG named .JPEG)
-            images = [io.decode_image(f, mode=io.ImageReadMode.RGB).to(device) for f in files]
+            images = [self._decode_one(f, i).to(device) for f, i in zip(files, index.tolist())]
         return torch.stack([self.transform(img.float()) for img in images])  # float: CUDA resizes no uint8 bicubic
+
+    def _decode_one(self, file, i):
+        io = torchvision_io()
+        try:
+            return io.decode_image(file, mode=io.ImageReadMode.RGB)
+        except RuntimeError as e:  # not an image at all, or truncated
+            raise UnreadableImage.of(self.items[i], e) from e
 
     def _loader(self, batch_size, device, shuffle, drop_last, generator):
         # One loader per way of iterating, kept: persistent workers skip the worker start-up at every epoch.
@@ -331,10 +339,12 @@ def torchvision_io():
 
 
 def collate_bytes(samples):
-    """A batch of (file bytes, label) -> ((all bytes in one tensor, each file's length), labels). One tensor, not one
-    per file: workers hand each tensor over as a file descriptor, and hundreds per batch exhaust them."""
-    files = [b for b, _ in samples]
-    return (torch.cat(files), torch.tensor([len(b) for b in files])), torch.stack([torch.as_tensor(y) for _, y in samples])
+    """A batch of ((file bytes, index), label) -> ((all bytes in one tensor, each file's length, each file's index),
+    labels). One tensor, not one per file: workers hand each tensor over as a file descriptor, and hundreds per batch
+    exhaust them. The indices name a file that fails to decode."""
+    files = [b for (b, _), _ in samples]
+    return ((torch.cat(files), torch.tensor([len(b) for b in files]), torch.tensor([i for (_, i), _ in samples])),
+            torch.stack([torch.as_tensor(y) for _, y in samples]))
 
 
 def num_workers():
@@ -349,6 +359,10 @@ class UnreadableImage(OSError):
 
     PREFIX = "cannot read image file "
 
+    @classmethod
+    def of(cls, path, error):
+        return cls(f"{cls.PREFIX}{path} ({error}): replace or delete it")
+
     def line(self):
         """The one-line message, also where a loader worker re-raised it with its traceback in the text."""
         text = str(self)
@@ -362,7 +376,7 @@ def read_image(path):
         with Image.open(path) as im:
             return im.convert("RGB")
     except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for broken files
-        raise UnreadableImage(f"{UnreadableImage.PREFIX}{path} ({e}): replace or delete it") from e
+        raise UnreadableImage.of(path, e) from e
 
 
 def read_array(array, i):

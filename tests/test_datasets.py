@@ -626,17 +626,23 @@ def test_folder_with_an_empty_training_class_is_an_error_naming_it(tmp_path):
     check_error(e, "1 class folder(s)", "hold no images (e.g. zebra)")
 
 
-@pytest.mark.parametrize("workers", ["0", "2"])
+@pytest.mark.parametrize("workers,decode", [("0", "0"), ("2", "0"), ("2", "1")])
 @pytest.mark.parametrize("damage", ["truncated", "not an image"])
-def test_an_unreadable_image_stops_the_run_naming_the_file(damage, workers, tmp_path, monkeypatch):
+def test_an_unreadable_image_stops_the_run_naming_the_file(damage, workers, decode, tmp_path, monkeypatch):
     monkeypatch.setenv("RFT_WORKERS", workers)  # a worker re-raises the error in its own words: same one line
+    monkeypatch.setenv("RFT_GPU_DECODE", decode)  # the file is decoded after the loader, where the batch goes
     root = tmp_path / "mydata"
     mini.make_folder(root, ood=())
+    if decode == "1":  # decoding on the device is for JPEG-only splits
+        for p in [p for p in root.rglob("img_*") if p.suffix.lower() not in (".jpg", ".jpeg")]:
+            mini.write_image(p.with_suffix(".jpg"))
+            p.unlink()
     bad = sorted((root / "train" / mini.FOLDER_CLASSES[1]).glob("*.jpg"))[0]
     mini.write_image(bad, size=64)
     bad.write_bytes(bad.read_bytes()[:300] if damage == "truncated" else b"<html>404 Not Found</html>")
     ds = data.load_dataset("folder", data_root=str(root), backbone=BACKBONE)
     split = next(s for s in (ds.train, ds.val, ds.test) if str(bad) in map(str, s.items))
+    assert split.decode_on_device == (decode == "1")
     with pytest.raises(SystemExit) as e:
         for _ in split.batches(4):
             pass
