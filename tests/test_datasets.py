@@ -606,6 +606,22 @@ def test_folder_ignores_hidden_and_system_folders(tmp_path):
     assert ood_names(ds) == ["sketches"] and len(ds.classnames) == len(mini.FOLDER_CLASSES)
 
 
+def test_folder_reads_images_in_sub_folders_of_a_class_and_skips_hidden_ones(tmp_path):
+    """As torchvision's ImageFolder: train/<class>/<anything>/x.jpg belongs to <class>; a hidden folder or file
+    (.ipynb_checkpoints/, ._x.jpg from macOS) inside a class folder is no image."""
+    root = tmp_path / "mydata"
+    truth = mini.make_folder(root, ood=())
+    cls = mini.FOLDER_CLASSES[2]
+    nested = [mini.write_image(root / "train" / cls / "2023" / "may" / "deep.png"),
+              mini.write_image(root / "train" / cls / "2024" / "flat.jpg")]
+    for junk in (f"train/{cls}/.ipynb_checkpoints/x.jpg", f"train/{cls}/__MACOSX/y.jpg", f"train/{cls}/._z.jpg"):
+        (root / junk).parent.mkdir(parents=True, exist_ok=True)
+        (root / junk).write_bytes(b"not an image")
+    ds = data.load_dataset("folder", data_root=str(root), backbone=BACKBONE)
+    label = mini.FOLDER_CLASSES.index(cls)
+    assert labelled(ds.train, root) == {**truth["train"], **{p.relative_to(root).as_posix(): label for p in nested}}
+
+
 
 def test_folder_without_images_is_an_error_saying_what_it_looked_for(tmp_path):
     root = tmp_path / "mydata"
