@@ -756,6 +756,8 @@ def check_args(args):
             ok, what = value >= 0, "0 or more"
         if not ok or not math.isfinite(value):
             raise SystemExit(f"error: {flag} {value}: must be {what}")
+    if getattr(args, "c_min", 0) > getattr(args, "c_max", 1):  # would sweep the same grid, but backwards
+        raise SystemExit(f"error: --c-min {args.c_min} is above --c-max {args.c_max}: the sweep runs from min to max")
 
 
 def recipe(args, defaults):
