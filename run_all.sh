@@ -5,7 +5,8 @@
 #   bash run_all.sh                         # embedded world, seeds 0 1 2, all seven methods, two runs at a time
 #   DATASETS="embedded" SEEDS="0" METHODS="lp ft" JOBS=1 bash run_all.sh
 #
-# WiSE-FT interpolates the zero-shot model and each seed's FLYP checkpoint, so it runs after FLYP finished.
+# WiSE-FT interpolates the zero-shot model and each seed's FLYP checkpoint, so it runs after FLYP finished (and again
+# when FLYP was re-run). A failed run is named and the rest go on; the table covers what finished; the exit status is 1.
 set -euo pipefail
 cd "$(dirname "$0")"
 DATASETS=${DATASETS:-embedded}
@@ -41,27 +42,38 @@ plan() {
           *) line="$method $ROOT/$method/$dataset/seed$seed" ;;
         esac
         read -r _ out _ <<<"$line"
-        if [ -f "$out/done" ]; then echo "skip $out (done)" >&2; continue; fi
+        endpoint="$ROOT/flyp/$dataset/seed$seed/model.pt"
+        if [ "$method" = wiseft ] && [ -f "$out/done" ] && [ "$endpoint" -nt "$out/done" ]; then
+          echo "redo $out (its FLYP checkpoint is newer)" >&2
+        elif [ -f "$out/done" ]; then
+          echo "skip $out (done)" >&2; continue
+        fi
         echo "$line --dataset $dataset --seed $seed"
       done
     done
   done
 }
 
+FAILED=$(mktemp); trap 'rm -f "$FAILED"' EXIT; export FAILED  # the run folders that failed, one per line
 run() {
   read -r script out extra <<<"$1"
-  mkdir -p "$out"
   echo "run  $out"
-  python "$script.py" --out "$out" $extra >"$out/log.txt" 2>&1 || { echo "FAILED $out (see $out/log.txt)"; return 1; }
+  { mkdir -p "$out" && python "$script.py" --out "$out" $extra >"$out/log.txt" 2>&1; } ||
+    { echo "FAILED $out (see $out/log.txt)"; echo "$out" >>"$FAILED"; }
 }
 export -f run
 
 for phase in 1 2; do
   plan $phase | xargs -r -P "$JOBS" -I{} bash -c 'run "$@"' _ {}
 done
-python summarize.py "$ROOT"
+python summarize.py "$ROOT" || echo "table not built" >>"$FAILED"
 for dataset in $DATASETS; do
   if [ -f "$ROOT/ft/$dataset/seed${SEEDS%% *}/model.pt" ] && [ -f "$ROOT/lpft/$dataset/seed${SEEDS%% *}/model.pt" ]; then
-    python feature_map.py --dataset "$dataset" --seed "${SEEDS%% *}" --root "$ROOT"
+    python feature_map.py --dataset "$dataset" --seed "${SEEDS%% *}" --root "$ROOT" || echo "feature map of $dataset" >>"$FAILED"
   fi
 done
+if [ -s "$FAILED" ]; then
+  echo "error: $(wc -l <"$FAILED") step(s) failed; each run's log.txt says why, and a rerun redoes only what is missing:" >&2
+  sed 's/^/  /' "$FAILED" >&2
+  exit 1
+fi

@@ -2,6 +2,7 @@
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -170,7 +171,7 @@ def test_flyp_with_both_towers_compiled_trains_as_eager(tmp_path):
         if v.is_floating_point():
             assert (v - compiled[k]).norm() <= 0.01 * (v - start[k]).norm(), k
 
-def test_run_all_tiny_builds_table_and_pictures_then_skips_finished_runs(tmp_path):
+def test_run_all_tiny_builds_table_and_pictures_skips_finished_runs_and_goes_on_past_a_failed_one(tmp_path):
     env = {**os.environ, "DATASETS": "embedded-tiny", "SEEDS": "0", "JOBS": "2", "ROOT": str(tmp_path)}
     first = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
@@ -182,6 +183,22 @@ def test_run_all_tiny_builds_table_and_pictures_then_skips_finished_runs(tmp_pat
     again = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and "run  " not in again.stdout and again.stderr.count("skip ") == 7
     assert (tmp_path / "summary.md").read_text() == table
+
+    # A run that fails (here a file is where LP's run folder goes) is named, and the rest go on: WiSE-FT, redone as
+    # its FLYP checkpoint is newer (as after a FLYP re-run), the table without LP; the exit status says it failed.
+    blocked = tmp_path / "lp" / "embedded-tiny" / "seed0"
+    shutil.rmtree(blocked)
+    blocked.write_text("not a folder")
+    wiseft = tmp_path / "wiseft-flyp" / "embedded-tiny" / "seed0"
+    before = (wiseft / "done").stat().st_mtime_ns
+    os.utime(tmp_path / "flyp" / "embedded-tiny" / "seed0" / "model.pt")  # now: newer than WiSE-FT's result
+    failed = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=600)
+    assert failed.returncode == 1 and f"FAILED {blocked}" in failed.stdout, failed.stdout[-2000:] + failed.stderr
+    assert "error: 1 step(s) failed" in failed.stderr and f"\n  {blocked}\n" in failed.stderr
+    assert f"redo {wiseft} (its FLYP checkpoint is newer)" in failed.stderr and f"run  {wiseft}" in failed.stdout
+    assert (wiseft / "done").stat().st_mtime_ns > before and failed.stderr.count("skip ") == 5
+    table = (tmp_path / "summary.md").read_text()
+    assert "| LP |" not in table and "| WiSE-FT (FLYP, α=0.5) | 1 |" in table
 
 
 
