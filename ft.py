@@ -7,6 +7,7 @@ the best ID validation accuracy is reported (the authors' code selected on the I
 
     python ft.py                       # the embedded world
     python ft.py --dataset embedded --seed 1 --lr 3e-3
+    python ft.py --head-init zeroshot --save   # WiSE-FT's FT endpoint; method ft-zeroshot-head, its own run folder
     python ft.py --dataset living17 --data-root /data --weights moco_v2_800ep_pretrain.pth.tar
 """
 import copy
@@ -101,7 +102,8 @@ def main(args):
     if args.head_init not in HEAD_INITS:  # before setup: a typo costs no data loading
         raise SystemExit(f"error: --head-init {args.head_init!r}: choose {', '.join(HEAD_INITS)}")
     needs_clip = "--head-init zeroshot" if args.head_init == "zeroshot" else None  # its head comes from a text tower
-    device, results, log = common.setup(args, "ft", clip_for=needs_clip)
+    method = "ft" if args.head_init == "random" else "ft-zeroshot-head"  # its own table row and default run folder
+    device, results, log = common.setup(args, method, clip_for=needs_clip)
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
     recipe = common.recipe(args, RECIPES[dataset.name])  # flags override the dataset's recipe
     common.describe(dataset, results, log, recipe)

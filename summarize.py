@@ -13,9 +13,11 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-METHOD_ORDER = ["zeroshot", "lp", "ft", "lpft", "l2sp", "flyp", "wiseft-flyp", "wiseft-ft"]
-LABELS = {"zeroshot": "zero-shot", "lp": "LP", "ft": "FT", "lpft": "LP-FT", "l2sp": "L2-SP", "flyp": "FLYP",
-          "wiseft-flyp": "WiSE-FT (FLYP, α=0.5)", "wiseft-ft": "WiSE-FT (FT, α=0.5)"}
+TUNED = ["ft", "ft-zeroshot-head", "lpft", "l2sp", "flyp"]  # the methods that can be WiSE-FT endpoints
+METHOD_ORDER = ["zeroshot", "lp", *TUNED] + [f"wiseft-{m}" for m in ["flyp"] + TUNED[:-1]]
+LABELS = {"zeroshot": "zero-shot", "lp": "LP", "ft": "FT", "ft-zeroshot-head": "FT from zero-shot head", "lpft": "LP-FT",
+          "l2sp": "L2-SP", "flyp": "FLYP"}
+LABELS.update({f"wiseft-{m}": f"WiSE-FT ({LABELS[m]}, α=0.5)" for m in TUNED})
 PUBLISHED = Path(__file__).with_name("reference") / "published.json"
 
 

@@ -11,6 +11,7 @@ import data
 import flyp
 import ft
 import l2sp
+import summarize
 import wiseft
 import zeroshot
 
@@ -109,6 +110,11 @@ def test_wiseft_of_ft_from_the_zeroshot_head(tmp_path):
                                       out=str(tmp_path / "wise"), alpha_step=0.5))
     assert [r["alpha"] for r in records] == [0.0, 0.5, 1.0]
     assert records[0]["metrics"] == zs["metrics"] and records[-1]["metrics"] == tuned["metrics"]
+    # Its own method name (default folder runs/ft-zeroshot-head/...), so a table shows it beside plain FT, not as a seed
+    assert tuned["method"] == "ft-zeroshot-head" and records[0]["method"] == "wiseft-ft-zeroshot-head"
+    markdown, _ = summarize.build_table(summarize.load_runs(tmp_path), published={})
+    assert [line.split(" | ")[0] for line in markdown.splitlines() if line.startswith("| ") and "seeds" not in line] == [
+        "| zero-shot", "| FT from zero-shot head", "| WiSE-FT (FT from zero-shot head, α=0.5)"]
 
 
 @pytest.mark.parametrize("content,expected", [(None, "no fine-tuned checkpoint"), (b"not a checkpoint", "could not read"),
