@@ -222,3 +222,32 @@ def test_pretrained_features_of_real_data_are_cached_on_disk_and_keyed(tmp_path,
     swapped = data.load_dataset("folder", data_root=str(tmp_path / "d"), backbone="embedded-clip-tiny")
     assert common.feature_cache(backbone, swapped, "id_test", "auto") != before["id_test"]
     assert common.feature_cache(backbone, swapped, "ood_night", "auto") == before["ood_night"]
+
+
+def test_compiled_encoder_keeps_one_static_graph_per_mode(monkeypatch):
+    """maybe_compile's graphs are specialised to their batch: training (batch 64) and padded evaluation (500) get
+    one graph each, in either order, neither with a symbolic batch size, and going back to a mode compiles nothing."""
+    graphs = []  # per graph Dynamo hands to the backend: the shapes of its tensor inputs, symbolic dimensions kept
+
+    def recording(gm, example_inputs):  # stands in for inductor and runs the graph eagerly
+        values = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        graphs.append([tuple(v.shape) if isinstance(v, torch.Tensor) else v for v in values])
+        return gm.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend=recording, **kw))
+    cfg = common.EMBEDDED_BACKBONES["embedded-clip-tiny"]
+    for first in ("train", "eval"):  # FT: training, then evaluation; LP-FT: feature extraction, then training
+        torch._dynamo.reset()
+        graphs.clear()
+        encoder = common.maybe_compile(common.ConvTower(cfg.convs, cfg.embed_dim), "on")
+        for mode in (first, {"train": "eval", "eval": "train"}[first]) * 2:
+            encoder.train(mode == "train")
+            with torch.inference_mode(mode == "eval"):
+                encoder(torch.randn(64 if mode == "train" else 500, 3, 32, 32)).sum()
+        assert len(graphs) == 2, graphs
+        images = [shape for inputs in graphs for shape in inputs if isinstance(shape, tuple) and len(shape) == 4
+                  and shape[1:] == (3, 32, 32)]
+        assert sorted(images, key=str) == [(500, 3, 32, 32), (64, 3, 32, 32)], graphs  # a SymInt batch fails here
+        assert all(isinstance(shape, tuple) for inputs in graphs for shape in inputs), graphs  # no size inputs
+    torch._dynamo.reset()
