@@ -401,13 +401,17 @@ def tokenize(tokenizer, texts):
     return tokenizer(list(texts))
 
 
+TEXT_BATCH = 1024  # captions per text-tower call (ImageNet's 80,000 in one call: tens of GB of activations)
+
+
 @torch.no_grad()
 def zeroshot_weights(clip, tokenizer, classnames, templates, device, precision="auto"):
     """One embedding per class: every template filled with the class name, embedded by the text tower,
     L2-normalised, averaged over templates and normalised again (CLIP's recipe). Returns [classes, dim] float32."""
     texts = tuple(t.format(c) for c in classnames for t in templates)
     with autocast(device, precision):
-        emb = F.normalize(clip.encode_text(tokenize(tokenizer, texts).to(device)).float(), dim=-1)
+        emb = torch.cat([F.normalize(clip.encode_text(tokens.to(device)).float(), dim=-1)
+                         for tokens in tokenize(tokenizer, texts).split(TEXT_BATCH)])
     return F.normalize(emb.view(len(classnames), len(templates), -1).mean(1), dim=-1)
 
 

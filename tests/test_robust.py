@@ -90,6 +90,20 @@ def test_zeroshot_head_averages_normalised_template_embeddings():
     assert torch.allclose(head(f), expected, atol=1e-4)
 
 
+def test_zeroshot_head_calls_the_text_tower_on_bounded_batches(monkeypatch):
+    """ImageNet's head embeds 80,000 captions; the text tower sees at most common.TEXT_BATCH of them per call (one call
+    held ~2.3 MiB per caption of ViT-B/16 activations: benchmarks/zeroshot_memory.py), with the same result."""
+    clip, tokenizer = (lambda b: (b.clip, b.tokenizer))(common.load_backbone("embedded-clip-tiny"))
+    names, templates = [f"shape {i}" for i in range(7)], ["a {}.", "a drawing of a {}.", "a big {}."]
+    whole = common.zeroshot_weights(clip, tokenizer, names, templates, "cpu")  # 21 captions, one call
+    calls, encode_text = [], clip.encode_text
+    monkeypatch.setattr(clip, "encode_text", lambda tokens: calls.append(len(tokens)) or encode_text(tokens))
+    monkeypatch.setattr(common, "TEXT_BATCH", 4)  # batches cut across classes: 4 + 4 + ... + 1
+    chunked = common.zeroshot_weights(clip, tokenizer, names, templates, "cpu")
+    assert calls == [4, 4, 4, 4, 4, 1]
+    assert torch.allclose(chunked, whole, atol=1e-6)
+
+
 def test_wiseft_endpoints_give_back_zeroshot_and_flyp_exactly(tmp_path, monkeypatch):
     zs = zeroshot.main(zeroshot.Args(dataset="embedded-tiny", out=str(tmp_path / "zs")))
     tuned = flyp.main(flyp.Args(dataset="embedded-tiny", out=str(tmp_path / "flyp"), save=True, lr=1e-2))
