@@ -130,8 +130,8 @@ def main(args):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total, n = total + loss.item() * len(y), n + len(y)
-        total, n = common.all_reduce_sum(total, n)  # over every rank's share of the batches
+            total, n = total + loss.detach() * len(y), n + len(y)  # on the device: no wait for the GPU every step
+        total, n = common.all_reduce_sum(float(total), n)  # over every rank's share of the batches
         scheduler.step()
 
         # Model selection sees ID validation only; test and OOD splits are scored once, for the selected epoch.
