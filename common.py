@@ -466,8 +466,7 @@ def maybe_compile(model, flag="auto", device="cpu"):
     'auto' on CUDA. Keep the unwrapped model for saving: compiled modules prefix their state dict with `_orig_mod.`.
     dynamic=False: shapes are static by design (training drops the last partial batch, evaluation pads), so each
     mode gets one graph specialised to its batch; by default the second shape seen (evaluation's batch after
-    training's, or training's after LP-FT's feature extraction) would make torch.compile rebuild that graph for any
-    batch size, with generic kernels."""
+    training's) makes torch.compile build that graph for any batch size, with generic kernels."""
     if flag == "on" or (flag == "auto" and torch.device(device).type == "cuda"):
         return torch.compile(model, dynamic=False)
     return model

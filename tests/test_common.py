@@ -237,7 +237,7 @@ def test_compiled_encoder_keeps_one_static_graph_per_mode(monkeypatch):
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend=recording, **kw))
     cfg = common.EMBEDDED_BACKBONES["embedded-clip-tiny"]
-    for first in ("train", "eval"):  # FT: training, then evaluation; LP-FT: feature extraction, then training
+    for first in ("train", "eval"):  # the methods train first; either order must do
         torch._dynamo.reset()
         graphs.clear()
         encoder = common.maybe_compile(common.ConvTower(cfg.convs, cfg.embed_dim), "on")
