@@ -6,7 +6,8 @@
 #       table of five more ViT-B/16 steps of our path, the kernels with the most GPU time first (the "why" of a
 #       missed target, from the same call);
 #   (2) lp / ft / lpft / flyp on the tiny embedded world with the CUDA defaults (bf16 autocast + torch.compile), to
-#       check that the default path runs end to end (speed is bench.py's job);
+#       check that the default path runs end to end (speed is bench.py's job), with torch.compile's recompilations
+#       and their reasons (expected: one per compiled tower, training -> evaluation, 'grad_mode');
 #   (3) ft.py on a folder of JPEGs with RFT_GPU_DECODE=1 (nvJPEG inside a real run).
 #
 # The device machine has PyTorch, torchvision, scikit-learn, timm and friends but no open_clip and no network. Fetch
@@ -40,9 +41,13 @@ timeout 270 "$PY" bench.py --device cuda --out "$OUT/bench.json" --profile "$OUT
 "$PY" -c "import common; common.load_backbone('embedded-clip-tiny')" > "$WORK/pretrain.txt" 2>&1
 for m in lp ft lpft flyp; do
   start=$(date +%s)
-  timeout 60 "$PY" "$m.py" --dataset embedded-tiny --device cuda --out "$WORK/runs/$m" > "$WORK/$m.txt" 2>&1
+  TORCH_LOGS=recompiles timeout 60 "$PY" "$m.py" --dataset embedded-tiny --device cuda --out "$WORK/runs/$m" \
+    > "$WORK/$m.txt" 2>&1
   rc=$?
-  { echo "== $m.py rc=$rc $(( $(date +%s) - start )) s"; tail -n 3 "$WORK/$m.txt"; } >> "$OUT/methods.txt"
+  { echo "== $m.py rc=$rc $(( $(date +%s) - start )) s, $(grep -c 'Recompiling function' "$WORK/$m.txt") recompilations"
+    sed -n 's/.*\[__recompiles\] *- /  because /p' "$WORK/$m.txt"
+    if [ $rc -eq 0 ]; then grep "^\[$m\]" "$WORK/$m.txt" | tail -n 3; else tail -n 5 "$WORK/$m.txt"; fi
+  } >> "$OUT/methods.txt"
 done
 
 # (3) nvJPEG inside a real run: a small folder dataset of JPEGs, decoded on the GPU.
