@@ -9,7 +9,7 @@ interpolated text tower; an FT checkpoint started from the zero-shot head (ft.py
 encoder and head; any other checkpoint (a random or LP head) interpolates the encoder only and keeps its head.
 
     python flyp.py --save && python wiseft.py          # the embedded world, FLYP endpoint
-    python ft.py --head-init zeroshot --save && \
+    python ft.py --head-init zeroshot --save && \\
         python wiseft.py --checkpoint runs/ft-zeroshot-head/embedded/seed0/model.pt
 """
 from dataclasses import dataclass
