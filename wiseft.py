@@ -75,7 +75,7 @@ def alpha_grid(step, report):
 
 def endpoints(ckpt, backbone, dataset, device, precision):
     """The model to evaluate, theta_zero-shot, theta_fine-tuned, and the function that builds its current head."""
-    theta1 = ckpt["state_dict"]
+    theta1 = {k: v.to(device) for k, v in ckpt["state_dict"].items()}  # read onto the CPU; theta0 is on `device`
     if ckpt["method"] == "flyp":  # both towers; the head comes from the (interpolated) text tower
         model = common.to_device(common.require_clip(backbone, "WiSE-FT of a FLYP checkpoint").clip, device)
         theta0 = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -199,3 +199,20 @@ def test_fewshot_draws_k_examples_of_every_class():
     idx = flyp_fewshot.draw_shots(labels, 4, torch.Generator().manual_seed(0))
     assert len(idx) == 40 and len(set(idx.tolist())) == 40
     assert torch.equal(torch.bincount(labels[idx]), torch.full((10,), 4))
+
+
+@pytest.mark.parametrize("method,head_init", [("flyp", None), ("ft", "random")])
+def test_wiseft_interpolates_on_the_device_of_the_model(method, head_init):
+    """The checkpoint is read onto the CPU and the zero-shot endpoint lives on the run's device (CUDA on a GPU): both
+    endpoints must be on one device. The meta device stands in for CUDA here (it refuses CPU operands alike)."""
+    backbone = common.load_backbone("embedded-clip-tiny")
+    dataset = data.load_dataset("embedded-tiny")
+    if method == "flyp":
+        state = backbone.clip.state_dict()
+    else:
+        state = torch.nn.Sequential(backbone.encoder, torch.nn.Linear(backbone.encoder.output_dim, 10)).state_dict()
+    ckpt = {"method": method, "args": {"head_init": head_init}, "state_dict": {k: v.clone() for k, v in state.items()}}
+    meta = torch.device("meta")
+    model, _, theta0, theta1, _ = wiseft.endpoints(ckpt, backbone, dataset, meta, "fp32")
+    assert {v.device for v in (*theta0.values(), *theta1.values())} == {meta}
+    model.load_state_dict(wiseft.interpolate(theta0, theta1, 0.5))
