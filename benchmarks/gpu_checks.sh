@@ -5,9 +5,10 @@
 #       keeps every section already measured, bench.py writes its JSON after each); profile.txt: torch.profiler's
 #       table of five more ViT-B/16 steps of our path, the kernels with the most GPU time first (the "why" of a
 #       missed target, from the same call);
-#   (2) lp / ft / lpft / flyp on the tiny embedded world with the CUDA defaults (bf16 autocast + torch.compile), to
-#       check that the default path runs end to end (speed is bench.py's job), with torch.compile's recompilations
-#       and their reasons (expected: one per compiled tower, training -> evaluation, 'grad_mode');
+#   (2) lp / ft / lpft / l2sp / flyp, then wiseft of that FLYP run, on the tiny embedded world with the CUDA defaults
+#       (bf16 autocast + torch.compile), to check that the default path runs end to end (speed is bench.py's job),
+#       with torch.compile's recompilations and their reasons (expected: one per compiled tower, training ->
+#       evaluation, 'grad_mode');
 #   (3) ft.py on a folder of JPEGs with RFT_GPU_DECODE=1 (nvJPEG inside a real run).
 #
 # The device machine has PyTorch, torchvision, scikit-learn, timm and friends but no open_clip and no network. Fetch
@@ -16,7 +17,7 @@
 #   pip download --no-deps --only-binary=:all: -d .whl open_clip_torch==3.3.0 ftfy wcwidth
 #   device run, carry [".whl"], timeout_s 480:  bash benchmarks/gpu_checks.sh "$OUT"
 # Budget: at most 4.5 minutes for bench.py (compilation is most of it; ResNet-50 comes last and is what a time-out
-# cuts) and about 2 more for the rest, so a 15-minute lease leaves room for one rerun. $OUT receives at most 8 small
+# cuts) and about 2-3 more for the rest, so a 15-minute lease leaves room for one rerun. $OUT receives at most 8 small
 # files; scratch (model cache, runs, JPEGs) stays in $WORK.
 set -uo pipefail
 OUT=${1:-gpu-out}
@@ -39,14 +40,15 @@ timeout 270 "$PY" bench.py --device cuda --out "$OUT/bench.json" --profile "$OUT
 
 # (2) The method scripts with the CUDA defaults, timed; the last lines of each log go to methods.txt.
 "$PY" -c "import common; common.load_backbone('embedded-clip-tiny')" > "$WORK/pretrain.txt" 2>&1
-for m in lp ft lpft flyp; do
+for m in lp ft lpft l2sp flyp wiseft; do
+  case $m in flyp) extra=(--save) ;; wiseft) extra=(--checkpoint "$WORK/runs/flyp/model.pt") ;; *) extra=() ;; esac
   start=$(date +%s)
   TORCH_LOGS=recompiles timeout 60 "$PY" "$m.py" --dataset embedded-tiny --device cuda --out "$WORK/runs/$m" \
-    > "$WORK/$m.txt" 2>&1
+    "${extra[@]}" > "$WORK/$m.txt" 2>&1
   rc=$?
   { echo "== $m.py rc=$rc $(( $(date +%s) - start )) s, $(grep -c 'Recompiling function' "$WORK/$m.txt") recompilations"
     sed -n 's/.*\[__recompiles\] *- /  because /p' "$WORK/$m.txt"
-    if [ $rc -eq 0 ]; then grep "^\[$m\]" "$WORK/$m.txt" | tail -n 3; else tail -n 5 "$WORK/$m.txt"; fi
+    if [ $rc -eq 0 ]; then grep "^\[$m" "$WORK/$m.txt" | tail -n 3; else tail -n 5 "$WORK/$m.txt"; fi
   } >> "$OUT/methods.txt"
 done
 
