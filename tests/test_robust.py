@@ -93,7 +93,8 @@ def test_zeroshot_head_averages_normalised_template_embeddings():
 def test_zeroshot_head_calls_the_text_tower_on_bounded_batches(monkeypatch):
     """ImageNet's head embeds 80,000 captions; the text tower sees at most common.TEXT_BATCH of them per call (one call
     held ~2.3 MiB per caption of ViT-B/16 activations: benchmarks/zeroshot_memory.py), with the same result."""
-    clip, tokenizer = (lambda b: (b.clip, b.tokenizer))(common.load_backbone("embedded-clip-tiny"))
+    backbone = common.load_backbone("embedded-clip-tiny")
+    clip, tokenizer = backbone.clip, backbone.tokenizer
     names, templates = [f"shape {i}" for i in range(7)], ["a {}.", "a drawing of a {}.", "a big {}."]
     whole = common.zeroshot_weights(clip, tokenizer, names, templates, "cpu")  # 21 captions, one call
     calls, encode_text = [], clip.encode_text
