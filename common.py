@@ -127,8 +127,28 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def progress(iterable, **kwargs):
-    return tqdm(iterable, dynamic_ncols=True, leave=False, disable=not sys.stderr.isatty() or not is_main(), **kwargs)
+PROGRESS_EVERY = 60  # seconds between plain progress lines where stderr is no terminal (a batch job's log file)
+
+
+def progress(iterable, desc="", total=None):
+    """tqdm's bar on a terminal; in a log file, a plain line a minute at most, so that a long epoch or feature pass
+    shows it is alive; nothing from the ranks other than 0 under torchrun."""
+    if not is_main():
+        return iterable
+    if sys.stderr.isatty():
+        return tqdm(iterable, desc=desc, total=total, dynamic_ncols=True, leave=False)
+    return _plain_progress(iterable, desc, total)
+
+
+def _plain_progress(iterable, desc, total):
+    start = last = time.time()
+    for i, item in enumerate(iterable, 1):
+        yield item
+        now = time.time()
+        if now - last >= PROGRESS_EVERY:
+            last = now
+            print(f"{desc}: {i:,}{f'/{total:,}' if total else ''} in {now - start:.0f} s ({i / (now - start):.2f}/s)",
+                  file=sys.stderr, flush=True)
 
 
 def save_atomic(obj, path):
@@ -327,7 +347,7 @@ def to_device(model, device):
 
 
 @torch.inference_mode()
-def extract_features(encoder, split, device, precision="auto", batch_size=500, cache=None):
+def extract_features(encoder, split, device, precision="auto", batch_size=500, cache=None, desc=None):
     """Features of every image of a split, in order, as float32 on the CPU (under torchrun each rank extracts its
     share of every batch and all ranks get all features). With `cache` (a `feature_cache` key) they are read from,
     or written to, <cache dir>/features/. A compiled encoder gets every batch padded to the full size, so the last
@@ -339,7 +359,8 @@ def extract_features(encoder, split, device, precision="auto", batch_size=500, c
     static = isinstance(encoder, torch._dynamo.eval_frame.OptimizedModule)
     feats = []
     with autocast(device, precision):
-        for x, _ in split.batches(batch_size, device):
+        batches = split.batches(batch_size, device)
+        for x, _ in progress(batches, desc or f"features of {len(split):,} images", total=-(-len(split) // batch_size)):
             n, full = len(x), -(-batch_size // data.rank_and_world()[1])
             x = torch.cat([x, x.new_zeros((full - n, *x.shape[1:]))]) if static and n < full else x
             feats.append(all_gather(encoder(x)[:n].float()).cpu())
@@ -559,7 +580,7 @@ def split_features(encoder, dataset, device, precision="auto", only=None, backbo
     def cache(k):
         return feature_cache(backbone, dataset, k, precision) if backbone else None
 
-    return {k: extract_features(encoder, s, device, precision, cache=cache(k))
+    return {k: extract_features(encoder, s, device, precision, cache=cache(k), desc=f"features {k}")
             for k, s in eval_splits(dataset).items() if only is None or k in only}
 
 

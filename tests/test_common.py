@@ -251,3 +251,15 @@ def test_compiled_encoder_keeps_one_static_graph_per_mode(monkeypatch):
         assert sorted(images, key=str) == [(500, 3, 32, 32), (64, 3, 32, 32)], graphs  # a SymInt batch fails here
         assert all(isinstance(shape, tuple) for inputs in graphs for shape in inputs), graphs  # no size inputs
     torch._dynamo.reset()
+
+
+def test_progress_in_a_log_file_is_plain_lines(monkeypatch, capsys):
+    """Where stderr is no terminal (a batch job's log; pytest's capture here), progress is a plain line at most every
+    PROGRESS_EVERY seconds instead of tqdm's redrawn bar, and the items pass through unchanged."""
+    monkeypatch.setattr(common, "PROGRESS_EVERY", 0)
+    assert list(common.progress(iter("abc"), "epoch 1/2", total=3)) == ["a", "b", "c"]
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" in ")[0] for line in lines] == ["epoch 1/2: 1/3", "epoch 1/2: 2/3", "epoch 1/2: 3/3"]
+    monkeypatch.setattr(common, "PROGRESS_EVERY", 3600)
+    assert list(common.progress(range(1000), "features")) == list(range(1000))
+    assert capsys.readouterr().err == ""  # a pass shorter than the interval says nothing
