@@ -137,6 +137,8 @@ def progress(iterable, desc="", total=None):
         return iterable
     if sys.stderr.isatty():
         return tqdm(iterable, desc=desc, total=total, dynamic_ncols=True, leave=False)
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
     return _plain_progress(iterable, desc, total)
 
 

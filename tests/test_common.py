@@ -260,6 +260,8 @@ def test_progress_in_a_log_file_is_plain_lines(monkeypatch, capsys):
     assert list(common.progress(iter("abc"), "epoch 1/2", total=3)) == ["a", "b", "c"]
     lines = capsys.readouterr().err.splitlines()
     assert [line.split(" in ")[0] for line in lines] == ["epoch 1/2: 1/3", "epoch 1/2: 2/3", "epoch 1/2: 3/3"]
+    list(common.progress(range(2), "C sweep"))  # the total of an iterable that has a length
+    assert capsys.readouterr().err.splitlines()[-1].startswith("C sweep: 2/2 in ")
     monkeypatch.setattr(common, "PROGRESS_EVERY", 3600)
     assert list(common.progress(range(1000), "features")) == list(range(1000))
     assert capsys.readouterr().err == ""  # a pass shorter than the interval says nothing
