@@ -361,8 +361,7 @@ def extract_features(encoder, split, device, precision="auto", batch_size=500, c
     static = isinstance(encoder, torch._dynamo.eval_frame.OptimizedModule)
     feats = []
     with autocast(device, precision):
-        batches = split.batches(batch_size, device)
-        for x, _ in progress(batches, desc or f"features of {len(split):,} images", total=-(-len(split) // batch_size)):
+        for x, _ in progress(split.batches(batch_size, device), desc or f"features of {len(split):,} images"):
             n, full = len(x), -(-batch_size // data.rank_and_world()[1])
             x = torch.cat([x, x.new_zeros((full - n, *x.shape[1:]))]) if static and n < full else x
             feats.append(all_gather(encoder(x)[:n].float()).cpu())

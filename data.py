@@ -221,11 +221,27 @@ class Split:
                                    groups=None if self.groups is None else self.groups[idx])
 
     def batches(self, batch_size, device="cpu", shuffle=False, drop_last=False, generator=None):
-        """Yield (normalised float images, labels) on `device`; under torch.distributed, this rank's share of each
-        batch (see `BatchIndices`)."""
-        for idx in BatchIndices(len(self), batch_size, shuffle, drop_last, generator):
-            yield (normalize(self.images[idx].to(device, non_blocking=True), self.mean, self.std),
-                   self.labels[idx].to(device, non_blocking=True))
+        """(normalised float images, labels) on `device`, one pass; under torch.distributed, this rank's share of
+        each batch (see `BatchIndices`)."""
+        indices = BatchIndices(len(self), batch_size, shuffle, drop_last, generator)
+        return Batches(((normalize(self.images[idx].to(device, non_blocking=True), self.mean, self.std),
+                         self.labels[idx].to(device, non_blocking=True)) for idx in indices), len(indices))
+
+
+@dataclass
+class Batches:
+    """One pass of a split's batches that knows how many there are: progress bars show the total and time left."""
+    iterator: object
+    n: int
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.iterator)
+
+    def __len__(self):
+        return self.n
 
 
 def rank_and_world():
@@ -294,8 +310,12 @@ class FileSplit:
         return self.transform(self.read(self.items[i])), self.labels[i]
 
     def batches(self, batch_size, device="cpu", shuffle=False, drop_last=False, generator=None):
+        loader = self._loader(batch_size, torch.device(device), shuffle, drop_last, generator)
+        return Batches(self._batches(loader, device), len(loader))
+
+    def _batches(self, loader, device):
         try:
-            for x, y in self._loader(batch_size, torch.device(device), shuffle, drop_last, generator):
+            for x, y in loader:
                 x = self._decode(x, device) if self.decode_on_device else x.to(device, non_blocking=True)
                 yield normalize(x, self.mean, self.std), y.to(device, non_blocking=True)
         except UnreadableImage as e:  # one line, not a worker's traceback
