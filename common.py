@@ -143,14 +143,14 @@ def progress(iterable, desc="", total=None):
 
 
 def _plain_progress(iterable, desc, total):
-    start = last = time.time()
+    start = last = time.perf_counter()
     for i, item in enumerate(iterable, 1):
         yield item
-        now = time.time()
+        now = time.perf_counter()
         if now - last >= PROGRESS_EVERY:
-            last = now
-            print(f"{desc}: {i:,}{f'/{total:,}' if total else ''} in {now - start:.0f} s ({i / (now - start):.2f}/s)",
-                  file=sys.stderr, flush=True)
+            last, rate = now, i / max(now - start, 1e-9)
+            of = f"/{total:,}" if total else ""
+            print(f"{desc}: {i:,}{of} in {now - start:.0f} s ({rate:.2f}/s)", file=sys.stderr, flush=True)
 
 
 def save_atomic(obj, path):
