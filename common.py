@@ -611,10 +611,11 @@ def worst_group_acc(pred, labels, groups, names):
 
 
 @torch.inference_mode()
-def evaluate(features, classify, dataset, ref, device, precision="auto"):
+def evaluate(features, classify, dataset, ref, device):
     """Accuracy and feature distortion on the splits in `features` (split_features of the current encoder), with
     `classify` mapping features to logits; `ref` holds the pretrained encoder's split_features. A split scored on a
-    class subset (ImageNet-R/-A) takes the argmax over those classes' logits only.
+    class subset (ImageNet-R/-A) takes the argmax over those classes' logits only. The head runs in fp32, also under
+    an enclosing autocast: it costs nothing next to the encoder, and bf16 logits (8 significant bits) flip near-ties.
     Keys: acc/<split>, distortion/<split>, the dataset's own metric where it has one (macro_f1/<split> for
     iWildCam, worst_region_acc/<split> for FMoW), and <key>/ood_avg over the OOD splits."""
     metrics = {}
@@ -622,8 +623,8 @@ def evaluate(features, classify, dataset, ref, device, precision="auto"):
         if name not in features:
             continue
         feats = features[name]
-        with autocast(device, precision):
-            logits = classify(feats.to(device)).float().cpu()
+        with torch.autocast(torch.device(device).type, enabled=False):
+            logits = classify(feats.to(device).float()).float().cpu()
         pred = logits.argmax(1) if split.classes is None else split.classes[logits[:, split.classes].argmax(1)]
         metrics[f"acc/{name}"] = 100.0 * (pred == split.labels).float().mean().item()
         if dataset.metric == "macro_f1":

@@ -166,7 +166,7 @@ def main(args):
 
         # Model selection sees ID validation only; test and OOD splits are scored once, for the selected epoch.
         feats = common.split_features(encode, dataset, device, args.precision, only=["id_val"])
-        metrics = common.evaluate(feats, head(), dataset, ref, device, args.precision)
+        metrics = common.evaluate(feats, head(), dataset, ref, device)
         results.log(epoch, metrics, train_loss=total / n, epoch_seconds=time.time() - start,
                     logit_scale=model.logit_scale.exp().item())
         log(f"epoch {epoch:2d} loss {total / n:.3f} | {common.format_metrics(metrics)}")
@@ -176,7 +176,7 @@ def main(args):
     _, epoch, state = best
     model.load_state_dict(state)
     metrics = common.evaluate(common.split_features(encode, dataset, device, args.precision), head(), dataset, ref,
-                              device, args.precision)
+                              device)
     record = results.log(epoch, metrics, stage="selected")
     log(f"best epoch {epoch} (by ID val) | {common.format_metrics(metrics)}")
     if args.save:

@@ -152,7 +152,7 @@ def main(args):
         val_loss, step, state = best
         model.load_state_dict(state)
         metrics = common.evaluate(common.split_features(encode, dataset, device, args.precision), head(), dataset, ref,
-                                  device, args.precision)
+                                  device)
         records.append(results.log(draw, metrics, selected_step=step, val_losses=val_losses, shots=args.shots))
         log(f"draw {draw:2d}: step {step:2d} (val loss {val_loss:.3f}) | {common.format_metrics(metrics)}")
 

@@ -136,7 +136,7 @@ def main(args):
 
         # Model selection sees ID validation only; test and OOD splits are scored once, for the selected epoch.
         feats = common.split_features(encode, dataset, device, args.precision, only=["id_val"])
-        metrics = common.evaluate(feats, model[1], dataset, ref, device, args.precision)
+        metrics = common.evaluate(feats, model[1], dataset, ref, device)
         results.log(epoch, metrics, train_loss=total / n, epoch_seconds=time.time() - start)
         log(f"epoch {epoch:2d} loss {total / n:.3f} | {common.format_metrics(metrics)}")
         if best is None or metrics["acc/id_val"] > best[0]:
@@ -145,7 +145,7 @@ def main(args):
     _, epoch, state = best
     model.load_state_dict(state)
     metrics = common.evaluate(common.split_features(encode, dataset, device, args.precision), model[1], dataset, ref,
-                              device, args.precision)
+                              device)
     record = results.log(epoch, metrics, stage="selected")
     log(f"best epoch {epoch} (by ID val) | {common.format_metrics(metrics)}")
     if args.save:

@@ -103,7 +103,7 @@ def main(args):
     records, init = [], None
     for i, c in enumerate(common.progress(np.logspace(np.log10(args.c_min), np.log10(args.c_max), args.num_c), desc="C sweep")):
         w, b = init = fit_logreg(x, y, len(dataset.classnames), float(c), init, args.max_iter)
-        metrics = common.evaluate(feats, lambda f: ((f - mean) / std) @ w.T + b, dataset, feats, device, args.precision)
+        metrics = common.evaluate(feats, lambda f: ((f - mean) / std) @ w.T + b, dataset, feats, device)
         records.append(results.log(i, metrics, c=float(c)))
 
     best = common.select_best(records)

@@ -161,7 +161,7 @@ def main(args):
         backbone, dataset, "id_train", args.precision, args.seed))  # one augmented view per image; cached for real data
     w, b, c = linear_probe(args, dataset, train_feats, ref, device)
     model = build_model(encoder, w, b).to(device)
-    metrics = common.evaluate(ref, model[1], dataset, ref, device, args.precision)  # stage-2 start = the LP head
+    metrics = common.evaluate(ref, model[1], dataset, ref, device)  # stage-2 start = the LP head
     results.log(0, metrics, stage="lp", c=c)
     log(f"LP head (C {c:.3g}) | {common.format_metrics(metrics)}")
     encode = common.maybe_compile(model[0], args.compile, device)  # the saved model stays unwrapped
@@ -187,7 +187,7 @@ def main(args):
 
         # Model selection sees ID validation only; test and OOD splits are scored once, for the selected epoch.
         feats = common.split_features(encode, dataset, device, args.precision, only=["id_val"])
-        metrics = common.evaluate(feats, model[1], dataset, ref, device, args.precision)
+        metrics = common.evaluate(feats, model[1], dataset, ref, device)
         results.log(epoch, metrics, train_loss=total / n, epoch_seconds=time.time() - start)
         log(f"epoch {epoch:2d} loss {total / n:.3f} | {common.format_metrics(metrics)}")
         if best is None or metrics["acc/id_val"] > best[0]:
@@ -196,7 +196,7 @@ def main(args):
     _, epoch, state = best
     model.load_state_dict(state)
     metrics = common.evaluate(common.split_features(encode, dataset, device, args.precision), model[1], dataset, ref,
-                              device, args.precision)
+                              device)
     record = results.log(epoch, metrics, stage="selected")
     log(f"best epoch {epoch} (by ID val) | {common.format_metrics(metrics)}")
     if args.save:

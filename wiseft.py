@@ -140,7 +140,7 @@ def main(args):
         model.load_state_dict(interpolate(theta0, theta1, alpha))
         # At alpha = 0 the weights are theta0 bit for bit: its features are the reference ones, already computed.
         feats = ref if alpha == 0 else common.split_features(encode, dataset, device, args.precision)
-        metrics = common.evaluate(feats, classifier(), dataset, ref, device, args.precision)
+        metrics = common.evaluate(feats, classifier(), dataset, ref, device)
         records.append(results.log(i, metrics, alpha=alpha, endpoint=path, endpoint_step=ckpt.get("step")))
         log(f"alpha {alpha:.2f} | {common.format_metrics(metrics)}")
 

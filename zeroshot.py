@@ -50,7 +50,7 @@ def main(args):
     # ----- end of method -----
 
     feats = common.split_features(encoder, dataset, device, args.precision, backbone=backbone)  # = reference
-    metrics = common.evaluate(feats, head, dataset, feats, device, args.precision)
+    metrics = common.evaluate(feats, head, dataset, feats, device)
     record = results.log(0, metrics, templates=len(dataset.templates))
     log(f"zero-shot ({len(dataset.templates)} templates) | {common.format_metrics(metrics)}")
     results.done({"step": 0, "metrics": metrics})

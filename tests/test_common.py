@@ -64,6 +64,21 @@ def test_distortion():
     assert common.distortion(2 * ref, ref) == pytest.approx(1.0)  # moved by its own norm
 
 
+def test_heads_are_scored_in_fp32_even_under_bf16_autocast():
+    # Two classes whose logits differ by 2^-10 relative: bf16 rounds the weights equal and argmax takes class 0
+    from types import SimpleNamespace
+    head = torch.nn.Linear(1, 2, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0], [1.0 + 2 ** -10]]))
+    feats = torch.rand(50, 1) + 1
+    split = SimpleNamespace(labels=torch.ones(50, dtype=torch.long), classes=None, groups=None)
+    ds = SimpleNamespace(val=split, test=split, ood={}, metric="acc")
+    with common.autocast("cpu", "bf16"):
+        assert (head(feats).argmax(1) == 0).all()  # the case is a real near-tie for bf16
+        metrics = common.evaluate({"id_val": feats}, head, ds, {"id_val": feats}, "cpu")
+    assert metrics["acc/id_val"] == 100.0
+
+
 def test_precision_and_device_defaults():
     assert isinstance(common.autocast("cpu"), type(common.autocast("cpu", "fp32")))  # off on CPU
     assert common.autocast("cpu", "bf16").fast_dtype == torch.bfloat16
