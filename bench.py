@@ -6,7 +6,7 @@ run on one device, so every number is a ratio against a baseline measured minute
 
 Sections: (a) training images/s and model FLOPs utilisation (MFU, against the device's bf16 peak), ours vs eager
 fp32, on synthetic tensors and end to end from JPEG files; (b) FLYP image-text pairs/s; (c) feature extraction
-images/s; (d) the LP sweep on identical features, lp.py's torch L-BFGS vs scikit-learn, time and accuracy; (e) the
+images/s; (d) the LP sweep on identical features, lp.py's solver vs scikit-learn, time and accuracy; (e) the
 share of step time spent waiting for data. Prints a table and writes JSON (--out).
 """
 import argparse
@@ -179,8 +179,9 @@ def extract_rate(build, res, batch, device, fast, steps):
 def lp_sweep(device, n, dim, classes, num_c):
     """lp.py's protocol with two solvers on identical standardised features: the warm-started sweep over the LP-FT
     code's C grid (logspace(-7, 2)), C selected on a validation split, test accuracy at the selected C. Ours = lp.py's
-    torch L-BFGS on `device`; theirs = scikit-learn's LogisticRegression (lbfgs, warm start, max_iter 200, as the
-    LP-FT code). Class means close enough together that C matters (test accuracy ~60%, not a saturated 99%)."""
+    fit (scipy's L-BFGS-B, torch's loss and gradient on `device`); theirs = scikit-learn's LogisticRegression (lbfgs,
+    warm start, max_iter 200, as the LP-FT code). Class means close enough together that C matters (test accuracy ~60%,
+    not a saturated 99%)."""
     import lp
     from sklearn.linear_model import LogisticRegression
 

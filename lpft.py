@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.optimize
+import threadpoolctl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -94,22 +96,24 @@ def standardize(train_feats):
 
 def fit_logreg(x, y, num_classes, c, init=None, max_iter=200):
     """Multinomial logistic regression minimising sum_i CE_i + ||W||^2 / (2C) (scikit-learn's objective scaled by
-    1/C; the bias is not penalised), full-batch L-BFGS. Returns (W [k, d], b [k])."""
-    w = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device) if init is None else init[0].clone()
-    b = torch.zeros(num_classes, dtype=x.dtype, device=x.device) if init is None else init[1].clone()
-    w.requires_grad_(True)
-    b.requires_grad_(True)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-6,
-                            tolerance_change=1e-9, line_search_fn="strong_wolfe")
+    1/C; the bias is not penalised) with scikit-learn's own solver and settings: scipy's L-BFGS-B on the mean loss,
+    tol 1e-4, up to 50 line-search steps. Loss and gradient come from torch on x's device; the solver's few vectors
+    stay on the host, so a GPU waits once per evaluation. Returns (W [k, d], b [k]) on x's device."""
+    k, d = num_classes, x.shape[1]
 
-    def closure():
-        opt.zero_grad()
-        loss = logreg_objective(x, y, w, b, c) / len(y)  # mean scale keeps L-BFGS tolerances meaningful
+    def loss_and_grad(theta):  # theta = W flattened, then b
+        theta = torch.tensor(theta, dtype=x.dtype, device=x.device, requires_grad=True)
+        loss = logreg_objective(x, y, theta[:k * d].view(k, d), theta[k * d:], c) / len(y)
         loss.backward()
-        return loss
+        out = torch.cat([loss.detach().view(1), theta.grad]).double().cpu().numpy()  # one copy to the host
+        return out[0], out[1:]
 
-    opt.step(closure)
-    return w.detach(), b.detach()
+    theta = np.zeros(k * d + k) if init is None else torch.cat([init[0].flatten(), init[1]]).double().cpu().numpy()
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):  # idle BLAS threads would spin against torch's
+        theta = scipy.optimize.minimize(loss_and_grad, theta, jac=True, method="L-BFGS-B", options={
+            "maxiter": max_iter, "maxls": 50, "gtol": 1e-4, "ftol": 64 * np.finfo(float).eps}).x
+    theta = torch.tensor(theta, dtype=x.dtype, device=x.device)
+    return theta[:k * d].view(k, d), theta[k * d:]
 
 
 def logreg_objective(x, y, w, b, c):

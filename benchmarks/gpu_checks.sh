@@ -9,7 +9,9 @@
 #       (bf16 autocast + torch.compile), to check that the default path runs end to end (speed is bench.py's job),
 #       with torch.compile's recompilations and their reasons (expected: one per compiled tower, training ->
 #       evaluation, 'grad_mode');
-#   (3) ft.py on a folder of JPEGs with RFT_GPU_DECODE=1 (nvJPEG inside a real run).
+#   (3) ft.py on a folder of JPEGs with RFT_GPU_DECODE=1 (nvJPEG inside a real run);
+#   (4) benchmarks/lp_solver.py: LP's solver now (scipy L-BFGS-B, torch's loss and gradient on the GPU) against the
+#       torch.optim.LBFGS it replaced and scikit-learn, with the GPU syncs each makes (lp_solver.txt).
 #
 # The device machine has PyTorch, torchvision, scikit-learn, timm and friends but no open_clip and no network. Fetch
 # the missing pure-Python wheels here first (the folder stays out of git), then carry it:
@@ -17,7 +19,7 @@
 #   pip download --no-deps --only-binary=:all: -d .whl open_clip_torch==3.3.0 ftfy wcwidth
 #   device run, carry [".whl"], timeout_s 480:  bash benchmarks/gpu_checks.sh "$OUT"
 # Budget: at most 4.5 minutes for bench.py (compilation is most of it; ResNet-50 comes last and is what a time-out
-# cuts) and about 2-3 more for the rest, so a 15-minute lease leaves room for one rerun. $OUT receives at most 8 small
+# cuts) and about 3 more for the rest, so a 15-minute lease leaves room for one rerun. $OUT receives at most 8 small
 # files; scratch (model cache, runs, JPEGs) stays in $WORK.
 set -uo pipefail
 OUT=${1:-gpu-out}
@@ -69,3 +71,6 @@ RFT_GPU_DECODE=1 timeout 60 "$PY" ft.py --dataset folder --data-root "$WORK/jpeg
 rc=$?
 { echo "== ft.py RFT_GPU_DECODE=1 rc=$rc"; tail -n 3 "$WORK/ft-gpu-decode.txt"; } >> "$OUT/methods.txt"
 cat "$OUT/methods.txt"
+
+# (4) LP's solver, before and after (about 20 s of scikit-learn on the CPU, the rest seconds).
+timeout 120 "$PY" benchmarks/lp_solver.py --device cuda 2>&1 | grep -v "^USDT\|^ERROR:\|^STAGE:" | tee "$OUT/lp_solver.txt"
