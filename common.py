@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import random
 import subprocess
 import sys
@@ -113,8 +114,12 @@ def load_embedded_clip(name, log=print):
 
         log(f"no cached {name} at {path}: pretraining it now (once)")
         pretrain.pretrain(cfg, path, log=log)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
     model = EmbeddedCLIP(cfg)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+    model.load_state_dict(saved["state_dict"])
+    made = saved.get("made_with")  # every number depends on these (README, "How fragile these numbers are")
+    if made:
+        log(f"{name} pretrained with torch {made['torch']}, {made['threads']} thread(s) on {made['cpu']}")
     return model
 
 
@@ -658,10 +663,21 @@ def git_commit():
         return None
 
 
+def host():
+    """The CPU model and torch's thread count: CPU float results depend on both (the kernels differ by instruction
+    set, sums split by thread), so the embedded model pretrained on two machines differs, and so do its numbers."""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    return {"cpu": cpu, "threads": torch.get_num_threads()}
+
+
 class Results:
     """Appends one JSON line per evaluation to <out>/results.jsonl; each line carries the run's args, git commit,
-    library versions, device and seed so that every number traces back to its command. Under torchrun only rank 0
-    writes (every rank holds the same metrics)."""
+    library versions, device, host and seed so that every number traces back to its command. Under torchrun only
+    rank 0 writes (every rank holds the same metrics)."""
 
     def __init__(self, out_dir, method, args, device):
         self.dir = Path(out_dir)
@@ -673,6 +689,7 @@ class Results:
                        "versions": {"torch": str(torch.__version__), "open_clip": open_clip.__version__,
                                     "python": sys.version.split()[0]},
                        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+                       "host": host(),
                        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                        "processes": data.rank_and_world()[1]}
 

@@ -18,6 +18,8 @@ def test_embedded_model_is_cached_by_config(model_cache):
     assert path.stat().st_mtime_ns == stamp  # loaded, not retrained
     assert all(torch.equal(x, y) for x, y in zip(a.clip.state_dict().values(), b.clip.state_dict().values()))
     assert common.embedded_cache_path(dataclasses.replace(cfg, steps=cfg.steps + 1)) != path
+    made = torch.load(path, weights_only=True)["made_with"]  # what the model's numbers depend on, kept with it
+    assert made["threads"] == torch.get_num_threads() and made["cpu"] and made["torch"] == str(torch.__version__)
 
 
 def test_embedded_clip_has_the_open_clip_interface():

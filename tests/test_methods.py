@@ -33,7 +33,8 @@ def test_script_end_to_end(method, tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     done = json.loads((tmp_path / "done").read_text())
     assert lines and all(r["method"] == method and r["seed"] == 1 and r["args"]["dataset"] == "embedded-tiny" for r in lines)
-    assert {"commit", "versions", "device", "command", "data"} <= set(lines[0])
+    assert {"commit", "versions", "device", "host", "command", "data"} <= set(lines[0])
+    assert lines[0]["host"]["cpu"] and lines[0]["host"]["threads"] >= 1
     assert lines[0]["data"]["sizes"] == {"id_train": 200, "id_val": 100, "id_test": 100, "ood_sketch": 100,
                                          "ood_painting": 100, "ood_neon": 100}  # WORLDS["embedded-tiny"]
     keys = {"acc/id_val", "acc/id_test", "acc/ood_sketch", "acc/ood_painting", "acc/ood_neon", "acc/ood_avg",
