@@ -70,7 +70,7 @@ def main():
     parser.add_argument("--num-c", type=int, default=20)
     args = parser.parse_args()
     device = common.get_device(args.device)
-    g = torch.Generator().manual_seed(0)  # bench.py's features: class means close enough that C matters
+    g = torch.Generator().manual_seed(0)  # drawn as bench.py draws its own (not the same draws): C matters
     y = torch.randint(args.classes, (args.n,), generator=g)
     x = (torch.randn(args.classes, args.dim, generator=g) * 0.15)[y] + torch.randn(args.n, args.dim, generator=g)
     x, y = ((x - x.mean()) / x.std()).to(device), y.to(device)
