@@ -538,15 +538,20 @@ class _AllGather(torch.autograd.Function):
     every row) and returns this rank's rows, so the gradient equals one process's on the whole batch."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, total):
         rank, world = data.rank_and_world()
-        sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
-        torch.distributed.all_gather(sizes, torch.tensor([len(x)], device=x.device))
-        sizes = [int(n) for n in sizes]
-        padded = x.new_zeros((max(sizes), *x.shape[1:]))  # all_gather needs equal shapes: a last batch may differ
-        padded[:len(x)] = x
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        torch.distributed.all_gather(parts, padded)
+        if total is None:  # shares unknown (the last evaluation batch may be uneven): ask the ranks, and wait for them
+            sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+            torch.distributed.all_gather(sizes, torch.tensor([len(x)], device=x.device))
+            sizes = [int(n) for n in sizes]
+        else:  # the shares of `total` rows, split as shard() splits them: nothing to ask, the host does not wait
+            sizes = [len(share) for share in torch.arange(total).tensor_split(world)]
+            if sizes[rank] != len(x):
+                raise ValueError(f"all_gather: rank {rank} has {len(x)} rows, but its share of {total} is "
+                                 f"{sizes[rank]}")
+        padded = x if len(x) == max(sizes) else torch.cat([x, x.new_zeros((max(sizes) - len(x), *x.shape[1:]))])
+        parts = [torch.empty_like(padded) for _ in range(world)]  # all_gather needs equal shapes
+        torch.distributed.all_gather(parts, padded.contiguous())
         ctx.start, ctx.size = sum(sizes[:rank]), len(x)
         return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
@@ -554,12 +559,14 @@ class _AllGather(torch.autograd.Function):
     def backward(ctx, grad):
         grad = grad.contiguous().clone()
         torch.distributed.all_reduce(grad)
-        return grad[ctx.start:ctx.start + ctx.size]
+        return grad[ctx.start:ctx.start + ctx.size], None
 
 
-def all_gather(x):
-    """Every rank's rows of `x` concatenated (differentiable); `x` itself in a single process."""
-    return x if data.rank_and_world()[1] == 1 else _AllGather.apply(x)
+def all_gather(x, total=None):
+    """Every rank's rows of `x` concatenated (differentiable); `x` itself in a single process. Pass `total`, the
+    global row count, where it is known (a training batch): otherwise the ranks exchange their row counts first, and
+    reading them makes the host wait for the device once per call."""
+    return x if data.rank_and_world()[1] == 1 else _AllGather.apply(x, total)
 
 
 def all_reduce_sum(*values):

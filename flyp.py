@@ -156,7 +156,9 @@ def main(args):
             with common.autocast(device, args.precision):
                 image_features, text_features = towers(x, captions[y, template])
                 # the contrastive batch is the global batch: every rank's features are gathered (open_clip does too)
-                loss = clip_loss(common.all_gather(image_features), common.all_gather(text_features), model.logit_scale)
+                batch = recipe["batch_size"]  # its size, known to every rank: no exchange of sizes, no wait
+                loss = clip_loss(common.all_gather(image_features, batch), common.all_gather(text_features, batch),
+                                 model.logit_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
