@@ -521,7 +521,9 @@ def is_main():
 
 def distribute(module, device):
     """`module` wrapped in DistributedDataParallel (gradients averaged over ranks) when there are several processes,
-    else `module` itself. BatchNorm statistics stay per rank, as under the reference code's nn.DataParallel."""
+    else `module` itself. BatchNorm statistics stay per rank, as under the reference code's nn.DataParallel.
+    A compiled model inside still overlaps the gradient all-reduce with the backward: Dynamo compiles it during DDP's
+    forward and splits its graph at DDP's gradient buckets (DDPOptimizer)."""
     if data.rank_and_world()[1] == 1:
         return module
     return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)

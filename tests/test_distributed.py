@@ -109,6 +109,45 @@ def test_features_gathered_with_the_global_count_need_no_wait_for_the_device(tmp
         assert result["error"] == f"all_gather: rank {rank} has {3 - rank} rows, but its share of 7 is {4 - rank}"
 
 
+def compile_worker(rank, world, port, out):
+    """FT's layout (the encoder compiled, then encoder and head wrapped in DDP) with 1 MB gradient buckets: how many
+    graphs Dynamo compiled for the encoder, without and with DDP around it, and the gradients of one step."""
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    graphs = []
+
+    def recording(gm, example_inputs):  # stands in for inductor and runs the graph eagerly
+        graphs.append(gm)
+        return gm.forward
+
+    compile_ = torch.compile
+    torch.compile = lambda model, **kw: compile_(model, backend=recording, **kw)  # this spawned process only
+    torch.manual_seed(0)
+    encoder = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(512, 512), nn.ReLU())])  # 4 MB of weights
+    head, x = nn.Linear(512, 10), torch.randn(8, 512)
+    eager = torch.autograd.grad(head(encoder(x)).sum(), [*encoder.parameters(), *head.parameters()])
+    common.maybe_compile(encoder, "on")(x)
+    alone = len(graphs)
+    torch._dynamo.reset()
+    ddp = nn.parallel.DistributedDataParallel
+    nn.parallel.DistributedDataParallel = lambda module, **kw: ddp(module, bucket_cap_mb=1, **kw)
+    net = common.distribute(nn.Sequential(common.maybe_compile(encoder, "on"), head), torch.device("cpu"))
+    net(x).sum().backward()  # every rank has the same batch: the averaged gradient is one process's
+    grads = [p.grad for p in net.parameters()]
+    torch.save({"alone": alone, "ddp": len(graphs) - alone, "eager": eager, "grads": grads}, out / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_compiled_model_under_ddp_is_split_at_the_gradient_buckets(tmp_path):
+    """Compiling the model and then wrapping it in DDP, as the methods do, still lets the all-reduce of one bucket of
+    gradients run while the backward computes the next: Dynamo splits the graph at DDP's buckets (DDPOptimizer)."""
+    mp.spawn(compile_worker, args=(2, free_port(), tmp_path), nprocs=2)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["alone"] == 1 and result["ddp"] >= 3, result  # 4 MB of gradients in 1 MB buckets
+        for grad, expected in zip(result["grads"], result["eager"], strict=True):
+            torch.testing.assert_close(grad, expected)
+
+
 def shares_of(monkeypatch, world, n, batch_size, drop_last):
     """Every rank's index batches of one shuffled pass, as the ranks of a `world`-process run would draw them."""
     shares = []
