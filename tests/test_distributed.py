@@ -74,19 +74,21 @@ def test_two_processes_match_one(method, tmp_path, monkeypatch):
     assert not (tmp_path / "two" / "results.previous0.jsonl").exists()  # rank 1 wrote nothing of its own
 
 
+ROWS, WEIGHTS = torch.arange(15.0).reshape(5, 3), torch.linspace(-1, 1, 15).reshape(5, 3)  # a batch; a loss's weights
+
+
 def gather_worker(rank, world, port, out):
     """all_gather of this rank's share of 5 rows (3 and 2), with and without the global count; what came back."""
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    rows, weights = torch.arange(15.0).reshape(5, 3), torch.linspace(-1, 1, 15).reshape(5, 3)
     result = {}
     for total in (None, 5):
-        x = rows.tensor_split(world)[rank].clone().requires_grad_()
+        x = ROWS.tensor_split(world)[rank].clone().requires_grad_()
         with torch.profiler.profile() as prof:
             gathered = common.all_gather(x, total)
-        (gathered * weights).sum().backward()
+        (gathered * WEIGHTS).sum().backward()
         result[total] = gathered.detach(), x.grad, any(e.key == "aten::_local_scalar_dense" for e in prof.events())
     try:
-        common.all_gather(rows.tensor_split(world)[rank], 7)  # shares of 7 are 4 and 3: neither rank has them
+        common.all_gather(ROWS.tensor_split(world)[rank], 7)  # shares of 7 are 4 and 3: neither rank has them
     except ValueError as e:
         result["error"] = str(e)
     torch.save(result, out / f"rank{rank}.pt")
@@ -97,14 +99,13 @@ def test_features_gathered_with_the_global_count_need_no_wait_for_the_device(tmp
     """FLYP's loss sees the global batch through all_gather; given the global count, the ranks need not exchange
     their row counts, so the host never waits for the device to read them (one wait per step on a GPU)."""
     mp.spawn(gather_worker, args=(2, free_port(), tmp_path), nprocs=2)
-    rows, weights = torch.arange(15.0).reshape(5, 3), torch.linspace(-1, 1, 15).reshape(5, 3)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         for total in (None, 5):
-            gathered, grad, waited = result[total]
-            assert torch.equal(gathered, rows)
+            gathered, grad, _ = result[total]
+            assert torch.equal(gathered, ROWS)
             # every rank's loss depends on every row: the gradient is summed over the ranks (DDP then averages it)
-            torch.testing.assert_close(grad, 2 * weights.tensor_split(2)[rank])
+            torch.testing.assert_close(grad, 2 * WEIGHTS.tensor_split(2)[rank])
         assert result[None][2] and not result[5][2]  # the row counts were read only where they were not given
         assert result["error"] == f"all_gather: rank {rank} has {3 - rank} rows, but its share of 7 is {4 - rank}"
 
