@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -295,6 +296,7 @@ class FileSplit:
     groups: torch.Tensor = None
     group_names: list = None
     decode_on_device: bool = False
+    cpu_decoded_batches: int = 0  # with decode_on_device: batches nvJPEG refused, decoded on the CPU instead
 
     def __len__(self):
         return len(self.labels)
@@ -328,7 +330,13 @@ class FileSplit:
         files = list(data.split(lengths.tolist()))
         try:
             images = io.decode_jpeg(files, mode=io.ImageReadMode.RGB, device=device)
-        except RuntimeError:  # a file nvJPEG refuses (ImageNet holds a few CMYK JPEGs and one PNG named .JPEG)
+        except torch.OutOfMemoryError:
+            raise  # not the file's fault
+        except RuntimeError as e:  # a file nvJPEG refuses (ImageNet holds a few CMYK JPEGs and one PNG named .JPEG)
+            self.cpu_decoded_batches += 1
+            if self.cpu_decoded_batches == 1:  # said once: a run's speed depends on how often it happens
+                warnings.warn(f"JPEG decoding on {device} refused a batch ({e}); such batches are decoded on the CPU "
+                              f"(FileSplit.cpu_decoded_batches counts them)", stacklevel=2)
             images = [self._decode_one(f, i).to(device) for f, i in zip(files, index.tolist())]
         return torch.stack([self.transform(img.float()) for img in images])  # float: CUDA resizes no uint8 bicubic
 

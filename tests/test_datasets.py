@@ -828,7 +828,7 @@ def test_training_split_smaller_than_the_batch_runs_or_says_so(minis, tiny_backb
 def test_decoding_on_the_device_matches_the_worker_path(tmp_path, monkeypatch):
     """RFT_GPU_DECODE=1: workers read bytes, batches are decoded and cropped where they go (here the CPU, on a GPU
     nvJPEG); the images equal the PIL path's within about one grey level (two resamplers), including a greyscale JPEG
-    and a PNG named .jpg (as ImageNet has), which falls back to a per-image decode."""
+    and a PNG named .jpg (as ImageNet has), which falls back to a per-image decode on the CPU, with a warning."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -844,7 +844,9 @@ def test_decoding_on_the_device_matches_the_worker_path(tmp_path, monkeypatch):
     device = data.load_dataset("folder", data_root=str(tmp_path), backbone=BACKBONE)
     assert device.test.decode_on_device and not pil.test.decode_on_device
     (x1, y1), = list(pil.test.batches(100))
-    (x2, y2), = list(device.test.batches(100))
+    with pytest.warns(UserWarning, match="decoded on the CPU"):  # said, and counted: it costs speed on a GPU
+        (x2, y2), = list(device.test.batches(100))
+    assert device.test.cpu_decoded_batches == 1 and pil.test.cpu_decoded_batches == 0
     grey_levels = (x1 - x2).abs() * torch.tensor(pil.test.std).view(1, 3, 1, 1) * 255
     assert torch.equal(y1, y2) and x2.shape == x1.shape and grey_levels.max() < 2 and grey_levels.mean() < 0.5
     (x, y), = list(device.train.batches(len(device.train), shuffle=True, drop_last=True,
