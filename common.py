@@ -835,13 +835,16 @@ def describe(dataset, results, log, recipe=None):
 
 def setup(args, method, clip_for=None):
     """Check the options, the backbone and its weights file (and that it is a CLIP model, if `clip_for` names what
-    needs one); seed, device (deterministic algorithms on CPU), the results writer and a log function."""
+    needs one); seed, device (deterministic algorithms on CPU, cuDNN autotuning on CUDA), the results writer and a
+    log function."""
     check_args(args)
     check_backbone(args.backbone or data.default_backbone(args.dataset), args.weights, clip_for)
     seed_everything(args.seed)
     device = init_distributed(get_device(args.device))
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
+    else:  # shapes are static (full training batches, padded evaluation): cuDNN times its algorithms once per shape
+        torch.backends.cudnn.benchmark = True
     out = args.out or os.path.join("runs", method, args.dataset, f"seed{args.seed}")
     results = Results(out, method, args, device)
 
