@@ -12,11 +12,13 @@ share of step time spent waiting for data. Prints a table and writes JSON (--out
 import argparse
 import atexit
 import dataclasses
+import functools
 import json
 import os
 import shutil
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +60,12 @@ def models(device):
 
 
 def forward_flops(model, x):
+    """FLOPs of one image's forward pass. Attention runs as plain matmuls here: FlopCounterMode has no formula for
+    the fused CPU attention kernel and would drop attention's FLOPs (4% of ViT-B/16's 35.1 GFLOPs at 224 px)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         model(x)
     return counter.get_total_flops() / len(x)
 
@@ -76,6 +81,7 @@ def train_rate(build, res, batch, device, fast, steps, batches=None, profile=Non
     None = one synthetic batch reused. `profile`: a file for the profile of a few more steps, after the timed ones.
     Returns (images/s, share of time waiting for data)."""
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = fast  # ours, as the method scripts on CUDA: shapes are static
     model = build().to(device)
     if fast:
         model = common.to_device(model, device)
@@ -131,6 +137,7 @@ def flyp_rate(device, fast, steps):
     import open_clip
 
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = fast
     if device.type == "cuda":
         clip, res, batch = open_clip.create_model("ViT-B-16-quickgelu"), 224, 256
         tokens = open_clip.get_tokenizer("ViT-B-16-quickgelu")(["a photo of a dog."] * batch).to(device)
@@ -161,6 +168,7 @@ def flyp_rate(device, fast, steps):
 
 @torch.inference_mode()
 def extract_rate(build, res, batch, device, fast, steps):
+    torch.backends.cudnn.benchmark = fast
     model = build().to(device).eval()
     if fast:
         model = common.to_device(model, device)
@@ -223,58 +231,91 @@ def lp_sweep(device, n, dim, classes, num_c):
             "test_acc_ours": acc_ours, "test_acc_sklearn": acc_theirs, "acc_gap": abs(acc_ours - acc_theirs)}
 
 
-def jpeg_batches(res, batch, device, on_device=False):
-    """An endless iterator of training batches from JPEG files through data.py's own pipeline (the FileSplit of every
-    real dataset: DataLoader workers, pinned memory, persistent workers, RandomResizedCrop + flip, normalisation on the
-    device). on_device: workers only read bytes and batches are decoded where they go (RFT_GPU_DECODE=1)."""
+@functools.cache
+def jpeg_files(res, n_images):
+    """`n_images` JPEG files of smooth random images a little larger than a `res` crop, like resized photos; written
+    once per run (the models share them), deleted at exit."""
     from torchvision.io import encode_jpeg
 
-    n_images = 8 * batch  # several batches a pass: the workers' prefetch is not drained at every pass boundary
     folder = Path(tempfile.mkdtemp(prefix="bench-jpeg-"))
-    atexit.register(shutil.rmtree, folder, True)  # the JPEGs are scratch files
+    atexit.register(shutil.rmtree, folder, True)
     g = torch.Generator().manual_seed(0)
-    for i in range(n_images):  # smooth random images a little larger than the crop, like resized photos
+    for i in range(n_images):
         img = (torch.rand(3, res // 8, res // 8, generator=g) * 255).to(torch.uint8)
         img = F.interpolate(img[None].float(), size=(res + res // 8, res + res // 8), mode="bilinear")[0].to(torch.uint8)
         (folder / f"{i:05d}.jpg").write_bytes(encode_jpeg(img, quality=90).numpy().tobytes())
+    return sorted(str(p) for p in folder.glob("*.jpg"))
+
+
+def jpeg_batches(res, batch, device, on_device=False):
+    """An endless iterator of training batches from JPEG files through data.py's own pipeline (the FileSplit of every
+    real dataset: DataLoader workers, pinned memory, persistent workers, RandomResizedCrop + flip, normalisation on the
+    device). on_device: workers only read bytes and batches are decoded where they go (RFT_GPU_DECODE=1).
+    Returns the split (its cpu_decoded_batches) and the iterator."""
+    files = jpeg_files(res, 8 * batch)  # several batches a pass: the workers' prefetch is not drained at every pass
     pre = data.Preprocess(res, res, data.IMAGENET_MEAN, data.IMAGENET_STD, "bilinear", (0.08, 1.0), True)
-    split = data.file_split(sorted(str(p) for p in folder.glob("*.jpg")), [i % 10 for i in range(n_images)], pre,
-                            train=True)
+    split = data.file_split(files, [i % 10 for i in range(len(files))], pre, train=True)
     split = dataclasses.replace(split, decode_on_device=on_device)
     g = torch.Generator().manual_seed(0)
 
     def forever():
         while True:
             yield from split.batches(batch, device, shuffle=True, drop_last=True, generator=g)
-    return forever()
+    return split, forever()
 
 
-def train_rows(name, build, res, batch, device, steps, peak, profile=None):
-    """Section (a) and (e) for one model: eager fp32 vs ours on synthetic tensors (`profile`: a file for a profile of
-    ours), ours from JPEG files (decoded by the workers, and on CUDA also by nvJPEG on the GPU); then section (c),
-    feature extraction."""
-    flops = 3 * forward_flops(build(), torch.randn(2, 3, res, res))  # training ~ 3x forward
-    entry = {"resolution": res, "batch": batch, "train_gflops_per_image": flops / 1e9}
+def rate_of(cell):
+    """images/s of a measured cell, or None where it failed."""
+    return cell.get("images_per_s")
+
+
+def ratio(a, b):
+    return a / b if isinstance(a, float) and isinstance(b, float) else None
+
+
+def num(value, fmt):
+    """A number for the table; a failed cell (None, or its error) says so."""
+    return format(value, fmt) if isinstance(value, (int, float)) else "failed"
+
+
+def train_rows(name, build, res, batch, device, steps, peak, cell, entry, ext, profile=None):
+    """Section (a) and (e) for one model into `entry`: eager fp32 vs ours on synthetic tensors (`profile`: a file for
+    a profile of ours), ours from JPEG files (decoded by the workers, and on CUDA also by nvJPEG on the GPU); then
+    section (c), feature extraction, into `ext`. Each measurement goes through `cell`. Returns the table's rows."""
+    gflops = cell(entry, "train_gflops_per_image",  # training ~ 3x forward
+                  lambda: 3 * forward_flops(build(), torch.randn(2, 3, res, res)) / 1e9)
+    flops = gflops * 1e9 if isinstance(gflops, float) else None
     for path, fast in (("eager_fp32", False), ("ours", True)):
-        rate, _ = train_rate(build, res, batch, device, fast, steps, profile=profile if fast else None)
-        entry[path] = {"images_per_s": rate, "mfu": rate * flops / peak if peak else None}
+        def synthetic_rate(fast=fast):
+            rate, _ = train_rate(build, res, batch, device, fast, steps, profile=profile if fast else None)
+            return {"images_per_s": rate, "mfu": rate * flops / peak if peak and flops else None}
+        cell(entry, path, synthetic_rate)
+    synthetic = rate_of(entry["ours"])
     gpu_decode = device.type == "cuda"  # nvJPEG; on a CPU it would only move decoding out of the workers
     for key, on_device in (("ours_jpeg", False), ("ours_jpeg_decode_on_device", True))[:2 if gpu_decode else 1]:
-        rate, wait = train_rate(build, res, batch, device, True, steps, jpeg_batches(res, batch, device, on_device))
-        entry[key] = {"images_per_s": rate, "data_wait_share": wait,
-                      "share_of_synthetic": rate / entry["ours"]["images_per_s"]}
-    entry["speedup"] = entry["ours"]["images_per_s"] / entry["eager_fp32"]["images_per_s"]
-    ext = {p: extract_rate(build, res, batch, device, fast, steps) for p, fast in (("eager_fp32", False), ("ours", True))}
-    mfu = f"{entry['ours']['mfu']:.1%}" if peak else "–"
-    jpeg = entry["ours_jpeg"]
-    rows = [f"| train {name} {res}px b{batch} (img/s) | {entry['eager_fp32']['images_per_s']:.0f} | "
-            f"{entry['ours']['images_per_s']:.0f} | {entry['speedup']:.2f}× | MFU {mfu}; JPEG {jpeg['images_per_s']:.0f} "
-            f"img/s ({jpeg['share_of_synthetic']:.0%} of synthetic, {jpeg['data_wait_share']:.0%} waiting for data)"
-            + (f"; decoded on the GPU {entry['ours_jpeg_decode_on_device']['images_per_s']:.0f} img/s "
-               f"({entry['ours_jpeg_decode_on_device']['data_wait_share']:.0%} waiting)" if gpu_decode else "") + " |",
-            f"| extract {name} (img/s) | {ext['eager_fp32']:.0f} | {ext['ours']:.0f} | "
-            f"{ext['ours'] / ext['eager_fp32']:.2f}× | |"]
-    return entry, ext, rows
+        def jpeg_rate(on_device=on_device):
+            split, batches = jpeg_batches(res, batch, device, on_device)
+            rate, wait = train_rate(build, res, batch, device, True, steps, batches)
+            return {"images_per_s": rate, "data_wait_share": wait, "share_of_synthetic": ratio(rate, synthetic),
+                    "batches_decoded_on_cpu_instead": split.cpu_decoded_batches}  # 0 unless on_device fell back
+        cell(entry, key, jpeg_rate)
+    eager = rate_of(entry["eager_fp32"])
+    entry["speedup"] = ratio(synthetic, eager)
+    ext_steps = -(-steps // 3)  # a third of the steps (rounded up) of 4 batches each: more images than training
+    for path, fast in (("eager_fp32", False), ("ours", True)):
+        cell(ext, path, lambda fast=fast: extract_rate(build, res, batch, device, fast, ext_steps))
+    ours, jpeg = entry["ours"], entry["ours_jpeg"]
+    notes = (f"MFU {num(ours.get('mfu'), '.1%') if peak else '–'}; JPEG {num(rate_of(jpeg), '.0f')} img/s "
+             f"({num(jpeg.get('share_of_synthetic'), '.0%')} of synthetic, "
+             f"{num(jpeg.get('data_wait_share'), '.0%')} waiting for data)")
+    if gpu_decode:
+        nvjpeg = entry["ours_jpeg_decode_on_device"]
+        notes += (f"; decoded on the GPU {num(rate_of(nvjpeg), '.0f')} img/s "
+                  f"({num(nvjpeg.get('data_wait_share'), '.0%')} waiting)")
+    return [f"| train {name} {res}px b{batch} (img/s) | {num(eager, '.0f')} | {num(synthetic, '.0f')} | "
+            f"{num(entry['speedup'], '.2f')}× | {notes} |",
+            f"| extract {name} (img/s) | {num(ext['eager_fp32'], '.0f')} | {num(ext['ours'], '.0f')} | "
+            f"{num(ratio(ext['ours'], ext['eager_fp32']), '.2f')}× | |"]
 
 
 def main():
@@ -293,28 +334,46 @@ def main():
               "extract": {}, "flyp": {}}
     print(f"device: {report['device']}, torch {report['torch']}, {steps} timed steps per cell\n")
     print("| measurement | eager fp32 (reference-style) | ours | ratio | notes |\n|---|---|---|---|---|", flush=True)
+    failed, where = [], {id(report): "", id(report["flyp"]): "flyp/"}  # where: each container's path, for errors
 
-    def emit(*rows):  # each section's rows and the JSON as soon as it is measured: a time-out keeps what was done
-        print("\n".join(rows), flush=True)
+    def cell(container, key, measure):
+        """container[key] = measure(), or the error it raised. The JSON is rewritten after every cell: on a lent GPU
+        neither a failing cell nor a time-out costs the cells already measured."""
+        try:
+            container[key] = measure()
+        except Exception as e:  # reported, and the exit status says so, after the other cells have run
+            traceback.print_exc()
+            container[key] = {"error": f"{type(e).__name__}: {e}"}
+            failed.append(where[id(container)] + key)
         common.write_text_atomic(args.out, json.dumps(report, indent=1) + "\n")
+        return container[key]
 
-    def measure(name, build, res, batch, profile=None):
-        report["train"][name], report["extract"][name], rows = train_rows(name, build, res, batch, device, steps, peak,
-                                                                          profile)
-        emit(*rows)
+    def model_rows(name, build, res, batch, profile=None):
+        report["train"][name], report["extract"][name] = entry, ext = {"resolution": res, "batch": batch}, {}
+        where.update({id(entry): f"train/{name}/", id(ext): f"extract/{name}/"})
+        print("\n".join(train_rows(name, build, res, batch, device, steps, peak, cell, entry, ext, profile)), flush=True)
 
     (first, spec), *rest = models(device).items()  # the first model, FLYP and LP before the other model
-    measure(first, *spec, profile=args.profile)
-    report["flyp"] = flyp = {p: flyp_rate(device, fast, steps) for p, fast in (("eager_fp32", False), ("ours", True))}
-    emit(f"| FLYP pairs/s | {flyp['eager_fp32']:.0f} | {flyp['ours']:.0f} | {flyp['ours'] / flyp['eager_fp32']:.2f}× | |")
+    model_rows(first, *spec, profile=args.profile)
+    flyp = report["flyp"]
+    for path, fast in (("eager_fp32", False), ("ours", True)):
+        cell(flyp, path, lambda fast=fast: flyp_rate(device, fast, steps))
+    print(f"| FLYP pairs/s | {num(flyp['eager_fp32'], '.0f')} | {num(flyp['ours'], '.0f')} | "
+          f"{num(ratio(flyp['ours'], flyp['eager_fp32']), '.2f')}× | |", flush=True)
     shape = (20_000, 512, 20, 20) if device.type == "cuda" else (4_000, 128, 10, 20)
-    report["lp_sweep"] = lp = lp_sweep(device, *shape)
-    emit(f"| LP sweep {lp['features'][0]}×{lp['features'][1]}, {lp['c_values']} C (s) | sklearn "
-         f"{lp['sklearn_s']:.1f} | ours {lp['ours_s']:.1f} | {lp['speedup']:.1f}× | test acc at the C chosen on val: "
-         f"{lp['test_acc_ours']:.2f} vs {lp['test_acc_sklearn']:.2f} (gap {lp['acc_gap']:.2f}) |")
+    lp = cell(report, "lp_sweep", lambda: lp_sweep(device, *shape))
+    if "error" in lp:
+        print("| LP sweep (s) | failed | failed | failed× | |", flush=True)
+    else:
+        print(f"| LP sweep {lp['features'][0]}×{lp['features'][1]}, {lp['c_values']} C (s) | sklearn "
+              f"{lp['sklearn_s']:.1f} | ours {lp['ours_s']:.1f} | {lp['speedup']:.1f}× | test acc at the C chosen on "
+              f"val: {lp['test_acc_ours']:.2f} vs {lp['test_acc_sklearn']:.2f} (gap {lp['acc_gap']:.2f}) |", flush=True)
     for name, spec in rest:
-        measure(name, *spec)
+        model_rows(name, *spec)
     print(f"\nwrote {args.out}")
+    if failed:
+        raise SystemExit(f"error: {len(failed)} measurement(s) failed ({', '.join(failed)}); tracebacks above, "
+                         f"and in {args.out} as 'error'")
 
 
 if __name__ == "__main__":

@@ -282,3 +282,38 @@ def test_progress_in_a_log_file_is_plain_lines(monkeypatch, capsys):
     monkeypatch.setattr(common, "PROGRESS_EVERY", 3600)
     assert list(common.progress(range(1000), "features")) == list(range(1000))
     assert capsys.readouterr().err == ""  # a pass shorter than the interval says nothing
+
+
+def test_bench_keeps_measuring_after_a_cell_fails(tmp_path, monkeypatch, capsys):
+    """A failing measurement (here FLYP on our path) is written as its error and the exit status says so, but every
+    other cell is still measured and written: on a lent GPU one bug must not cost the other numbers."""
+    import sys
+
+    import torch.nn as nn
+
+    import bench
+
+    def tiny():
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+
+    def flyp_rate(device, fast, steps):
+        if fast:
+            raise RuntimeError("injected")
+        return 1.0
+
+    monkeypatch.setattr(bench, "models", lambda device: {"a": (tiny, 8, 4), "b": (tiny, 8, 4)})
+    monkeypatch.setattr(bench, "flyp_rate", flyp_rate)
+    sweep = bench.lp_sweep
+    monkeypatch.setattr(bench, "lp_sweep", lambda device, *shape: sweep(device, 400, 8, 3, 3))
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cpu", "--steps", "1", "--out", str(tmp_path / "b.json")])
+    with pytest.raises(SystemExit, match=r"1 measurement\(s\) failed \(flyp/ours\)"):
+        bench.main()
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["flyp"] == {"eager_fp32": 1.0, "ours": {"error": "RuntimeError: injected"}}
+    assert "| FLYP pairs/s | 1 | failed | failed× |" in capsys.readouterr().out
+    for name in ("a", "b"):  # the model measured after the failure too
+        entry = report["train"][name]
+        assert all(entry[k]["images_per_s"] > 0 for k in ("eager_fp32", "ours", "ours_jpeg"))
+        assert entry["ours_jpeg"]["batches_decoded_on_cpu_instead"] == 0
+        assert all(v > 0 for v in report["extract"][name].values())
+    assert report["lp_sweep"]["sklearn_s"] > 0
