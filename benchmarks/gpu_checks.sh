@@ -2,31 +2,40 @@
 # Every GPU check of issue 5 in one script, for a session lent a GPU (DEVELOPERS.md, the device tool):
 #   (1) bench.py on CUDA: CLIP ViT-B/16 training ours vs eager fp32 (synthetic, then JPEG with worker and nvJPEG
 #       decoding), feature extraction, FLYP pairs/s, the LP sweep vs scikit-learn, then ResNet-50 (last: a time-out
-#       keeps every section already measured, bench.py writes its JSON after each); profile.txt: torch.profiler's
+#       keeps every cell already measured, bench.py rewrites its JSON after each); profile.txt: torch.profiler's
 #       table of five more ViT-B/16 steps of our path, the kernels with the most GPU time first (the "why" of a
 #       missed target, from the same call);
-#   (2) lp / ft / lpft / l2sp / flyp, then wiseft of that FLYP run, on the tiny embedded world with the CUDA defaults
+#   (2) benchmarks/lp_solver.py: LP's solver now (scipy L-BFGS-B, torch's loss and gradient on the GPU) against the
+#       torch.optim.LBFGS it replaced and scikit-learn, with the GPU syncs each makes (lp_solver.txt);
+#   (3) lp / ft / lpft / l2sp / flyp, then wiseft of that FLYP run, on the tiny embedded world with the CUDA defaults
 #       (bf16 autocast + torch.compile), to check that the default path runs end to end (speed is bench.py's job),
 #       with torch.compile's recompilations and their reasons (expected: one per compiled tower, training ->
 #       evaluation, 'grad_mode');
-#   (3) ft.py on a folder of JPEGs with RFT_GPU_DECODE=1 (nvJPEG inside a real run);
-#   (4) benchmarks/lp_solver.py: LP's solver now (scipy L-BFGS-B, torch's loss and gradient on the GPU) against the
-#       torch.optim.LBFGS it replaced and scikit-learn, with the GPU syncs each makes (lp_solver.txt).
+#   (4) ft.py on a folder of JPEGs with RFT_GPU_DECODE=1 (nvJPEG inside a real run).
 #
 # The device machine has PyTorch, torchvision, scikit-learn, timm and friends but no open_clip and no network. Fetch
 # the missing pure-Python wheels here first (the folder stays out of git), then carry it:
 #   echo /.whl/ >> .git/info/exclude
 #   pip download --no-deps --only-binary=:all: -d .whl open_clip_torch==3.3.0 ftfy wcwidth
 #   device run, carry [".whl"], timeout_s 480:  bash benchmarks/gpu_checks.sh "$OUT"
-# Budget: at most 4.5 minutes for bench.py (compilation is most of it; ResNet-50 comes last and is what a time-out
-# cuts) and about 3 more for the rest, so a 15-minute lease leaves room for one rerun. $OUT receives at most 8 small
-# files; scratch (model cache, runs, JPEGs) stays in $WORK.
+# Budget: the whole script stops itself within $BUDGET seconds (default 450, under that timeout_s, so every file
+# comes back): at most 270 s for bench.py (compilation is most of it; ResNet-50 comes last and is what a time-out
+# cuts), then each later check gets what is left, up to its own cap, and is skipped when under 15 s are left; a
+# 15-minute lease leaves room for one rerun. $OUT receives at most 8 small files; scratch (model cache, runs, JPEGs)
+# stays in $WORK.
 set -uo pipefail
-OUT=${1:-gpu-out}
+mkdir -p "${1:-gpu-out}" && OUT=$(cd "${1:-gpu-out}" && pwd)  # absolute: the script changes directory below
 WORK=${WORK:-/tmp/rft-gpu}
-mkdir -p "$OUT" "$WORK"
+DEADLINE=$((SECONDS + ${BUDGET:-450}))
+mkdir -p "$WORK"
 cd "$(dirname "$0")/.."
 PY=$(command -v python3 || command -v python)
+
+limit() {  # seconds for the next check: its cap ($1) or what is left of the budget, whichever is less; 0 = skip it
+  local left=$((DEADLINE - SECONDS))
+  if [ "$left" -lt 15 ]; then echo 0; elif [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
+}
+
 if [ -d .whl ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" .whl/*.whl \
     && export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -38,23 +47,36 @@ export RFT_CACHE="$WORK/cache" PYTHONUNBUFFERED=1
 cat "$OUT/env.txt"
 
 # (1) The benchmark: its table goes to bench.txt, its JSON to bench.json.
-timeout 270 "$PY" bench.py --device cuda --out "$OUT/bench.json" --profile "$OUT/profile.txt" 2>&1 | tee "$OUT/bench.txt"
+timeout "$(limit 270)" "$PY" bench.py --device cuda --out "$OUT/bench.json" --profile "$OUT/profile.txt" 2>&1 \
+  | tee "$OUT/bench.txt"
 
-# (2) The method scripts with the CUDA defaults, timed; the last lines of each log go to methods.txt.
-"$PY" -c "import common; common.load_backbone('embedded-clip-tiny')" > "$WORK/pretrain.txt" 2>&1
+# (2) LP's solver, before and after (about 20 s of scikit-learn on the CPU, the rest seconds).
+t=$(limit 90)
+if [ "$t" -gt 0 ]; then
+  timeout "$t" "$PY" benchmarks/lp_solver.py --device cuda 2>&1 | grep --line-buffered -v "^USDT\|^ERROR:\|^STAGE:" \
+    | tee "$OUT/lp_solver.txt"
+else
+  echo "skipped: the budget was spent" > "$OUT/lp_solver.txt"
+fi
+
+# (3) The method scripts with the CUDA defaults, timed; the last lines of each log go to methods.txt.
+t=$(limit 90)
+[ "$t" -gt 0 ] && timeout "$t" "$PY" -c "import common; common.load_backbone('embedded-clip-tiny')" > "$WORK/pretrain.txt" 2>&1
 for m in lp ft lpft l2sp flyp wiseft; do
   case $m in flyp) extra=(--save) ;; wiseft) extra=(--checkpoint "$WORK/runs/flyp/model.pt") ;; *) extra=() ;; esac
-  start=$(date +%s)
-  TORCH_LOGS=recompiles timeout 60 "$PY" "$m.py" --dataset embedded-tiny --device cuda --out "$WORK/runs/$m" \
+  t=$(limit 60)
+  if [ "$t" -eq 0 ]; then echo "== $m.py skipped: the budget was spent" >> "$OUT/methods.txt"; continue; fi
+  start=$SECONDS
+  TORCH_LOGS=recompiles timeout "$t" "$PY" "$m.py" --dataset embedded-tiny --device cuda --out "$WORK/runs/$m" \
     "${extra[@]}" > "$WORK/$m.txt" 2>&1
   rc=$?
-  { echo "== $m.py rc=$rc $(( $(date +%s) - start )) s, $(grep -c 'Recompiling function' "$WORK/$m.txt") recompilations"
+  { echo "== $m.py rc=$rc $((SECONDS - start)) s, $(grep -c 'Recompiling function' "$WORK/$m.txt") recompilations"
     sed -n 's/.*\[__recompiles\] *- /  because /p' "$WORK/$m.txt"
     if [ $rc -eq 0 ]; then grep "^\[$m" "$WORK/$m.txt" | tail -n 3; else tail -n 5 "$WORK/$m.txt"; fi
   } >> "$OUT/methods.txt"
 done
 
-# (3) nvJPEG inside a real run: a small folder dataset of JPEGs, decoded on the GPU.
+# (4) nvJPEG inside a real run: a small folder dataset of JPEGs, decoded on the GPU.
 "$PY" - "$WORK/jpegs" <<'PY'
 import sys, numpy as np
 from pathlib import Path
@@ -66,11 +88,15 @@ for split, n in (("train", 40), ("test", 10), ("ood", 10)):
         for i in range(n):
             Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(Path(sys.argv[1]) / split / c / f"{i}.jpg")
 PY
-RFT_GPU_DECODE=1 timeout 60 "$PY" ft.py --dataset folder --data-root "$WORK/jpegs" --backbone embedded-clip-tiny \
-  --epochs 2 --batch-size 16 --device cuda --out "$WORK/runs/ft-gpu-decode" > "$WORK/ft-gpu-decode.txt" 2>&1
-rc=$?
-{ echo "== ft.py RFT_GPU_DECODE=1 rc=$rc"; tail -n 3 "$WORK/ft-gpu-decode.txt"; } >> "$OUT/methods.txt"
+t=$(limit 60)
+if [ "$t" -gt 0 ]; then
+  RFT_GPU_DECODE=1 timeout "$t" "$PY" ft.py --dataset folder --data-root "$WORK/jpegs" --backbone embedded-clip-tiny \
+    --epochs 2 --batch-size 16 --device cuda --out "$WORK/runs/ft-gpu-decode" > "$WORK/ft-gpu-decode.txt" 2>&1
+  rc=$?
+  { echo "== ft.py RFT_GPU_DECODE=1 rc=$rc"; grep -i "refused a batch" "$WORK/ft-gpu-decode.txt"
+    tail -n 3 "$WORK/ft-gpu-decode.txt"; } >> "$OUT/methods.txt"
+else
+  echo "== ft.py RFT_GPU_DECODE=1 skipped: the budget was spent" >> "$OUT/methods.txt"
+fi
 cat "$OUT/methods.txt"
-
-# (4) LP's solver, before and after (about 20 s of scikit-learn on the CPU, the rest seconds).
-timeout 120 "$PY" benchmarks/lp_solver.py --device cuda 2>&1 | grep -v "^USDT\|^ERROR:\|^STAGE:" | tee "$OUT/lp_solver.txt"
+echo "gpu_checks.sh: done in $SECONDS s"
