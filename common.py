@@ -692,8 +692,13 @@ class Results:
         self.dir = Path(out_dir)
         self.path = self.dir / "results.jsonl"
         self.writes, self.started = is_main(), False
-        if self.dir.exists() and not self.dir.is_dir():
-            raise SystemExit(f"error: --out {out_dir} is a file; pass a folder (it is created if missing)")
+        self.classnames = None  # set by describe(); kept in model.pt (WiSE-FT checks them)
+        # Checked now, not at the first write after an epoch of training: the folder must be one we can create.
+        existing = next(p for p in (self.dir.absolute(), *self.dir.absolute().parents) if p.exists())
+        if not existing.is_dir():
+            raise SystemExit(f"error: --out {out_dir}: {existing} is a file; pass a folder (it is created if missing)")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise SystemExit(f"error: --out {out_dir}: cannot write in {existing}; pass a folder you can write to")
         self.header = {"method": method, "args": dataclasses.asdict(args), "seed": args.seed, "commit": git_commit(),
                        "versions": {"torch": str(torch.__version__), "open_clip": open_clip.__version__,
                                     "python": sys.version.split()[0]},
@@ -725,10 +730,12 @@ class Results:
         return record
 
     def save_model(self, model, **extra):
-        """<out>/model.pt: the unwrapped model's state dict plus the header (method, args, commit) that made it."""
+        """<out>/model.pt: the unwrapped model's state dict plus the header (method, args, commit) that made it and the
+        class names."""
         if self.writes:
             self._start()
-            save_atomic({**self.header, **extra, "state_dict": model.state_dict()}, self.dir / "model.pt")
+            save_atomic({**self.header, **extra, "classnames": self.classnames, "state_dict": model.state_dict()},
+                        self.dir / "model.pt")
 
     def done(self, final):
         """Mark the run finished; the marker holds the selected evaluation (what tables report)."""
@@ -827,6 +834,7 @@ def describe(dataset, results, log, recipe=None):
     sizes = {"id_train": len(dataset.train), **{k: len(v) for k, v in eval_splits(dataset).items()}}
     results.header.update(data={"name": dataset.name, "backbone": dataset.backbone, "sizes": sizes, **dataset.info},
                           recipe=recipe)
+    results.classnames = list(dataset.classnames)
     held = [f"{k}: {v}" for k, v in dataset.info.items() if k in ("val", "test")]
     log(f"{dataset.name} with {dataset.backbone}: " + ", ".join(f"{k} {n:,}" for k, n in sizes.items())
         + (f" ({'; '.join(held)})" if held else "")

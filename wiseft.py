@@ -27,14 +27,16 @@ class Args:
     dataset: str = "embedded"
     """dataset name (see data.DATASETS)"""
     data_root: str = None
-    """folder holding the real datasets (else $RFT_DATA; layouts: docs/datasets.md); unused by the embedded world"""
+    """folder holding the real datasets (else the checkpoint's, else $RFT_DATA; layouts: docs/datasets.md); unused by
+    the embedded world"""
     backbone: str = None
     """pretrained backbone (see common.BACKBONES); default and only choice: the checkpoint's"""
     weights: str = None
     """local weights file (or open_clip pretrained tag) for real backbones; default: the checkpoint's (pass it when
     that file has moved)"""
-    seed: int = 0
-    """seed of the ID training draw and of every random choice"""
+    seed: int = None
+    """seed of the ID training draw and of every random choice; default and only choice: the checkpoint's (0 to find
+    the default checkpoint)"""
     device: str = "auto"
     """'auto' (CUDA if available), 'cpu' or 'cuda'"""
     precision: str = "auto"
@@ -46,7 +48,7 @@ class Args:
 
     checkpoint: str = None
     """fine-tuned endpoint, a model.pt written by flyp.py / ft.py / lpft.py / l2sp.py --save; default:
-    runs/flyp/<dataset>/seed<seed>/model.pt"""
+    runs/flyp/<dataset>/seed<seed>/model.pt (seed 0 without --seed)"""
     alpha_step: float = 0.1
     """spacing of the alpha grid from 0 to 1 (WiSE-FT paper: 0.1)"""
     report_alpha: float = 0.5
@@ -111,24 +113,38 @@ def load_checkpoint(path, dataset):
     return ckpt
 
 
-def endpoint_backbone(args, ckpt, path):
-    """The checkpoint's backbone (another one has other weights: nothing to interpolate with) and its weights file,
-    unless --weights points to where that file is now."""
+def endpoint_args(args, ckpt, path):
+    """The checkpoint's seed (its ID training draw and validation split: results are filed under it), its backbone
+    (another one has other weights: nothing to interpolate with) and its weights file and data root, unless --weights
+    or --data-root point to where they are now."""
     trained = data.default_backbone(args.dataset) if ckpt["args"]["backbone"] is None else ckpt["args"]["backbone"]
     if args.backbone not in (None, trained):
         raise SystemExit(f"error: {path!r} was fine-tuned from {trained}, not {args.backbone}; drop --backbone (WiSE-FT "
                          "interpolates a checkpoint with the backbone it started from)")
-    return trained, args.weights or ckpt["args"]["weights"]
+    if args.seed not in (None, ckpt["args"]["seed"]):
+        raise SystemExit(f"error: {path!r} was fine-tuned with --seed {ckpt['args']['seed']}, not {args.seed}; drop "
+                         "--seed (its evaluation uses the checkpoint's, and is filed under it)")
+    args.seed, args.backbone = ckpt["args"]["seed"], trained
+    args.weights, args.data_root = args.weights or ckpt["args"]["weights"], args.data_root or ckpt["args"]["data_root"]
+
+
+def check_classes(ckpt, dataset, path):
+    """A folder dataset is whatever --data-root holds: the checkpoint's classes must be the dataset's, in order."""
+    trained = ckpt.get("classnames")  # absent from checkpoints written before 2026-12-03
+    if trained is not None and list(trained) != list(dataset.classnames):
+        raise SystemExit(f"error: {path!r} was fine-tuned on the classes {', '.join(trained)}, but this --data-root "
+                         f"holds {', '.join(dataset.classnames)}; pass the data root it was fine-tuned on")
 
 
 def main(args):
-    path = args.checkpoint or str(Path("runs", "flyp", args.dataset, f"seed{args.seed}", "model.pt"))
+    path = args.checkpoint or str(Path("runs", "flyp", args.dataset, f"seed{args.seed or 0}", "model.pt"))
     ckpt = load_checkpoint(path, args.dataset)
     alphas = alpha_grid(args.alpha_step, args.report_alpha)
-    # The zero-shot endpoint is the pretrained backbone the checkpoint was fine-tuned from.
-    args.backbone, args.weights = endpoint_backbone(args, ckpt, path)
+    # The zero-shot endpoint is the pretrained backbone the checkpoint was fine-tuned from, on the same data.
+    endpoint_args(args, ckpt, path)
     device, results, log = common.setup(args, f"wiseft-{ckpt['method']}")
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
+    check_classes(ckpt, dataset, path)
     common.describe(dataset, results, log)
     backbone = common.load_backbone(dataset.backbone, args.weights, log=log)
     model, encoder, theta0, theta1, classifier = endpoints(ckpt, backbone, dataset, device, args.precision)

@@ -133,8 +133,10 @@ def test_a_rerun_that_fails_before_its_first_evaluation_leaves_the_finished_run_
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     common.Results(tmp_path, "lpft", args, torch.device("cpu"))  # e.g. then a wrong --data-root stops the run
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
-    with pytest.raises(SystemExit, match="is a file; pass a folder"):
-        common.Results(tmp_path / "done", "lpft", args, torch.device("cpu"))
+    for out in (tmp_path / "done", tmp_path / "done" / "sub"):  # said before training, not at the first write
+        with pytest.raises(SystemExit, match="is a file; pass a folder"):
+            common.Results(out, "lpft", args, torch.device("cpu"))
+
 
 def test_summarize_refuses_to_average_two_runs_of_one_seed(tmp_path):
     """A sweep run beside the recipe's runs would enter the table as one more seed."""

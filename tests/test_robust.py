@@ -2,6 +2,7 @@
 import importlib
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -152,10 +153,12 @@ def test_wiseft_refuses_an_alpha_grid_that_misses_an_endpoint_or_the_reported_al
     assert wiseft.alpha_grid(0.125, 0.5) == [i / 8 for i in range(9)] and wiseft.alpha_grid(1 / 3, 1.0)[-1] == 1.0
 
 
-def test_wiseft_takes_the_checkpoints_backbone_and_weights_unless_the_file_moved(tmp_path):
+def test_wiseft_takes_the_checkpoints_seed_backbone_weights_and_data_unless_files_moved(tmp_path):
     path = tmp_path / "model.pt"
-    torch.save({"method": "flyp", "state_dict": {}, "args": {"dataset": "embedded-tiny", "backbone": "clip-vit-b16",
-                                                             "weights": str(tmp_path / "then" / "ViT-B-16.pt")}}, path)
+    ckpt = {"method": "flyp", "state_dict": {}, "classnames": ["cat", "dog"],
+            "args": {"dataset": "embedded-tiny", "backbone": "clip-vit-b16", "seed": 3, "data_root": "/data/then",
+                     "weights": str(tmp_path / "then" / "ViT-B-16.pt")}}
+    torch.save(ckpt, path)
     run = lambda **kw: wiseft.main(wiseft.Args(dataset="embedded-tiny", checkpoint=str(path), out=str(tmp_path / "o"), **kw))
     with pytest.raises(SystemExit, match=f"weights file {tmp_path / 'then' / 'ViT-B-16.pt'} not found"):
         run()
@@ -163,6 +166,21 @@ def test_wiseft_takes_the_checkpoints_backbone_and_weights_unless_the_file_moved
         run(weights=str(tmp_path / "now.pt"))  # --weights says where the file is now
     with pytest.raises(SystemExit, match="fine-tuned from clip-vit-b16, not clip-rn50"):
         run(backbone="clip-rn50")
+    with pytest.raises(SystemExit, match="fine-tuned with --seed 3, not 0; drop --seed"):
+        run(seed=0)  # its results would be filed under another seed than the run they come from
+    args = wiseft.Args(dataset="embedded-tiny", data_root="/data/now")
+    wiseft.endpoint_args(args, ckpt, str(path))
+    assert (args.seed, args.backbone, args.data_root) == (3, "clip-vit-b16", "/data/now")
+    args = wiseft.Args(dataset="embedded-tiny")
+    wiseft.endpoint_args(args, ckpt, str(path))
+    assert args.data_root == "/data/then"
+    for names, ok in ((["cat", "dog"], True), (["dog", "cat"], False), (["cat", "dog", "fox"], False)):
+        dataset = types.SimpleNamespace(classnames=names)  # a folder dataset is whatever --data-root holds
+        if ok:
+            wiseft.check_classes(ckpt, dataset, str(path))
+        else:
+            with pytest.raises(SystemExit, match="fine-tuned on the classes cat, dog, but this --data-root holds"):
+                wiseft.check_classes(ckpt, dataset, str(path))
 
 
 def test_clip_only_methods_refuse_a_backbone_without_text_tower():
