@@ -830,7 +830,10 @@ def recipe(args, defaults):
 
 def describe(dataset, results, log, recipe=None):
     """Say what the run trains and is scored on, and put it in every results line: split sizes, where a held-out
-    split comes from (benchmarks without an ID validation split), the data root, the recipe actually used."""
+    split comes from (benchmarks without an ID validation split), the data root, the recipe actually used. A batch
+    size the training split cannot fill stops the run here, not after LP-FT's first stage."""
+    if recipe and "batch_size" in recipe:
+        data.check_training_batch(len(dataset.train), recipe["batch_size"])
     sizes = {"id_train": len(dataset.train), **{k: len(v) for k, v in eval_splits(dataset).items()}}
     results.header.update(data={"name": dataset.name, "backbone": dataset.backbone, "sizes": sizes, **dataset.info},
                           recipe=recipe)

@@ -251,6 +251,16 @@ def rank_and_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
+def check_training_batch(n, batch_size):
+    """A training pass drops the last partial batch: it needs one full batch, split evenly over the processes."""
+    world = rank_and_world()[1]
+    if n < batch_size:
+        raise SystemExit(f"error: {n} training images, fewer than one batch of {batch_size}: pass --batch-size {n} "
+                         "or less")
+    if batch_size % world:  # unequal shares would weigh the ranks' gradients unequally
+        raise SystemExit(f"error: the batch size {batch_size} does not split evenly over {world} processes")
+
+
 @dataclass
 class BatchIndices:
     """The index batches of one pass over n examples (a new shuffle from `generator` at every pass). `batch_size` is
@@ -264,11 +274,8 @@ class BatchIndices:
 
     def __iter__(self):
         rank, world = rank_and_world()
-        if self.drop_last and self.n < self.batch_size:
-            raise SystemExit(f"error: {self.n} training images, fewer than one batch of {self.batch_size}: pass "
-                             f"--batch-size {self.n} or less")
-        if self.drop_last and self.batch_size % world:  # unequal shares would weigh the ranks' gradients unequally
-            raise SystemExit(f"error: the batch size {self.batch_size} does not split evenly over {world} processes")
+        if self.drop_last:
+            check_training_batch(self.n, self.batch_size)
         order = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
         for i in range(0, self.n - self.n % self.batch_size if self.drop_last else self.n, self.batch_size):
             yield order[i:i + self.batch_size].tensor_split(world)[rank]

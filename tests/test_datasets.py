@@ -816,13 +816,15 @@ def test_method_end_to_end_on_a_miniature(minis, tiny_backbone, tmp_path, module
         assert key in metrics and math.isfinite(metrics[key]), (key, sorted(metrics))
 
 
-def test_training_split_smaller_than_the_batch_runs_or_says_so(minis, tiny_backbone, tmp_path):
+@pytest.mark.parametrize("module_name", ["ft", "lpft", "l2sp", "flyp"])
+def test_a_batch_the_training_split_cannot_fill_stops_the_run_before_the_backbone_loads(minis, tmp_path, monkeypatch,
+                                                                                      module_name):
+    """Said at once, not after LP-FT's whole first stage (or an epoch of anything)."""
     root, truth = minis.build("folder")
-    batch = str(len(truth["train"]) + 1)
-    try:
-        run_method("ft", "folder", root, tmp_path / "out", "--epochs", "1", "--batch-size", batch)
-    except SystemExit as e:
-        assert "batch" in str(e)
+    n = len(truth["train"])
+    monkeypatch.setattr(common, "load_backbone", lambda *a, **k: pytest.fail("the backbone was loaded first"))
+    with pytest.raises(SystemExit, match=f"{n} training images, fewer than one batch of {n + 1}: pass --batch-size {n}"):
+        run_method(module_name, "folder", root, tmp_path / "out", "--epochs", "1", "--batch-size", str(n + 1))
 
 
 def test_decoding_on_the_device_matches_the_worker_path(tmp_path, monkeypatch):
