@@ -69,8 +69,18 @@ RECIPES = {
 
 
 # ----- method: the k-shot draws, the contrastive loss, the schedule (edit here) -----
+def check_shots(dataset, shots):
+    """k shots need k images of every class in the ID training and validation splits: fewer would be another
+    experiment under the name of this one."""
+    for name, split in (("ID training", dataset.train), ("ID validation", dataset.val)):
+        fewest = int(split.labels.unique(return_counts=True)[1].min())
+        if fewest < shots:
+            raise SystemExit(f"error: --shots {shots}, but a class of the {name} split has {fewest} images; pass "
+                             f"--shots {fewest} or less")
+
+
 def draw_shots(labels, shots, g):
-    """Indices of `shots` random examples of each class (fewer where a class has fewer)."""
+    """Indices of `shots` random examples of each class (of the classes present in `labels`)."""
     return torch.cat([torch.nonzero(labels == c).flatten()[torch.randperm(int((labels == c).sum()), generator=g)[:shots]]
                       for c in labels.unique()])
 
@@ -106,6 +116,7 @@ def main(args):
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
     recipe = common.recipe(args, RECIPES[dataset.name])  # flags override the dataset's recipe
     common.describe(dataset, results, log, recipe)
+    check_shots(dataset, args.shots)
     backbone = common.load_backbone(dataset.backbone, args.weights, log=log)
     model = common.to_device(backbone.clip, device)
     pretrained = copy.deepcopy(model.state_dict())  # every draw starts from the zero-shot model

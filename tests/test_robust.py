@@ -201,10 +201,12 @@ def test_fewshot_keeps_the_step_with_the_lowest_validation_loss_zeroshot_start_i
     import flyp_fewshot
 
     zs = zeroshot.main(zeroshot.Args(dataset="embedded-tiny", out=str(tmp_path / "zs")))
-    mean, std = flyp_fewshot.main(flyp_fewshot.Args(dataset="embedded-tiny", out=str(tmp_path / "fs"), steps=0, draws=2))
+    mean, std = flyp_fewshot.main(flyp_fewshot.Args(dataset="embedded-tiny", out=str(tmp_path / "fs"), steps=0, draws=2,
+                                                    shots=8))
     assert mean == zs["metrics"] and all(v == 0 for v in std.values())  # no step taken: the zero-shot model
 
-    flyp_fewshot.main(flyp_fewshot.Args(dataset="embedded-tiny", out=str(tmp_path / "fs2"), steps=4, draws=3))
+    flyp_fewshot.main(flyp_fewshot.Args(dataset="embedded-tiny", out=str(tmp_path / "fs2"), steps=4, draws=3,
+                                        shots=8))
     for r in [json.loads(line) for line in (tmp_path / "fs2" / "results.jsonl").read_text().splitlines()]:
         assert len(r["val_losses"]) == 5 and r["selected_step"] == min(range(5), key=r["val_losses"].__getitem__)
         if r["selected_step"] == 0:
@@ -218,6 +220,18 @@ def test_fewshot_draws_k_examples_of_every_class():
     idx = flyp_fewshot.draw_shots(labels, 4, torch.Generator().manual_seed(0))
     assert len(idx) == 40 and len(set(idx.tolist())) == 40
     assert torch.equal(torch.bincount(labels[idx]), torch.full((10,), 4))
+
+
+def test_fewshot_refuses_more_shots_than_a_class_has_before_loading_the_backbone(tmp_path, monkeypatch):
+    """It used to draw what there was and log and record the k asked for."""
+    import flyp_fewshot
+
+    dataset = data.load_dataset("embedded-tiny")
+    fewest = min(int(s.labels.bincount().min()) for s in (dataset.train, dataset.val))
+    monkeypatch.setattr(common, "load_backbone", lambda *a, **k: pytest.fail("the backbone was loaded first"))
+    with pytest.raises(SystemExit, match=f"--shots {fewest + 1}, but a class of the ID .* split has {fewest} images; "
+                                         f"pass --shots {fewest} or less"):
+        flyp_fewshot.main(flyp_fewshot.Args(dataset="embedded-tiny", shots=fewest + 1, out=str(tmp_path / "fs")))
 
 
 @pytest.mark.parametrize("method,head_init", [("flyp", None), ("ft", "random")])
