@@ -885,7 +885,9 @@ def folder(name, root, pre):
     def split(path, train=False):
         unknown = [c for c in subfolders(path) if c not in index]
         if unknown:
-            fail(name, f"{path} has class folders that train/ lacks: {', '.join(unknown[:5])}")
+            ood = "" if path.name in ("train", "val", "test") else (
+                f"; every other sub-folder of {root} is an OOD test set (a name starting with '.' or '__' hides one)")
+            fail(name, f"{path} has class folders that train/ lacks: {', '.join(unknown[:5])}{ood}")
         present = subfolders(path)
         return image_folder(name, path, present, [index[c] for c in present])
 
@@ -909,9 +911,21 @@ def folder(name, root, pre):
         train, val = train_val(items, labels, pre)
         info["val"] = f"{VAL_FRACTION:.0%} of train held out (no val/ folder)"
     ood = {d: file_split(*split(root / d), pre) for d in subfolders(root) if d not in ("train", "val", "test")}
-    templates = (root / "templates.txt").read_text().splitlines() if (root / "templates.txt").is_file() else ["a photo of a {}."]
+    templates = read_templates(name, root / "templates.txt") if (root / "templates.txt").is_file() else ["a photo of a {}."]
     return dict(train=train, val=val, test=test, ood=ood, classnames=[c.replace("_", " ") for c in classes],
-                templates=[t for t in templates if t.strip()], info=info)
+                templates=templates, info=info)
+
+
+def read_templates(name, path):
+    """Caption templates, one per non-blank line, each with one '{}' where the class name goes."""
+    templates = [t for t in path.read_text().splitlines() if t.strip()]
+    if not templates:
+        fail(name, f"{path} holds no templates: one per line, such as 'a photo of a {{}}.'")
+    for t in templates:
+        if t.count("{}") != 1 or t.replace("{}", "").count("{") or t.replace("{}", "").count("}"):
+            fail(name, f"{path}: template {t!r} needs exactly one '{{}}' (where the class name goes) and no other "
+                       "braces, such as 'a photo of a {}.'")
+    return templates
 
 
 # name -> (loader, default backbone: the one its papers used that loads here; see docs/datasets.md)

@@ -595,6 +595,19 @@ def test_folder_ood_class_unknown_to_train_is_an_error(tmp_path):
     with pytest.raises(SystemExit) as e:
         data.load_dataset("folder", data_root=str(root), backbone=BACKBONE)
     check_error(e, "snow_leopard")
+    assert "every other sub-folder" in str(e.value)  # a stray folder (say runs/) would get the same error: say why
+
+
+@pytest.mark.parametrize("lines", [["a photo of a {name}."], ["{} and {}"], ["a photo."], ["", "  "],
+                                   ["a photo of a {}.", "a {0}."]])
+def test_folder_templates_without_exactly_one_slot_are_an_error(tmp_path, lines):
+    """Each would otherwise fail deep in the zero-shot head (KeyError, IndexError, an empty reshape) or, without a
+    slot, caption every class alike and score chance."""
+    root = tmp_path / "mydata"
+    mini.make_folder(root, ood=(), templates=lines)
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("folder", data_root=str(root), backbone=BACKBONE)
+    check_error(e, str(root / "templates.txt"))
 
 
 def test_folder_ignores_hidden_and_system_folders(tmp_path):
