@@ -213,7 +213,8 @@ def weights_file(name, weights=None):
     if path.is_file():
         return path
     tag = " (or an open_clip pretrained tag in your hub cache: --weights openai)" if name in OPEN_CLIP_MODELS else ""
-    problem = f"weights file {path} not found" if weights else f"{name} needs --weights FILE{tag}: {path} not found"
+    found = "is a folder, not a file" if path.is_dir() else "not found"
+    problem = f"weights file {path} {found}" if weights else f"{name} needs --weights FILE{tag}: {path} not found"
     raise SystemExit(f"error: {problem}. {name} expects {what}, released as {file}: download it from {url}, then put "
                      f"it in {weights_dir()} or pass its path with --weights")
 
@@ -225,6 +226,24 @@ def _bad_weights(path, problem, name):
 
 def _why(e, n):
     return f"{type(e).__name__}: {' '.join(str(e).split())}"[:n]
+
+
+def unreadable(path, e, n=200):
+    """Why torch.load failed on `path`, in a user's terms where the first bytes tell (torch's own message about
+    weights_only is advice for files that are checkpoints), else the error itself."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "the file is empty (an interrupted download?)"
+    if head.startswith(b"PK") and not zipfile.is_zipfile(path):
+        return "a truncated zip archive (an interrupted download?)"
+    if not head.startswith((b"PK", b"\x80")):  # torch saves zip archives, or pickles (protocol 2+) before torch 1.6
+        html = head.lstrip()[:1] == b"<"
+        return f"not a PyTorch file: it starts with {head[:24]!r}" + (", a web page (a login or error page saved "
+                                                                      "instead?)" if html else "")
+    return _why(e, n)
 
 
 def _load_exact(net, state_dict, path, name):
@@ -252,7 +271,7 @@ def load_resnet50(name, path):
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: never run pickled code
     except Exception as e:
-        _bad_weights(path, f"not a checkpoint of tensors, torch.load fails ({_why(e, 160)})", name)
+        _bad_weights(path, f"not a checkpoint of tensors, torch.load fails ({unreadable(path, e, 160)})", name)
     net = torchvision.models.resnet50()
     if name == "moco-v2-rn50":
         prefix = "module.encoder_q."
@@ -290,7 +309,7 @@ def load_open_clip(name, weights=None):
         # them to torch.jit.load, which runs no pickled Python code
         return open_clip.create_model(arch, pretrained=str(path), weights_only=not _is_torchscript(path))
     except Exception as e:  # unreadable file, missing or unexpected keys, wrong shapes
-        _bad_weights(path, _why(e, 400), name)
+        _bad_weights(path, unreadable(path, e, 400), name)
 
 
 def _is_torchscript(path):
@@ -334,6 +353,9 @@ def check_backbone(name, weights=None, clip_for=None):
         not_clip(clip_for, name)
     if name in WEIGHTS and not is_hub_tag(name, weights):
         weights_file(name, weights)
+    elif name not in WEIGHTS and weights:  # it would be ignored
+        raise SystemExit(f"error: --weights {weights}: {name} has no weights file (this project pretrains it on first "
+                         f"use); drop --weights, or pass --backbone with one of: {', '.join(WEIGHTS)}")
 
 
 def weights_key(name, weights):

@@ -103,7 +103,7 @@ def load_checkpoint(path, dataset):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, foreign pickles
-        raise SystemExit(f"error: could not read checkpoint {path!r} ({type(e).__name__}: {str(e)[:200]})")
+        raise SystemExit(f"error: could not read checkpoint {path!r} ({common.unreadable(path, e)})")
     if not isinstance(ckpt, dict) or not {"method", "args", "state_dict"} <= set(ckpt):
         raise SystemExit(f"error: {path!r} is not a model.pt written by a method script's --save (expected the keys "
                          "method, args and state_dict)")

@@ -137,14 +137,23 @@ def test_an_uncached_open_clip_tag_is_a_clear_error_without_network():
 def test_malformed_files_say_what_is_wrong(tmp_path, resnet50_state_dict):
     def error(name, obj):
         path = tmp_path / "weights.pt"
-        path.write_text(obj) if isinstance(obj, str) else torch.save(obj, path)
+        if isinstance(obj, (str, bytes)):
+            path.write_text(obj) if isinstance(obj, str) else path.write_bytes(obj)
+        else:
+            torch.save(obj, path)
         with pytest.raises(SystemExit) as e:
             common.load_backbone(name, str(path))
         return str(e.value)
 
     for name in ("resnet50", "moco-v2-rn50", "clip-rn50"):
         assert "Expected: " in error(name, "not a checkpoint\n")
+        # what the file is, not torch's advice to retry with weights_only=False
+        assert "not a PyTorch file: it starts with b'<!DOCTYPE html>" in error(name, "<!DOCTYPE html><html>Sign in")
+        assert "the file is empty" in error(name, "")
     assert "not a checkpoint of tensors" in error("resnet50", "not a checkpoint\n")
+    zipped = tmp_path / "whole.pt"
+    torch.save(resnet50_state_dict, zipped)
+    assert "truncated zip archive" in error("resnet50", zipped.read_bytes()[:1000])
     broken = {**{k: v for k, v in resnet50_state_dict.items() if k != "conv1.weight"}, "extra": torch.zeros(1)}
     assert "1 missing keys ['conv1.weight'], 1 unexpected keys ['extra']" in error("resnet50", broken)
     ten_classes = {**resnet50_state_dict, "fc.weight": torch.zeros(10, 2048)}
@@ -153,6 +162,11 @@ def test_malformed_files_say_what_is_wrong(tmp_path, resnet50_state_dict):
     moco = error("moco-v2-rn50", {"state_dict": {f"module.encoder_k.{k}": v for k, v in resnet50_state_dict.items()}})
     assert "no module.encoder_q.* keys" in moco and "MoCo's released checkpoint" in moco
     assert "Missing key(s)" in error("clip-rn50", {"conv1.weight": torch.zeros(64, 3, 7, 7)})  # not a CLIP
+
+
+def test_weights_for_a_backbone_this_project_pretrains_are_an_error_not_ignored():
+    with pytest.raises(SystemExit, match="embedded-clip has no weights file .* drop --weights"):
+        common.check_backbone("embedded-clip", "ViT-B-16.pt")
 
 
 def test_unknown_backbone():
