@@ -988,6 +988,11 @@ def prepare_imagenet_val(val_dir, solution_csv):
     import csv
 
     val_dir, moved = Path(val_dir), 0
+    if not val_dir.is_dir():
+        raise SystemExit(f"error: {val_dir} is not a folder; pass ImageNet's val folder (ILSVRC/Data/CLS-LOC/val)")
+    if not Path(solution_csv).is_file():
+        raise SystemExit(f"error: {solution_csv} not found; LOC_val_solution.csv comes with Kaggle's ImageNet "
+                         "(imagenet-object-localization-challenge)")
     with open(solution_csv, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows or not {"ImageId", "PredictionString"} <= set(rows[0]):
@@ -999,16 +1004,20 @@ def prepare_imagenet_val(val_dir, solution_csv):
             (val_dir / wnid).mkdir(exist_ok=True)
             os.replace(src, val_dir / wnid / name)
             moved += 1
-    print(f"moved {moved} images into {len({r['PredictionString'].split()[0] for r in rows})} wnid folders under {val_dir}")
+    print(f"moved {moved} images into {len({r['PredictionString'].split()[0] for r in rows})} wnid folders under {val_dir}"
+          + ("" if moved else " (none of the CSV's images lay directly in it: already sorted, or another folder?)"))
 
 
 if __name__ == "__main__":
     import sys
 
+    usage = ("usage: python data.py prepare-imagenet-val IMAGENET_VAL_DIR LOC_val_solution.csv\n"
+             "       python data.py [PNG]   (a sample grid of the embedded world; default docs/world.png)")
     if sys.argv[1:2] == ["prepare-imagenet-val"] and len(sys.argv) == 4:
         prepare_imagenet_val(sys.argv[2], sys.argv[3])
-    elif len(sys.argv) <= 2 and sys.argv[1:2] != ["prepare-imagenet-val"]:
+    elif sys.argv[1:2] in (["-h"], ["--help"]):
+        print(usage)
+    elif len(sys.argv) <= 2 and sys.argv[1:2] != ["prepare-imagenet-val"] and not sys.argv[-1].startswith("-"):
         save_samples(sys.argv[1] if len(sys.argv) > 1 else "docs/world.png")
     else:
-        raise SystemExit("usage: python data.py prepare-imagenet-val IMAGENET_VAL_DIR LOC_val_solution.csv\n"
-                         "       python data.py [PNG]   (a sample grid of the embedded world)")
+        raise SystemExit(usage)

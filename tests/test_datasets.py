@@ -306,7 +306,7 @@ def test_imagenet_missing_wnid_folder_is_an_error_naming_it(minis, tmp_path):
     check_error(e, gone)
 
 
-def test_prepare_imagenet_val_moves_flat_images_into_wnid_folders_and_reruns(tmp_path, monkeypatch):
+def test_prepare_imagenet_val_moves_flat_images_into_wnid_folders_and_reruns(tmp_path, monkeypatch, capsys):
     val = tmp_path / "val"
     val.mkdir()
     wnids = ["n01440764", "n01443537", "n15075141"]
@@ -334,6 +334,18 @@ def test_prepare_imagenet_val_moves_flat_images_into_wnid_folders_and_reruns(tmp
     mini.write_loc_val_solution(csv_path, rows + [("ILSVRC2012_val_00000008", "n01443537")])
     data.prepare_imagenet_val(str(val), str(csv_path))
     assert state() == sorted(expected + ["n01443537/ILSVRC2012_val_00000008.JPEG"])
+
+    for args, expected in ((["--help"], "usage: python data.py prepare-imagenet-val"),  # not a PNG named --help
+                           (["prepare-imagenet-val", str(tmp_path / "nowhere"), str(csv_path)], "is not a folder"),
+                           (["prepare-imagenet-val", str(val), str(tmp_path / "no.csv")], "comes with Kaggle's")):
+        monkeypatch.setattr(sys, "argv", ["data.py", *args])
+        try:
+            runpy.run_path(str(ROOT / "data.py"), run_name="__main__")
+        except SystemExit as e:
+            message = str(e)
+        else:
+            message = capsys.readouterr().out
+        assert expected in message
 
 
 # ---------------------------------------------------------------------------------------------------------------
