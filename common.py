@@ -797,18 +797,27 @@ def _field_docs(cls):
     return docs
 
 
-def parse_args(cls, argv=None, description=None):
+def parse_args(cls, argv=None, description=None, recipes=None):
     """Build an argparse parser from a dataclass: one --flag per field (underscores become dashes), the field's
-    docstring as help, its default shown; booleans get --flag / --no-flag."""
+    docstring as help, its default shown; booleans get --flag / --no-flag. `recipes` (a method's RECIPES: dataset ->
+    defaults) is listed at the end of --help, where the fields it sets say their default comes from."""
     import argparse
 
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    epilog = None
+    if recipes:
+        width = max(map(len, recipes)) + 2
+        epilog = "RECIPES (each dataset's defaults; a flag overrides them):\n" + "\n".join(
+            f"  {name:<{width}}" + ", ".join(f"{k} {v}" for k, v in r.items()) for name, r in recipes.items())
+    parser = argparse.ArgumentParser(description=description, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     docs = _field_docs(cls)
     listed = {"dataset": data.DATASETS, "backbone": BACKBONES}  # checked where they are used, listed here
+    from_recipes = {k for r in (recipes or {}).values() for k in r}
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         choices = f"; one of: {', '.join(listed[f.name])}" if f.name in listed else ""
-        help_ = f"{docs.get(f.name, '')}{choices} (default: {f.default})"
+        default = "" if f.name in from_recipes else f" (default: {f.default})"  # their help says "the dataset's recipe"
+        help_ = f"{docs.get(f.name, '')}{choices}{default}"
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
         else:

@@ -188,4 +188,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(common.parse_args(Args, description=__doc__))
+    main(common.parse_args(Args, description=__doc__, recipes=RECIPES))

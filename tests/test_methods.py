@@ -210,8 +210,11 @@ def test_run_all_refuses_a_typo_before_any_run(var, value, tmp_path):
     assert proc.returncode != 0 and f"error: {var} has '{value.split()[1]}'; choose from:" in proc.stderr
     assert not (tmp_path / "runs").exists()
 
-def test_every_method_has_a_recipe_for_every_dataset_and_docs_list_them():
-    """`python <method>.py --dataset NAME` needs no more flags for any dataset; docs/recipes.md shows the same values."""
+
+def test_every_method_has_a_recipe_for_every_dataset_and_docs_list_them(capsys):
+    """`python <method>.py --dataset NAME` needs no more flags for any dataset; docs/recipes.md and --help show the
+    same values."""
+    import common
     import data
     import flyp
     import flyp_fewshot
@@ -228,6 +231,14 @@ def test_every_method_has_a_recipe_for_every_dataset_and_docs_list_them():
         assert row in doc, row
         assert l2sp.RECIPES[name] == f and (lpft.RECIPES[name]["epochs"], lpft.RECIPES[name]["batch_size"]) == \
             (f["epochs"], f["batch_size"])
+
+    for module in (ft, lpft, l2sp, flyp, flyp_fewshot):  # --help lists RECIPES; each field it sets says so
+        docs = common._field_docs(module.Args)
+        assert all("default: the dataset's recipe" in docs[k] for k in module.RECIPES["embedded"]), module.__name__
+        with pytest.raises(SystemExit):
+            common.parse_args(module.Args, ["--help"], recipes=module.RECIPES)
+        out = capsys.readouterr().out
+        assert "RECIPES (each dataset's defaults" in out and "\n  imagenet " in out, module.__name__
 
 
 def test_results_record_the_recipe_actually_used(tmp_path):
