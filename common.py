@@ -838,6 +838,8 @@ def check_args(args):
         value, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
         if f.name in CHOICES and value not in CHOICES[f.name]:
             raise SystemExit(f"error: {flag} {value!r}: choose {', '.join(CHOICES[f.name])}")
+        if value == "" and f.default is None:  # `--data-root $DATA` with DATA unset would quietly mean the default
+            raise SystemExit(f"error: {flag} is empty; pass a value or leave the flag out")
         if value is None or isinstance(value, (bool, str)):
             continue
         if f.name in COUNTS:

@@ -81,6 +81,7 @@ def test_a_missing_weights_file_stops_the_run_before_the_dataset_is_read(method,
     ("ft", {"compile": "maybe"}, "--compile 'maybe': choose auto, on, off"),
     ("ft", {"precision": "fp16"}, "--precision 'fp16': choose auto, bf16, fp32"),
     ("ft", {"device": "tpu"}, "unknown --device 'tpu'"),
+    ("lpft", {"data_root": ""}, "--data-root is empty; pass a value or leave the flag out"),  # `--data-root $UNSET`
     ("ft", {"head_init": "lp"}, "--head-init 'lp': choose random, zeroshot"),
     ("ft", {"head_init": "zeroshot", "backbone": "resnet50"}, "--head-init zeroshot needs a CLIP backbone"),
 ])
