@@ -532,6 +532,48 @@ def fail(dataset, message):
     raise SystemExit(f"error: {dataset}: {message}\n       expected layout and downloads: docs/datasets.md#{dataset}")
 
 
+def too_deep(path):
+    """A hint for a missing `path` inside a folder of its own name: --data-root one level too deep (DIR/imagenet
+    given, so DIR/imagenet/imagenet/train looked for). Checked only once something is missing."""
+    path = Path(path).absolute()
+    for p in (path, *path.parents):
+        if p.name and p.name == p.parent.name and p.parent.is_dir() and not p.exists():
+            return f"; did you mean the parent folder {p.parent.parent}?"
+    return ""
+
+
+def require(dataset, path, what="", folder=False):
+    """A file (or folder) a loader needs: missing, it is an error naming it."""
+    if not (path.is_dir() if folder else path.is_file()):
+        fail(dataset, f"{path} not found{f' ({what})' if what else ''}{too_deep(path)}")
+
+
+def class_labels(dataset, values, classes, expected, where):
+    """The labels of text values (class names or indices, from a list file or CSV): `classes` maps each valid value
+    to its label. The first invalid one stops here, `where(i)` naming value i's file and line; unchecked, it was a
+    KeyError, an IndexError mid-training, or (in the head's range but not the benchmark's) scored silently."""
+    labels = [classes.get(v, -1) for v in values]
+    bad = [i for i, y in enumerate(labels) if y < 0]
+    if bad:
+        v = values[bad[0]]
+        near = {str(k).lower(): k for k in classes}.get(str(v).lower())  # 'Airport' for 'airport'
+        fail(dataset, f"{where(bad[0])}: {v!r} is not {expected}" + (f"; {len(bad)} such rows" if len(bad) > 1 else "")
+                      + (f"; did you mean {near!r}?" if near else ""))
+    return labels
+
+
+def listed_images(dataset, listing, paths, what):
+    """The images a list file or CSV names (`what`: which ones), checked up front with one stat each: a missing one
+    would stop a run mid-epoch, and deleting it is no fix while `listing` still names it."""
+    if not paths:
+        fail(dataset, f"no images {what} in {listing}")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        fail(dataset, f"{len(missing)} of {len(paths)} images {what} in {listing} missing (e.g. "
+                      f"{', '.join(missing[:3])}): restore them from the download")
+    return paths
+
+
 def list_images(folder):
     """Sorted image paths in folder and its sub-folders (as torchvision's ImageFolder finds them), without hidden files
     and the hidden and system folders that `subfolders` leaves out."""
@@ -548,14 +590,21 @@ def list_images(folder):
     return sorted(found)
 
 
-def image_folder(dataset, folder, classes, labels=None):
+def image_folder(dataset, folder, classes, labels=None, flat_hint=None):
     """(paths, labels) of the images in folder/<class>/ for each class folder name in `classes`; a class's label is
-    its position in `classes`, or labels[i] when given. A missing class folder is an error that names it."""
+    its position in `classes`, or labels[i] when given. A missing class folder is an error that names it, and says
+    `flat_hint` (how to sort them) when the images lie directly in `folder`."""
     folder = Path(folder)
+    require(dataset, folder, folder=True)
     missing = [c for c in classes if not (folder / c).is_dir()]
     if missing:
+        hint = ""
+        if flat_hint:  # only now, on the error path: one scan that stops at the first image
+            with os.scandir(folder) as entries:
+                if any(e.name.lower().endswith(IMAGE_EXTENSIONS) for e in entries):
+                    hint = f"; its images lie directly in it, not in class folders: {flat_hint}"
         fail(dataset, f"{len(missing)} of {len(classes)} class folders missing under {folder} (e.g. "
-                      f"{', '.join(missing[:3])})")
+                      f"{', '.join(missing[:3])}){hint}")
     items, targets = [], []
     for i, c in enumerate(classes):
         files = list_images(folder / c)
@@ -600,16 +649,23 @@ def train_val(items, labels, pre, read=read_image):
             file_split(pick(held), labels[held], pre, read=read))
 
 
+def imagenet_split(dataset, root, split, wnids, labels=None):
+    """The images of ImageNet's train/ or val/ wnid folders. val/ as downloaded is flat: the error then says how to
+    sort it."""
+    folder = root / "imagenet" / split
+    sort = f"python data.py prepare-imagenet-val {folder} LOC_val_solution.csv" if split == "val" else None
+    return image_folder(dataset, folder, wnids, labels, flat_hint=sort)
+
+
 def breeds(name, root, pre):
     """Living-17 / Entity-30: ImageNet images of each superclass's source subclasses (ID) and target subclasses (OOD),
     BREEDS split 'rand' (reference/breeds_rand_splits.json). ID test and OOD come from ImageNet val."""
     hierarchy = reference("breeds_rand_splits")[name]
-    imagenet = root / "imagenet"
 
     def part(split, side):
         wnids = [w for sup in hierarchy for _, w, _ in sup[side]]
         labels = [sup["label"] for sup in hierarchy for _ in sup[side]]
-        return image_folder(name, imagenet / split, wnids, labels)
+        return imagenet_split(name, root, split, wnids, labels)
 
     train, val = train_val(*part("train", "source"), pre)
     return dict(train=train, val=val, test=file_split(*part("val", "source"), pre),
@@ -628,12 +684,15 @@ def cifar10(name, root, pre):
         xs, ys = [], []
         for f in files:
             path = root / "cifar-10-batches-py" / f
-            if not path.is_file():
-                fail(name, f"{path} not found")
-            with open(path, "rb") as fh:
-                d = pickle.load(fh, encoding="latin1")
-            xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            ys += list(d["labels"])
+            require(name, path)
+            try:
+                with open(path, "rb") as fh:
+                    d = pickle.load(fh, encoding="latin1")
+                xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+                ys += list(d["labels"])
+            except Exception as e:  # whatever a truncated or foreign file makes unpickling or reshaping raise
+                fail(name, f"{path} is no CIFAR-10 python batch ({type(e).__name__}: {e}): download "
+                           "cifar-10-python.tar.gz again and unpack it")
         return np.ascontiguousarray(np.concatenate(xs)), ys
 
     def array_split(x, y, train=False):
@@ -647,8 +706,7 @@ def cifar10(name, root, pre):
     stl_x, stl_y = root / "stl10_binary" / "test_X.bin", root / "stl10_binary" / "test_y.bin"
     c101_x, c101_y = root / "cifar10.1" / "cifar10.1_v6_data.npy", root / "cifar10.1" / "cifar10.1_v6_labels.npy"
     for p in (stl_x, stl_y, c101_x, c101_y):
-        if not p.is_file():
-            fail(name, f"{p} not found")
+        require(name, p)
     # STL-10 binary: uint8 images stored column-major [N, 3, 96, 96]; labels 1..10 in STL's class order.
     sx = np.fromfile(stl_x, dtype=np.uint8).reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1)
     sy = torch.as_tensor(STL_TO_CIFAR)[torch.as_tensor(np.fromfile(stl_y, dtype=np.uint8).astype(np.int64) - 1)]
@@ -671,8 +729,8 @@ def imagenet(name, root, pre):
     with a message; the ID folders are required."""
     meta = reference("imagenet_classes")
     wnids, index = meta["wnids"], {w: i for i, w in enumerate(meta["wnids"])}
-    train, val = train_val(*image_folder(name, root / "imagenet" / "train", wnids), pre)
-    test = file_split(*image_folder(name, root / "imagenet" / "val", wnids), pre)
+    train, val = train_val(*imagenet_split(name, root, "train", wnids), pre)
+    test = file_split(*imagenet_split(name, root, "val", wnids), pre)
     ood, missing = {}, []
     v2 = root / "imagenetv2-matched-frequency-format-val"
     if v2.is_dir():
@@ -703,14 +761,15 @@ def domainnet(name, root, pre):
 
     def listed(domain, part):
         path = base / "SENTRY_splits" / f"{domain}_{part}_mini.txt"
-        if not path.is_file():
-            fail(name, f"split list {path} not found (SENTRY's data/DomainNet/txt/{path.name})")
-        rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
-        items = [str(base / r[0]) for r in rows]
-        absent = [p for p in items if not os.path.isfile(p)]
-        if absent:
-            fail(name, f"{len(absent)} of {len(items)} images listed in {path.name} missing (e.g. {absent[0]})")
-        return items, [int(r[1]) for r in rows]
+        require(name, path, f"SENTRY's data/DomainNet/txt/{path.name}")
+        lines = [(n, line.strip().rsplit(None, 1)) for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if line.strip()]
+        for n, r in lines:
+            if len(r) != 2:
+                fail(name, f"{path} line {n}: {r[0]!r} is not '<domain>/<class>/<file>.jpg <label>'")
+        labels = class_labels(name, [r[1] for _, r in lines], {str(i): i for i in range(len(meta["classnames"]))},
+                              f"a class index 0..{len(meta['classnames']) - 1}", lambda i: f"{path} line {lines[i][0]}")
+        return listed_images(name, path, [str(base / r[0]) for _, r in lines], "listed"), labels
 
     train, val = train_val(*listed("sketch", "train"), pre)
     return dict(train=train, val=val, test=file_split(*listed("sketch", "test"), pre),
@@ -724,19 +783,13 @@ def read_csv(dataset, path, columns):
     """The rows of a CSV file as dicts; a missing file or a missing one of `columns` is an error naming it."""
     import csv
 
-    if not path.is_file():
-        fail(dataset, f"{path} not found")
+    require(dataset, path)
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
             fail(dataset, f"{path} lacks the column(s) {', '.join(missing)} (it has: {', '.join(reader.fieldnames or [])})")
         return list(reader)
-
-
-def require_folder(dataset, path, what):
-    if not path.is_dir():
-        fail(dataset, f"{path} not found ({what})")
 
 
 class ArticleTemplate(str):
@@ -756,12 +809,19 @@ def fmow(name, root, pre):
     OOD metric is the worst accuracy over regions ('Other' excluded), as WILDS reports it."""
     import datetime
 
-    base = root / "fmow_v1.1"
-    rows = read_csv(name, base / "rgb_metadata.csv", ["split", "category", "country_code", "timestamp"])
+    base, csv_path = root / "fmow_v1.1", root / "fmow_v1.1" / "rgb_metadata.csv"
+    rows = read_csv(name, csv_path, ["split", "category", "country_code", "timestamp"])
     region_of = {r["alpha-3"]: r["region"] for r in read_csv(name, base / "country_code_mapping.csv", ["alpha-3", "region"])}
-    require_folder(name, base / "images", "the rgb_img_<i>.png files")
+    require(name, base / "images", "the rgb_img_<i>.png files", folder=True)
     classes = reference("wilds_templates")["fmow_classnames"]["names"]
-    label = {c: i for i, c in enumerate(classes)}
+
+    def line(i):  # CSV row i, after the header
+        return f"{csv_path} line {i + 2}"
+
+    # every row's category, 'seq' rows too, as WILDS maps them
+    row_label = class_labels(name, [r["category"] for r in rows], {c: i for i, c in enumerate(classes)},
+                             f"one of the {len(classes)} FMoW categories ({', '.join(classes[:3])}, ...; "
+                             "reference/wilds_templates.json)", line)
     utc = datetime.timezone.utc
 
     def year_start(y):
@@ -769,7 +829,11 @@ def fmow(name, root, pre):
 
     parts = {k: ([], [], []) for k in ("train", "id_val", "id_test", "test")}
     for i, r in enumerate(rows):  # the image of CSV row i is images/rgb_img_<i>.png ('seq' rows included)
-        t = datetime.datetime.fromisoformat(r["timestamp"].replace("Z", "+00:00"))
+        try:
+            t = datetime.datetime.fromisoformat((r["timestamp"] or "").replace("Z", "+00:00"))
+        except ValueError:
+            fail(name, f"{line(i)}: timestamp {r['timestamp']!r} is not an ISO 8601 date-time such as "
+                       "2016-02-03T04:05:06Z")
         t = t if t.tzinfo else t.replace(tzinfo=utc)
         ood_test, ood_val = t >= year_start(2016), year_start(2013) <= t < year_start(2016)
         split = r["split"]
@@ -777,14 +841,16 @@ def fmow(name, root, pre):
                else "test" if split == "test" and ood_test else None)  # OOD val ('val' 2013-2015) is not used
         if key:
             parts[key][0].append(str(base / "images" / f"rgb_img_{i}.png"))
-            parts[key][1].append(label[r["category"]])
+            parts[key][1].append(row_label[i])
             region = region_of.get(r["country_code"]) or "Other"  # unknown codes and empty regions (Antarctica)
             parts[key][2].append(FMOW_REGIONS.index(region if region in FMOW_REGIONS else "Other"))
 
     def split(key, train=False):
         items, labels, groups = parts[key]
-        return file_split(items, labels, pre, train, groups=torch.tensor(groups, dtype=torch.long),
-                          group_names=FMOW_REGIONS)
+        what = {"train": "of split 'train' before 2013", "id_val": "of split 'val' before 2013",
+                "id_test": "of split 'test' before 2013", "test": "of split 'test' from 2016 on"}[key]
+        return file_split(listed_images(name, csv_path, items, what), labels, pre, train,
+                          groups=torch.tensor(groups, dtype=torch.long), group_names=FMOW_REGIONS)
 
     templates = reference("wilds_templates")["fmow_templates"]
     return dict(train=split("train", True), val=split("id_val"), test=split("id_test"), ood={"test": split("test")},
@@ -796,14 +862,19 @@ def fmow(name, root, pre):
 def iwildcam(name, root, pre):
     """iWildCam (WILDS v2.0, official split): train / id_val / id_test by camera, OOD test = new cameras; the papers
     report macro-F1 over the classes present."""
-    base = root / "iwildcam_v2.0"
-    rows = read_csv(name, base / "metadata.csv", ["split", "filename", "y"])
-    require_folder(name, base / "train", "every image, whatever its split")
+    base, csv_path = root / "iwildcam_v2.0", root / "iwildcam_v2.0" / "metadata.csv"
+    rows = read_csv(name, csv_path, ["split", "filename", "y"])
+    require(name, base / "train", "every image, whatever its split", folder=True)
     meta = reference("wilds_templates")
+    n = len(meta["iwildcam_labels_csv"]["english_lower"])
+    labels = class_labels(name, [r["y"] for r in rows], {str(i): i for i in range(n)}, f"a class index 0..{n - 1}",
+                          lambda i: f"{csv_path} line {i + 2}, column y")
 
     def split(key, train=False):
-        sel = [r for r in rows if r["split"] == key]
-        return file_split([str(base / "train" / r["filename"]) for r in sel], [int(r["y"]) for r in sel], pre, train)
+        sel = [i for i, r in enumerate(rows) if r["split"] == key]
+        items = [str(base / "train" / rows[i]["filename"]) for i in sel]
+        return file_split(listed_images(name, csv_path, items, f"with split '{key}'"), [labels[i] for i in sel], pre,
+                          train)
 
     return dict(train=split("train", True), val=split("id_val"), test=split("id_test"), ood={"test": split("test")},
                 classnames=meta["iwildcam_labels_csv"]["english_lower"], templates=meta["iwildcam_templates"],
@@ -842,7 +913,8 @@ def pcam(name, root, pre):
     files = [root / "pcam" / f"camelyonpatch_level_2_split_{s}_{xy}.h5" for s in ("train", "valid", "test") for xy in "xy"]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
-        fail(name, f"{len(missing)} of PatchCamelyon's HDF5 files missing in {root / 'pcam'}: {', '.join(missing)}")
+        fail(name, f"{len(missing)} of PatchCamelyon's HDF5 files missing in {root / 'pcam'}: {', '.join(missing)}"
+                   + too_deep(root / "pcam"))
 
     def split(tag, train=False):
         with h5py.File(root / "pcam" / f"camelyonpatch_level_2_split_{tag}_y.h5") as f:
@@ -878,8 +950,12 @@ def folder(name, root, pre):
     fine). Class names are the train folder names with '_' read as ' '; templates from <root>/templates.txt (one per
     line, '{}' for the class name) or 'a photo of a {}.'."""
     if not (root / "train").is_dir():
-        fail(name, f"{root / 'train'} not found: the ID training images go in train/<class name>/")
+        fail(name, f"{root / 'train'} not found: the ID training images go in train/<class name>/"
+                   + too_deep(root / "train"))
     classes = subfolders(root / "train")
+    if len(classes) < 2:  # one class would score 100% whatever the model does
+        fail(name, f"{root / 'train'} holds {len(classes)} class folder(s){f' ({classes[0]})' if classes else ''}: "
+                   "a classifier needs at least 2, one per class: train/<class name>/")
     index = {c: i for i, c in enumerate(classes)}
 
     def split(path, train=False):

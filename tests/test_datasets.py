@@ -1,5 +1,6 @@
 """The real-dataset loaders against miniatures of every documented on-disk layout (tests/miniatures.py, written from
 docs/datasets.md and reference/*.json). Every expected value is derived from the fabricated files."""
+import csv
 import importlib.util
 import json
 import math
@@ -114,6 +115,22 @@ def check_error(excinfo, *fragments):
 
 def ood_names(dataset):
     return sorted(dataset.ood)
+
+
+def edit_csv(path, edit):
+    """Rewrite a miniature's CSV as a user's hand edit would: `edit(rows)` returns the new list of row dicts."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns, rows = reader.fieldnames, list(reader)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, columns)
+        w.writeheader()
+        w.writerows(edit(rows))
+
+
+def set_row(i, column, value):
+    """An `edit_csv` edit: row i's `column` set to `value` (row i is on line i + 2, after the header)."""
+    return lambda rows: [{**r, column: value} if k == i else r for k, r in enumerate(rows)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -306,6 +323,20 @@ def test_imagenet_missing_wnid_folder_is_an_error_naming_it(minis, tmp_path):
     check_error(e, gone)
 
 
+@pytest.mark.parametrize("name", ["imagenet", "living17"])
+def test_imagenet_flat_val_folder_says_how_to_sort_it(minis, tmp_path, name):
+    """ImageNet val as downloaded: ILSVRC2012_val_*.JPEG directly in val/, which prepare-imagenet-val sorts."""
+    root, _ = minis.build("imagenet")  # every wnid in train/: also what BREEDS needs
+    (tmp_path / "imagenet" / "val").mkdir(parents=True)
+    (tmp_path / "imagenet" / "train").symlink_to(root / "imagenet" / "train")
+    for k in range(1, 4):
+        mini.write_image(tmp_path / "imagenet" / "val" / f"ILSVRC2012_val_{k:08d}.JPEG")
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset(name, data_root=str(tmp_path), backbone=BACKBONE)
+    check_error(e, "class folders missing under", "its images lie directly in it",
+                f"python data.py prepare-imagenet-val {tmp_path / 'imagenet' / 'val'} LOC_val_solution.csv")
+
+
 def test_prepare_imagenet_val_moves_flat_images_into_wnid_folders_and_reruns(tmp_path, monkeypatch, capsys):
     val = tmp_path / "val"
     val.mkdir()
@@ -371,6 +402,23 @@ def test_domainnet_missing_listed_image_is_an_error_naming_it(tmp_path):
     with pytest.raises(SystemExit) as e:
         data.load_dataset("domainnet", data_root=str(tmp_path), backbone=BACKBONE)
     check_error(e, Path(victim).name)
+
+
+@pytest.mark.parametrize("label,said", [("", "is not '<domain>/<class>/<file>.jpg <label>'"),
+                                        (" 40", "'40' is not a class index 0..39"),
+                                        (" -1", "'-1' is not a class index 0..39"),
+                                        (" bee", "'bee' is not a class index 0..39")],
+                         ids=["no label", "40", "-1", "a name"])
+def test_domainnet_bad_list_line_is_an_error_naming_it(tmp_path, label, said):
+    """A line without its label was an IndexError; a label beyond SENTRY's 40 classes was scored silently."""
+    mini.make_domainnet(tmp_path)
+    path = tmp_path / "domainnet" / "SENTRY_splits" / "sketch_test_mini.txt"
+    lines = path.read_bytes().split(b"\r\n")
+    lines[2] = lines[2].rsplit(b" ", 1)[0] + label.encode()  # line 3, its label replaced
+    path.write_bytes(b"\r\n".join(lines))
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("domainnet", data_root=str(tmp_path), backbone=BACKBONE)
+    check_error(e, f"{path} line 3: ", said)
 
 
 def test_domainnet_missing_list_file_is_an_error_naming_it(tmp_path):
@@ -466,6 +514,34 @@ def test_wilds_missing_image_folder_is_an_error_naming_it(tmp_path, name, folder
     check_error(e, tmp_path / folder)
 
 
+@pytest.mark.parametrize("column,value,said", [
+    ("category", "Airport", "'Airport' is not one of the 62 FMoW categories"),
+    ("category", "", "'' is not one of the 62 FMoW categories"),
+    ("timestamp", "06/06/2016", "timestamp '06/06/2016' is not an ISO 8601 date-time"),
+], ids=["Airport", "no category", "US date"])
+def test_fmow_bad_metadata_row_is_an_error_naming_its_line(tmp_path, column, value, said):
+    """Were a KeyError and a ValueError; row 2 (line 4) is an ID training row."""
+    mini.make_fmow(tmp_path)
+    path = tmp_path / "fmow_v1.1" / "rgb_metadata.csv"
+    edit_csv(path, set_row(2, column, value))
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("fmow", data_root=str(tmp_path), backbone=BACKBONE)
+    check_error(e, f"{path} line 4: {said}", *(["did you mean 'airport'?"] if value == "Airport" else []))
+
+
+@pytest.mark.parametrize("name,csv_name", [("fmow", "rgb_metadata.csv"), ("iwildcam", "metadata.csv")])
+def test_wilds_missing_images_are_an_error_at_load_naming_them(tmp_path, name, csv_name):
+    """Found up front, not mid-epoch: the CSV still names them, so they must be restored, not deleted."""
+    truth = getattr(mini, f"make_{name}")(tmp_path)
+    gone = sorted(truth["ood"]["test"])[:2]
+    for rel in gone:
+        (tmp_path / rel).unlink()
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset(name, data_root=str(tmp_path), backbone=BACKBONE)
+    check_error(e, f"2 of {len(truth['ood']['test'])} images", csv_name, *(tmp_path / rel for rel in gone),
+                "restore them")
+
+
 def test_fmow_malformed_csv_is_an_error_naming_it(tmp_path):
     mini.make_fmow(tmp_path, columns=[c for c in mini.FMOW_COLUMNS if c != "timestamp"])
     with pytest.raises(SystemExit) as e:
@@ -508,6 +584,28 @@ def test_iwildcam_macro_f1_is_wilds_and_sklearn(minis):
     for name in ("id_test", "ood_test"):
         assert metrics[f"macro_f1/{name}"] == pytest.approx(expected[name])
     assert metrics["macro_f1/ood_avg"] == pytest.approx(expected["ood_test"])
+
+
+@pytest.mark.parametrize("split", ["train", "id_val", "id_test", "test"])
+def test_iwildcam_split_without_rows_is_an_error_naming_it(tmp_path, split):
+    """An empty id_val was a RuntimeError in the macro-F1, after a whole epoch."""
+    mini.make_iwildcam(tmp_path)
+    path = tmp_path / "iwildcam_v2.0" / "metadata.csv"
+    edit_csv(path, lambda rows: [r for r in rows if r["split"] != split])
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("iwildcam", data_root=str(tmp_path), backbone=BACKBONE)
+    check_error(e, f"no images with split '{split}' in {path}")
+
+
+@pytest.mark.parametrize("y", ["999", "182", "-1", "bird", ""])
+def test_iwildcam_label_out_of_range_is_an_error_naming_its_line(tmp_path, y):
+    """y=999 was an IndexError mid-training; row 3 (line 5) is an ID training row."""
+    mini.make_iwildcam(tmp_path)
+    path = tmp_path / "iwildcam_v2.0" / "metadata.csv"
+    edit_csv(path, set_row(3, "y", y))
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("iwildcam", data_root=str(tmp_path), backbone=BACKBONE)
+    check_error(e, f"{path} line 5, column y: {y!r} is not a class index 0..181")
 
 
 def test_iwildcam_malformed_csv_is_an_error_naming_it(tmp_path):
@@ -658,6 +756,21 @@ def test_folder_without_images_is_an_error_saying_what_it_looked_for(tmp_path):
     check_error(e, f"no images under {root / 'train'}/<class>/", ".jpg", "3 class folders")
 
 
+@pytest.mark.parametrize("classes", [0, 1])
+def test_folder_with_fewer_than_two_classes_is_an_error(tmp_path, classes):
+    """One class scores 100% whatever the model does; none (images straight in train/) is the same mistake."""
+    root = tmp_path / "mydata"
+    if classes:
+        mini.make_folder(root, val=False, test=False, ood=(), train_per_class=(12,))  # zip: the first class only
+    else:
+        for k in range(4):
+            mini.write_image(root / "train" / f"img_{k}.jpg")
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("folder", data_root=str(root), backbone=BACKBONE)
+    check_error(e, f"{root / 'train'} holds {classes} class folder(s)", "at least 2",
+                *([mini.FOLDER_CLASSES[0]] if classes else []))
+
+
 def test_folder_with_an_empty_training_class_is_an_error_naming_it(tmp_path):
     root = tmp_path / "mydata"
     mini.make_folder(root, ood=())
@@ -761,6 +874,15 @@ def test_missing_dataset_folder_is_an_error_naming_it(tmp_path, name):
     check_error(e, tmp_path / FOLDERS[name])
 
 
+@pytest.mark.parametrize("name", PARAMS)
+def test_data_root_one_level_too_deep_names_the_parent(minis, name):
+    """--data-root DIR/imagenet for DIR (for folder: mydata/train for mydata): the error says which one was meant."""
+    root, _ = minis.build(name)
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset(name, data_root=str(root / FOLDERS[name]), backbone=BACKBONE)
+    check_error(e, root / FOLDERS[name] / FOLDERS[name], f"did you mean the parent folder {root}?")
+
+
 @pytest.mark.parametrize("missing", ["stl10_binary/test_X.bin", "cifar10.1/cifar10.1_v6_labels.npy",
                                      "cifar-10-batches-py/data_batch_3"])
 def test_cifar10_missing_file_is_an_error_naming_it(tmp_path, missing):
@@ -769,6 +891,18 @@ def test_cifar10_missing_file_is_an_error_naming_it(tmp_path, missing):
     with pytest.raises(SystemExit) as e:
         data.load_dataset("cifar10", data_root=str(tmp_path), backbone=BACKBONE)
     check_error(e, Path(missing).name)
+
+
+@pytest.mark.parametrize("damage,said", [("truncated", "pickle data was truncated"),
+                                         ("not a pickle", "UnpicklingError"), ("another pickle", "KeyError: 'data'")])
+def test_cifar10_damaged_batch_is_an_error_naming_it(tmp_path, damage, said):
+    mini.make_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    path.write_bytes({"truncated": path.read_bytes()[:1000], "not a pickle": b"<html>503</html>",
+                      "another pickle": mini._py2_pickle({"batch_label": "x", "labels": [1, 2]})}[damage])
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("cifar10", data_root=str(tmp_path), backbone=BACKBONE)
+    check_error(e, f"{path} is no CIFAR-10 python batch", said, "cifar-10-python.tar.gz")
 
 
 @needs_h5py
