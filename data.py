@@ -693,6 +693,7 @@ def cifar10(name, root, pre):
             except Exception as e:  # whatever a truncated or foreign file makes unpickling or reshaping raise
                 fail(name, f"{path} is no CIFAR-10 python batch ({type(e).__name__}: {e}): download "
                            "cifar-10-python.tar.gz again and unpack it")
+            array_labels(name, path, np.asarray(d["labels"]), 0, 9, len(xs[-1]))
         return np.ascontiguousarray(np.concatenate(xs)), ys
 
     def array_split(x, y, train=False):
@@ -709,14 +710,26 @@ def cifar10(name, root, pre):
         require(name, p)
     # STL-10 binary: uint8 images stored column-major [N, 3, 96, 96]; labels 1..10 in STL's class order.
     sx = np.fromfile(stl_x, dtype=np.uint8).reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1)
-    sy = torch.as_tensor(STL_TO_CIFAR)[torch.as_tensor(np.fromfile(stl_y, dtype=np.uint8).astype(np.int64) - 1)]
+    sy = array_labels(name, stl_y, np.fromfile(stl_y, dtype=np.uint8).astype(np.int64), 1, 10, len(sx))
+    sy = torch.as_tensor(STL_TO_CIFAR)[torch.as_tensor(sy - 1)]
     keep = (sy >= 0).numpy()  # no monkeys in CIFAR-10
-    cx, cy = np.load(c101_x), np.load(c101_y).astype(np.int64)
+    cx = np.load(c101_x)
+    cy = array_labels(name, c101_y, np.load(c101_y).astype(np.int64), 0, 9, len(cx))
     names = reference("few_shot_templates")["cifar10"]
     return dict(train=train, val=val, test=test,
                 ood={"stl10": array_split(np.ascontiguousarray(sx[keep]), sy[keep]), "cifar10.1": array_split(cx, cy)},
                 classnames=names["classnames"], templates=names["templates"],
                 info={"val": f"{VAL_FRACTION:.0%} of the 50,000 training images held out"})
+
+
+def array_labels(dataset, path, labels, low, high, images):
+    """Labels read from an array file: one per image, each in low..high (an index outside would map silently through
+    negative indexing, or fail mid-run)."""
+    if len(labels) != images or (len(labels) and (labels.min() < low or labels.max() > high)):
+        found = f"{labels.min()}..{labels.max()}" if len(labels) else "none"
+        fail(dataset, f"{path}: {len(labels)} labels ({found}) for {images} images; expected one per image, each in "
+                      f"{low}..{high}: download it again")
+    return labels
 
 
 # STL-10 class i (airplane, bird, car, cat, deer, dog, horse, monkey, ship, truck) -> CIFAR-10 class; -1 = no match

@@ -905,6 +905,31 @@ def test_cifar10_damaged_batch_is_an_error_naming_it(tmp_path, damage, said):
     check_error(e, f"{path} is no CIFAR-10 python batch", said, "cifar-10-python.tar.gz")
 
 
+@pytest.mark.parametrize("file", ["stl10_binary/test_y.bin", "cifar10.1/cifar10.1_v6_labels.npy",
+                                  "cifar-10-batches-py/data_batch_2"])
+@pytest.mark.parametrize("damage", ["out of range", "one short"])
+def test_cifar10_label_arrays_out_of_range_or_short_are_an_error_naming_them(tmp_path, file, damage):
+    """An STL label 0 mapped to 'truck' through index -1, silently; 11 or a short file failed later, or not at all."""
+    import pickle
+
+    mini.make_cifar10(tmp_path)
+    path = tmp_path / file
+    if path.suffix == ".bin":
+        y = np.fromfile(path, dtype=np.uint8)
+        (y[:-1] if damage == "one short" else np.concatenate([[0], y[1:]]).astype(np.uint8)).tofile(path)
+    elif path.suffix == ".npy":
+        y = np.load(path)
+        np.save(path, y[:-1] if damage == "one short" else np.concatenate([[10], y[1:]]).astype(y.dtype))
+    else:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="latin1")
+        d["labels"] = d["labels"][:-1] if damage == "one short" else [10] + d["labels"][1:]
+        path.write_bytes(mini._py2_pickle(d))
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("cifar10", data_root=str(tmp_path), backbone=BACKBONE)
+    check_error(e, f"{path}: ", "expected one per image, each in", "download it again")
+
+
 @needs_h5py
 def test_pcam_missing_file_is_an_error_naming_it(tmp_path):
     mini.make_pcam(tmp_path)
