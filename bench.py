@@ -278,19 +278,21 @@ def num(value, fmt):
     return format(value, fmt) if isinstance(value, (int, float)) else "failed"
 
 
-def train_rows(name, build, res, batch, device, steps, peak, cell, entry, ext, profile=None):
-    """Section (a) and (e) for one model into `entry`: eager fp32 vs ours on synthetic tensors (`profile`: a file for
-    a profile of ours), ours from JPEG files (decoded by the workers, and on CUDA also by nvJPEG on the GPU); then
-    section (c), feature extraction, into `ext`. Each measurement goes through `cell`. Returns the table's rows."""
-    gflops = cell(entry, "train_gflops_per_image",  # training ~ 3x forward
-                  lambda: 3 * forward_flops(build(), torch.randn(2, 3, res, res)) / 1e9)
+def train_rows(name, build, res, batch, device, steps, peak, cell, profile=None):
+    """Section (a) and (e) for one model: eager fp32 vs ours on synthetic tensors (`profile`: a file for a profile of
+    ours), ours from JPEG files (decoded by the workers, and on CUDA also by nvJPEG on the GPU); then section (c),
+    feature extraction. Each measurement goes through `cell`, under train/<name>/ and extract/<name>/. Returns the
+    table's rows."""
+    gflops = cell("train", name, "train_gflops_per_image",  # training ~ 3x forward
+                  measure=lambda: 3 * forward_flops(build(), torch.randn(2, 3, res, res)) / 1e9)
     flops = gflops * 1e9 if isinstance(gflops, float) else None
+    rates = {}
     for path, fast in (("eager_fp32", False), ("ours", True)):
         def synthetic_rate(fast=fast):
             rate, _ = train_rate(build, res, batch, device, fast, steps, profile=profile if fast else None)
             return {"images_per_s": rate, "mfu": rate * flops / peak if peak and flops else None}
-        cell(entry, path, synthetic_rate)
-    synthetic = rate_of(entry["ours"])
+        rates[path] = cell("train", name, path, measure=synthetic_rate)
+    synthetic, eager = rate_of(rates["ours"]), rate_of(rates["eager_fp32"])
     gpu_decode = device.type == "cuda"  # nvJPEG; on a CPU it would only move decoding out of the workers
     for key, on_device in (("ours_jpeg", False), ("ours_jpeg_decode_on_device", True))[:2 if gpu_decode else 1]:
         def jpeg_rate(on_device=on_device):
@@ -298,23 +300,23 @@ def train_rows(name, build, res, batch, device, steps, peak, cell, entry, ext, p
             rate, wait = train_rate(build, res, batch, device, True, steps, batches)
             return {"images_per_s": rate, "data_wait_share": wait, "share_of_synthetic": ratio(rate, synthetic),
                     "batches_decoded_on_cpu_instead": split.cpu_decoded_batches}  # 0 unless on_device fell back
-        cell(entry, key, jpeg_rate)
-    eager = rate_of(entry["eager_fp32"])
-    entry["speedup"] = ratio(synthetic, eager)
+        rates[key] = cell("train", name, key, measure=jpeg_rate)
+    speedup = cell("train", name, "speedup", measure=lambda: ratio(synthetic, eager))
     # On CUDA a third of the steps (rounded up), of 4 batches each: more images than training, in less GPU time
     ext_steps = -(-steps // 3) if device.type == "cuda" else steps
-    for path, fast in (("eager_fp32", False), ("ours", True)):
-        cell(ext, path, lambda fast=fast: extract_rate(build, res, batch, device, fast, ext_steps))
-    ours, jpeg = entry["ours"], entry["ours_jpeg"]
-    notes = (f"MFU {num(ours.get('mfu'), '.1%') if peak else '–'}; JPEG {num(rate_of(jpeg), '.0f')} img/s "
+    ext = {path: cell("extract", name, path, measure=lambda fast=fast: extract_rate(build, res, batch, device, fast,
+                                                                                  ext_steps))
+           for path, fast in (("eager_fp32", False), ("ours", True))}
+    jpeg = rates["ours_jpeg"]
+    notes = (f"MFU {num(rates['ours'].get('mfu'), '.1%') if peak else '–'}; JPEG {num(rate_of(jpeg), '.0f')} img/s "
              f"({num(jpeg.get('share_of_synthetic'), '.0%')} of synthetic, "
              f"{num(jpeg.get('data_wait_share'), '.0%')} waiting for data)")
     if gpu_decode:
-        nvjpeg = entry["ours_jpeg_decode_on_device"]
+        nvjpeg = rates["ours_jpeg_decode_on_device"]
         notes += (f"; decoded on the GPU {num(rate_of(nvjpeg), '.0f')} img/s "
                   f"({num(nvjpeg.get('data_wait_share'), '.0%')} waiting)")
     return [f"| train {name} {res}px b{batch} (img/s) | {num(eager, '.0f')} | {num(synthetic, '.0f')} | "
-            f"{num(entry['speedup'], '.2f')}× | {notes} |",
+            f"{num(speedup, '.2f')}× | {notes} |",
             f"| extract {name} (img/s) | {num(ext['eager_fp32'], '.0f')} | {num(ext['ours'], '.0f')} | "
             f"{num(ratio(ext['ours'], ext['eager_fp32']), '.2f')}× | |"]
 
@@ -335,34 +337,36 @@ def main():
               "extract": {}, "flyp": {}}
     print(f"device: {report['device']}, torch {report['torch']}, {steps} timed steps per cell\n")
     print("| measurement | eager fp32 (reference-style) | ours | ratio | notes |\n|---|---|---|---|---|", flush=True)
-    failed, where = [], {id(report): "", id(report["flyp"]): "flyp/"}  # where: each container's path, for errors
+    failed = []
 
-    def cell(container, key, measure):
-        """container[key] = measure(), or the error it raised. The JSON is rewritten after every cell: on a lent GPU
-        neither a failing cell nor a time-out costs the cells already measured."""
+    def cell(*path, measure):
+        """report[path[0]][path[1]]... = measure(), or the error it raised. The JSON is rewritten after every cell: on
+        a lent GPU neither a failing cell nor a time-out costs the cells already measured."""
+        *parents, key = path
+        node = report
+        for k in parents:
+            node = node.setdefault(k, {})
         try:
-            container[key] = measure()
+            node[key] = measure()
         except Exception as e:  # reported, and the exit status says so, after the other cells have run
             traceback.print_exc()
-            container[key] = {"error": f"{type(e).__name__}: {e}"}
-            failed.append(where[id(container)] + key)
+            node[key] = {"error": f"{type(e).__name__}: {e}"}
+            failed.append("/".join(path))
         common.write_text_atomic(args.out, json.dumps(report, indent=1) + "\n")
-        return container[key]
+        return node[key]
 
     def model_rows(name, build, res, batch, profile=None):
-        report["train"][name], report["extract"][name] = entry, ext = {"resolution": res, "batch": batch}, {}
-        where.update({id(entry): f"train/{name}/", id(ext): f"extract/{name}/"})
-        print("\n".join(train_rows(name, build, res, batch, device, steps, peak, cell, entry, ext, profile)), flush=True)
+        report["train"][name] = {"resolution": res, "batch": batch}
+        print("\n".join(train_rows(name, build, res, batch, device, steps, peak, cell, profile)), flush=True)
 
     (first, spec), *rest = models(device).items()  # the first model, FLYP and LP before the other model
     model_rows(first, *spec, profile=args.profile)
-    flyp = report["flyp"]
-    for path, fast in (("eager_fp32", False), ("ours", True)):
-        cell(flyp, path, lambda fast=fast: flyp_rate(device, fast, steps))
+    flyp = {path: cell("flyp", path, measure=lambda fast=fast: flyp_rate(device, fast, steps))
+            for path, fast in (("eager_fp32", False), ("ours", True))}
     print(f"| FLYP pairs/s | {num(flyp['eager_fp32'], '.0f')} | {num(flyp['ours'], '.0f')} | "
           f"{num(ratio(flyp['ours'], flyp['eager_fp32']), '.2f')}× | |", flush=True)
     shape = (20_000, 512, 20, 20) if device.type == "cuda" else (4_000, 128, 10, 20)
-    lp = cell(report, "lp_sweep", lambda: lp_sweep(device, *shape))
+    lp = cell("lp_sweep", measure=lambda: lp_sweep(device, *shape))
     if "error" in lp:
         print("| LP sweep (s) | failed | failed | failed× | |", flush=True)
     else:
