@@ -805,6 +805,11 @@ def read_csv(dataset, path, columns):
         return list(reader)
 
 
+def csv_line(path, i):
+    """Where read_csv's row i is in its file, for errors: after the header (no field spans lines in WILDS' CSVs)."""
+    return f"{path} line {i + 2}"
+
+
 class ArticleTemplate(str):
     """A prompt template that puts 'a'/'an' before the class name with underscores made spaces (the WiSE-FT / FLYP
     FMoW templates marked append_proper_article); `.format` does it, so every caller fills templates alike."""
@@ -827,10 +832,7 @@ def fmow(name, root, pre):
     region_of = {r["alpha-3"]: r["region"] for r in read_csv(name, base / "country_code_mapping.csv", ["alpha-3", "region"])}
     require(name, base / "images", "the rgb_img_<i>.png files", folder=True)
     classes = reference("wilds_templates")["fmow_classnames"]["names"]
-
-    def line(i):  # CSV row i, after the header
-        return f"{csv_path} line {i + 2}"
-
+    line = functools.partial(csv_line, csv_path)
     # every row's category, 'seq' rows too, as WILDS maps them
     row_label = class_labels(name, [r["category"] for r in rows], {c: i for i, c in enumerate(classes)},
                              f"one of the {len(classes)} FMoW categories ({', '.join(classes[:3])}, ...; "
@@ -881,7 +883,7 @@ def iwildcam(name, root, pre):
     meta = reference("wilds_templates")
     n = len(meta["iwildcam_labels_csv"]["english_lower"])
     labels = class_labels(name, [r["y"] for r in rows], {str(i): i for i in range(n)}, f"a class index 0..{n - 1}",
-                          lambda i: f"{csv_path} line {i + 2}, column y")
+                          lambda i: f"{csv_line(csv_path, i)}, column y")
 
     def split(key, train=False):
         sel = [i for i, r in enumerate(rows) if r["split"] == key]
