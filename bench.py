@@ -14,7 +14,6 @@ import atexit
 import dataclasses
 import functools
 import json
-import os
 import shutil
 import tempfile
 import time

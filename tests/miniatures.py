@@ -101,7 +101,7 @@ def make_breeds(root, names=("living17", "entity30"), train_per_wnid=2, big=None
     `big` = (name, superclass index): that superclass's first source wnid gets 25 train images (the hold-out test)."""
     root = Path(root)
     splits = reference("breeds_rand_splits")
-    wnid_label, truth = {}, {}
+    truth = {}
     val_name = _ValNames()
     train_counts = {}
     for name in names:
