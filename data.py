@@ -964,9 +964,7 @@ def folder(name, root, pre):
     train), and every other sub-folder of <root> is a named OOD test set with the same class folders (a subset is
     fine). Class names are the train folder names with '_' read as ' '; templates from <root>/templates.txt (one per
     line, '{}' for the class name) or 'a photo of a {}.'."""
-    if not (root / "train").is_dir():
-        fail(name, f"{root / 'train'} not found: the ID training images go in train/<class name>/"
-                   + too_deep(root / "train"))
+    require(name, root / "train", "the ID training images go in train/<class name>/", folder=True)
     classes = subfolders(root / "train")
     if len(classes) < 2:  # one class would score 100% whatever the model does
         fail(name, f"{root / 'train'} holds {len(classes)} class folder(s){f' ({classes[0]})' if classes else ''}: "
