@@ -355,13 +355,15 @@ class FileSplit:
             raise UnreadableImage.of(self.items[i], e) from e
 
     def _loader(self, batch_size, device, shuffle, drop_last, generator):
-        # One loader per way of iterating, kept: persistent workers skip the worker start-up at every epoch.
+        # One loader per way of iterating, kept: persistent workers skip the worker start-up at every epoch. It reads
+        # a copy of the split: the split holding a loader that holds the split would be a reference cycle, and a
+        # loader the garbage collector frees waits 5 s for each worker before it kills it (10 s a split, 2 workers).
         key = (batch_size, device.type, shuffle, drop_last, id(generator))
         loaders = self.__dict__.setdefault("_loaders", {})
         if key not in loaders:
             workers = num_workers() if len(self) > 2 * batch_size else 0  # tiny splits: workers cost more than they save
             loaders[key] = torch.utils.data.DataLoader(
-                self, batch_sampler=BatchIndices(len(self), batch_size, shuffle, drop_last, generator),
+                dataclasses.replace(self), batch_sampler=BatchIndices(len(self), batch_size, shuffle, drop_last, generator),
                 num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                 prefetch_factor=4 if workers else None, collate_fn=collate_bytes if self.decode_on_device else None)
         return loaders[key]

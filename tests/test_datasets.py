@@ -1,9 +1,11 @@
 """The real-dataset loaders against miniatures of every documented on-disk layout (tests/miniatures.py, written from
 docs/datasets.md and reference/*.json). Every expected value is derived from the fabricated files."""
 import csv
+import gc
 import importlib.util
 import json
 import math
+import multiprocessing
 import runpy
 import sys
 from collections import Counter
@@ -800,8 +802,11 @@ def test_an_unreadable_image_stops_the_run_naming_the_file(damage, workers, deco
     with pytest.raises(SystemExit) as e:
         for _ in split.batches(4):
             pass
-    assert str(e.value).startswith(f"error: cannot read image file {bad} (") and str(e.value).endswith(
-        "): replace or delete it") and "\n" not in str(e.value)
+    message = str(e.value)
+    del e  # its traceback holds this frame, which holds it: a cycle that would keep the loader's workers until the
+    # garbage collector, and from there they are waited on for 5 s each
+    assert message.startswith(f"error: cannot read image file {bad} (") and message.endswith(
+        "): replace or delete it") and "\n" not in message
 
 # ---------------------------------------------------------------------------------------------------------------
 # Every split: normalised float batches at the backbone's resolution, subsets
@@ -842,6 +847,25 @@ def test_batches_with_worker_processes(minis, name, monkeypatch):
     split = ds.train.subset(range(len(ds.train)))  # a fresh split: its own loaders
     labels = torch.cat([y for _, y in split.batches(2)])
     assert labels.tolist() == split.labels.tolist()
+
+
+def test_a_dropped_split_stops_its_worker_processes_at_once(minis, monkeypatch):
+    """A split and its loaders go with their last reference, not with the garbage collector, from which each of the
+    loader's persistent workers is waited on for 5 s and then killed."""
+    monkeypatch.setenv("RFT_WORKERS", "2")
+    before = set(multiprocessing.active_children())
+    ds = minis.load("cifar10")
+    split = ds.train.subset(range(len(ds.train)))  # a fresh split: its own loaders
+    batches = split.batches(2)
+    next(batches)
+    workers = set(multiprocessing.active_children()) - before
+    assert len(workers) == 2
+    gc.disable()  # what is freed now is freed by reference counting alone
+    try:
+        del split, batches
+        assert not any(w.is_alive() for w in workers)
+    finally:
+        gc.enable()
 
 
 # ---------------------------------------------------------------------------------------------------------------
