@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -159,6 +160,14 @@ def plot(runs, dataset, out_dir):
     plt.close(fig)
 
 
+def write_text_atomic(path, text):
+    """Written beside, then renamed: a reader never sees half a table. common.py has the same four lines; importing it
+    (torch, open_clip) would add 6 s to the 2.5 s this script takes."""
+    tmp = Path(path).with_name(Path(path).name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", nargs="?", default="runs", help="folder holding the run folders (default: runs)")
@@ -169,8 +178,6 @@ def main():
         raise SystemExit(f"error: no finished runs (no 'done' markers) under {args.root!r}; run lp.py, ft.py, ... first")
     markdown, rows = build_table(runs)
     print(markdown)
-    from common import write_text_atomic  # a reader of the tables never sees half of one
-
     write_text_atomic(Path(args.root) / "summary.md", markdown + "\n")
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))

@@ -166,6 +166,23 @@ def test_summary_shows_iwildcams_macro_f1_and_fmows_worst_region_accuracy(tmp_pa
     assert "| OOD avg | ID worst region | OOD worst region | distortion ID |" in markdown
     assert "| 45.0 ± 0.0 | 35.0 ± 0.0 |" in markdown
 
+def test_summarize_imports_no_torch(tmp_path):
+    """The table is JSON in, markdown out: importing torch would make it take seconds (run_all.sh ends with it)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    shutil.copytree(ROOT / "tests" / "data" / "fake_runs", tmp_path / "runs")
+    code = ("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "summarize.py"), str(tmp_path / "runs"), "--no-plots"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "runs" / "summary.md").read_text() == (ROOT / "tests" / "data" / "golden_summary.md").read_text()
+
+
 def test_summarize_draws_no_id_vs_ood_picture_for_a_dataset_without_ood_sets(tmp_path):
     """PCam and SST-2 (FLYP's few-shot benchmarks) have no OOD test set: a table row, and no crash in the plots."""
     import subprocess
