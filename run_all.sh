@@ -21,12 +21,12 @@ KNOWN="zeroshot lp ft lpft l2sp flyp flyp_fewshot wiseft"
 for method in $METHODS; do
   case " $KNOWN " in *" $method "*) ;; *) echo "error: METHODS has '$method'; choose from: $KNOWN" >&2; exit 2 ;; esac
 done
+# Then an embedded world's model is pretrained once, before runs start in parallel (one python: imports take seconds).
 python -c "import sys, data; bad = [d for d in sys.argv[1:] if d not in data.DATASETS]
-bad and sys.exit(f'error: DATASETS has {bad[0]!r}; choose from: {\", \".join(data.DATASETS)}')" $DATASETS
-
-for dataset in $DATASETS; do  # pretrain an embedded world's model once, before runs start in parallel
-  python -c "import common, data; '$dataset' in data.WORLDS and common.load_backbone(data.WORLDS['$dataset'][1])"
-done
+bad and sys.exit(f'error: DATASETS has {bad[0]!r}; choose from: {\", \".join(data.DATASETS)}')
+import common
+for d in sys.argv[1:]:
+    d in data.WORLDS and common.load_backbone(data.WORLDS[d][1])" $DATASETS
 
 # One line per pending run: script, run folder, extra arguments.
 plan() {
