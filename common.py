@@ -246,6 +246,21 @@ def unreadable(path, e, n=200):
     return _why(e, n)
 
 
+def read_checkpoint(path, how_to_make):
+    """A model.pt written by a method script's --save (method, args, state_dict; on the CPU), or a one-line error
+    saying what is wrong; `how_to_make` says how to get one when there is no file."""
+    if not Path(path).is_file():
+        raise SystemExit(f"error: no fine-tuned checkpoint at {str(path)!r}; {how_to_make}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, foreign pickles
+        raise SystemExit(f"error: could not read checkpoint {str(path)!r} ({unreadable(path, e)})")
+    if not isinstance(ckpt, dict) or not {"method", "args", "state_dict"} <= set(ckpt):
+        raise SystemExit(f"error: {str(path)!r} is not a model.pt written by a method script's --save (expected the "
+                         "keys method, args and state_dict)")
+    return ckpt
+
+
 def _load_exact(net, state_dict, path, name):
     """load_state_dict with strict=True, but a one-line SystemExit instead of a traceback listing hundreds of keys."""
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):

@@ -18,17 +18,14 @@ import data
 LABELS = {"ft": "FT", "lpft": "LP-FT", "l2sp": "L2-SP", "flyp": "FLYP"}
 
 
-def encoder_from_checkpoint(path, dataset):
-    """The fine-tuned image encoder of a method's model.pt (nn.Sequential(encoder, head), or a whole CLIP for FLYP)."""
-    if not Path(path).is_file():
-        raise SystemExit(f"error: no checkpoint {path}; rerun that method with --save (run_all.sh does)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    backbone = common.load_backbone(ckpt["args"]["backbone"] or dataset.backbone, ckpt["args"]["weights"], log=lambda m: None)
+def fine_tuned_encoder(ckpt, backbone, weights):
+    """The fine-tuned image encoder of a checkpoint (nn.Sequential(encoder, head), or a whole CLIP for FLYP)."""
+    fresh = common.load_backbone(backbone, weights, log=lambda m: None)
     if ckpt["method"] == "flyp":
-        backbone.clip.load_state_dict(ckpt["state_dict"])
+        fresh.clip.load_state_dict(ckpt["state_dict"])
     else:
-        backbone.encoder.load_state_dict({k[2:]: v for k, v in ckpt["state_dict"].items() if k.startswith("0.")})
-    return backbone.encoder
+        fresh.encoder.load_state_dict({k[2:]: v for k, v in ckpt["state_dict"].items() if k.startswith("0.")})
+    return fresh.encoder
 
 
 def main():
@@ -39,22 +36,37 @@ def main():
     parser.add_argument("--root", default="runs", help="folder holding the run folders (default: runs)")
     parser.add_argument("--methods", nargs="+", default=["ft", "lpft"], help="methods to draw (default: ft lpft)")
     parser.add_argument("--points", type=int, default=120, help="arrows per panel for ID and for OOD images")
+    parser.add_argument("--device", default="auto", help="where features are computed: auto (CUDA if available), cpu, "
+                        "cuda, cuda:N (every ID and OOD test image, three times: hours on a CPU for ImageNet)")
     parser.add_argument("--out", default=None, help="PNG path; default <root>/<dataset>_feature_map.png")
     args = parser.parse_args()
+    device = common.get_device(args.device)
+    default = data.default_backbone(args.dataset)  # (a typo in --dataset stops here)
+
+    # The arrows start at the pretrained model the checkpoints were fine-tuned from, seen through its preprocessing.
+    ckpts = {m: common.read_checkpoint(Path(args.root) / m / args.dataset / f"seed{args.seed}" / "model.pt",
+                                       f"rerun {m}.py with --save (run_all.sh does)") for m in args.methods}
+    starts = {m: (c["args"]["backbone"] or default, c["args"]["weights"]) for m, c in ckpts.items()}
+    if len(set(starts.values())) > 1:
+        named = "; ".join(f"{m}: {b} with {w or 'its default weights'}" for m, (b, w) in starts.items())
+        raise SystemExit(f"error: the checkpoints were fine-tuned from different pretrained models ({named}); one "
+                         "picture has one starting point: draw them with separate --methods")
+    backbone, weights = starts[args.methods[0]]
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root)
-    pretrained = common.load_backbone(dataset.backbone, log=lambda m: None).encoder
+    dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=backbone)
+    pretrained = common.load_backbone(backbone, weights, log=lambda m: None).encoder
     splits = {"ID": [dataset.test], "OOD": list(dataset.ood.values())}
     g = torch.Generator().manual_seed(0)
     picked = {k: torch.randperm(sum(map(len, v)), generator=g)[:args.points] for k, v in splits.items()}
 
     def features(encoder):
-        return {k: torch.cat([common.extract_features(encoder, s, "cpu") for s in v]) for k, v in splits.items()}
+        encoder = encoder.to(device)
+        return {k: torch.cat([common.extract_features(encoder, s, device) for s in v]) for k, v in splits.items()}
 
     before = features(pretrained)
     fit = torch.cat(list(before.values()))
@@ -64,8 +76,7 @@ def main():
 
     fig, axes = plt.subplots(1, len(args.methods), figsize=(5.5 * len(args.methods), 5), squeeze=False)
     for ax, method in zip(axes[0], args.methods):
-        path = Path(args.root) / method / args.dataset / f"seed{args.seed}" / "model.pt"
-        after = features(encoder_from_checkpoint(path, dataset))
+        after = features(fine_tuned_encoder(ckpts[method], backbone, weights))
         for (name, colour) in (("ID", "tab:blue"), ("OOD", "tab:orange")):
             p0, p1 = project(before[name][picked[name]]), project(after[name][picked[name]])
             ax.quiver(p0[:, 0], p0[:, 1], p1[:, 0] - p0[:, 0], p1[:, 1] - p0[:, 1], angles="xy", scale_units="xy",

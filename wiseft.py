@@ -15,7 +15,6 @@ encoder and head; any other checkpoint (a random or LP head) interpolates the en
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 import common
@@ -97,16 +96,8 @@ def endpoints(ckpt, backbone, dataset, device, precision):
 
 
 def load_checkpoint(path, dataset):
-    if not Path(path).is_file():
-        raise SystemExit(f"error: no fine-tuned checkpoint at {path!r}; make one with `python flyp.py --dataset {dataset} "
-                         "--save` (or ft.py --head-init zeroshot --save) and pass it with --checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, foreign pickles
-        raise SystemExit(f"error: could not read checkpoint {path!r} ({common.unreadable(path, e)})")
-    if not isinstance(ckpt, dict) or not {"method", "args", "state_dict"} <= set(ckpt):
-        raise SystemExit(f"error: {path!r} is not a model.pt written by a method script's --save (expected the keys "
-                         "method, args and state_dict)")
+    ckpt = common.read_checkpoint(path, f"make one with `python flyp.py --dataset {dataset} --save` (or ft.py "
+                                        "--head-init zeroshot --save) and pass it with --checkpoint")
     if ckpt["args"]["dataset"] != dataset:
         raise SystemExit(f"error: {path!r} was fine-tuned on {ckpt['args']['dataset']!r}, not on {dataset!r}; "
                          f"pass --dataset {ckpt['args']['dataset']}")

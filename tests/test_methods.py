@@ -210,6 +210,27 @@ def test_run_all_tiny_builds_table_and_pictures_skips_finished_runs_and_goes_on_
 
 
 
+@pytest.mark.parametrize("second,expected", [
+    ({"backbone": None, "weights": "other.pt"}, "fine-tuned from different pretrained models (ft: embedded-clip-tiny "
+                                                "with its default weights; lpft: embedded-clip-tiny with other.pt)"),
+    (b"<html>", "could not read checkpoint"), ({"weights": 1}, "is not a model.pt"), (None, "rerun lpft.py with --save")])
+def test_feature_map_refuses_checkpoints_it_cannot_draw_before_loading_data(tmp_path, monkeypatch, capsys, second,
+                                                                             expected):
+    """Both panels start from one pretrained model (the checkpoints'), so the arrows of FT and LP-FT are comparable."""
+    paths = [tmp_path / method / "embedded-tiny" / "seed0" / "model.pt" for method in ("ft", "lpft")]
+    for path, content in zip(paths, [{"backbone": None, "weights": None}, second]):
+        path.parent.mkdir(parents=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            torch.save({"method": "ft", "args": content, "state_dict": {}} if "backbone" in content else content, path)
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("the data was loaded first"))
+    monkeypatch.setattr(sys, "argv", ["feature_map.py", "--dataset", "embedded-tiny", "--root", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / "feature_map.py"), run_name="__main__")
+    assert expected in str(e.value.code), e.value.code
+
+
 @pytest.mark.parametrize("var,value", [("DATASETS", "embedded-tiny living71"), ("METHODS", "lp lpf")])
 def test_run_all_refuses_a_typo_before_any_run(var, value, tmp_path):
     env = {**os.environ, "DATASETS": "embedded-tiny", "SEEDS": "0", "ROOT": str(tmp_path / "runs"), var: value}
