@@ -328,6 +328,8 @@ class FileSplit:
                 x = self._decode(x, device) if self.decode_on_device else x.to(device, non_blocking=True)
                 yield normalize(x, self.mean, self.std), y.to(device, non_blocking=True)
         except UnreadableImage as e:  # one line, not a worker's traceback
+            e.__traceback__ = None  # torch re-raises a worker's error from a frame that holds it: a cycle that would keep
+            # the loader's workers until the garbage collector, which waits 5 s for each
             raise SystemExit("error: " + e.line()) from None
 
     def _decode(self, packed, device):

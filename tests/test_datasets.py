@@ -782,10 +782,10 @@ def test_folder_with_an_empty_training_class_is_an_error_naming_it(tmp_path):
     check_error(e, "1 class folder(s)", "hold no images (e.g. zebra)")
 
 
-@pytest.mark.parametrize("workers,decode", [("0", "0"), ("2", "0"), ("2", "1")])
+@pytest.mark.parametrize("workers_env,decode", [("0", "0"), ("2", "0"), ("2", "1")])
 @pytest.mark.parametrize("damage", ["truncated", "not an image"])
-def test_an_unreadable_image_stops_the_run_naming_the_file(damage, workers, decode, tmp_path, monkeypatch):
-    monkeypatch.setenv("RFT_WORKERS", workers)  # a worker re-raises the error in its own words: same one line
+def test_an_unreadable_image_stops_the_run_naming_the_file(damage, workers_env, decode, tmp_path, monkeypatch):
+    monkeypatch.setenv("RFT_WORKERS", workers_env)  # a worker re-raises the error in its own words: same one line
     monkeypatch.setenv("RFT_GPU_DECODE", decode)  # the file is decoded after the loader, where the batch goes
     root = tmp_path / "mydata"
     mini.make_folder(root, ood=())
@@ -799,12 +799,19 @@ def test_an_unreadable_image_stops_the_run_naming_the_file(damage, workers, deco
     ds = data.load_dataset("folder", data_root=str(root), backbone=BACKBONE)
     split = next(s for s in (ds.train, ds.val, ds.test) if str(bad) in map(str, s.items))
     assert split.decode_on_device == (decode == "1")
-    with pytest.raises(SystemExit) as e:
-        for _ in split.batches(4):
-            pass
-    message = str(e.value)
-    del e  # its traceback holds this frame, which holds it: a cycle that would keep the loader's workers until the
-    # garbage collector, and from there they are waited on for 5 s each
+    before = set(multiprocessing.active_children())
+    gc.disable()  # what is freed below is freed by reference counting alone
+    try:
+        with pytest.raises(SystemExit) as e:
+            for _ in split.batches(4):
+                pass
+        message = str(e.value)
+        workers = set(multiprocessing.active_children()) - before
+        assert len(workers) == int(workers_env)
+        del e, split, ds  # (e's traceback holds this frame, which holds e)
+        assert not any(w.is_alive() for w in workers)  # no cycle left the loader to the garbage collector (5 s a worker)
+    finally:
+        gc.enable()
     assert message.startswith(f"error: cannot read image file {bad} (") and message.endswith(
         "): replace or delete it") and "\n" not in message
 
