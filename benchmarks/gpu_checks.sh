@@ -7,10 +7,10 @@
 #       missed target, from the same call);
 #   (2) benchmarks/lp_solver.py: LP's solver now (scipy L-BFGS-B, torch's loss and gradient on the GPU) against the
 #       torch.optim.LBFGS it replaced and scikit-learn, with the GPU syncs each makes (lp_solver.txt);
-#   (3) lp / ft / lpft / l2sp / flyp, then wiseft of that FLYP run, on the tiny embedded world with the CUDA defaults
-#       (bf16 autocast + torch.compile), to check that the default path runs end to end (speed is bench.py's job),
-#       with torch.compile's recompilations and their reasons (expected: one per compiled tower, training ->
-#       evaluation, 'grad_mode');
+#   (3) lp / ft / lpft / l2sp / flyp, then wiseft of that FLYP run and feature_map.py of the FT and LP-FT runs, on
+#       the tiny embedded world with the CUDA defaults (bf16 autocast + torch.compile), to check that the default path
+#       runs end to end (speed is bench.py's job), with torch.compile's recompilations and their reasons (expected:
+#       one per compiled tower, training -> evaluation, 'grad_mode');
 #   (4) ft.py on a folder of JPEGs with RFT_GPU_DECODE=1 (nvJPEG inside a real run).
 #
 # The device machine has PyTorch, torchvision, scikit-learn, timm and friends but no open_clip and no network. Fetch
@@ -62,19 +62,28 @@ fi
 # (3) The method scripts with the CUDA defaults, timed; the last lines of each log go to methods.txt.
 t=$(limit 90)
 [ "$t" -gt 0 ] && timeout "$t" "$PY" -c "import common; common.load_backbone('embedded-clip-tiny')" > "$WORK/pretrain.txt" 2>&1
-for m in lp ft lpft l2sp flyp wiseft; do
-  case $m in flyp) extra=(--save) ;; wiseft) extra=(--checkpoint "$WORK/runs/flyp/model.pt") ;; *) extra=() ;; esac
+for m in lp ft lpft l2sp flyp wiseft; do  # run_all.sh's layout, so that feature_map.py finds the checkpoints
+  case $m in ft|lpft|flyp) extra=(--save) ;; wiseft) extra=(--checkpoint "$WORK/runs/flyp/embedded-tiny/seed0/model.pt") ;;
+    *) extra=() ;; esac
   t=$(limit 60)
   if [ "$t" -eq 0 ]; then echo "== $m.py skipped: the budget was spent" >> "$OUT/methods.txt"; continue; fi
   start=$SECONDS
-  TORCH_LOGS=recompiles timeout "$t" "$PY" "$m.py" --dataset embedded-tiny --device cuda --out "$WORK/runs/$m" \
-    "${extra[@]}" > "$WORK/$m.txt" 2>&1
+  TORCH_LOGS=recompiles timeout "$t" "$PY" "$m.py" --dataset embedded-tiny --device cuda \
+    --out "$WORK/runs/$m/embedded-tiny/seed0" "${extra[@]}" > "$WORK/$m.txt" 2>&1
   rc=$?
   { echo "== $m.py rc=$rc $((SECONDS - start)) s, $(grep -c 'Recompiling function' "$WORK/$m.txt") recompilations"
     sed -n 's/.*\[__recompiles\] *- /  because /p' "$WORK/$m.txt"
     if [ $rc -eq 0 ]; then grep "^\[$m" "$WORK/$m.txt" | tail -n 3; else tail -n 5 "$WORK/$m.txt"; fi
   } >> "$OUT/methods.txt"
 done
+t=$(limit 60)  # the feature picture, its features computed on the GPU
+if [ "$t" -gt 0 ]; then
+  timeout "$t" "$PY" feature_map.py --dataset embedded-tiny --root "$WORK/runs" --device cuda > "$WORK/feature_map.txt" 2>&1
+  rc=$?
+  echo "== feature_map.py rc=$rc $(tail -n 1 "$WORK/feature_map.txt")" >> "$OUT/methods.txt"
+else
+  echo "== feature_map.py skipped: the budget was spent" >> "$OUT/methods.txt"
+fi
 
 # (4) nvJPEG inside a real run: a small folder dataset of JPEGs, decoded on the GPU.
 "$PY" - "$WORK/jpegs" <<'PY'
