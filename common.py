@@ -700,11 +700,22 @@ def format_metrics(metrics):
 # Results: one JSON line per evaluation, a `done` marker per run, checkpoints; all written atomically
 # ---------------------------------------------------------------------------------------------------------------
 def git_commit():
+    """HEAD of the repository holding this file; "-dirty" when a tracked file changed or the script that runs, beside
+    this file, is not tracked (a new method file: HEAD does not hold it). None outside git, or where common.py is not
+    tracked (a copy inside another project, whose commits do not hold this code)."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True)
+
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
-                               capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0 or git("ls-files", "--error-unmatch", Path(__file__).name).returncode != 0:
+            return None
+        script = Path(sys.argv[0]).resolve()
+        new = script.parent == here and script.is_file() and git("ls-files", "--error-unmatch", script.name).returncode
+        dirty = new or git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
     except OSError:
         return None
 
@@ -755,7 +766,9 @@ class Results:
             old = self.dir / name
             if old.exists():
                 kept = list(self.dir.glob(f"{old.stem}.previous*{old.suffix}"))
-                os.replace(old, self.dir / f"{old.stem}.previous{len(kept)}{old.suffix}")
+                aside = self.dir / f"{old.stem}.previous{len(kept)}{old.suffix}"
+                os.replace(old, aside)
+                print(f"note: {old} of an earlier run is kept as {aside.name}", file=sys.stderr)
         (self.dir / "done").unlink(missing_ok=True)
 
     def log(self, step, metrics, **extra):
@@ -890,6 +903,10 @@ def describe(dataset, results, log, recipe=None):
     log(f"{dataset.name} with {dataset.backbone}: " + ", ".join(f"{k} {n:,}" for k, n in sizes.items())
         + (f" ({'; '.join(held)})" if held else "")
         + (" | recipe: " + ", ".join(f"{k} {v}" for k, v in recipe.items()) if recipe else ""))
+    if dataset.name == "embedded-tiny":  # its numbers would otherwise look like a result
+        log(f"note: embedded-tiny is the tests' smoke world (its CLIP is pretrained for "
+            f"{EMBEDDED_BACKBONES['embedded-clip-tiny'].steps} steps): accuracies sit near chance and compare nothing; "
+            "use --dataset embedded for results")
 
 
 def setup(args, method, clip_for=None):

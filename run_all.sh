@@ -18,8 +18,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / J
 
 # A typo in DATASETS or METHODS stops here, not as one failed run per method and seed.
 KNOWN="zeroshot lp ft lpft l2sp flyp flyp_fewshot wiseft"
-for method in $METHODS; do
-  case " $KNOWN " in *" $method "*) ;; *) echo "error: METHODS has '$method'; choose from: $KNOWN" >&2; exit 2 ;; esac
+for method in $METHODS; do  # ours, or a method script of your own beside them (a copy of ft.py, say)
+  case " $KNOWN " in *" $method "*) ;; *) [ -f "$method.py" ] ||
+    { echo "error: METHODS has '$method'; choose from: $KNOWN (or <name>.py of your own, here)" >&2; exit 2; } ;; esac
 done
 # Then an embedded world's model is pretrained once, before runs start in parallel (one python: imports take seconds).
 python -c "import sys, data; bad = [d for d in sys.argv[1:] if d not in data.DATASETS]

@@ -1,6 +1,7 @@
 """Shared pieces: the embedded model cache, the argument parser, results, selection, distortion, precision."""
 import dataclasses
 import json
+import sys
 
 import pytest
 import torch
@@ -90,7 +91,7 @@ def test_precision_and_device_defaults():
     assert common.maybe_compile(model, "auto", "cpu") is model
 
 
-def test_a_rerun_keeps_the_previous_results_aside(tmp_path):
+def test_a_rerun_keeps_the_previous_results_aside(tmp_path, capsys):
     args = lpft.Args(dataset="embedded-tiny")
     first = common.Results(tmp_path, "lpft", args, torch.device("cpu"))
     first.log(0, {"acc/id_val": 1.0})
@@ -101,6 +102,38 @@ def test_a_rerun_keeps_the_previous_results_aside(tmp_path):
     assert [json.loads(x)["metrics"]["acc/id_val"] for x in (tmp_path / "results.jsonl").read_text().splitlines()] == [2.0]
     kept = list(tmp_path.glob("results.previous*.jsonl"))
     assert len(kept) == 1 and json.loads(kept[0].read_text())["metrics"]["acc/id_val"] == 1.0
+    assert f"note: {tmp_path / 'results.jsonl'} of an earlier run is kept as results.previous0.jsonl" in \
+        capsys.readouterr().err  # said: a copy of a method script still named like the original lands here
+
+
+def test_git_commit_holds_the_code_that_runs_or_says_it_does_not(tmp_path, monkeypatch):
+    """HEAD for a clean checkout; "-dirty" for a new, untracked method script beside common.py; None for a copy of
+    common.py inside another project's repository (its commits do not hold our code)."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "README").write_text("another project\n")
+    git("add", "README")
+    git("commit", "-q", "-m", "theirs")
+    monkeypatch.setattr(common, "__file__", str(tmp_path / "common.py"))
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "ft_frozen_bn.py")])
+    (tmp_path / "common.py").write_text("# copied\n")
+    (tmp_path / "ft_frozen_bn.py").write_text("# a new method\n")
+    assert common.git_commit() is None  # common.py untracked there
+    git("add", "common.py")
+    git("commit", "-q", "-m", "ours")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert common.git_commit() == head + "-dirty"  # the script that runs is not in HEAD
+    git("add", "ft_frozen_bn.py")
+    git("commit", "-q", "-m", "the new method")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert common.git_commit() == head
+    (tmp_path / "common.py").write_text("# edited\n")
+    assert common.git_commit() == head + "-dirty"
 
 
 def test_summary_table_rebuilds_the_checked_in_golden_table(tmp_path):
