@@ -493,7 +493,7 @@ class WorldConfig:
 
 WORLDS = {
     "embedded": (WorldConfig(), "embedded-clip"),
-    "embedded-tiny": (WorldConfig(n_train=200, n_val=100, n_test=100), "embedded-clip-tiny"),  # for tests
+    "embedded-tiny": (WorldConfig(n_train=200, n_val=100, n_test=100), "embedded-clip-tiny"),  # the tests' smoke world: near chance
 }
 
 
@@ -528,7 +528,12 @@ VAL_FRACTION = 0.1  # ID validation held out of ID train where the benchmark def
 
 
 def reference(name):
-    return json.loads((REFERENCE / f"{name}.json").read_text())
+    """A fact file of reference/ (class lists, BREEDS splits, prompt templates), which travels with data.py."""
+    path = REFERENCE / f"{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found: data.py reads class lists, splits and prompt templates from the "
+                         "reference/ folder beside it; copy that folder along with data.py")
+    return json.loads(path.read_text())
 
 
 def fail(dataset, message):

@@ -856,6 +856,14 @@ def test_batches_with_worker_processes(minis, name, monkeypatch):
     assert labels.tolist() == split.labels.tolist()
 
 
+def test_a_missing_reference_file_says_the_folder_travels_with_data_py(tmp_path, monkeypatch):
+    """An engineer who copies data.py alone into another project gets one line, not a traceback."""
+    monkeypatch.setattr(data, "REFERENCE", tmp_path / "reference")
+    with pytest.raises(SystemExit, match="copy that folder along with data.py") as e:
+        data.reference("imagenet_classes")
+    assert str(tmp_path / "reference" / "imagenet_classes.json") in str(e.value)
+
+
 def test_a_dropped_split_stops_its_worker_processes_at_once(minis, monkeypatch):
     """A split and its loaders go with their last reference, not with the garbage collector, from which each of the
     loader's persistent workers is waited on for 5 s and then killed."""
