@@ -706,7 +706,7 @@ def git_commit():
     here = Path(__file__).resolve().parent
 
     def git(*args):
-        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True)
+        return subprocess.run(["git", "--literal-pathspecs", *args], cwd=here, capture_output=True, text=True)
 
     try:
         head = git("rev-parse", "HEAD")

@@ -44,9 +44,14 @@ def main():
     default = data.default_backbone(args.dataset)  # (a typo in --dataset stops here)
 
     # The arrows start at the pretrained model the checkpoints were fine-tuned from, seen through its preprocessing.
-    ckpts = {m: common.read_checkpoint(Path(args.root) / m / args.dataset / f"seed{args.seed}" / "model.pt",
-                                       f"rerun {m}.py with --save (run_all.sh does)") for m in args.methods}
-    starts = {m: (c["args"]["backbone"] or default, c["args"]["weights"]) for m, c in ckpts.items()}
+    def checkpoint(method):
+        return common.read_checkpoint(Path(args.root) / method / args.dataset / f"seed{args.seed}" / "model.pt",
+                                      f"rerun {method}.py with --save (run_all.sh does)")
+
+    starts = {}
+    for m in args.methods:  # read again when drawn: one checkpoint in memory at a time (a whole CLIP for FLYP)
+        ckpt_args = checkpoint(m)["args"]
+        starts[m] = (ckpt_args["backbone"] or default, ckpt_args["weights"])
     if len(set(starts.values())) > 1:
         named = "; ".join(f"{m}: {b} with {w or 'its default weights'}" for m, (b, w) in starts.items())
         raise SystemExit(f"error: the checkpoints were fine-tuned from different pretrained models ({named}); one "
@@ -76,7 +81,7 @@ def main():
 
     fig, axes = plt.subplots(1, len(args.methods), figsize=(5.5 * len(args.methods), 5), squeeze=False)
     for ax, method in zip(axes[0], args.methods):
-        after = features(fine_tuned_encoder(ckpts[method], backbone, weights))
+        after = features(fine_tuned_encoder(checkpoint(method), backbone, weights))
         for (name, colour) in (("ID", "tab:blue"), ("OOD", "tab:orange")):
             p0, p1 = project(before[name][picked[name]]), project(after[name][picked[name]])
             ax.quiver(p0[:, 0], p0[:, 1], p1[:, 0] - p0[:, 0], p1[:, 1] - p0[:, 1], angles="xy", scale_units="xy",

@@ -5,6 +5,7 @@
 #   bash run_all.sh                         # embedded world, seeds 0 1 2, all seven methods, two runs at a time
 #   DATASETS="embedded" SEEDS="0" METHODS="lp ft" JOBS=1 bash run_all.sh
 #
+# A run counts as finished when its script wrote `done`; METHODS may name a method script of your own beside ours.
 # WiSE-FT interpolates the zero-shot model and each seed's FLYP checkpoint, so it runs after FLYP finished (and again
 # when FLYP was re-run). A failed run is named and the rest go on; the table covers what finished; the exit status is 1.
 set -euo pipefail
@@ -19,7 +20,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / J
 # A typo in DATASETS or METHODS stops here, not as one failed run per method and seed.
 KNOWN="zeroshot lp ft lpft l2sp flyp flyp_fewshot wiseft"
 for method in $METHODS; do  # ours, or a method script of your own beside them (a copy of ft.py, say)
-  case " $KNOWN " in *" $method "*) ;; *) [ -f "$method.py" ] ||
+  case " $KNOWN " in *" $method "*) ;; *) grep -qs "= common.setup(" "$method.py" ||
     { echo "error: METHODS has '$method'; choose from: $KNOWN (or <name>.py of your own, here)" >&2; exit 2; } ;; esac
 done
 # Then an embedded world's model is pretrained once, before runs start in parallel (one python: imports take seconds).
@@ -59,7 +60,7 @@ FAILED=$(mktemp); trap 'rm -f "$FAILED"' EXIT; export FAILED  # the run folders 
 run() {
   read -r script out extra <<<"$1"
   echo "run  $out"
-  { mkdir -p "$out" && python "$script.py" --out "$out" $extra >"$out/log.txt" 2>&1; } ||
+  { mkdir -p "$out" && python "$script.py" --out "$out" $extra >"$out/log.txt" 2>&1 && [ -f "$out/done" ]; } ||
     { echo "FAILED $out (see $out/log.txt)"; echo "$out" >>"$FAILED"; }
 }
 export -f run

@@ -38,7 +38,7 @@ def load_runs(root):
         if key in seen:  # a sweep or a variant under the same root would be averaged in as another seed
             raise SystemExit(f"error: {seen[key]} and {marker.parent} are both {key[1]} on {key[0]} with seed "
                              f"{key[2]}; a table row averages seeds of one recipe: a variant of a method needs its own name "
-                             "(common.setup(args, \"<name>\") in its script); else move one run out of {root}, or "
+                             f"(common.setup(args, \"<name>\") in its script); else move one run out of {root}, or "
                              "summarize each folder on its own")
         seen[key] = marker.parent
         runs[(record["dataset"], record["method"])].append({**record, "results": str(marker.with_name("results.jsonl"))})

@@ -109,11 +109,18 @@ def test_a_rerun_keeps_the_previous_results_aside(tmp_path, capsys):
 def test_git_commit_holds_the_code_that_runs_or_says_it_does_not(tmp_path, monkeypatch):
     """HEAD for a clean checkout; "-dirty" for a new, untracked method script beside common.py; None for a copy of
     common.py inside another project's repository (its commits do not hold our code)."""
+    import os
+    import shutil
     import subprocess
 
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    for name in [k for k in os.environ if k.startswith("GIT_")]:  # in a git hook they point at the project's repo
+        monkeypatch.delenv(name)
+
     def git(*args):
-        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
-                       capture_output=True)
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", *args],
+                       cwd=tmp_path, check=True, capture_output=True)
 
     git("init", "-q")
     (tmp_path / "README").write_text("another project\n")
@@ -180,8 +187,9 @@ def test_summarize_refuses_to_average_two_runs_of_one_seed(tmp_path):
 
     shutil.copytree(ROOT / "tests" / "data" / "fake_runs", tmp_path / "runs")
     shutil.copytree(tmp_path / "runs" / "ft" / "embedded" / "seed0", tmp_path / "runs" / "ft-lr1e-4" / "seed0")
-    with pytest.raises(SystemExit, match="are both ft on embedded with seed 0"):
+    with pytest.raises(SystemExit, match="are both ft on embedded with seed 0") as e:
         summarize.load_runs(tmp_path / "runs")
+    assert "its own name" in str(e.value) and f"move one run out of {tmp_path / 'runs'}," in str(e.value)
 
 def test_summary_shows_iwildcams_macro_f1_and_fmows_worst_region_accuracy(tmp_path):
     import summarize

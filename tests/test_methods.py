@@ -231,7 +231,8 @@ def test_feature_map_refuses_checkpoints_it_cannot_draw_before_loading_data(tmp_
     assert expected in str(e.value.code), e.value.code
 
 
-@pytest.mark.parametrize("var,value", [("DATASETS", "embedded-tiny living71"), ("METHODS", "lp lpf")])
+@pytest.mark.parametrize("var,value", [("DATASETS", "embedded-tiny living71"), ("METHODS", "lp lpf"),
+                                       ("METHODS", "lp common")])  # a script, but not a method
 def test_run_all_refuses_a_typo_before_any_run(var, value, tmp_path):
     env = {**os.environ, "DATASETS": "embedded-tiny", "SEEDS": "0", "ROOT": str(tmp_path / "runs"), var: value}
     proc = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=120)
