@@ -64,16 +64,17 @@ def main():
     import matplotlib.pyplot as plt
 
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=backbone)
-    pretrained = common.load_backbone(backbone, weights, log=lambda m: None).encoder
-    splits = {"ID": [dataset.test], "OOD": list(dataset.ood.values())}
+    pretrained = common.load_backbone(backbone, weights, log=lambda m: None)
+    ood = [f"ood_{k}" for k in dataset.ood]
+
+    def features(encoder, cached_as=None):
+        """ID test and OOD features; the pretrained ones of a real dataset come from the cache the runs filled."""
+        f = common.split_features(encoder.to(device), dataset, device, only=["id_test", *ood], backbone=cached_as)
+        return {"ID": f["id_test"], "OOD": torch.cat([f[k] for k in ood])}
+
+    before = features(pretrained.encoder, cached_as=pretrained)
     g = torch.Generator().manual_seed(0)
-    picked = {k: torch.randperm(sum(map(len, v)), generator=g)[:args.points] for k, v in splits.items()}
-
-    def features(encoder):
-        encoder = encoder.to(device)
-        return {k: torch.cat([common.extract_features(encoder, s, device) for s in v]) for k, v in splits.items()}
-
-    before = features(pretrained)
+    picked = {k: torch.randperm(len(v), generator=g)[:args.points] for k, v in before.items()}
     fit = torch.cat(list(before.values()))
     mean = fit.mean(0)
     _, _, v = torch.linalg.svd(fit - mean, full_matrices=False)  # PCA of the pretrained features
