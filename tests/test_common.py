@@ -119,8 +119,8 @@ def test_git_commit_holds_the_code_that_runs_or_says_it_does_not(tmp_path, monke
         monkeypatch.delenv(name)
 
     def git(*args):
-        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", *args],
-                       cwd=tmp_path, check=True, capture_output=True)
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", *args],
+                              cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
 
     git("init", "-q")
     (tmp_path / "README").write_text("another project\n")
@@ -133,11 +133,11 @@ def test_git_commit_holds_the_code_that_runs_or_says_it_does_not(tmp_path, monke
     assert common.git_commit() is None  # common.py untracked there
     git("add", "common.py")
     git("commit", "-q", "-m", "ours")
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "HEAD")
     assert common.git_commit() == head + "-dirty"  # the script that runs is not in HEAD
     git("add", "ft_frozen_bn.py")
     git("commit", "-q", "-m", "the new method")
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "HEAD")
     assert common.git_commit() == head
     (tmp_path / "common.py").write_text("# edited\n")
     assert common.git_commit() == head + "-dirty"
