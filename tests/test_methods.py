@@ -20,11 +20,10 @@ from conftest import ROOT
 METHODS = ["zeroshot", "lp", "ft", "lpft", "l2sp", "flyp"]
 
 
-def run_script(method, *argv, check=True):
+def run_script(method, *argv):
     proc = subprocess.run([sys.executable, str(ROOT / f"{method}.py"), *argv], capture_output=True, text=True,
                           cwd=ROOT, env={**os.environ}, timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
@@ -214,8 +213,7 @@ def test_run_all_tiny_builds_table_and_pictures_skips_finished_runs_and_goes_on_
     ({"backbone": None, "weights": "other.pt"}, "fine-tuned from different pretrained models (ft: embedded-clip-tiny "
                                                 "with its default weights; lpft: embedded-clip-tiny with other.pt)"),
     (b"<html>", "could not read checkpoint"), ({"weights": 1}, "is not a model.pt"), (None, "rerun lpft.py with --save")])
-def test_feature_map_refuses_checkpoints_it_cannot_draw_before_loading_data(tmp_path, monkeypatch, capsys, second,
-                                                                             expected):
+def test_feature_map_refuses_checkpoints_it_cannot_draw_before_loading_data(tmp_path, monkeypatch, second, expected):
     """Both panels start from one pretrained model (the checkpoints'), so the arrows of FT and LP-FT are comparable."""
     paths = [tmp_path / method / "embedded-tiny" / "seed0" / "model.pt" for method in ("ft", "lpft")]
     for path, content in zip(paths, [{"backbone": None, "weights": None}, second]):
