@@ -158,13 +158,21 @@ def _plain_progress(iterable, desc, total):
             print(f"{desc}: {i:,}{of} in {now - start:.0f} s ({rate:.2f}/s)", file=sys.stderr, flush=True)
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a checkpoint."""
+def write_atomic(path, write):
+    """`write(tmp)` to a temporary file in the same folder, then rename: a crash never leaves half a file, and a
+    failed write leaves nothing behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_atomic(obj, path):
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -797,10 +805,7 @@ class Results:
 
 
 def write_text_atomic(path, text):
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def select_best(records, key="acc/id_val"):

@@ -97,7 +97,7 @@ def main():
     fig.suptitle(f"{args.dataset}, seed {args.seed}: arrows start at each test image's pretrained feature", fontsize=10)
     fig.tight_layout()
     out = args.out or str(Path(args.root) / f"{args.dataset}_feature_map.png")
-    fig.savefig(out, dpi=120)
+    common.write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     print(f"wrote {out}")
 
 

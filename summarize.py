@@ -142,7 +142,7 @@ def plot(runs, dataset, out_dir):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(Path(out_dir) / f"{dataset}_id_ood.png", dpi=120)
+    write_atomic(Path(out_dir) / f"{dataset}_id_ood.png", lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
     moved = [m for m in methods if stats[m]["distortion/id_test"][0] > 0 or stats[m]["distortion/ood_avg"][0] > 0]
@@ -157,16 +157,19 @@ def plot(runs, dataset, out_dir):
     ax.legend()
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(Path(out_dir) / f"{dataset}_distortion.png", dpi=120)
+    write_atomic(Path(out_dir) / f"{dataset}_distortion.png", lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
-def write_text_atomic(path, text):
-    """Written beside, then renamed: a reader never sees half a table. common.py has the same four lines; importing it
-    (torch, open_clip) would add 6 s to the 2.5 s this script takes."""
+def write_atomic(path, write):
+    """`write(tmp)` beside, then renamed: a reader never sees half a table or picture. common.py has the same lines;
+    importing it (torch, open_clip) would add 6 s to the 2.5 s this script takes."""
     tmp = Path(path).with_name(Path(path).name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def main():
@@ -179,12 +182,12 @@ def main():
         raise SystemExit(f"error: no finished runs (no 'done' markers) under {args.root!r}; run lp.py, ft.py, ... first")
     markdown, rows = build_table(runs)
     print(markdown)
-    write_text_atomic(Path(args.root) / "summary.md", markdown + "\n")
+    write_atomic(Path(args.root) / "summary.md", lambda tmp: tmp.write_text(markdown + "\n"))
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
     writer.writeheader()
     writer.writerows(rows)
-    write_text_atomic(Path(args.root) / "summary.csv", table.getvalue())
+    write_atomic(Path(args.root) / "summary.csv", lambda tmp: tmp.write_text(table.getvalue()))
     if not args.no_plots:
         for dataset in sorted({d for d, _ in runs}):
             if all("acc/ood_avg" in r["metrics"] for (d, _), rs in runs.items() if d == dataset for r in rs):

@@ -61,6 +61,15 @@ def test_results_lines_and_done_marker(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))  # atomic writes leave no temporary files
 
 
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "model.pt"
+    common.save_atomic({"w": torch.ones(2)}, path)
+    before = path.read_bytes()
+    with pytest.raises(Exception):  # a lambda cannot be pickled: torch.save fails after opening the file
+        common.save_atomic({"w": torch.zeros(2), "f": lambda: 0}, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
 def test_distortion():
     ref = torch.randn(100, 8)
     assert common.distortion(ref, ref) == 0
@@ -163,6 +172,7 @@ def test_summary_table_rebuilds_the_checked_in_golden_table(tmp_path):
     for name in ("summary.md", "summary.csv", "embedded_id_ood.png", "embedded_distortion.png", "living17_id_ood.png"):
         assert (tmp_path / "runs" / name).stat().st_size > 0, name
     assert (tmp_path / "runs" / "summary.md").read_text() == (data_dir / "golden_summary.md").read_text()
+    assert not list((tmp_path / "runs").glob("*.tmp*"))  # written beside, then renamed
 
 
 def test_a_rerun_that_fails_before_its_first_evaluation_leaves_the_finished_run_as_it_was(tmp_path):

@@ -187,6 +187,7 @@ def test_run_all_tiny_builds_table_and_pictures_skips_finished_runs_and_goes_on_
         assert f"| {label} | 1 |" in table, label
     for picture in ("embedded-tiny_id_ood.png", "embedded-tiny_distortion.png", "embedded-tiny_feature_map.png"):
         assert (tmp_path / picture).stat().st_size > 0, picture
+    assert not list(tmp_path.rglob("*.tmp*"))  # tables, pictures, results and checkpoints: written, then renamed
     again = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and "run  " not in again.stdout and again.stderr.count("skip ") == 7
     assert (tmp_path / "summary.md").read_text() == table
