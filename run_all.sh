@@ -69,9 +69,13 @@ for phase in 1 2; do
   plan $phase | xargs -r -P "$JOBS" -I{} bash -c 'run "$@"' _ {}
 done
 python summarize.py "$ROOT" || echo "table not built" >>"$FAILED"
-for dataset in $DATASETS; do
-  if [ -f "$ROOT/ft/$dataset/seed${SEEDS%% *}/model.pt" ] && [ -f "$ROOT/lpft/$dataset/seed${SEEDS%% *}/model.pt" ]; then
-    python feature_map.py --dataset "$dataset" --seed "${SEEDS%% *}" --root "$ROOT" || echo "feature map of $dataset" >>"$FAILED"
+for dataset in $DATASETS; do  # the picture of the first seed's FT and LP-FT, drawn again only when one is newer
+  ft="$ROOT/ft/$dataset/seed${SEEDS%% *}/model.pt" lpft="$ROOT/lpft/$dataset/seed${SEEDS%% *}/model.pt"
+  picture="$ROOT/${dataset}_feature_map.png"
+  if [ -f "$picture" ] && [ "$picture" -nt "$ft" ] && [ "$picture" -nt "$lpft" ]; then
+    echo "skip $picture (newer than its checkpoints)" >&2
+  elif [ -f "$ft" ] && [ -f "$lpft" ]; then
+    python feature_map.py --dataset "$dataset" --seed "${SEEDS%% *}" --root "$ROOT" || echo "$picture" >>"$FAILED"
   fi
 done
 if [ -s "$FAILED" ]; then

@@ -189,22 +189,27 @@ def test_run_all_tiny_builds_table_and_pictures_skips_finished_runs_and_goes_on_
         assert (tmp_path / picture).stat().st_size > 0, picture
     assert not list(tmp_path.rglob("*.tmp*"))  # tables, pictures, results and checkpoints: written, then renamed
     again = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=600)
-    assert again.returncode == 0 and "run  " not in again.stdout and again.stderr.count("skip ") == 7
+    assert again.returncode == 0 and "run  " not in again.stdout and again.stderr.count("skip ") == 7 + 1  # + picture
     assert (tmp_path / "summary.md").read_text() == table
 
     # A run that fails (here a file is where LP's run folder goes) is named, and the rest go on: WiSE-FT, redone as
-    # its FLYP checkpoint is newer (as after a FLYP re-run), the table without LP; the exit status says it failed.
+    # its FLYP checkpoint is newer (as after a FLYP re-run), the table without LP, the picture again as its LP-FT
+    # checkpoint is newer; the exit status says it failed.
     blocked = tmp_path / "lp" / "embedded-tiny" / "seed0"
     shutil.rmtree(blocked)
     blocked.write_text("not a folder")
     wiseft = tmp_path / "wiseft-flyp" / "embedded-tiny" / "seed0"
     before = (wiseft / "done").stat().st_mtime_ns
     os.utime(tmp_path / "flyp" / "embedded-tiny" / "seed0" / "model.pt")  # now: newer than WiSE-FT's result
+    picture = tmp_path / "embedded-tiny_feature_map.png"
+    drawn = picture.stat().st_mtime_ns
+    os.utime(tmp_path / "lpft" / "embedded-tiny" / "seed0" / "model.pt")  # and than the picture
     failed = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=600)
     assert failed.returncode == 1 and f"FAILED {blocked}" in failed.stdout, failed.stdout[-2000:] + failed.stderr
     assert "error: 1 step(s) failed" in failed.stderr and f"\n  {blocked}\n" in failed.stderr
     assert f"redo {wiseft} (its FLYP checkpoint is newer)" in failed.stderr and f"run  {wiseft}" in failed.stdout
     assert (wiseft / "done").stat().st_mtime_ns > before and failed.stderr.count("skip ") == 5
+    assert picture.stat().st_mtime_ns > drawn
     table = (tmp_path / "summary.md").read_text()
     assert "| LP |" not in table and "| WiSE-FT (FLYP, α=0.5) | 1 |" in table
 
