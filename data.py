@@ -346,15 +346,14 @@ class FileSplit:
             if self.cpu_decoded_batches == 1:  # said once: a run's speed depends on how often it happens
                 warnings.warn(f"JPEG decoding on {device} refused a batch ({e}); such batches are decoded on the CPU "
                               f"(FileSplit.cpu_decoded_batches counts them)", stacklevel=2)
-            images = [self._decode_one(f, i).to(device) for f, i in zip(files, index.tolist())]
+            images = [self._decode_one(i).to(device) for i in index.tolist()]
         return torch.stack([self.transform(img.float()) for img in images])  # float: CUDA resizes no uint8 bicubic
 
-    def _decode_one(self, file, i):
-        io = torchvision_io()
-        try:
-            return io.decode_image(file, mode=io.ImageReadMode.RGB)
-        except RuntimeError as e:  # not an image at all, or truncated
-            raise UnreadableImage.of(self.items[i], e) from e
+    def _decode_one(self, i):
+        """What the CPU path reads (PIL: also a BMP, TIFF or 16-bit PNG behind a .jpg name), as a uint8 tensor."""
+        import torchvision.transforms.functional as TF
+
+        return TF.pil_to_tensor(self.read(self.items[i]))
 
     def _loader(self, batch_size, device, shuffle, drop_last, generator):
         # One loader per way of iterating, kept: persistent workers skip the worker start-up at every epoch. It reads

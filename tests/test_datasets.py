@@ -1053,7 +1053,7 @@ def test_a_batch_the_training_split_cannot_fill_stops_the_run_before_the_backbon
 def test_decoding_on_the_device_matches_the_worker_path(tmp_path, monkeypatch):
     """RFT_GPU_DECODE=1: workers read bytes, batches are decoded and cropped where they go (here the CPU, on a GPU
     nvJPEG); the images equal the PIL path's within about one grey level (two resamplers), including a greyscale JPEG
-    and a PNG named .jpg (as ImageNet has), which falls back to a per-image decode on the CPU, with a warning."""
+    and a PNG and a BMP named .jpg (ImageNet has a PNG), which fall back to the PIL path per image, with a warning."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -1063,7 +1063,7 @@ def test_decoding_on_the_device_matches_the_worker_path(tmp_path, monkeypatch):
             for i in range(6):
                 img = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize((40 + 7 * i, 30 + 5 * i))
                 img = img.convert("L") if i == 0 else img
-                img.save(tmp_path / split / c / f"{i}.jpg", format="PNG" if i == 1 else "JPEG", quality=95)
+                img.save(tmp_path / split / c / f"{i}.jpg", format={1: "PNG", 2: "BMP"}.get(i, "JPEG"), quality=95)
     pil = data.load_dataset("folder", data_root=str(tmp_path), backbone=BACKBONE)
     monkeypatch.setenv("RFT_GPU_DECODE", "1")
     device = data.load_dataset("folder", data_root=str(tmp_path), backbone=BACKBONE)
