@@ -556,6 +556,16 @@ def require(dataset, path, what="", folder=False):
         fail(dataset, f"{path} not found{f' ({what})' if what else ''}{too_deep(path)}")
 
 
+def read_or_fail(dataset, path, read, what, fix="download it again"):
+    """read(path), for a file a loader needs: missing or unreadable (a truncated download, an HTML page saved under
+    its name), it is an error naming the file, not a traceback."""
+    require(dataset, path)
+    try:
+        return read(path)
+    except Exception as e:  # whatever a truncated or foreign file makes the reader raise
+        fail(dataset, f"{path} is no {what} ({type(e).__name__}: {str(e)[:200]}): {fix}")
+
+
 def class_labels(dataset, values, classes, expected, where):
     """The labels of text values (class names or indices, from a list file or CSV): `classes` maps each valid value
     to its label. The first invalid one stops here, `where(i)` naming value i's file and line; unchecked, it was a
@@ -688,21 +698,26 @@ def cifar10(name, root, pre):
     CIFAR-10.1 v6."""
     import pickle
 
+    def batch(path):
+        with open(path, "rb") as fh:
+            d = pickle.load(fh, encoding="latin1")
+        return np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.asarray(d["labels"])
+
     def batches(files):
         xs, ys = [], []
         for f in files:
             path = root / "cifar-10-batches-py" / f
-            require(name, path)
-            try:
-                with open(path, "rb") as fh:
-                    d = pickle.load(fh, encoding="latin1")
-                xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-                ys += list(d["labels"])
-            except Exception as e:  # whatever a truncated or foreign file makes unpickling or reshaping raise
-                fail(name, f"{path} is no CIFAR-10 python batch ({type(e).__name__}: {e}): download "
-                           "cifar-10-python.tar.gz again and unpack it")
-            array_labels(name, path, np.asarray(d["labels"]), 0, 9, len(xs[-1]))
+            x, y = read_or_fail(name, path, batch, "CIFAR-10 python batch", "download cifar-10-python.tar.gz again and "
+                                "unpack it")
+            xs.append(x)
+            ys += list(array_labels(name, path, y, 0, 9, len(x)))
         return np.ascontiguousarray(np.concatenate(xs)), ys
+
+    def cifar101_images(path):
+        x = np.load(path)
+        if x.dtype != np.uint8 or x.shape[1:] != (32, 32, 3):
+            raise ValueError(f"a {x.dtype} array of shape {x.shape}, not uint8 N x 32 x 32 x 3")
+        return x
 
     def array_split(x, y, train=False):
         return file_split(range(len(y)), y, pre, train, read=functools.partial(read_array, x))
@@ -714,15 +729,20 @@ def cifar10(name, root, pre):
     test = array_split(*batches(["test_batch"]))
     stl_x, stl_y = root / "stl10_binary" / "test_X.bin", root / "stl10_binary" / "test_y.bin"
     c101_x, c101_y = root / "cifar10.1" / "cifar10.1_v6_data.npy", root / "cifar10.1" / "cifar10.1_v6_labels.npy"
-    for p in (stl_x, stl_y, c101_x, c101_y):
+    for p in (stl_x, stl_y, c101_x, c101_y):  # all four named before any is read
         require(name, p)
     # STL-10 binary: uint8 images stored column-major [N, 3, 96, 96]; labels 1..10 in STL's class order.
-    sx = np.fromfile(stl_x, dtype=np.uint8).reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1)
-    sy = array_labels(name, stl_y, np.fromfile(stl_y, dtype=np.uint8).astype(np.int64), 1, 10, len(sx))
-    sy = torch.as_tensor(STL_TO_CIFAR)[torch.as_tensor(sy - 1)]
+    stl_again = "download stl10_binary.tar.gz again and unpack it"
+    sx = read_or_fail(name, stl_x, lambda p: np.fromfile(p, dtype=np.uint8).reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1),
+                      "STL-10 binary image file (3 x 96 x 96 bytes an image)", stl_again)
+    sy = read_or_fail(name, stl_y, lambda p: np.fromfile(p, dtype=np.uint8).astype(np.int64), "STL-10 label file",
+                      stl_again)
+    sy = torch.as_tensor(STL_TO_CIFAR)[torch.as_tensor(array_labels(name, stl_y, sy, 1, 10, len(sx)) - 1)]
     keep = (sy >= 0).numpy()  # no monkeys in CIFAR-10
-    cx = np.load(c101_x)
-    cy = array_labels(name, c101_y, np.load(c101_y).astype(np.int64), 0, 9, len(cx))
+    c101_again = "download it again from the CIFAR-10.1 repository's datasets/ folder (the raw file, not its web page)"
+    cx = read_or_fail(name, c101_x, cifar101_images, "CIFAR-10.1 image array", c101_again)
+    cy = read_or_fail(name, c101_y, lambda p: np.load(p).astype(np.int64), "CIFAR-10.1 label array", c101_again)
+    cy = array_labels(name, c101_y, cy, 0, 9, len(cx))
     names = reference("few_shot_templates")["cifar10"]
     return dict(train=train, val=val, test=test,
                 ood={"stl10": array_split(np.ascontiguousarray(sx[keep]), sy[keep]), "cifar10.1": array_split(cx, cy)},
@@ -936,14 +956,24 @@ def pcam(name, root, pre):
     files = [root / "pcam" / f"camelyonpatch_level_2_split_{s}_{xy}.h5" for s in ("train", "valid", "test") for xy in "xy"]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
+        zipped = [f for f in missing if (root / "pcam" / f"{f}.gz").is_file()]
+        unzip = f"; {len(zipped)} lie there gzipped, as downloaded: gunzip {root / 'pcam'}/*.h5.gz" if zipped else ""
         fail(name, f"{len(missing)} of PatchCamelyon's HDF5 files missing in {root / 'pcam'}: {', '.join(missing)}"
-                   + too_deep(root / "pcam"))
+                   + (unzip or too_deep(root / "pcam")))
+
+    def hdf5(key):
+        def read(path):
+            with h5py.File(path, "r") as f:
+                return np.asarray(f[key]) if key == "y" else f[key].shape
+        return read
 
     def split(tag, train=False):
-        with h5py.File(root / "pcam" / f"camelyonpatch_level_2_split_{tag}_y.h5") as f:
-            labels = torch.as_tensor(np.asarray(f["y"]).reshape(-1).astype(np.int64))  # N x 1 x 1 x 1
-        read = HDF5Images(root / "pcam" / f"camelyonpatch_level_2_split_{tag}_x.h5")
-        return file_split(range(len(labels)), labels, pre, train, read=read)
+        x, y = (root / "pcam" / f"camelyonpatch_level_2_split_{tag}_{xy}.h5" for xy in "xy")
+        labels = read_or_fail(name, y, hdf5("y"), "PatchCamelyon HDF5 file with a 'y' array").reshape(-1)  # N x 1 x 1 x 1
+        shape = read_or_fail(name, x, hdf5("x"), "PatchCamelyon HDF5 file with an 'x' array")
+        if shape[0] != len(labels):
+            fail(name, f"{x} holds {shape[0]} images and {y} {len(labels)} labels: download both again")
+        return file_split(range(len(labels)), labels.astype(np.int64), pre, train, read=HDF5Images(x))
 
     meta = reference("few_shot_templates")["patchcamelyon"]
     return dict(train=split("train", True), val=split("valid"), test=split("test"), ood={},

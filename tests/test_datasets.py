@@ -944,6 +944,24 @@ def test_cifar10_damaged_batch_is_an_error_naming_it(tmp_path, damage, said):
     check_error(e, f"{path} is no CIFAR-10 python batch", said, "cifar-10-python.tar.gz")
 
 
+@pytest.mark.parametrize("file,damage,said", [
+    ("stl10_binary/test_X.bin", "truncated", "STL-10 binary image file"),
+    ("cifar10.1/cifar10.1_v6_data.npy", "truncated", "CIFAR-10.1 image array"),
+    ("cifar10.1/cifar10.1_v6_data.npy", "float", "not uint8 N x 32 x 32 x 3"),
+    ("cifar10.1/cifar10.1_v6_labels.npy", "a web page", "CIFAR-10.1 label array")])
+def test_cifar10_damaged_ood_files_are_an_error_naming_them(tmp_path, file, damage, said):
+    """A truncated download, or the web page of a file saved under its name: was a reshape or np.load traceback."""
+    mini.make_cifar10(tmp_path)
+    path = tmp_path / file
+    if damage == "float":
+        np.save(path, np.load(path).astype(np.float32))
+    else:
+        path.write_bytes(path.read_bytes()[:1000] if damage == "truncated" else b"<!DOCTYPE html><html>...</html>")
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("cifar10", data_root=str(tmp_path), backbone=BACKBONE)
+    check_error(e, f"{path} is no ", said, "download")
+
+
 @pytest.mark.parametrize("file", ["stl10_binary/test_y.bin", "cifar10.1/cifar10.1_v6_labels.npy",
                                   "cifar-10-batches-py/data_batch_2"])
 @pytest.mark.parametrize("damage", ["out of range", "one short"])
@@ -978,6 +996,40 @@ def test_pcam_missing_file_is_an_error_naming_it(tmp_path):
     check_error(e, tmp_path / "pcam")
     check_error(e, "camelyonpatch_level_2_split_valid_y.h5")
     assert "download=True" not in str(e.value)
+
+
+@needs_h5py
+def test_pcam_as_downloaded_gzipped_says_to_unzip(tmp_path):
+    import gzip
+
+    mini.make_pcam(tmp_path)
+    for f in (tmp_path / "pcam").glob("*.h5"):
+        f.with_name(f.name + ".gz").write_bytes(gzip.compress(f.read_bytes()))
+        f.unlink()
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("pcam", data_root=str(tmp_path), backbone=BACKBONE)
+    check_error(e, "6 of PatchCamelyon's HDF5 files missing", f"6 lie there gzipped, as downloaded: gunzip {tmp_path}")
+
+
+@needs_h5py
+@pytest.mark.parametrize("file,damage", [("test_y", "truncated"), ("valid_x", "truncated"), ("train_x", "short")])
+def test_pcam_damaged_file_is_an_error_naming_it(tmp_path, file, damage):
+    import h5py
+
+    mini.make_pcam(tmp_path)
+    path = tmp_path / "pcam" / f"camelyonpatch_level_2_split_{file}.h5"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:2000])
+        said = f"{path} is no PatchCamelyon HDF5 file"
+    else:
+        with h5py.File(path, "r") as f:
+            x = np.asarray(f["x"])
+        with h5py.File(path, "w") as f:
+            f["x"] = x[:-1]
+        said = f"{path} holds {len(x) - 1} images and"
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("pcam", data_root=str(tmp_path), backbone=BACKBONE)
+    check_error(e, said, "download")
 
 
 @needs_h5py
