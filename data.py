@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -540,20 +541,47 @@ def fail(dataset, message):
     raise SystemExit(f"error: {dataset}: {message}\n       expected layout and downloads: docs/datasets.md#{dataset}")
 
 
-def too_deep(path):
-    """A hint for a missing `path` inside a folder of its own name: --data-root one level too deep (DIR/imagenet
-    given, so DIR/imagenet/imagenet/train looked for). Checked only once something is missing."""
+# Names other tools give a folder we read (imagenetv2_pytorch, Kaggle, WiSE-FT's docs), or its download, for the hint
+ALSO_CALLED = {"imagenetv2-matched-frequency-format-val": ("imagenetv2-matched-frequency",),
+               "sketch": ("imagenet-sketch",), "cifar-10-batches-py": ("cifar-10-python",)}
+ARCHIVE = re.compile(r"\.(tar|tar\.gz|tgz|zip|gz)$", re.IGNORECASE)
+
+
+def missing_hint(path):
+    """A hint for a missing `path`, looked for only then: --data-root one level too deep (DIR/imagenet given, so
+    DIR/imagenet/imagenet/train looked for), or the first missing folder or file there as an archive not yet
+    unpacked, or under another name (CIFAR-10.1 for cifar10.1, ALSO_CALLED)."""
     path = Path(path).absolute()
     for p in (path, *path.parents):
         if p.name and p.name == p.parent.name and p.parent.is_dir() and not p.exists():
             return f"; did you mean the parent folder {p.parent.parent}?"
+    first = next((p for p in reversed((path, *path.parents)) if not p.exists()), None)
+    if first is None or not first.parent.is_dir():
+        return ""
+
+    def squash(name):  # ImageNet-Sketch.zip -> imagenetsketch
+        return re.sub(r"[^a-z0-9]", "", ARCHIVE.sub("", name).lower())
+
+    names = {squash(n) for n in (first.name, *ALSO_CALLED.get(first.name, ()))}
+    for e in sorted(first.parent.iterdir()):
+        if e.name != first.name and squash(e.name) in names:
+            return f"; found {e} there: {'unpack' if ARCHIVE.search(e.name) else 'rename'} it to {first.name}"
     return ""
+
+
+def note_unreleased_sizes(dataset, sizes, released):
+    """Test sets of other than their released number of images (an unpacking cut short, another version) are named:
+    their accuracies do not compare with published ones. Said, not refused: a subset can be deliberate."""
+    off = [f"{k} {n:,} (released: {released[k]:,})" for k, n in sizes.items() if n != released[k]]
+    if off:
+        print(f"note: {dataset}: test sets whose image counts differ from the released ones, so their accuracies "
+              f"do not compare with published numbers: {', '.join(off)}")
 
 
 def require(dataset, path, what="", folder=False):
     """A file (or folder) a loader needs: missing, it is an error naming it."""
     if not (path.is_dir() if folder else path.is_file()):
-        fail(dataset, f"{path} not found{f' ({what})' if what else ''}{too_deep(path)}")
+        fail(dataset, f"{path} not found{f' ({what})' if what else ''}{missing_hint(path)}")
 
 
 def read_or_fail(dataset, path, read, what, fix="download it again"):
@@ -617,7 +645,11 @@ def image_folder(dataset, folder, classes, labels=None, flat_hint=None):
     missing = [c for c in classes if not (folder / c).is_dir()]
     if missing:
         hint = ""
-        if flat_hint:  # only now, on the error path: one scan that stops at the first image
+        if (folder / f"{missing[0]}.tar").is_file():  # ImageNet's train archive holds one tar a class
+            unpack = 'for f in *.tar; do mkdir "${f%.tar}" && tar -xf "$f" -C "${f%.tar}" && rm "$f"; done'
+            hint = (f"; its classes are still archives ({missing[0]}.tar, ...): unpack each into a folder of its "
+                    f"name, e.g. cd {folder} && {unpack}")
+        elif flat_hint:  # only now, on the error path: one scan that stops at the first image
             with os.scandir(folder) as entries:
                 if any(e.name.lower().endswith(IMAGE_EXTENSIONS) for e in entries):
                     hint = f"; its images lie directly in it, not in class folders: {flat_hint}"
@@ -686,8 +718,11 @@ def breeds(name, root, pre):
         return imagenet_split(name, root, split, wnids, labels)
 
     train, val = train_val(*part("train", "source"), pre)
-    return dict(train=train, val=val, test=file_split(*part("val", "source"), pre),
-                ood={"target": file_split(*part("val", "target"), pre)},
+    test, target = file_split(*part("val", "source"), pre), file_split(*part("val", "target"), pre)
+    note_unreleased_sizes(name, {"test": len(test), "target": len(target)},  # ImageNet val: 50 images a class
+                          {k: 50 * sum(len(sup[side]) for sup in hierarchy) for k, side in (("test", "source"),
+                                                                                           ("target", "target"))})
+    return dict(train=train, val=val, test=test, ood={"target": target},
                 classnames=[sup["superclass_name"] for sup in hierarchy],
                 templates=reference("openai_imagenet_templates")["openai_imagenet_templates"],
                 info={"val": f"{VAL_FRACTION:.0%} of ID train held out (BREEDS defines no validation split)"})
@@ -701,7 +736,8 @@ def cifar10(name, root, pre):
     def batch(path):
         with open(path, "rb") as fh:
             d = pickle.load(fh, encoding="latin1")
-        return np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.asarray(d["labels"])
+        x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        return x, np.asarray(d["labels"])
 
     def batches(files):
         xs, ys = [], []
@@ -733,7 +769,7 @@ def cifar10(name, root, pre):
         require(name, p)
     # STL-10 binary: uint8 images stored column-major [N, 3, 96, 96]; labels 1..10 in STL's class order.
     stl_again = "download stl10_binary.tar.gz again and unpack it"
-    sx = read_or_fail(name, stl_x, lambda p: np.fromfile(p, dtype=np.uint8).reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1),
+    sx = read_or_fail(name, stl_x, lambda p: np.fromfile(p, np.uint8).reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1),
                       "STL-10 binary image file (3 x 96 x 96 bytes an image)", stl_again)
     sy = read_or_fail(name, stl_y, lambda p: np.fromfile(p, dtype=np.uint8).astype(np.int64), "STL-10 label file",
                       stl_again)
@@ -788,7 +824,10 @@ def imagenet(name, root, pre):
         items, labels = image_folder(name, path, classes, [index[w] for w in classes])
         ood[key] = file_split(items, labels, pre, classes=torch.tensor(subsets[subset]["indices"]) if subset else None)
     if missing:
-        print(f"note: {name}: OOD sets not found, skipped: {', '.join(missing)} (see docs/datasets.md#imagenet)")
+        print(f"note: {name}: OOD sets not found, skipped: {', '.join(p + missing_hint(p) for p in missing)} "
+              "(see docs/datasets.md#imagenet)")
+    note_unreleased_sizes(name, {"test": len(test), **{k: len(v) for k, v in ood.items()}},
+                          {"test": 50_000, "v2": 10_000, "r": 30_000, "sketch": 50_889, "a": 7_500})
     return dict(train=train, val=val, test=test, ood=ood, classnames=meta["classnames"],
                 templates=reference("openai_imagenet_templates")["openai_imagenet_templates"],
                 info={"val": f"{VAL_FRACTION:.0%} of ImageNet train held out; ImageNet val is the ID test set",
@@ -959,7 +998,7 @@ def pcam(name, root, pre):
         zipped = [f for f in missing if (root / "pcam" / f"{f}.gz").is_file()]
         unzip = f"; {len(zipped)} lie there gzipped, as downloaded: gunzip {root / 'pcam'}/*.h5.gz" if zipped else ""
         fail(name, f"{len(missing)} of PatchCamelyon's HDF5 files missing in {root / 'pcam'}: {', '.join(missing)}"
-                   + (unzip or too_deep(root / "pcam")))
+                   + (unzip or missing_hint(root / "pcam")))
 
     def hdf5(key):
         def read(path):

@@ -7,6 +7,7 @@ import json
 import math
 import multiprocessing
 import runpy
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -289,15 +290,44 @@ def test_imagenet_r_a_carry_the_200_classes_and_are_scored_on_them(minis):
 
 
 def test_imagenet_missing_ood_folders_are_skipped(minis, tmp_path, capsys):
+    """Named, with the name another tool gives V2's folder (imagenetv2_pytorch's); and the sets found, being
+    miniatures, are said to be of other than their released sizes."""
     root, _ = minis.build("imagenet")
     (tmp_path / "imagenet").symlink_to(root / "imagenet")
     (tmp_path / "sketch").symlink_to(root / "sketch")
+    (tmp_path / "ImageNetV2-matched-frequency").symlink_to(root / "imagenetv2-matched-frequency-format-val")
     ds = data.load_dataset("imagenet", data_root=str(tmp_path), backbone=BACKBONE)
     assert ood_names(ds) == ["sketch"]
     said = capsys.readouterr()
     said = said.out + said.err
     for folder in ("imagenetv2-matched-frequency-format-val", "imagenet-r", "imagenet-a"):
-        assert folder in said, said
+        assert str(tmp_path / folder) in said, said
+    assert (f"found {tmp_path / 'ImageNetV2-matched-frequency'} there: rename it to "
+            "imagenetv2-matched-frequency-format-val") in said
+    assert (f"differ from the released ones, so their accuracies do not compare with published numbers: test "
+            f"{len(ds.test):,} (released: 50,000), sketch {len(ds.ood['sketch']):,} (released: 50,889)\n") in said
+
+
+def test_imagenet_train_as_unpacked_from_its_archive_says_how_to_unpack_the_class_tars(tmp_path):
+    """ILSVRC2012_img_train.tar holds one tar a class: 'class folders missing' alone would not say what to do."""
+    (tmp_path / "imagenet" / "train").mkdir(parents=True)
+    for wnid in data.reference("imagenet_classes")["wnids"]:
+        (tmp_path / "imagenet" / "train" / f"{wnid}.tar").touch()
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("imagenet", data_root=str(tmp_path), backbone=BACKBONE)
+    check_error(e, "1000 of 1000 class folders missing", "its classes are still archives (n01440764.tar, ...)",
+                f"cd {tmp_path / 'imagenet' / 'train'} && for f in *.tar")
+
+
+def test_breeds_test_sets_of_other_than_50_images_a_subclass_are_said(minis, capsys):
+    root, _ = minis.build("living17")
+    ds = data.load_dataset("living17", data_root=str(root), backbone=BACKBONE)
+    hierarchy = data.reference("breeds_rand_splits")["living17"]
+    source, target = (50 * sum(len(sup[side]) for sup in hierarchy) for side in ("source", "target"))
+    assert (source, target) == (1700, 1700)  # 17 classes of 2 subclasses each side: BREEDS' Living-17
+    assert (f"note: living17: test sets whose image counts differ from the released ones, so their accuracies do "
+            f"not compare with published numbers: test {len(ds.test):,} (released: 1,700), target "
+            f"{len(ds.ood['target']):,} (released: 1,700)") in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("missing", ["train", "val"])
@@ -930,6 +960,20 @@ def test_cifar10_missing_file_is_an_error_naming_it(tmp_path, missing):
     with pytest.raises(SystemExit) as e:
         data.load_dataset("cifar10", data_root=str(tmp_path), backbone=BACKBONE)
     check_error(e, Path(missing).name)
+
+
+@pytest.mark.parametrize("folder,found,said", [("cifar10.1", "CIFAR-10.1", "rename"),
+                                               ("stl10_binary", "stl10_binary.tar.gz", "unpack")])
+def test_cifar10_ood_folder_under_another_name_or_still_packed_is_named(tmp_path, folder, found, said):
+    mini.make_cifar10(tmp_path)
+    if found.endswith(".tar.gz"):
+        shutil.rmtree(tmp_path / folder)
+        (tmp_path / found).touch()
+    else:
+        (tmp_path / folder).rename(tmp_path / found)
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("cifar10", data_root=str(tmp_path), backbone=BACKBONE)
+    check_error(e, f"found {tmp_path / found} there: {said} it to {folder}")
 
 
 @pytest.mark.parametrize("damage,said", [("truncated", "pickle data was truncated"),
