@@ -3,11 +3,12 @@
 Paper: Kumar, Raghunathan, Jones, Ma, Liang, "Fine-Tuning can Distort Pretrained Features and Underperform
 Out-of-Distribution", ICLR 2022, https://arxiv.org/abs/2202.10054 (the FT baseline of its code).
 Recipe: cross-entropy, SGD with momentum 0.9, no weight decay, cosine schedule over epochs, batch 64; the epoch with
-the best ID validation accuracy is reported (the authors' code selected on the ID test set; we never do).
+the best ID validation accuracy is reported (the authors' code selected on the ID test set, and so were the real
+datasets' learning rates in RECIPES; our runs select on ID validation only).
 
     python ft.py                       # the embedded world
     python ft.py --dataset embedded --seed 1 --lr 3e-3
-    python ft.py --head-init zeroshot --save   # WiSE-FT's FT endpoint; method ft-zeroshot-head, its own run folder
+    python ft.py --head-init zeroshot --save   # a WiSE-FT endpoint (this file's SGD recipe); own row and folder
     python ft.py --dataset living17 --data-root /data --weights moco_v2_800ep_pretrain.pth.tar
 """
 import copy
@@ -56,7 +57,7 @@ class Args:
     """SGD weight decay (LP-FT code: 0)"""
     head_init: str = "random"
     """'random' (nn.Linear's default init, LP-FT paper) or 'zeroshot' (CLIP's zero-shot head on normalised features,
-    WiSE-FT paper; needs a CLIP backbone; makes the run a WiSE-FT endpoint)"""
+    WiSE-FT paper's head, with this file's SGD recipe; needs a CLIP backbone; makes the run a WiSE-FT endpoint)"""
 
 
 # Per-dataset defaults. Real datasets: the LP-FT code's recipe (epochs; batch 64, 128 on ImageNet; the learning rate its
