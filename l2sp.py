@@ -62,7 +62,7 @@ class Args:
     """weight of beta/2 ||w_head||^2 on the new head's weight (L2-SP authors' code: 0.01)"""
     all_params: bool = False
     """the LP-FT code's variant: alpha ||w - w0||^2 over every backbone parameter (BatchNorm and biases too), no 1/2,
-    no head term"""
+    no head term (that code used --alpha 0.01; alpha keeps its default unless given)"""
 
 
 # Per-dataset defaults: ft.py's recipes (L2-SP only adds the penalty; the LP-FT code ran it with its FT recipe).
