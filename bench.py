@@ -326,9 +326,17 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default: 30 CUDA, 5 CPU)")
     parser.add_argument("--out", default="bench.json", help="JSON results file")
     parser.add_argument("--profile", default=None, help="write a torch.profiler table of our training step of the "
-                                                        "first model (CUDA: ViT-B/16) to this file")
+                                                        "first model measured (CUDA: ViT-B/16) to this file")
+    parser.add_argument("--only", nargs="+", default=None, metavar="PART",
+                        help="measure only these parts, in the usual order: the first model, flyp, lp, the other "
+                             "model (models: clip-vit-b16 resnet50 on CUDA, embedded-clip resnet18 on a CPU)")
     args = parser.parse_args()
     device = common.get_device(args.device)
+    (first, spec), *rest = models(device).items()  # the first model, FLYP and LP before the other model
+    parts = [first, "flyp", "lp", *(name for name, _ in rest)]
+    wanted = args.only or parts
+    if any(p not in parts for p in wanted):
+        raise SystemExit(f"error: --only {next(p for p in wanted if p not in parts)!r}: choose from {', '.join(parts)}")
     steps = args.steps or (30 if device.type == "cuda" else 5)
     peak = peak_flops(device)
     report = {"device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
@@ -354,26 +362,33 @@ def main():
         common.write_text_atomic(args.out, json.dumps(report, indent=1) + "\n")
         return node[key]
 
-    def model_rows(name, build, res, batch, profile=None):
-        report["train"][name] = {"resolution": res, "batch": batch}
-        print("\n".join(train_rows(name, build, res, batch, device, steps, peak, cell, profile)), flush=True)
+    profile = [args.profile]  # for the first model measured
 
-    (first, spec), *rest = models(device).items()  # the first model, FLYP and LP before the other model
-    model_rows(first, *spec, profile=args.profile)
-    flyp = {path: cell("flyp", path, measure=lambda fast=fast: flyp_rate(device, fast, steps))
-            for path, fast in (("eager_fp32", False), ("ours", True))}
-    print(f"| FLYP pairs/s | {num(flyp['eager_fp32'], '.0f')} | {num(flyp['ours'], '.0f')} | "
-          f"{num(ratio(flyp['ours'], flyp['eager_fp32']), '.2f')}× | |", flush=True)
-    shape = (20_000, 512, 20, 20) if device.type == "cuda" else (4_000, 128, 10, 20)
-    lp = cell("lp_sweep", measure=lambda: lp_sweep(device, *shape))
-    if "error" in lp:
-        print("| LP sweep (s) | failed | failed | failed× | |", flush=True)
-    else:
-        print(f"| LP sweep {lp['features'][0]}×{lp['features'][1]}, {lp['c_values']} C (s) | sklearn "
-              f"{lp['sklearn_s']:.1f} | ours {lp['ours_s']:.1f} | {lp['speedup']:.1f}× | test acc at the C chosen on "
-              f"val: {lp['test_acc_ours']:.2f} vs {lp['test_acc_sklearn']:.2f} (gap {lp['acc_gap']:.2f}) |", flush=True)
+    def model_rows(name, build, res, batch):
+        report["train"][name] = {"resolution": res, "batch": batch}
+        print("\n".join(train_rows(name, build, res, batch, device, steps, peak, cell, profile.pop() if profile
+                                   else None)), flush=True)
+
+    if first in wanted:
+        model_rows(first, *spec)
+    if "flyp" in wanted:
+        flyp = {path: cell("flyp", path, measure=lambda fast=fast: flyp_rate(device, fast, steps))
+                for path, fast in (("eager_fp32", False), ("ours", True))}
+        print(f"| FLYP pairs/s | {num(flyp['eager_fp32'], '.0f')} | {num(flyp['ours'], '.0f')} | "
+              f"{num(ratio(flyp['ours'], flyp['eager_fp32']), '.2f')}× | |", flush=True)
+    if "lp" in wanted:
+        shape = (20_000, 512, 20, 20) if device.type == "cuda" else (4_000, 128, 10, 20)
+        lp = cell("lp_sweep", measure=lambda: lp_sweep(device, *shape))
+        if "error" in lp:
+            print("| LP sweep (s) | failed | failed | failed× | |", flush=True)
+        else:
+            print(f"| LP sweep {lp['features'][0]}×{lp['features'][1]}, {lp['c_values']} C (s) | sklearn "
+                  f"{lp['sklearn_s']:.1f} | ours {lp['ours_s']:.1f} | {lp['speedup']:.1f}× | test acc at the C chosen "
+                  f"on val: {lp['test_acc_ours']:.2f} vs {lp['test_acc_sklearn']:.2f} (gap {lp['acc_gap']:.2f}) |",
+                  flush=True)
     for name, spec in rest:
-        model_rows(name, *spec)
+        if name in wanted:
+            model_rows(name, *spec)
     print(f"\nwrote {args.out}")
     if failed:
         raise SystemExit(f"error: {len(failed)} measurement(s) failed ({', '.join(failed)}); tracebacks above, "

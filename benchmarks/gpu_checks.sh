@@ -1,32 +1,32 @@
 #!/usr/bin/env bash
-# Every GPU check of issue 5 in one script, for a session lent a GPU (DEVELOPERS.md, the device tool):
-#   (1) bench.py on CUDA: CLIP ViT-B/16 training ours vs eager fp32 (synthetic, then JPEG with worker and nvJPEG
-#       decoding), feature extraction, FLYP pairs/s, the LP sweep vs scikit-learn, then ResNet-50 (last: a time-out
-#       keeps every cell already measured, bench.py rewrites its JSON after each); profile.txt: torch.profiler's
-#       table of five more ViT-B/16 steps of our path, the kernels with the most GPU time first (the "why" of a
-#       missed target, from the same call);
-#   (2) benchmarks/lp_solver.py: LP's solver now (scipy L-BFGS-B, torch's loss and gradient on the GPU) against the
-#       torch.optim.LBFGS it replaced and scikit-learn, with the GPU syncs each makes (lp_solver.txt);
-#   (3) lp / ft / lpft / l2sp / flyp, then wiseft of that FLYP run and feature_map.py of the FT and LP-FT runs, on
+# Every GPU check of issue 5 in one script, for a session lent a GPU (DEVELOPERS.md, the device tool). In order of
+# what a time-out may cut last:
+#   (1) bench.py on CUDA, CLIP ViT-B/16: training ours vs eager fp32 (synthetic, then JPEG with worker and nvJPEG
+#       decoding), feature extraction, FLYP pairs/s, the LP sweep vs scikit-learn (issue 5's targets); profile.txt:
+#       torch.profiler's table of five more ViT-B/16 steps of our path, the kernels with the most GPU time first (the
+#       "why" of a missed target, from the same call); bench.py rewrites its JSON after each cell;
+#   (2) lp / ft / lpft / l2sp / flyp, then wiseft of that FLYP run and feature_map.py of the FT and LP-FT runs, on
 #       the tiny embedded world with the CUDA defaults (bf16 autocast + torch.compile), to check that the default path
 #       runs end to end (speed is bench.py's job), with torch.compile's recompilations and their reasons (expected:
-#       one per compiled tower, training -> evaluation, 'grad_mode');
-#   (4) ft.py on a folder of JPEGs with RFT_GPU_DECODE=1 (nvJPEG inside a real run).
+#       one per compiled tower, training -> evaluation, 'grad_mode'); then ft.py on a folder of JPEGs with
+#       RFT_GPU_DECODE=1 (nvJPEG inside a real run);
+#   (3) bench.py's ResNet-50 rows (bench-resnet50.json; the table goes on in bench.txt);
+#   (4) benchmarks/lp_solver.py: LP's solver now (scipy L-BFGS-B, torch's loss and gradient on the GPU) against the
+#       torch.optim.LBFGS it replaced and scikit-learn, with the GPU syncs each makes (lp_solver.txt).
 #
 # The device machine has PyTorch, torchvision, scikit-learn, timm and friends but no open_clip and no network. Fetch
 # the missing pure-Python wheels here first (the folder stays out of git), then carry it:
 #   echo /.whl/ >> .git/info/exclude
 #   pip download --no-deps --only-binary=:all: -d .whl open_clip_torch==3.3.0 ftfy wcwidth
-#   device run, carry [".whl"], timeout_s 480:  bash benchmarks/gpu_checks.sh "$OUT"
-# Budget: the whole script stops itself within $BUDGET seconds (default 450, under that timeout_s, so every file
-# comes back): at most 270 s for bench.py (compilation is most of it; ResNet-50 comes last and is what a time-out
-# cuts), then each later check gets what is left, up to its own cap, and is skipped when under 15 s are left; a
-# 15-minute lease leaves room for one rerun. $OUT receives at most 8 small files; scratch (model cache, runs, JPEGs)
-# stays in $WORK.
+#   device run, carry [".whl"], timeout_s 540:  bash benchmarks/gpu_checks.sh "$OUT"
+# Budget: the whole script stops itself within $BUDGET seconds (default 500, under that timeout_s, so every file
+# comes back): each check gets what is left, up to its own cap, and is skipped when under 15 s are left. The machine's
+# start counts against the session's 15 minutes, so plan for one call. $OUT receives at most 7 small files; scratch
+# (model cache, runs, JPEGs) stays in $WORK.
 set -uo pipefail
 mkdir -p "${1:-gpu-out}" && OUT=$(cd "${1:-gpu-out}" && pwd)  # absolute: the script changes directory below
 WORK=${WORK:-/tmp/rft-gpu}
-DEADLINE=$((SECONDS + ${BUDGET:-450}))
+DEADLINE=$((SECONDS + ${BUDGET:-500}))
 mkdir -p "$WORK"
 cd "$(dirname "$0")/.."
 PY=$(command -v python3 || command -v python)
@@ -37,38 +37,32 @@ limit() {  # seconds for the next check: its cap ($1) or what is left of the bud
 }
 
 if [ -d .whl ]; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" .whl/*.whl \
+  "$PY" -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" .whl/*.whl \
     && export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export RFT_CACHE="$WORK/cache" PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   "$PY" -c "import torch, torchvision, open_clip; print('torch', torch.__version__, 'torchvision', torchvision.__version__,
-'open_clip', open_clip.__version__, torch.cuda.get_device_name())"; nproc; } > "$OUT/env.txt" 2>&1
+'open_clip', open_clip.__version__, torch.cuda.get_device_name())"; nproc; df -h /dev/shm; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
+"$PY" -c "import open_clip" 2>/dev/null || { echo "error: no open_clip here: run with carry [\".whl\"] (see above)" \
+  | tee -a "$OUT/env.txt"; exit 1; }
 
-# (1) The benchmark: its table goes to bench.txt, its JSON to bench.json.
-timeout "$(limit 270)" "$PY" bench.py --device cuda --out "$OUT/bench.json" --profile "$OUT/profile.txt" 2>&1 \
-  | tee "$OUT/bench.txt"
+# (1) The benchmark's ViT-B/16, FLYP and LP cells: its table goes to bench.txt, its JSON to bench.json.
+timeout -k 5 "$(limit 240)" "$PY" bench.py --device cuda --only clip-vit-b16 flyp lp --out "$OUT/bench.json" \
+  --profile "$OUT/profile.txt" 2>&1 | tee "$OUT/bench.txt"
 
-# (2) LP's solver, before and after (about 20 s of scikit-learn on the CPU, the rest seconds).
-t=$(limit 90)
-if [ "$t" -gt 0 ]; then
-  timeout "$t" "$PY" benchmarks/lp_solver.py --device cuda 2>&1 | grep --line-buffered -v "^USDT\|^ERROR:\|^STAGE:" \
-    | tee "$OUT/lp_solver.txt"
-else
-  echo "skipped: the budget was spent" > "$OUT/lp_solver.txt"
-fi
-
-# (3) The method scripts with the CUDA defaults, timed; the last lines of each log go to methods.txt.
-t=$(limit 90)
-[ "$t" -gt 0 ] && timeout "$t" "$PY" -c "import common; common.load_backbone('embedded-clip-tiny')" > "$WORK/pretrain.txt" 2>&1
+# (2) The method scripts with the CUDA defaults, timed; the last lines of each log go to methods.txt.
+t=$(limit 40)
+[ "$t" -gt 0 ] && timeout -k 5 "$t" "$PY" -c "import common; common.load_backbone('embedded-clip-tiny')" \
+  > "$WORK/pretrain.txt" 2>&1
 for m in lp ft lpft l2sp flyp wiseft; do  # run_all.sh's layout, so that feature_map.py finds the checkpoints
   case $m in ft|lpft|flyp) extra=(--save) ;; wiseft) extra=(--checkpoint "$WORK/runs/flyp/embedded-tiny/seed0/model.pt") ;;
     *) extra=() ;; esac
-  t=$(limit 60)
+  t=$(limit 45)
   if [ "$t" -eq 0 ]; then echo "== $m.py skipped: the budget was spent" >> "$OUT/methods.txt"; continue; fi
   start=$SECONDS
-  TORCH_LOGS=recompiles timeout "$t" "$PY" "$m.py" --dataset embedded-tiny --device cuda \
+  TORCH_LOGS=recompiles timeout -k 5 "$t" "$PY" "$m.py" --dataset embedded-tiny --device cuda \
     --out "$WORK/runs/$m/embedded-tiny/seed0" "${extra[@]}" > "$WORK/$m.txt" 2>&1
   rc=$?
   { echo "== $m.py rc=$rc $((SECONDS - start)) s, $(grep -c 'Recompiling function' "$WORK/$m.txt") recompilations"
@@ -76,16 +70,17 @@ for m in lp ft lpft l2sp flyp wiseft; do  # run_all.sh's layout, so that feature
     if [ $rc -eq 0 ]; then grep "^\[$m" "$WORK/$m.txt" | tail -n 3; else tail -n 5 "$WORK/$m.txt"; fi
   } >> "$OUT/methods.txt"
 done
-t=$(limit 60)  # the feature picture, its features computed on the GPU
+t=$(limit 40)  # the feature picture, its features computed on the GPU
 if [ "$t" -gt 0 ]; then
-  timeout "$t" "$PY" feature_map.py --dataset embedded-tiny --root "$WORK/runs" --device cuda > "$WORK/feature_map.txt" 2>&1
+  timeout -k 5 "$t" "$PY" feature_map.py --dataset embedded-tiny --root "$WORK/runs" --device cuda \
+    > "$WORK/feature_map.txt" 2>&1
   rc=$?
   echo "== feature_map.py rc=$rc $(tail -n 1 "$WORK/feature_map.txt")" >> "$OUT/methods.txt"
 else
   echo "== feature_map.py skipped: the budget was spent" >> "$OUT/methods.txt"
 fi
 
-# (4) nvJPEG inside a real run: a small folder dataset of JPEGs, decoded on the GPU.
+# nvJPEG inside a real run: a small folder dataset of JPEGs, decoded on the GPU.
 "$PY" - "$WORK/jpegs" <<'PY'
 import sys, numpy as np
 from pathlib import Path
@@ -97,10 +92,11 @@ for split, n in (("train", 40), ("test", 10), ("ood", 10)):
         for i in range(n):
             Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(Path(sys.argv[1]) / split / c / f"{i}.jpg")
 PY
-t=$(limit 60)
+t=$(limit 40)
 if [ "$t" -gt 0 ]; then
-  RFT_GPU_DECODE=1 timeout "$t" "$PY" ft.py --dataset folder --data-root "$WORK/jpegs" --backbone embedded-clip-tiny \
-    --epochs 2 --batch-size 16 --device cuda --out "$WORK/runs/ft-gpu-decode" > "$WORK/ft-gpu-decode.txt" 2>&1
+  RFT_GPU_DECODE=1 timeout -k 5 "$t" "$PY" ft.py --dataset folder --data-root "$WORK/jpegs" \
+    --backbone embedded-clip-tiny --epochs 2 --batch-size 16 --device cuda --out "$WORK/runs/ft-gpu-decode" \
+    > "$WORK/ft-gpu-decode.txt" 2>&1
   rc=$?
   { echo "== ft.py RFT_GPU_DECODE=1 rc=$rc"; grep -i "refused a batch" "$WORK/ft-gpu-decode.txt"
     tail -n 3 "$WORK/ft-gpu-decode.txt"; } >> "$OUT/methods.txt"
@@ -108,4 +104,22 @@ else
   echo "== ft.py RFT_GPU_DECODE=1 skipped: the budget was spent" >> "$OUT/methods.txt"
 fi
 cat "$OUT/methods.txt"
+
+# (3) The benchmark's ResNet-50 rows (a time-out keeps the cells already written to bench-resnet50.json).
+t=$(limit 150)
+if [ "$t" -gt 0 ]; then
+  timeout -k 5 "$t" "$PY" bench.py --device cuda --only resnet50 --out "$OUT/bench-resnet50.json" 2>&1 \
+    | tee -a "$OUT/bench.txt"
+else
+  echo "ResNet-50 skipped: the budget was spent" | tee -a "$OUT/bench.txt"
+fi
+
+# (4) LP's solver, before and after (about 20 s of scikit-learn on the CPU, the rest seconds).
+t=$(limit 90)
+if [ "$t" -gt 0 ]; then
+  timeout -k 5 "$t" "$PY" benchmarks/lp_solver.py --device cuda 2>&1 | grep --line-buffered -v "^USDT\|^ERROR:\|^STAGE:" \
+    | tee "$OUT/lp_solver.txt"
+else
+  echo "skipped: the budget was spent" > "$OUT/lp_solver.txt"
+fi
 echo "gpu_checks.sh: done in $SECONDS s"

@@ -272,6 +272,32 @@ def test_bench_cpu_writes_its_table_and_json(tmp_path):
     assert abs(lp["test_acc_ours"] - lp["test_acc_sklearn"]) <= 0.3 and 40 < lp["test_acc_ours"] < 95
 
 
+def test_bench_only_measures_the_parts_named(tmp_path, monkeypatch, capsys):
+    """--only: a lent GPU's script measures ViT-B/16, FLYP and LP first and the other model last, in two calls."""
+    import sys
+
+    import torch.nn as nn
+
+    import bench
+
+    def tiny():
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+
+    monkeypatch.setattr(bench, "models", lambda device: {"a": (tiny, 8, 4), "b": (tiny, 8, 4)})
+    monkeypatch.setattr(bench, "flyp_rate", lambda device, fast, steps: pytest.fail("flyp was not asked for"))
+    monkeypatch.setattr(bench, "lp_sweep", lambda device, *shape: pytest.fail("lp was not asked for"))
+    out = tmp_path / "b.json"
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cpu", "--steps", "1", "--out", str(out), "--only", "b",
+                                      "--profile", str(tmp_path / "profile.txt")])
+    bench.main()
+    report = json.loads(out.read_text())
+    assert list(report["train"]) == ["b"] and report["flyp"] == {} and "lp_sweep" not in report
+    assert "aten::" in (tmp_path / "profile.txt").read_text()  # the first model measured is profiled
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cpu", "--out", str(out), "--only", "a", "resnet50"])
+    with pytest.raises(SystemExit, match="--only 'resnet50': choose from a, flyp, lp, b"):
+        bench.main()
+
+
 def test_pretrained_features_of_real_data_are_cached_on_disk_and_keyed(tmp_path, monkeypatch):
     """Real datasets' pretrained features are computed once: a second call reads the cache (here proven by changing
     the encoder, which the cache key deliberately does not see: it keys on the weights file, never edited in place).
