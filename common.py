@@ -788,11 +788,12 @@ class Results:
         return record
 
     def save_model(self, model, **extra):
-        """<out>/model.pt: the unwrapped model's state dict plus the header (method, args, commit) that made it and the
-        class names."""
+        """<out>/model.pt: the unwrapped model's state dict, on the CPU (a plain torch.load reads it on any machine),
+        plus the header (method, args, commit) that made it and the class names."""
         if self.writes:
             self._start()
-            save_atomic({**self.header, **extra, "classnames": self.classnames, "state_dict": model.state_dict()},
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            save_atomic({**self.header, **extra, "classnames": self.classnames, "state_dict": state},
                         self.dir / "model.pt")
 
     def done(self, final):
