@@ -348,7 +348,8 @@ class FileSplit:
                 warnings.warn(f"JPEG decoding on {device} refused a batch ({e}); such batches are decoded on the CPU "
                               f"(FileSplit.cpu_decoded_batches counts them)", stacklevel=2)
             images = [self._decode_one(i).to(device) for i in index.tolist()]
-        return torch.stack([self.transform(img.float()) for img in images])  # float: CUDA resizes no uint8 bicubic
+        # float: CUDA resizes no uint8 bicubic; rounded and clamped as the uint8 images of the PIL path are
+        return torch.stack([self.transform(img.float()) for img in images]).round_().clamp_(0, 255)
 
     def _decode_one(self, i):
         """What the CPU path reads (PIL: also a BMP, TIFF or 16-bit PNG behind a .jpg name), as a uint8 tensor."""
