@@ -724,7 +724,8 @@ def breeds(name, root, pre):
                           {k: 50 * sum(len(sup[side]) for sup in hierarchy) for k, side in (("test", "source"),
                                                                                            ("target", "target"))})
     return dict(train=train, val=val, test=test, ood={"target": target},
-                classnames=[sup["superclass_name"] for sup in hierarchy],
+                classnames=[sup["superclass_name"].split(",")[0] for sup in hierarchy],  # "dog, domestic dog, ...": a
+                # WordNet synonym list reads badly in a prompt ("a photo of a dog, domestic dog, Canis familiaris.")
                 templates=reference("openai_imagenet_templates")["openai_imagenet_templates"],
                 info={"val": f"{VAL_FRACTION:.0%} of ID train held out (BREEDS defines no validation split)"})
 

@@ -121,7 +121,7 @@ def make_breeds(root, names=("living17", "entity30"), train_per_wnid=2, big=None
     for name in names:
         t = {"train": {}, "test": {}, "ood": {"target": {}}, "classnames": [], "source": set(), "target": set()}
         for position, sc in enumerate(splits[name]):
-            t["classnames"].append(sc["superclass_name"])
+            t["classnames"].append(sc["superclass_name"].split(",")[0])  # the first of WordNet's synonyms
             for _, wnid, _ in sc["source"]:
                 t["source"].add(wnid)
                 t["train"].update({p: position for p in written_train[wnid]})

@@ -169,6 +169,8 @@ def test_breeds_splits_labels_and_subclasses(minis, name, classes):
     root, truth = minis.build(name)
     ds = minis.load(name)
     assert len(ds.classnames) == classes and ds.classnames == truth["classnames"]
+    assert not any("," in c for c in ds.classnames)  # one name each, for prompts: "dog", not WordNet's synonym list
+    assert {"living17": "dog", "entity30": "passerine"}[name] in ds.classnames
     train, val, test = labelled(ds.train, root), labelled(ds.val, root), labelled(ds.test, root)
     check_holdout(train, val, truth["train"])
     assert test == truth["test"]
