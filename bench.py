@@ -337,11 +337,14 @@ def main():
     wanted = args.only or parts
     if any(p not in parts for p in wanted):
         raise SystemExit(f"error: --only {next(p for p in wanted if p not in parts)!r}: choose from {', '.join(parts)}")
+    if args.profile and not {first, *(name for name, _ in rest)} & set(wanted):
+        raise SystemExit(f"error: --profile profiles a model's training step, and --only names none: add one of "
+                         f"{', '.join(p for p in parts if p not in ('flyp', 'lp'))}")
     steps = args.steps or (30 if device.type == "cuda" else 5)
     peak = peak_flops(device)
     report = {"device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-              "torch": str(torch.__version__), "threads": torch.get_num_threads(), "steps": steps, "train": {},
-              "extract": {}, "flyp": {}}
+              "torch": str(torch.__version__), "threads": torch.get_num_threads(), "steps": steps,
+              "measured": wanted, "train": {}, "extract": {}}
     print(f"device: {report['device']}, torch {report['torch']}, {steps} timed steps per cell\n")
     print("| measurement | eager fp32 (reference-style) | ours | ratio | notes |\n|---|---|---|---|---|", flush=True)
     failed = []

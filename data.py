@@ -544,14 +544,16 @@ def fail(dataset, message):
 
 # Names other tools give a folder we read (imagenetv2_pytorch, Kaggle, WiSE-FT's docs), or its download, for the hint
 ALSO_CALLED = {"imagenetv2-matched-frequency-format-val": ("imagenetv2-matched-frequency",),
-               "sketch": ("imagenet-sketch",), "cifar-10-batches-py": ("cifar-10-python",)}
-ARCHIVE = re.compile(r"\.(tar|tar\.gz|tgz|zip|gz)$", re.IGNORECASE)
+               "sketch": ("imagenet-sketch",), "cifar-10-batches-py": ("cifar-10-python",),
+               "train": ("ILSVRC2012_img_train",), "val": ("ILSVRC2012_img_val",)}
+ARCHIVE = re.compile(r"\.(tar|tar\.gz|tar\.xz|tar\.bz2|tgz|zip|7z|gz)$", re.IGNORECASE)
 
 
 def missing_hint(path):
     """A hint for a missing `path`, looked for only then: --data-root one level too deep (DIR/imagenet given, so
     DIR/imagenet/imagenet/train looked for), or the first missing folder or file there as an archive not yet
-    unpacked, or under another name (CIFAR-10.1 for cifar10.1, ALSO_CALLED)."""
+    unpacked, or under another name (CIFAR-10.1 for cifar10.1, ALSO_CALLED), or in a folder inside that (a clone of
+    the CIFAR-10.1 repository: CIFAR-10.1/datasets/). A folder that cannot be listed gives no hint."""
     path = Path(path).absolute()
     for p in (path, *path.parents):
         if p.name and p.name == p.parent.name and p.parent.is_dir() and not p.exists():
@@ -563,11 +565,27 @@ def missing_hint(path):
     def squash(name):  # ImageNet-Sketch.zip -> imagenetsketch
         return re.sub(r"[^a-z0-9]", "", ARCHIVE.sub("", name).lower())
 
-    names = {squash(n) for n in (first.name, *ALSO_CALLED.get(first.name, ()))}
-    for e in sorted(first.parent.iterdir()):
-        if e.name != first.name and squash(e.name) in names:
-            return f"; found {e} there: {'unpack' if ARCHIVE.search(e.name) else 'rename'} it to {first.name}"
+    names, rest = {squash(n) for n in (first.name, *ALSO_CALLED.get(first.name, ()))}, path.relative_to(first)
+    try:
+        for e in sorted(first.parent.iterdir()):
+            if e.name == first.name or squash(e.name) not in names:
+                continue
+            if ARCHIVE.search(e.name):
+                return f"; found {e} there: unpack it to {first.name}"
+            if (e / rest).exists():
+                return f"; found {e} there: rename it to {first.name}"
+            inside = [d for d in sorted(e.iterdir()) if d.is_dir() and (d / rest).exists()]
+            if inside:
+                return f"; found {inside[0] / rest} there: move or link {inside[0]} to {first}"
+    except OSError:  # a folder we may enter but not list
+        pass
     return ""
+
+
+def note(message):
+    """A loader's note, said once: by the first process of a torchrun job (the others load the same data)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"note: {message}")
 
 
 def note_unreleased_sizes(dataset, sizes, released):
@@ -575,8 +593,8 @@ def note_unreleased_sizes(dataset, sizes, released):
     their accuracies do not compare with published ones. Said, not refused: a subset can be deliberate."""
     off = [f"{k} {n:,} (released: {released[k]:,})" for k, n in sizes.items() if n != released[k]]
     if off:
-        print(f"note: {dataset}: test sets whose image counts differ from the released ones, so their accuracies "
-              f"do not compare with published numbers: {', '.join(off)}")
+        note(f"{dataset}: test sets whose image counts differ from the released ones, so their accuracies do not "
+             f"compare with published numbers: {', '.join(off)}")
 
 
 def require(dataset, path, what="", folder=False):
@@ -753,9 +771,15 @@ def cifar10(name, root, pre):
 
     def cifar101_images(path):
         x = np.load(path)
-        if x.dtype != np.uint8 or x.shape[1:] != (32, 32, 3):
-            raise ValueError(f"a {x.dtype} array of shape {x.shape}, not uint8 N x 32 x 32 x 3")
+        if x.dtype != np.uint8 or x.shape[1:] != (32, 32, 3) or not len(x):
+            raise ValueError(f"a {x.dtype} array of shape {x.shape}, not uint8 N x 32 x 32 x 3, N > 0")
         return x
+
+    def stl_images(path):  # uint8 images stored column-major [N, 3, 96, 96]
+        x = np.fromfile(path, np.uint8)
+        if not len(x):
+            raise ValueError("empty file")
+        return x.reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1)
 
     def array_split(x, y, train=False):
         return file_split(range(len(y)), y, pre, train, read=functools.partial(read_array, x))
@@ -769,18 +793,17 @@ def cifar10(name, root, pre):
     c101_x, c101_y = root / "cifar10.1" / "cifar10.1_v6_data.npy", root / "cifar10.1" / "cifar10.1_v6_labels.npy"
     for p in (stl_x, stl_y, c101_x, c101_y):  # all four named before any is read
         require(name, p)
-    # STL-10 binary: uint8 images stored column-major [N, 3, 96, 96]; labels 1..10 in STL's class order.
+    # STL-10 binary: images, and labels 1..10 in STL's class order.
     stl_again = "download stl10_binary.tar.gz again and unpack it"
-    sx = read_or_fail(name, stl_x, lambda p: np.fromfile(p, np.uint8).reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1),
-                      "STL-10 binary image file (3 x 96 x 96 bytes an image)", stl_again)
+    sx = read_or_fail(name, stl_x, stl_images, "STL-10 binary image file (3 x 96 x 96 bytes an image)", stl_again)
     sy = read_or_fail(name, stl_y, lambda p: np.fromfile(p, dtype=np.uint8).astype(np.int64), "STL-10 label file",
                       stl_again)
-    sy = torch.as_tensor(STL_TO_CIFAR)[torch.as_tensor(array_labels(name, stl_y, sy, 1, 10, len(sx)) - 1)]
+    sy = torch.as_tensor(STL_TO_CIFAR)[torch.as_tensor(array_labels(name, stl_y, sy, 1, 10, len(sx), stl_x) - 1)]
     keep = (sy >= 0).numpy()  # no monkeys in CIFAR-10
     c101_again = "download it again from the CIFAR-10.1 repository's datasets/ folder (the raw file, not its web page)"
     cx = read_or_fail(name, c101_x, cifar101_images, "CIFAR-10.1 image array", c101_again)
     cy = read_or_fail(name, c101_y, lambda p: np.load(p).astype(np.int64), "CIFAR-10.1 label array", c101_again)
-    cy = array_labels(name, c101_y, cy, 0, 9, len(cx))
+    cy = array_labels(name, c101_y, cy, 0, 9, len(cx), c101_x)
     names = reference("few_shot_templates")["cifar10"]
     return dict(train=train, val=val, test=test,
                 ood={"stl10": array_split(np.ascontiguousarray(sx[keep]), sy[keep]), "cifar10.1": array_split(cx, cy)},
@@ -788,13 +811,14 @@ def cifar10(name, root, pre):
                 info={"val": f"{VAL_FRACTION:.0%} of the 50,000 training images held out"})
 
 
-def array_labels(dataset, path, labels, low, high, images):
-    """Labels read from an array file: one per image, each in low..high (an index outside would map silently through
-    negative indexing, or fail mid-run)."""
+def array_labels(dataset, path, labels, low, high, images, images_in=None):
+    """Labels read from an array file: one per image (of the file `images_in`, when another), each in low..high (an
+    index outside would map silently through negative indexing, or fail mid-run)."""
     if len(labels) != images or (len(labels) and (labels.min() < low or labels.max() > high)):
         found = f"{labels.min()}..{labels.max()}" if len(labels) else "none"
-        fail(dataset, f"{path}: {len(labels)} labels ({found}) for {images} images; expected one per image, each in "
-                      f"{low}..{high}: download it again")
+        where, them = (f" in {images_in}", "both") if images_in else ("", "it")
+        fail(dataset, f"{path}: {len(labels)} labels ({found}) for {images} images{where}; expected one per image, "
+                      f"each in {low}..{high}: download {them} again")
     return labels
 
 
@@ -826,8 +850,8 @@ def imagenet(name, root, pre):
         items, labels = image_folder(name, path, classes, [index[w] for w in classes])
         ood[key] = file_split(items, labels, pre, classes=torch.tensor(subsets[subset]["indices"]) if subset else None)
     if missing:
-        print(f"note: {name}: OOD sets not found, skipped: {', '.join(p + missing_hint(p) for p in missing)} "
-              "(see docs/datasets.md#imagenet)")
+        note(f"{name}: OOD sets not found, skipped: {', '.join(p + missing_hint(p) for p in missing)} "
+             "(see docs/datasets.md#imagenet)")
     note_unreleased_sizes(name, {"test": len(test), **{k: len(v) for k, v in ood.items()}},
                           {"test": 50_000, "v2": 10_000, "r": 30_000, "sketch": 50_889, "a": 7_500})
     return dict(train=train, val=val, test=test, ood=ood, classnames=meta["classnames"],
@@ -1011,10 +1035,9 @@ def pcam(name, root, pre):
     def split(tag, train=False):
         x, y = (root / "pcam" / f"camelyonpatch_level_2_split_{tag}_{xy}.h5" for xy in "xy")
         labels = read_or_fail(name, y, hdf5("y"), "PatchCamelyon HDF5 file with a 'y' array").reshape(-1)  # N x 1 x 1 x 1
-        shape = read_or_fail(name, x, hdf5("x"), "PatchCamelyon HDF5 file with an 'x' array")
-        if shape[0] != len(labels):
-            fail(name, f"{x} holds {shape[0]} images and {y} {len(labels)} labels: download both again")
-        return file_split(range(len(labels)), labels.astype(np.int64), pre, train, read=HDF5Images(x))
+        images = read_or_fail(name, x, hdf5("x"), "PatchCamelyon HDF5 file with an 'x' array")[0]
+        labels = array_labels(name, y, labels.astype(np.int64), 0, 1, images, x)
+        return file_split(range(len(labels)), labels, pre, train, read=HDF5Images(x))
 
     meta = reference("few_shot_templates")["patchcamelyon"]
     return dict(train=split("train", True), val=split("valid"), test=split("test"), ood={},

@@ -38,7 +38,7 @@ def main():
     parser.add_argument("--points", type=int, default=120, help="arrows per panel for ID and for OOD images")
     parser.add_argument("--device", default="auto", help="where features are computed: auto (CUDA if available), cpu, "
                         "cuda, cuda:N (every ID and OOD test image, three times: hours on a CPU for ImageNet)")
-    parser.add_argument("--out", default=None, help="PNG path; default <root>/<dataset>_feature_map.png")
+    parser.add_argument("--out", default=None, help="PNG path; default <root>/<dataset>_seed<seed>_feature_map.png")
     args = parser.parse_args()
     device = common.get_device(args.device)
     default = data.default_backbone(args.dataset)  # (a typo in --dataset stops here)
@@ -96,7 +96,7 @@ def main():
         ax.grid(alpha=0.3)
     fig.suptitle(f"{args.dataset}, seed {args.seed}: arrows start at each test image's pretrained feature", fontsize=10)
     fig.tight_layout()
-    out = args.out or str(Path(args.root) / f"{args.dataset}_feature_map.png")
+    out = args.out or str(Path(args.root) / f"{args.dataset}_seed{args.seed}_feature_map.png")
     common.write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     print(f"wrote {out}")
 

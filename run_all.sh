@@ -71,8 +71,8 @@ done
 python summarize.py "$ROOT" || echo "table not built" >>"$FAILED"
 for dataset in $DATASETS; do  # the picture of the first seed's FT and LP-FT, drawn again only when one is newer
   ft="$ROOT/ft/$dataset/seed${SEEDS%% *}/model.pt" lpft="$ROOT/lpft/$dataset/seed${SEEDS%% *}/model.pt"
-  picture="$ROOT/${dataset}_feature_map.png"
-  if [ -f "$picture" ] && [ "$picture" -nt "$ft" ] && [ "$picture" -nt "$lpft" ]; then
+  picture="$ROOT/${dataset}_seed${SEEDS%% *}_feature_map.png"  # feature_map.py's name for it
+  if [ -f "$ft" ] && [ -f "$lpft" ] && [ "$picture" -nt "$ft" ] && [ "$picture" -nt "$lpft" ]; then
     echo "skip $picture (newer than its checkpoints)" >&2
   elif [ -f "$ft" ] && [ -f "$lpft" ]; then
     python feature_map.py --dataset "$dataset" --seed "${SEEDS%% *}" --root "$ROOT" || echo "$picture" >>"$FAILED"

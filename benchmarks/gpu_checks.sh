@@ -49,7 +49,8 @@ cat "$OUT/env.txt"
   | tee -a "$OUT/env.txt"; exit 1; }
 
 # (1) The benchmark's ViT-B/16, FLYP and LP cells: its table goes to bench.txt, its JSON to bench.json.
-timeout -k 5 "$(limit 240)" "$PY" bench.py --device cuda --only clip-vit-b16 flyp lp --out "$OUT/bench.json" \
+t=$(limit 240)  # (each check tests t first: `timeout 0` would mean no limit)
+[ "$t" -gt 0 ] && timeout -k 5 "$t" "$PY" bench.py --device cuda --only clip-vit-b16 flyp lp --out "$OUT/bench.json" \
   --profile "$OUT/profile.txt" 2>&1 | tee "$OUT/bench.txt"
 
 # (2) The method scripts with the CUDA defaults, timed; the last lines of each log go to methods.txt.
@@ -70,6 +71,9 @@ for m in lp ft lpft l2sp flyp wiseft; do  # run_all.sh's layout, so that feature
     if [ $rc -eq 0 ]; then grep "^\[$m" "$WORK/$m.txt" | tail -n 3; else tail -n 5 "$WORK/$m.txt"; fi
   } >> "$OUT/methods.txt"
 done
+ckpt="$WORK/runs/ft/embedded-tiny/seed0/model.pt"  # saved on the GPU: its tensors must be on the CPU
+[ -f "$ckpt" ] && "$PY" -c "import sys, torch; sd = torch.load(sys.argv[1], weights_only=True)['state_dict']
+print('== ft model.pt tensors on', sorted({str(v.device) for v in sd.values()}))" "$ckpt" >> "$OUT/methods.txt" 2>&1
 t=$(limit 40)  # the feature picture, its features computed on the GPU
 if [ "$t" -gt 0 ]; then
   timeout -k 5 "$t" "$PY" feature_map.py --dataset embedded-tiny --root "$WORK/runs" --device cuda \

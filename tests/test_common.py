@@ -291,11 +291,14 @@ def test_bench_only_measures_the_parts_named(tmp_path, monkeypatch, capsys):
                                       "--profile", str(tmp_path / "profile.txt")])
     bench.main()
     report = json.loads(out.read_text())
-    assert list(report["train"]) == ["b"] and report["flyp"] == {} and "lp_sweep" not in report
+    assert list(report["train"]) == ["b"] and report["measured"] == ["b"] and not {"flyp", "lp_sweep"} & set(report)
     assert "aten::" in (tmp_path / "profile.txt").read_text()  # the first model measured is profiled
-    monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cpu", "--out", str(out), "--only", "a", "resnet50"])
-    with pytest.raises(SystemExit, match="--only 'resnet50': choose from a, flyp, lp, b"):
-        bench.main()
+    for only, said in ((["a", "resnet50"], "--only 'resnet50': choose from a, flyp, lp, b"),
+                       (["lp"], "--only names none: add one of a, b")):  # was silently no profile
+        monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cpu", "--out", str(out), "--profile",
+                                          str(tmp_path / "p2.txt"), "--only", *only])
+        with pytest.raises(SystemExit, match=said):
+            bench.main()
 
 
 def test_pretrained_features_of_real_data_are_cached_on_disk_and_keyed(tmp_path, monkeypatch):

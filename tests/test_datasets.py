@@ -964,18 +964,23 @@ def test_cifar10_missing_file_is_an_error_naming_it(tmp_path, missing):
     check_error(e, Path(missing).name)
 
 
-@pytest.mark.parametrize("folder,found,said", [("cifar10.1", "CIFAR-10.1", "rename"),
-                                               ("stl10_binary", "stl10_binary.tar.gz", "unpack")])
+@pytest.mark.parametrize("folder,found,said", [
+    ("cifar10.1", "CIFAR-10.1", "there: rename it to cifar10.1"),
+    ("cifar10.1", "CIFAR-10.1/datasets",  # a clone of the CIFAR-10.1 repository
+     "there: move or link {root}/CIFAR-10.1/datasets to {root}/cifar10.1"),
+    ("stl10_binary", "stl10_binary.tar.gz", "there: unpack it to stl10_binary")])
 def test_cifar10_ood_folder_under_another_name_or_still_packed_is_named(tmp_path, folder, found, said):
     mini.make_cifar10(tmp_path)
     if found.endswith(".tar.gz"):
         shutil.rmtree(tmp_path / folder)
         (tmp_path / found).touch()
     else:
+        (tmp_path / found).parent.mkdir(exist_ok=True)
         (tmp_path / folder).rename(tmp_path / found)
     with pytest.raises(SystemExit) as e:
         data.load_dataset("cifar10", data_root=str(tmp_path), backbone=BACKBONE)
-    check_error(e, f"found {tmp_path / found} there: {said} it to {folder}")
+    inner = "/cifar10.1_v6_data.npy" if found.endswith("datasets") else ""
+    check_error(e, f"found {tmp_path / found}{inner} {said.format(root=tmp_path)}")
 
 
 @pytest.mark.parametrize("damage,said", [("truncated", "pickle data was truncated"),
@@ -994,6 +999,7 @@ def test_cifar10_damaged_batch_is_an_error_naming_it(tmp_path, damage, said):
     ("stl10_binary/test_X.bin", "truncated", "STL-10 binary image file"),
     ("cifar10.1/cifar10.1_v6_data.npy", "truncated", "CIFAR-10.1 image array"),
     ("cifar10.1/cifar10.1_v6_data.npy", "float", "not uint8 N x 32 x 32 x 3"),
+    ("stl10_binary/test_X.bin", "empty", "STL-10 binary image file (3 x 96 x 96 bytes an image) (ValueError: empty"),
     ("cifar10.1/cifar10.1_v6_labels.npy", "a web page", "CIFAR-10.1 label array")])
 def test_cifar10_damaged_ood_files_are_an_error_naming_them(tmp_path, file, damage, said):
     """A truncated download, or the web page of a file saved under its name: was a reshape or np.load traceback."""
@@ -1001,6 +1007,8 @@ def test_cifar10_damaged_ood_files_are_an_error_naming_them(tmp_path, file, dama
     path = tmp_path / file
     if damage == "float":
         np.save(path, np.load(path).astype(np.float32))
+    elif damage == "empty":  # 0 images: was blamed on the label file, as 20 labels for 0 images
+        path.write_bytes(b"")
     else:
         path.write_bytes(path.read_bytes()[:1000] if damage == "truncated" else b"<!DOCTYPE html><html>...</html>")
     with pytest.raises(SystemExit) as e:
@@ -1030,7 +1038,7 @@ def test_cifar10_label_arrays_out_of_range_or_short_are_an_error_naming_them(tmp
         path.write_bytes(mini._py2_pickle(d))
     with pytest.raises(SystemExit) as e:
         data.load_dataset("cifar10", data_root=str(tmp_path), backbone=BACKBONE)
-    check_error(e, f"{path}: ", "expected one per image, each in", "download it again")
+    check_error(e, f"{path}: ", "expected one per image, each in", " again")
 
 
 @needs_h5py
@@ -1058,21 +1066,25 @@ def test_pcam_as_downloaded_gzipped_says_to_unzip(tmp_path):
 
 
 @needs_h5py
-@pytest.mark.parametrize("file,damage", [("test_y", "truncated"), ("valid_x", "truncated"), ("train_x", "short")])
+@pytest.mark.parametrize("file,damage", [("test_y", "truncated"), ("valid_x", "truncated"), ("train_x", "short"),
+                                         ("test_y", "out of range")])
 def test_pcam_damaged_file_is_an_error_naming_it(tmp_path, file, damage):
     import h5py
 
     mini.make_pcam(tmp_path)
     path = tmp_path / "pcam" / f"camelyonpatch_level_2_split_{file}.h5"
+    key = file[-1]
     if damage == "truncated":
         path.write_bytes(path.read_bytes()[:2000])
         said = f"{path} is no PatchCamelyon HDF5 file"
-    else:
+    else:  # one image fewer than labels; or a label 7 of two classes (was loaded, and scored)
         with h5py.File(path, "r") as f:
-            x = np.asarray(f["x"])
+            a = np.asarray(f[key])
         with h5py.File(path, "w") as f:
-            f["x"] = x[:-1]
-        said = f"{path} holds {len(x) - 1} images and"
+            f[key] = a[:-1] if damage == "short" else np.concatenate([a[:1] * 0 + 7, a[1:]])
+        y = path.with_name(path.name.replace("_x.h5", "_y.h5"))
+        said = (f"{y}: {len(a)} labels (0..1) for {len(a) - 1} images in {path}" if damage == "short" else
+                f"{path}: {len(a)} labels (0..7) for {len(a)} images in {path.with_name(path.name.replace('_y', '_x'))}")
     with pytest.raises(SystemExit) as e:
         data.load_dataset("pcam", data_root=str(tmp_path), backbone=BACKBONE)
     check_error(e, said, "download")

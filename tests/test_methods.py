@@ -185,7 +185,7 @@ def test_run_all_tiny_builds_table_and_pictures_skips_finished_runs_and_goes_on_
     table = (tmp_path / "summary.md").read_text()
     for label in ("zero-shot", "LP", "FT", "LP-FT", "L2-SP", "FLYP", "WiSE-FT (FLYP, α=0.5)"):
         assert f"| {label} | 1 |" in table, label
-    for picture in ("embedded-tiny_id_ood.png", "embedded-tiny_distortion.png", "embedded-tiny_feature_map.png"):
+    for picture in ("embedded-tiny_id_ood.png", "embedded-tiny_distortion.png", "embedded-tiny_seed0_feature_map.png"):
         assert (tmp_path / picture).stat().st_size > 0, picture
     assert not list(tmp_path.rglob("*.tmp*"))  # tables, pictures, results and checkpoints: written, then renamed
     again = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=600)
@@ -201,7 +201,7 @@ def test_run_all_tiny_builds_table_and_pictures_skips_finished_runs_and_goes_on_
     wiseft = tmp_path / "wiseft-flyp" / "embedded-tiny" / "seed0"
     before = (wiseft / "done").stat().st_mtime_ns
     os.utime(tmp_path / "flyp" / "embedded-tiny" / "seed0" / "model.pt")  # now: newer than WiSE-FT's result
-    picture = tmp_path / "embedded-tiny_feature_map.png"
+    picture = tmp_path / "embedded-tiny_seed0_feature_map.png"
     drawn = picture.stat().st_mtime_ns
     os.utime(tmp_path / "lpft" / "embedded-tiny" / "seed0" / "model.pt")  # and than the picture
     failed = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=600)
