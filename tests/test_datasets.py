@@ -321,7 +321,7 @@ def test_imagenet_train_as_unpacked_from_its_archive_says_how_to_unpack_the_clas
                 f"cd {tmp_path / 'imagenet' / 'train'} && for f in *.tar")
 
 
-def test_breeds_test_sets_of_other_than_50_images_a_subclass_are_said(minis, capsys):
+def test_breeds_test_sets_of_other_than_50_images_a_subclass_are_said(minis, capsys, monkeypatch):
     root, _ = minis.build("living17")
     ds = data.load_dataset("living17", data_root=str(root), backbone=BACKBONE)
     hierarchy = data.reference("breeds_rand_splits")["living17"]
@@ -330,6 +330,9 @@ def test_breeds_test_sets_of_other_than_50_images_a_subclass_are_said(minis, cap
     assert (f"note: living17: test sets whose image counts differ from the released ones, so their accuracies do "
             f"not compare with published numbers: test {len(ds.test):,} (released: 1,700), target "
             f"{len(ds.ood['target']):,} (released: 1,700)") in capsys.readouterr().out
+    monkeypatch.setenv("RANK", "1")  # under torchrun the first process says it, the others load silently
+    data.load_dataset("living17", data_root=str(root), backbone=BACKBONE)
+    assert "note:" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("missing", ["train", "val"])
@@ -341,6 +344,11 @@ def test_imagenet_missing_id_folder_is_an_error_naming_it(minis, tmp_path, missi
     with pytest.raises(SystemExit) as e:
         data.load_dataset("imagenet", data_root=str(tmp_path), backbone=BACKBONE)
     check_error(e, tmp_path / "imagenet" / missing)
+    archive = tmp_path / "imagenet" / f"ILSVRC2012_img_{missing}.tar"  # as downloaded, beside the folder it makes
+    archive.touch()
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("imagenet", data_root=str(tmp_path), backbone=BACKBONE)
+    check_error(e, f"found {archive} there: unpack it to {missing}")
 
 
 def test_imagenet_missing_wnid_folder_is_an_error_naming_it(minis, tmp_path):
