@@ -102,15 +102,23 @@ def build_table(runs, published=None):
     return "\n".join(lines), rows
 
 
-def alpha_curve(records):
-    """WiSE-FT's (alpha, mean ID acc, mean OOD avg acc) over seeds, from each run's results file."""
+def alpha_curve(records, metric="acc"):
+    """WiSE-FT's (alpha, mean ID `metric`, mean OOD average `metric`) over seeds, from each run's results file."""
     by_alpha = defaultdict(list)
     for r in records:
         for line in Path(r["results"]).read_text().splitlines():
             entry = json.loads(line)
             by_alpha[entry["alpha"]].append(entry["metrics"])
-    return [(a, mean_ci([m["acc/id_test"] for m in ms])[0], mean_ci([m["acc/ood_avg"] for m in ms])[0])
+    return [(a, mean_ci([m[f"{metric}/id_test"] for m in ms])[0], mean_ci([m[f"{metric}/ood_avg"] for m in ms])[0])
             for a, ms in sorted(by_alpha.items())]
+
+
+def plotted_metric(runs, dataset):
+    """What the ID-vs-OOD picture plots: the benchmark's own metric (HEADLINE: iWildCam's macro-F1, FMoW's worst
+    region) where every run has it, as its papers plot; else accuracy."""
+    records = [r for (d, _), rs in runs.items() if d == dataset for r in rs]
+    return next((k for k in HEADLINE if all(f"{k}/{s}" in r["metrics"] for r in records for s in ("id_test", "ood_avg"))),
+                "acc")
 
 
 def plot(runs, dataset, out_dir):
@@ -120,24 +128,25 @@ def plot(runs, dataset, out_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = ordered_methods(runs, dataset)
+    methods, metric = ordered_methods(runs, dataset), plotted_metric(runs, dataset)
+    name = HEADLINE.get(metric, "accuracy")
     stats = {m: {k: mean_ci([r["metrics"][k] for r in runs[(dataset, m)]]) for k in
-                 ("acc/id_test", "acc/ood_avg", "distortion/id_test", "distortion/ood_avg")} for m in methods}
+                 (f"{metric}/id_test", f"{metric}/ood_avg", "distortion/id_test", "distortion/ood_avg")} for m in methods}
     colours = {m: f"C{i}" for i, m in enumerate(methods)}
 
     fig, ax = plt.subplots(figsize=(6.5, 5))
     for m in methods:
         if m.startswith("wiseft"):
-            curve = alpha_curve(runs[(dataset, m)])
+            curve = alpha_curve(runs[(dataset, m)], metric)
             ax.plot([c[1] for c in curve], [c[2] for c in curve], "-", color=colours[m], alpha=0.6, zorder=1)
             for a, x, y in curve:
                 if a in (0.0, 0.5, 1.0):
                     ax.annotate(f"α={a:g}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8,
                                 color=colours[m])
-        (x, xe), (y, ye) = stats[m]["acc/id_test"], stats[m]["acc/ood_avg"]
+        (x, xe), (y, ye) = stats[m][f"{metric}/id_test"], stats[m][f"{metric}/ood_avg"]
         ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", color=colours[m], label=LABELS.get(m, m), capsize=3, zorder=2)
-    ax.set_xlabel("ID test accuracy (%)")
-    ax.set_ylabel("OOD accuracy, average over shifts (%)")
+    ax.set_xlabel(f"ID test {name} (%)")
+    ax.set_ylabel(f"OOD {name}, average over shifts (%)")
     ax.set_title(f"{dataset}: ID vs OOD (mean ± 90% CI over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")

@@ -203,12 +203,14 @@ def test_summarize_refuses_to_average_two_runs_of_one_seed(tmp_path):
 
 def test_summary_shows_iwildcams_macro_f1_and_fmows_worst_region_accuracy(tmp_path):
     import summarize
+    from conftest import ROOT
 
     metrics = {"iwildcam": {"acc/id_test": 70.0, "acc/ood_test": 60.0, "acc/ood_avg": 60.0, "macro_f1/id_test": 40.0,
                             "macro_f1/ood_test": 30.0, "macro_f1/ood_avg": 30.0},
                "fmow": {"acc/id_test": 55.0, "acc/ood_test": 50.0, "acc/ood_avg": 50.0, "worst_region_acc/id_test": 45.0,
                         "worst_region_acc/ood_test": 35.0, "worst_region_acc/ood_avg": 35.0}}
     for dataset, m in metrics.items():
+        m.update({"distortion/id_test": 0.0, "distortion/ood_avg": 0.0})  # what every run also logs
         run = tmp_path / "lp" / dataset / "seed0"
         run.mkdir(parents=True)
         (run / "done").write_text(json.dumps({"method": "lp", "dataset": dataset, "seed": 0, "metrics": m}))
@@ -216,6 +218,17 @@ def test_summary_shows_iwildcams_macro_f1_and_fmows_worst_region_accuracy(tmp_pa
     assert "| OOD avg | ID macro-F1 | OOD macro-F1 | distortion ID |" in markdown and "| 40.0 ± 0.0 | 30.0 ± 0.0 |" in markdown
     assert "| OOD avg | ID worst region | OOD worst region | distortion ID |" in markdown
     assert "| 45.0 ± 0.0 | 35.0 ± 0.0 |" in markdown
+    # The ID-vs-OOD picture plots each benchmark's own metric, as its papers do; accuracy elsewhere
+    runs = summarize.load_runs(tmp_path)
+    assert [summarize.plotted_metric(runs, d) for d in ("iwildcam", "fmow")] == ["macro_f1", "worst_region_acc"]
+    assert summarize.plotted_metric(summarize.load_runs(ROOT / "tests" / "data" / "fake_runs"), "embedded") == "acc"
+    for d in ("iwildcam", "fmow"):
+        (run := tmp_path / "wiseft-flyp" / d / "seed0").mkdir(parents=True)
+        (run / "done").write_text(json.dumps({"method": "wiseft-flyp", "dataset": d, "seed": 0, "metrics": metrics[d]}))
+        (run / "results.jsonl").write_text("".join(json.dumps({"alpha": a, "metrics": metrics[d]}) + "\n"
+                                                   for a in (0.0, 0.5, 1.0)))
+        summarize.plot(summarize.load_runs(tmp_path), d, tmp_path)  # the WiSE-FT curve in that metric too
+        assert (tmp_path / f"{d}_id_ood.png").stat().st_size > 0
 
 def test_summarize_imports_no_torch(tmp_path):
     """The table is JSON in, markdown out: importing torch would make it take seconds (run_all.sh ends with it)."""
