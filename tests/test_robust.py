@@ -181,6 +181,9 @@ def test_wiseft_takes_the_checkpoints_seed_backbone_weights_and_data_unless_file
         else:
             with pytest.raises(SystemExit, match="fine-tuned on the classes cat, dog, but this --data-root holds"):
                 wiseft.check_classes(ckpt, dataset, str(path))
+    living17 = types.SimpleNamespace(name="living17", classnames=["cat", "dog, domestic dog"])  # names data.py changed
+    with pytest.raises(SystemExit, match="data.py names them otherwise since it was saved; fine-tune it again"):
+        wiseft.check_classes(ckpt, living17, str(path))
 
 
 def test_clip_only_methods_refuse_a_backbone_without_text_tower():
