@@ -584,7 +584,7 @@ def missing_hint(path):
 
 def note(message):
     """A loader's note, said once: by the first process of a torchrun job (the others load the same data)."""
-    if int(os.environ.get("RANK", 0)) == 0:
+    if rank_and_world()[0] == 0:
         print(f"note: {message}")
 
 
@@ -1026,16 +1026,18 @@ def pcam(name, root, pre):
         fail(name, f"{len(missing)} of PatchCamelyon's HDF5 files missing in {root / 'pcam'}: {', '.join(missing)}"
                    + (unzip or missing_hint(root / "pcam")))
 
-    def hdf5(key):
-        def read(path):
-            with h5py.File(path, "r") as f:
-                return np.asarray(f[key]) if key == "y" else f[key].shape
-        return read
+    def labels_in(path):
+        with h5py.File(path, "r") as f:
+            return np.asarray(f["y"]).reshape(-1)  # N x 1 x 1 x 1
+
+    def images_in(path):  # only counted here: HDF5Images reads them
+        with h5py.File(path, "r") as f:
+            return len(f["x"])
 
     def split(tag, train=False):
         x, y = (root / "pcam" / f"camelyonpatch_level_2_split_{tag}_{xy}.h5" for xy in "xy")
-        labels = read_or_fail(name, y, hdf5("y"), "PatchCamelyon HDF5 file with a 'y' array").reshape(-1)  # N x 1 x 1 x 1
-        images = read_or_fail(name, x, hdf5("x"), "PatchCamelyon HDF5 file with an 'x' array")[0]
+        labels = read_or_fail(name, y, labels_in, "PatchCamelyon HDF5 file with a 'y' array")
+        images = read_or_fail(name, x, images_in, "PatchCamelyon HDF5 file with an 'x' array")
         labels = array_labels(name, y, labels.astype(np.int64), 0, 1, images, x)
         return file_split(range(len(labels)), labels, pre, train, read=HDF5Images(x))
 

@@ -124,7 +124,7 @@ def check_classes(ckpt, dataset, path):
     another dataset's names are data.py's (which named BREEDS' classes otherwise before 2026-12-03)."""
     trained = ckpt.get("classnames")  # absent from checkpoints written before 2026-12-03
     if trained is not None and list(trained) != list(dataset.classnames):
-        fix = ("pass the data root it was fine-tuned on" if getattr(dataset, "name", "folder") == "folder" else
+        fix = ("pass the data root it was fine-tuned on" if dataset.name == "folder" else
                "data.py names them otherwise since it was saved; fine-tune it again")
         raise SystemExit(f"error: {path!r} was fine-tuned on the classes {', '.join(trained)}, but this --data-root "
                          f"holds {', '.join(dataset.classnames)}; {fix}")

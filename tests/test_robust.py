@@ -175,7 +175,7 @@ def test_wiseft_takes_the_checkpoints_seed_backbone_weights_and_data_unless_file
     wiseft.endpoint_args(args, ckpt, str(path))
     assert args.data_root == "/data/then"
     for names, ok in ((["cat", "dog"], True), (["dog", "cat"], False), (["cat", "dog", "fox"], False)):
-        dataset = types.SimpleNamespace(classnames=names)  # a folder dataset is whatever --data-root holds
+        dataset = types.SimpleNamespace(name="folder", classnames=names)  # whatever --data-root holds
         if ok:
             wiseft.check_classes(ckpt, dataset, str(path))
         else:
