@@ -332,14 +332,16 @@ def main():
                              "model (models: clip-vit-b16 resnet50 on CUDA, embedded-clip resnet18 on a CPU)")
     args = parser.parse_args()
     device = common.get_device(args.device)
-    (first, spec), *rest = models(device).items()  # the first model, FLYP and LP before the other model
+    specs = models(device)
+    (first, spec), *rest = specs.items()  # the first model, FLYP and LP before the other model
     parts = [first, "flyp", "lp", *(name for name, _ in rest)]
     wanted = args.only or parts
     if any(p not in parts for p in wanted):
         raise SystemExit(f"error: --only {next(p for p in wanted if p not in parts)!r}: choose from {', '.join(parts)}")
-    if args.profile and not {first, *(name for name, _ in rest)} & set(wanted):
+    profiled = next((name for name in specs if name in wanted), None)  # the first model measured
+    if args.profile and profiled is None:
         raise SystemExit(f"error: --profile profiles a model's training step, and --only names none: add one of "
-                         f"{', '.join(p for p in parts if p not in ('flyp', 'lp'))}")
+                         f"{', '.join(specs)}")
     steps = args.steps or (30 if device.type == "cuda" else 5)
     peak = peak_flops(device)
     report = {"device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
@@ -365,12 +367,10 @@ def main():
         common.write_text_atomic(args.out, json.dumps(report, indent=1) + "\n")
         return node[key]
 
-    profile = [args.profile]  # for the first model measured
-
     def model_rows(name, build, res, batch):
         report["train"][name] = {"resolution": res, "batch": batch}
-        print("\n".join(train_rows(name, build, res, batch, device, steps, peak, cell, profile.pop() if profile
-                                   else None)), flush=True)
+        profile = args.profile if name == profiled else None
+        print("\n".join(train_rows(name, build, res, batch, device, steps, peak, cell, profile)), flush=True)
 
     if first in wanted:
         model_rows(first, *spec)
