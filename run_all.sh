@@ -72,9 +72,10 @@ python summarize.py "$ROOT" || echo "table not built" >>"$FAILED"
 for dataset in $DATASETS; do  # the picture of the first seed's FT and LP-FT, drawn again only when one is newer
   ft="$ROOT/ft/$dataset/seed${SEEDS%% *}/model.pt" lpft="$ROOT/lpft/$dataset/seed${SEEDS%% *}/model.pt"
   picture="$ROOT/${dataset}_seed${SEEDS%% *}_feature_map.png"  # feature_map.py's name for it
-  if [ -f "$ft" ] && [ -f "$lpft" ] && [ "$picture" -nt "$ft" ] && [ "$picture" -nt "$lpft" ]; then
+  [ -f "$ft" ] && [ -f "$lpft" ] || continue
+  if [ "$picture" -nt "$ft" ] && [ "$picture" -nt "$lpft" ]; then
     echo "skip $picture (newer than its checkpoints)" >&2
-  elif [ -f "$ft" ] && [ -f "$lpft" ]; then
+  else
     python feature_map.py --dataset "$dataset" --seed "${SEEDS%% *}" --root "$ROOT" || echo "$picture" >>"$FAILED"
   fi
 done

@@ -285,7 +285,7 @@ def test_bench_cpu_writes_its_table_and_json(tmp_path):
     assert abs(lp["test_acc_ours"] - lp["test_acc_sklearn"]) <= 0.3 and 40 < lp["test_acc_ours"] < 95
 
 
-def test_bench_only_measures_the_parts_named(tmp_path, monkeypatch, capsys):
+def test_bench_only_measures_the_parts_named(tmp_path, monkeypatch):
     """--only: a lent GPU's script measures ViT-B/16, FLYP and LP first and the other model last, in two calls."""
     import sys
 
