@@ -61,19 +61,22 @@ def test_results_lines_and_done_marker(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))  # atomic writes leave no temporary files
 
 
-def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path):
-    path = tmp_path / "model.pt"
-    common.save_atomic({"w": torch.ones(2)}, path)
-    before = path.read_bytes()
+def test_a_failed_checkpoint_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path):
+    results = common.Results(tmp_path, "lpft", lpft.Args(dataset="embedded-tiny"), torch.device("cpu"))
+    results.save_model(torch.nn.Linear(2, 2), step=1)
+    before = (tmp_path / "model.pt").read_bytes()
     with pytest.raises(Exception):  # a lambda cannot be pickled: torch.save fails after opening the file
-        common.save_atomic({"w": torch.zeros(2), "f": lambda: 0}, path)
-    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+        results.save_model(torch.nn.Linear(2, 2), step=2, unpicklable=lambda: 0)
+    assert (tmp_path / "model.pt").read_bytes() == before and not list(tmp_path.glob("*.tmp*"))
 
 
 def test_distortion():
     ref = torch.randn(100, 8)
     assert common.distortion(ref, ref) == 0
     assert common.distortion(2 * ref, ref) == pytest.approx(1.0)  # moved by its own norm
+    # A ratio of means: a small feature moved by its own norm weighs little next to a large one that stayed
+    small, large = [1.0, 0.0], [10.0, 0.0]
+    assert common.distortion(torch.tensor([[2.0, 0.0], large]), torch.tensor([small, large])) == pytest.approx(1 / 101)
 
 
 def test_heads_are_scored_in_fp32_even_under_bf16_autocast():

@@ -108,6 +108,47 @@ def test_ft_moves_features_and_head_is_random(tmp_path):
     assert best["metrics"]["distortion/id_test"] > 0 and best["metrics"]["distortion/ood_avg"] > 0
 
 
+FINE_TUNED = {"ft": {}, "l2sp": {}, "lpft": {"num_c": 5}}  # the methods that train a classifier end to end
+
+
+@pytest.mark.parametrize("method", sorted(FINE_TUNED))
+def test_fine_tuning_trains_the_whole_encoder_with_batchnorm_statistics_frozen_only_in_lpft(method, tmp_path):
+    """Every weight trains in all three; FT and L2-SP train in train mode (BatchNorm statistics move), LP-FT's stage 2
+    in eval mode (they stay the pretrained ones: the LP-FT code's recipe)."""
+    module = importlib.import_module(method)
+    module.main(module.Args(dataset="embedded-tiny", out=str(tmp_path), epochs=1, save=True, **FINE_TUNED[method]))
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
+    start = common.load_backbone("embedded-clip-tiny").encoder.state_dict()
+    moved = {k: not torch.equal(saved[f"0.{k}"], v) for k, v in start.items()}
+    assert all(moved[k] for k in start if k.endswith("weight")), moved  # not only the head
+    statistics = [k for k in start if "running_" in k]
+    assert statistics and all(moved[k] == (method != "lpft") for k in statistics), moved
+
+
+@pytest.mark.parametrize("method", sorted(FINE_TUNED) + ["flyp"])
+def test_the_selected_epoch_is_the_one_scored_and_saved_even_when_it_is_not_the_last(method, tmp_path, monkeypatch):
+    """Epoch 1 is made to look best on ID validation: the final scores and the checkpoint must be epoch 1's model
+    (a selection that kept a reference to the live weights would report the last epoch's under epoch 1's name)."""
+    evaluate, calls = common.evaluate, []  # (an epoch's selection call?, the ID validation features it scored)
+
+    def scripted(features, classify, dataset, ref, device):
+        metrics = evaluate(features, classify, dataset, ref, device)
+        selecting = set(features) == {"id_val"}  # the final call scores every split
+        calls.append((selecting, features["id_val"]))
+        if selecting:
+            metrics["acc/id_val"] = 90.0 if sum(c[0] for c in calls) == 1 else 10.0
+        return metrics
+
+    monkeypatch.setattr(common, "evaluate", scripted)
+    module = importlib.import_module(method)
+    best = module.main(module.Args(dataset="embedded-tiny", out=str(tmp_path), epochs=2, save=True,
+                                   **FINE_TUNED.get(method, {})))
+    assert best["step"] == torch.load(tmp_path / "model.pt", weights_only=True)["step"] == 1
+    epoch1, epoch2 = [f for selecting, f in calls if selecting]
+    assert not torch.equal(epoch1, epoch2)  # the epochs differ, so the check has teeth
+    assert torch.equal(calls[-1][1], epoch1)  # the final scores are epoch 1's model's
+
+
 def test_lpft_stage2_starts_from_the_lp_head(monkeypatch, tmp_path):
     backbone = common.load_backbone("embedded-clip-tiny")
     monkeypatch.setattr(common, "load_backbone", lambda *a, **k: backbone)

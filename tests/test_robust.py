@@ -36,6 +36,12 @@ def test_flyp_captions_fill_each_template_with_each_class_name():
     assert torch.equal(tokens[1, 1], tokenizer(["a drawing of a star."])[0])
 
 
+def test_flyp_trains_the_temperature(tmp_path):
+    pretrained = common.load_backbone("embedded-clip-tiny").clip.logit_scale.detach().clone()
+    flyp.main(flyp.Args(dataset="embedded-tiny", out=str(tmp_path), epochs=1, save=True))
+    assert not torch.equal(torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]["logit_scale"], pretrained)
+
+
 def test_flyp_schedule_warms_up_then_decays_to_zero():
     f = flyp.cosine_lr(warmup=4, total_steps=20)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
@@ -76,6 +82,22 @@ def test_l2sp_all_params_variant_penalises_every_backbone_parameter_and_not_the_
     for name, p in model[0].named_parameters():
         assert torch.allclose(p.grad, 2 * 0.01 * (p.detach() - start[name]), atol=1e-7), name
     assert model[1].weight.grad is None
+
+
+def test_l2sp_training_pulls_towards_the_pretrained_weights_with_the_alpha_and_beta_asked_for(tmp_path, monkeypatch):
+    calls, penalty = [], l2sp.l2sp_penalty  # (w0, alpha, beta, value) of every training step
+
+    def spy(model, w0, alpha, beta, all_params=False):
+        value = penalty(model, w0, alpha, beta, all_params)
+        calls.append((w0, alpha, beta, value.item()))
+        return value
+
+    monkeypatch.setattr(l2sp, "l2sp_penalty", spy)
+    l2sp.main(l2sp.Args(dataset="embedded-tiny", out=str(tmp_path), epochs=1, alpha=0.3, beta=0.02))
+    pretrained = dict(common.load_backbone("embedded-clip-tiny").encoder.named_parameters())
+    w0 = calls[-1][0]  # after training: still the pretrained weights, not a view of the trained ones
+    assert w0.keys() == pretrained.keys() and all(torch.equal(w0[n], p) for n, p in pretrained.items())
+    assert {c[1:3] for c in calls} == {(0.3, 0.02)} and calls[-1][3] > 0
 
 
 def test_zeroshot_head_averages_normalised_template_embeddings():
@@ -143,6 +165,22 @@ def test_wiseft_bad_checkpoint_gives_a_clear_error(tmp_path, content, expected):
         torch.save(content, path)
     with pytest.raises(SystemExit, match=expected):
         wiseft.main(wiseft.Args(dataset="embedded-tiny", checkpoint=str(path), out=str(tmp_path / "out")))
+
+
+def test_wiseft_interpolates_every_float_tensor_batchnorm_statistics_included():
+    bn = torch.nn.BatchNorm1d(3)
+    theta0 = {k: v.clone() for k, v in bn.state_dict().items()}
+    with torch.no_grad():
+        bn.weight.add_(1.0)
+    bn(torch.randn(8, 3) * 5 + 2)  # a training-mode pass moves the running statistics and the integer batch counter
+    theta1 = bn.state_dict()
+    assert not torch.equal(theta0["running_mean"], theta1["running_mean"])
+    mid = wiseft.interpolate(theta0, theta1, 0.25)
+    for k, v in theta1.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(mid[k], 0.75 * theta0[k] + 0.25 * v, msg=k)
+        else:
+            assert torch.equal(mid[k], v), k
 
 
 @pytest.mark.parametrize("step,report,expected", [(0.3, 0.5, "does not divide 1"), (0.0, 0.5, "does not divide 1"),

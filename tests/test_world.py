@@ -1,4 +1,6 @@
 """The embedded world: deterministic, balanced, the documented splits."""
+import itertools
+
 import torch
 
 import data
@@ -38,9 +40,12 @@ def test_embedded_task_splits():
     other = data.load_dataset("embedded-tiny", seed=1)
     assert not torch.equal(ds.train.images, other.train.images)
     assert torch.equal(ds.test.images, other.test.images) and torch.equal(ds.ood["sketch"].images, other.ood["sketch"].images)
-    # No ID training image reappears in validation or test.
-    train = {bytes(x.numpy()) for x in ds.train.images}
-    assert not any(bytes(x.numpy()) in train for x in torch.cat([ds.val.images, ds.test.images]))
+    # No image is in two splits: validation is not the test set, and no OOD set repeats another.
+    splits = {"train": ds.train, "val": ds.val, "test": ds.test, **ds.ood}
+    images = {name: {bytes(x.numpy()) for x in split.images} for name, split in splits.items()}
+    assert all(not images[a] & images[b] for a, b in itertools.combinations(images, 2))
+    # Each OOD set is drawn from its own domain (sketch is bright grey, neon dark: test_domains_look_different).
+    assert ds.ood["sketch"].images.float().mean() > 180 and ds.ood["neon"].images.float().mean() < 60
 
 
 def test_captions_always_name_the_shape():
