@@ -94,6 +94,19 @@ def test_heads_are_scored_in_fp32_even_under_bf16_autocast():
     assert metrics["acc/id_val"] == 100.0
 
 
+def test_evaluate_measures_distortion_relative_to_the_pretrained_features():
+    """distortion/<split> is how far the current features moved, over the squared norm of the pretrained ones (`ref`):
+    features that doubled moved by exactly their pretrained norm, 1.0 (over their own norm it would be 0.25)."""
+    from types import SimpleNamespace
+    ref = torch.randn(40, 6)
+    split = SimpleNamespace(labels=torch.zeros(40, dtype=torch.long), classes=None, groups=None)
+    ds = SimpleNamespace(val=split, test=split, ood={"shift": split}, metric="acc")
+    metrics = common.evaluate({"id_val": 2 * ref, "ood_shift": ref}, torch.nn.Linear(6, 3), ds,
+                              {"id_val": ref, "ood_shift": ref}, "cpu")
+    assert metrics["distortion/id_val"] == pytest.approx(1.0)
+    assert metrics["distortion/ood_shift"] == metrics["distortion/ood_avg"] == 0
+
+
 def test_precision_and_device_defaults():
     assert isinstance(common.autocast("cpu"), type(common.autocast("cpu", "fp32")))  # off on CPU
     assert common.autocast("cpu", "bf16").fast_dtype == torch.bfloat16
@@ -354,6 +367,38 @@ def test_pretrained_features_of_real_data_are_cached_on_disk_and_keyed(tmp_path,
     swapped = data.load_dataset("folder", data_root=str(tmp_path / "d"), backbone="embedded-clip-tiny")
     assert common.feature_cache(backbone, swapped, "id_test", "auto") != before["id_test"]
     assert common.feature_cache(backbone, swapped, "ood_night", "auto") == before["ood_night"]
+
+
+def test_feature_cache_key_changes_with_the_backbone_and_with_its_weights_file_replaced_in_place(tmp_path):
+    """Features cached under one backbone are never read for another: the key covers the backbone's identity, and a
+    weights file's identity covers its modification time (a new download of the same size, under the same name)."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    import data
+
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            (tmp_path / "d" / split / c).mkdir(parents=True)
+            for i in range(2):
+                image = Image.fromarray(np.full((9, 9, 3), 60 * i, dtype=np.uint8))
+                image.save(tmp_path / "d" / split / c / f"{i}.png")
+    dataset = data.load_dataset("folder", data_root=str(tmp_path / "d"), backbone="embedded-clip-tiny")
+    weights = tmp_path / "resnet50-0676ba61.pth"
+    weights.write_bytes(b"\0" * 64)  # weights_key reads the file's metadata only
+
+    def key(backbone_key):
+        return common.feature_cache(common.Backbone(torch.nn.Identity(), key=backbone_key), dataset, "id_test", "auto")
+
+    before = common.weights_key("resnet50", str(weights))
+    assert key(before) is not None
+    assert key(before) != key(common.weights_key("moco-v2-rn50", str(weights)))  # same file, another backbone
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))  # same path and size, newer
+    after = common.weights_key("resnet50", str(weights))
+    assert after != before and key(after) != key(before)
 
 
 def test_compiled_encoder_keeps_one_static_graph_per_mode(monkeypatch):

@@ -188,3 +188,31 @@ def test_loader_workers_share_the_cores_among_the_local_processes(monkeypatch):
     assert data.num_workers() == 16
     monkeypatch.setenv("RFT_WORKERS", "3")
     assert data.num_workers() == 3
+
+
+def test_init_distributed_takes_the_gpu_of_the_local_rank_not_the_global_rank(monkeypatch):
+    """On the second of two 8-GPU nodes, global rank 9 is GPU 1 of its node: cuda:9 does not exist there."""
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("RANK", "9")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    calls = {}
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: calls.update(backend=backend))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.update(device=device))
+    monkeypatch.setattr(common.atexit, "register", lambda f: None)
+    device = common.init_distributed(torch.device("cuda"))
+    assert device == torch.device("cuda", 1)
+    assert calls == {"device": torch.device("cuda", 1), "backend": "nccl"}
+
+
+def test_only_rank_0_writes_results_checkpoints_and_the_done_marker(tmp_path, monkeypatch):
+    """Every rank holds the same metrics; a second writer would race rank 0 (and move its files aside)."""
+    import ft
+
+    monkeypatch.setattr(data, "rank_and_world", lambda: (1, 2))
+    results = common.Results(tmp_path / "out", "ft", ft.Args(dataset="embedded-tiny"), torch.device("cpu"))
+    record = results.log(0, {"acc/id_val": 50.0})
+    results.save_model(nn.Linear(2, 2), step=0)
+    results.done({"step": 0, "metrics": record["metrics"]})
+    assert record["processes"] == 2 and record["metrics"] == {"acc/id_val": 50.0}  # built, just not written
+    assert list(tmp_path.iterdir()) == []
