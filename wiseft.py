@@ -124,10 +124,11 @@ def check_classes(ckpt, dataset, path):
     another dataset's names are data.py's (which named BREEDS' classes otherwise before 2026-12-03)."""
     trained = ckpt.get("classnames")  # absent from checkpoints written before 2026-12-03
     if trained is not None and list(trained) != list(dataset.classnames):
-        fix = ("pass the data root it was fine-tuned on" if dataset.name == "folder" else
-               "data.py names them otherwise since it was saved; fine-tune it again")
-        raise SystemExit(f"error: {path!r} was fine-tuned on the classes {', '.join(trained)}, but this --data-root "
-                         f"holds {', '.join(dataset.classnames)}; {fix}")
+        folder = dataset.name == "folder"
+        here, fix = (("this --data-root", "pass the data root it was fine-tuned on") if folder else
+                     (f"data.py's {dataset.name}", "data.py names them otherwise since it was saved; fine-tune it again"))
+        raise SystemExit(f"error: {path!r} was fine-tuned on the classes {', '.join(trained)}, but {here} holds "
+                         f"{', '.join(dataset.classnames)}; {fix}")
 
 
 def main(args):

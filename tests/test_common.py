@@ -477,3 +477,38 @@ def test_bench_keeps_measuring_after_a_cell_fails(tmp_path, monkeypatch, capsys)
         assert entry["ours_jpeg"]["batches_decoded_on_cpu_instead"] == 0
         assert all(v > 0 for v in report["extract"][name].values())
     assert report["lp_sweep"]["sklearn_s"] > 0
+
+
+def test_wiseft_curve_of_iwildcams_picture_is_macro_f1_averaged_over_seeds_in_alpha_order(tmp_path, monkeypatch):
+    """iWildCam's ID-vs-OOD picture plots macro-F1, so its WiSE-FT curve must be macro-F1 too (here far from the
+    accuracy), the mean over seeds at each alpha, and drawn from alpha 0 to 1 whatever order the results list."""
+    import matplotlib.pyplot as plt
+
+    import summarize
+
+    def metrics(seed, alpha):
+        return {"acc/id_test": 90 - 10 * alpha, "acc/ood_test": 80.0, "acc/ood_avg": 80.0,
+                "macro_f1/id_test": 40 + 20 * alpha + seed, "macro_f1/ood_test": 30 - 10 * alpha + 2 * seed,
+                "macro_f1/ood_avg": 30 - 10 * alpha + 2 * seed, "distortion/id_test": alpha,
+                "distortion/ood_avg": alpha}
+
+    for seed in (0, 1):
+        (run := tmp_path / "wiseft-flyp" / "iwildcam" / f"seed{seed}").mkdir(parents=True)
+        (run / "done").write_text(json.dumps({"method": "wiseft-flyp", "dataset": "iwildcam", "seed": seed,
+                                              "metrics": metrics(seed, 0.5)}))
+        (run / "results.jsonl").write_text("".join(json.dumps({"alpha": a, "metrics": metrics(seed, a)}) + "\n"
+                                                   for a in (1.0, 0.0, 0.5)))  # not in alpha order
+    runs = summarize.load_runs(tmp_path)
+    expected = [(a, 40.5 + 20 * a, 31 - 10 * a) for a in (0.0, 0.5, 1.0)]  # seeds 0 and 1 averaged
+    assert summarize.plotted_metric(runs, "iwildcam") == "macro_f1"
+    assert summarize.alpha_curve(runs[("iwildcam", "wiseft-flyp")], "macro_f1") == expected
+
+    figures = []  # the pictures, kept open to read what was drawn
+    monkeypatch.setattr(plt, "close", figures.append)
+    summarize.plot(runs, "iwildcam", tmp_path)
+    monkeypatch.undo()
+    ax = figures[0].axes[0]
+    assert ax.get_xlabel() == "ID test macro-F1 (%)"
+    assert ax.lines[0].get_xydata().tolist() == [[x, y] for _, x, y in expected]  # the curve, drawn first
+    for fig in figures:
+        plt.close(fig)

@@ -13,8 +13,10 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 import common
@@ -1211,3 +1213,69 @@ def test_miniature_command_writes_a_layout_the_loader_reads(tmp_path):
     assert len(loaded.train) and len(loaded.val) and len(loaded.test)
     proc = subprocess.run([sys.executable, str(script), "mnist", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode != 0 and "living17" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preprocessing: the backbones' libraries' own, and no augmentation outside ID train
+# ---------------------------------------------------------------------------------------------------------------
+def write_noise_pngs(folder, sizes, seed):
+    """Random-noise PNGs of the given (width, height): unlike the miniatures' single-colour images, every crop, flip
+    or resampling other than the intended one changes their pixels."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for k, (w, h) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+
+
+def read_once(split):
+    """A split's normalised images, one pass in file order."""
+    (x, _), = list(split.batches(len(split)))
+    return x
+
+
+def library_transform(backbone):
+    """The evaluation preprocessing the backbone's own library applies (PIL image -> normalised float tensor)."""
+    if backbone.startswith("clip"):
+        size = open_clip.get_model_config(common.OPEN_CLIP_MODELS[backbone])["vision_cfg"]["image_size"]
+        return open_clip.image_transform(size, is_train=False)  # OpenAI's mean and std unless told otherwise
+    return torchvision.models.ResNet50_Weights.IMAGENET1K_V1.transforms()  # the LP-FT papers' ImageNet preprocessing
+
+
+@pytest.mark.parametrize("backbone", ["clip-vit-b16", "clip-rn50", "resnet50", "moco-v2-rn50"])
+def test_evaluation_preprocessing_is_the_backbone_librarys_own(tmp_path, backbone):
+    """CLIP: open_clip's (bicubic resize to 224, centre crop 224, OpenAI's mean and std); ResNet-50s: torchvision's
+    ImageNet weights' (bilinear resize to 256, centre crop 224, ImageNet's mean and std). Checked against the
+    libraries' values, not data.py's, and image by image through a loaded split."""
+    pre, reference = data.preprocessing(backbone), library_transform(backbone)
+    if backbone.startswith("clip"):
+        assert (pre.mean, pre.std) == (open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+        assert (pre.size, pre.resize, pre.interpolation) == (224, 224, "bicubic")
+    else:
+        assert (list(pre.mean), list(pre.std)) == (reference.mean, reference.std)
+        ours = ([pre.size], [pre.resize], pre.interpolation)
+        assert ours == (reference.crop_size, reference.resize_size, reference.interpolation.value)
+        assert ours == ([224], [256], "bilinear")
+    for k, c in enumerate(("cat", "dog")):
+        for split in ("train", "test"):
+            write_noise_pngs(tmp_path / split / c, [(37, 53), (61, 29)], seed=k)
+    ds = data.load_dataset("folder", data_root=str(tmp_path), backbone=backbone)
+    expected = torch.stack([reference(Image.open(p).convert("RGB")) for p in ds.test.items])
+    torch.testing.assert_close(read_once(ds.test), expected, rtol=0, atol=1e-5)
+
+
+def test_held_out_validation_and_test_images_are_not_augmented(tmp_path):
+    """A folder without val/ and test/ holds both out of train/ (as BREEDS, ImageNet and DomainNet hold out val):
+    they get the evaluation preprocessing, the same pixels at every read, so model selection compares like with
+    like; only ID train is augmented (ResNet-50: a random resized crop and flip at every read)."""
+    sizes = [(37, 53), (61, 29), (45, 71), (53, 37), (29, 61), (71, 45)]
+    for k, c in enumerate(("cat", "dog")):
+        write_noise_pngs(tmp_path / "train" / c, sizes, seed=k)
+    ds = data.load_dataset("folder", data_root=str(tmp_path), backbone="resnet50")
+    assert "held out" in ds.info["val"] and "held out" in ds.info["test"] and len(ds.val) == len(ds.test) == 2
+    reference = library_transform("resnet50")
+    for name, split in (("val", ds.val), ("test", ds.test)):
+        first = read_once(split)
+        assert torch.equal(first, read_once(split)), f"the held-out {name} images differ between reads: augmented"
+        expected = torch.stack([reference(Image.open(p).convert("RGB")) for p in split.items])
+        torch.testing.assert_close(first, expected, rtol=0, atol=1e-5, msg=f"{name}: not the evaluation preprocessing")
+    assert not torch.equal(read_once(ds.train), read_once(ds.train))  # the check has teeth: train is augmented

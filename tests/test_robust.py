@@ -290,3 +290,18 @@ def test_wiseft_interpolates_on_the_device_of_the_model(method, head_init):
     model, _, theta0, theta1, _ = wiseft.endpoints(ckpt, backbone, dataset, meta, "fp32")
     assert {v.device for v in (*theta0.values(), *theta1.values())} == {meta}
     model.load_state_dict(wiseft.interpolate(theta0, theta1, 0.5))
+
+
+def test_wiseft_refuses_a_checkpoint_of_other_classes_before_loading_the_backbone(tmp_path, monkeypatch):
+    """Its head's rows would be read as other classes: the checkpoint's class names (here the dataset's, reversed)
+    are checked against the dataset's as soon as the dataset is read, before the backbone loads (minutes for a real
+    one) and before any evaluation."""
+    path = tmp_path / "model.pt"
+    torch.save({"method": "flyp", "state_dict": {}, "classnames": data.SHAPES[::-1],
+                "args": {"dataset": "embedded-tiny", "backbone": None, "seed": 0, "data_root": None, "weights": None}},
+               path)
+    monkeypatch.setattr(common, "load_backbone", lambda *a, **k: pytest.fail("the backbone was loaded first"))
+    said = (f"fine-tuned on the classes {', '.join(data.SHAPES[::-1])}, "
+            f"but data.py's embedded-tiny holds {', '.join(data.SHAPES)}")
+    with pytest.raises(SystemExit, match=said):
+        wiseft.main(wiseft.Args(dataset="embedded-tiny", checkpoint=str(path), out=str(tmp_path / "out")))
