@@ -2,6 +2,7 @@
 import importlib
 import json
 import math
+import statistics
 import types
 
 import pytest
@@ -46,6 +47,52 @@ def test_flyp_schedule_warms_up_then_decays_to_zero():
     f = flyp.cosine_lr(warmup=4, total_steps=20)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(4) == 1.0 and f(12) == pytest.approx(0.5) and f(20) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_flyp_pairs_each_image_with_a_caption_of_its_own_class_drawn_over_every_template(tmp_path, monkeypatch):
+    """FLYP's loss is only the paper's if each image's caption names its own class, with a template drawn at random:
+    the training loop is observed where the pairs meet the towers, and each caption read back to (class, template)."""
+    backbone = common.load_backbone("embedded-clip-tiny")
+    dataset = data.load_dataset("embedded-tiny")
+    caption_of = {tuple(backbone.tokenizer([t.format(c)])[0].tolist()): (i, j)  # token ids -> (class, template)
+                  for i, c in enumerate(dataset.classnames) for j, t in enumerate(dataset.templates)}
+    batch, pairs, progress, forward = {}, [], common.progress, flyp.Towers.forward
+
+    def batches(iterable, *args, **kwargs):  # the batch the training loop is on
+        for item in progress(iterable, *args, **kwargs):
+            batch["x, y"] = item
+            yield item
+
+    def towers(self, images, texts):
+        x, y = batch["x, y"]
+        assert images is x
+        pairs.extend(zip(y.tolist(), (caption_of[tuple(t)] for t in texts.tolist())))
+        return forward(self, images, texts)
+
+    monkeypatch.setattr(common, "progress", batches)
+    monkeypatch.setattr(flyp.Towers, "forward", towers)
+    flyp.main(flyp.Args(dataset="embedded-tiny", out=str(tmp_path), epochs=1, batch_size=32, device="cpu",
+                        compile="off"))
+    assert len(pairs) == len(dataset.train) // 32 * 32  # every image of one epoch's full batches
+    assert [(label, cls) for label, (cls, _) in pairs if cls != label] == []  # (label, class its caption names)
+    assert {template for _, (_, template) in pairs} == set(range(len(dataset.templates)))
+
+
+def test_flyp_steps_the_learning_rate_schedule_once_per_optimizer_step(tmp_path, monkeypatch):
+    """The paper's schedule is per step (warmup, then cosine over all steps), not per epoch."""
+    lrs = []
+
+    class AdamW(torch.optim.AdamW):  # records the learning rate each step is taken with
+        def step(self, closure=None):
+            lrs.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", AdamW)
+    flyp.main(flyp.Args(dataset="embedded-tiny", out=str(tmp_path), epochs=2, batch_size=32, lr=1e-3, warmup=3,
+                        device="cpu", compile="off"))
+    total = 2 * (len(data.load_dataset("embedded-tiny").train) // 32)  # 12 steps: warmup, then cosine over the rest
+    factor = flyp.cosine_lr(3, total)
+    assert lrs == pytest.approx([1e-3 * factor(s) for s in range(total)], rel=1e-12)
 
 
 def l2sp_model():
@@ -305,3 +352,62 @@ def test_wiseft_refuses_a_checkpoint_of_other_classes_before_loading_the_backbon
             f"but data.py's embedded-tiny holds {', '.join(data.SHAPES)}")
     with pytest.raises(SystemExit, match=said):
         wiseft.main(wiseft.Args(dataset="embedded-tiny", checkpoint=str(path), out=str(tmp_path / "out")))
+
+
+def fewshot_records(path):
+    """One record per draw, in order."""
+    return [json.loads(line) for line in (path / "results.jsonl").read_text().splitlines()]
+
+
+def test_fewshot_reports_the_mean_and_sample_std_of_the_draws(tmp_path):
+    import flyp_fewshot
+
+    mean, std = flyp_fewshot.main(flyp_fewshot.Args(dataset="embedded-tiny", out=str(tmp_path), steps=2, draws=3,
+                                                    shots=4, device="cpu", compile="off"))
+    records = fewshot_records(tmp_path)
+    assert len(records) == 3
+    for k in mean:
+        values = [r["metrics"][k] for r in records]
+        assert mean[k] == pytest.approx(statistics.mean(values), rel=1e-12), k
+        assert std[k] == pytest.approx(statistics.stdev(values), rel=1e-9, abs=1e-12), k
+    assert std["acc/id_test"] > 0  # the draws differ, so sample and population std differ too
+
+
+def test_fewshot_starts_every_draw_from_the_pretrained_model(tmp_path, monkeypatch):
+    import flyp_fewshot
+
+    starts = []  # the weights each draw's optimizer starts from
+
+    class AdamW(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            params = list(params)
+            starts.append([p.detach().clone() for p in params])
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", AdamW)
+    flyp_fewshot.main(flyp_fewshot.Args(dataset="embedded-tiny", out=str(tmp_path), steps=2, draws=2, shots=4,
+                                        device="cpu", compile="off"))
+    pretrained = list(common.load_backbone("embedded-clip-tiny").clip.named_parameters())
+    assert len(starts) == 2 and all(len(start) == len(pretrained) for start in starts)
+    for draw, start in enumerate(starts):
+        assert [name for (name, p), s in zip(pretrained, start) if not torch.equal(s, p)] == [], f"draw {draw}"
+    assert fewshot_records(tmp_path)[0]["selected_step"] > 0  # draw 0 kept trained weights: a carry-over would show
+
+
+def test_fewshot_validates_on_k_images_per_class_of_the_id_validation_split(tmp_path, monkeypatch):
+    import flyp_fewshot
+
+    loaded, extracted, load, extract = [], [], data.load_dataset, common.extract_features
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
+    monkeypatch.setattr(common, "extract_features", lambda encoder, split, *a, **k: extracted.append(split) or
+                        extract(encoder, split, *a, **k))
+    flyp_fewshot.main(flyp_fewshot.Args(dataset="embedded-tiny", out=str(tmp_path), steps=2, draws=2, shots=4,
+                                        device="cpu", compile="off"))
+    dataset, = loaded
+    splits = {"train": dataset.train, **common.eval_splits(dataset)}
+    validated = [s for s in extracted if not any(s is w for w in splits.values())]  # the draws' validation sets
+    assert len(validated) == 2 * 3  # every draw, before each of its 2 steps and after the last
+    source = {image.numpy().tobytes(): name for name, split in splits.items() for image in split.images}
+    for split in validated:
+        assert {source[image.numpy().tobytes()] for image in split.images} == {"id_val"}
+        assert torch.equal(split.labels.bincount(), torch.full((len(dataset.classnames),), 4))
