@@ -437,14 +437,16 @@ def data_fingerprint(split):
 
 def feature_cache(backbone, dataset, split, precision, seed=0):
     """The cache key of a real dataset's split under a pretrained backbone, or None (the embedded world's features
-    take seconds). It covers the weights, the split's images and labels (data_fingerprint), the preprocessing and the
-    precision; the ID training split's features depend on the seed too (one random augmented view per image, as the
-    LP-FT code takes)."""
+    take seconds). It covers the weights, the split's images and labels (data_fingerprint), the preprocessing, where
+    JPEGs are decoded (RFT_GPU_DECODE) and the precision; the ID training split's features depend on the seed too (one
+    random augmented view per image, as the LP-FT code takes)."""
     if dataset.name in data.WORLDS or backbone.key is None:
         return None
     part = {"id_train": dataset.train, **eval_splits(dataset)}[split]
     parts = [backbone.key, dataset.name, dataset.info.get("root"), split, len(part), data_fingerprint(part),
              repr(data.preprocessing(dataset.backbone)), precision, seed if split == "id_train" else None]
+    if getattr(part, "decode_on_device", False):  # nvJPEG and tensor resizing give other pixels than PIL's
+        parts.append("decoded on the device")  # (appended, not always there: the keys of existing caches stay valid)
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 

@@ -371,7 +371,8 @@ def test_pretrained_features_of_real_data_are_cached_on_disk_and_keyed(tmp_path,
 
 def test_feature_cache_key_changes_with_the_backbone_and_with_its_weights_file_replaced_in_place(tmp_path):
     """Features cached under one backbone are never read for another: the key covers the backbone's identity, and a
-    weights file's identity covers its modification time (a new download of the same size, under the same name)."""
+    weights file's identity covers its modification time (a new download of the same size, under the same name).
+    Images decoded on the GPU (other pixels than PIL's) get a key of their own."""
     import os
 
     import numpy as np
@@ -399,6 +400,9 @@ def test_feature_cache_key_changes_with_the_backbone_and_with_its_weights_file_r
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))  # same path and size, newer
     after = common.weights_key("resnet50", str(weights))
     assert after != before and key(after) != key(before)
+    on_cpu = key(after)
+    dataset.test.decode_on_device = True  # RFT_GPU_DECODE=1: nvJPEG's pixels, not PIL's
+    assert key(after) != on_cpu
 
 
 def test_compiled_encoder_keeps_one_static_graph_per_mode(monkeypatch):
