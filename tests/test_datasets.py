@@ -550,6 +550,19 @@ def test_fmow_country_with_an_empty_region_is_other(tmp_path):
     assert truth["region"][next(iter(labelled(split, tmp_path)))] == "Other"
 
 
+def test_fmow_timestamp_without_a_time_zone_is_read_as_utc(tmp_path):
+    """ISO 8601 without the 'Z' (the CSV re-saved by a tool that drops it) is UTC, as WILDS' timestamps are: read as
+    naive, it could not be compared with the UTC year boundaries of the splits (a TypeError)."""
+    rows = [("train", "2010-03-04T05:06:07", "airport", "USA"), ("val", "2011-03-04 05:06:07", "zoo", "FRA"),
+            ("test", "2012-12-31T23:59:59", "dam", "CHN"), ("test", "2015-12-31T23:59:59", "zoo", "FRA"),
+            ("test", "2016-01-01T00:00:00", "dam", "AUS")]
+    truth = mini.make_fmow(tmp_path, rows=rows)
+    ds = data.load_dataset("fmow", data_root=str(tmp_path), backbone=BACKBONE)
+    for split, key in ((ds.train, "train"), (ds.val, "val"), (ds.test, "test")):
+        assert labelled(split, tmp_path) == truth[key] and len(truth[key]) == 1, key
+    assert labelled(ds.ood["test"], tmp_path) == truth["ood"]["test"] and len(truth["ood"]["test"]) == 1
+
+
 @pytest.mark.parametrize("name,folder", [("fmow", "fmow_v1.1/images"), ("iwildcam", "iwildcam_v2.0/train")])
 def test_wilds_missing_image_folder_is_an_error_naming_it(tmp_path, name, folder):
     getattr(mini, f"make_{name}")(tmp_path)
@@ -897,6 +910,58 @@ def test_batches_with_worker_processes(minis, name, monkeypatch):
     split = ds.train.subset(range(len(ds.train)))  # a fresh split: its own loaders
     labels = torch.cat([y for _, y in split.batches(2)])
     assert labels.tolist() == split.labels.tolist()
+
+
+def test_a_subset_keeps_each_images_region(minis):
+    """FMoW's worst-region accuracy on a subset needs each image's own region: a subset that kept the whole split's
+    groups paired its images with other images' regions."""
+    root, truth = minis.build("fmow")
+    split = minis.load("fmow").ood["test"]
+    idx = list(range(len(split)))[::-3]  # reversed, every third
+    sub = split.subset(idx)
+    assert sub.groups.tolist() == [split.groups[i].item() for i in idx] and sub.group_names == split.group_names
+    regions = [sub.group_names[g] for g in sub.groups.tolist()]
+    assert dict(zip(labelled(sub, root), regions)) == {p: truth["region"][p] for p in labelled(sub, root)}
+    in_memory = data.Split(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), torch.arange(4),
+                           groups=torch.tensor([0, 1, 2, 3]), group_names=data.FMOW_REGIONS)
+    assert in_memory.subset([3, 1]).groups.tolist() == [3, 1]
+
+
+def test_a_file_split_shuffles_with_the_generator_it_is_given():
+    """A training pass's order is drawn from the run's seeded generator, a new one at every pass: a loader that lost
+    the generator shuffled from torch's global state, and two runs of one seed trained on different orders."""
+    split = data.file_split(list(range(40)), list(range(40)), data.preprocessing(BACKBONE), train=True,
+                            read=lambda i: Image.new("RGB", (8, 8)))
+
+    def order(generator):
+        return torch.cat([y for _, y in split.batches(8, shuffle=True, drop_last=True, generator=generator)]).tolist()
+
+    g, same = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    first, second = order(g), order(g)
+    assert first == torch.randperm(40, generator=same).tolist()
+    assert second == torch.randperm(40, generator=same).tolist()  # the next pass: the generator's next draw
+    assert first != second
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_every_dataset_augments_its_id_training_split_only(minis, name):
+    """Each loader gives ID train the random training transform (a random resized crop at every read) and every
+    evaluation split the fixed one; a loader passing train=False for ID train trained without augmentation, silently
+    (only the held-out path was checked). Applied here to a noise picture, where every crop differs."""
+    ds = minis.load(name)
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+
+    def two_reads(split):
+        reads = []
+        with torch.random.fork_rng():  # the global generator, as a loader's transform draws from it, left as it was
+            for seed in (0, 1):
+                torch.manual_seed(seed)
+                reads.append(split.transform(picture))
+        return reads
+
+    assert not torch.equal(*two_reads(ds.train)), f"{name}: ID train is not augmented"
+    for key, split in common.eval_splits(ds).items():
+        assert torch.equal(*two_reads(split)), f"{name}: {key} is augmented"
 
 
 def test_a_missing_reference_file_says_the_folder_travels_with_data_py(tmp_path, monkeypatch):

@@ -171,6 +171,21 @@ def test_batch_shares_of_the_ranks_make_up_the_global_batches(monkeypatch, batch
         assert torch.equal(torch.cat([s[i] for s in shares]), batch)
 
 
+@pytest.mark.parametrize("n,batch_size,drop_last,sizes", [
+    (45, 9, True, [9] * 5), (50, 9, True, [9] * 5), (9, 9, True, [9]), (48, 8, False, [8] * 6),
+    (50, 8, False, [8] * 6 + [2])])
+def test_a_pass_has_len_batches_and_drops_only_a_partial_last_one(n, batch_size, drop_last, sizes):
+    """len() is the total progress bars show; a training pass drops the last batch only when it is partial (a split
+    of exactly one batch trains on it, a split of whole batches loses none), an evaluation pass keeps every image."""
+    indices = data.BatchIndices(n, batch_size, shuffle=True, drop_last=drop_last,
+                                generator=torch.Generator().manual_seed(0))
+    batches = list(indices)
+    assert [len(b) for b in batches] == sizes
+    assert len(indices) == len(sizes)
+    seen = torch.cat(batches).tolist()
+    assert len(set(seen)) == len(seen) and (drop_last or sorted(seen) == list(range(n)))
+
+
 def test_training_batch_that_does_not_split_over_the_processes_is_an_error(monkeypatch):
     """Unequal shares would weigh the ranks' mean losses unequally under DDP's gradient average."""
     with pytest.raises(SystemExit, match="does not split evenly over 3 processes"):
