@@ -46,6 +46,31 @@ def test_parse_args_documents_every_field(capsys):
     assert (args.lr, args.epochs, args.dataset, args.momentum) == (0.5, 3, "embedded-tiny", 0.9)
 
 
+def test_boolean_flags_take_a_no_form():
+    """Booleans get --flag and --no-flag (a command line built from variables can say either; the last one wins)."""
+    import ft
+    import l2sp
+
+    assert common.parse_args(ft.Args, []).save is False and common.parse_args(ft.Args, ["--save"]).save is True
+    assert common.parse_args(ft.Args, ["--save", "--no-save"]).save is False
+    assert common.parse_args(l2sp.Args, ["--all-params"]).all_params is True
+
+
+def test_setup_seeds_python_numpy_and_torch_with_the_runs_seed(tmp_path):
+    """Every random choice of a run outside the data draw (FT's fresh head, L2-SP's, dropout) follows --seed: the
+    same seed draws the same numbers from random, numpy and torch, another seed other numbers."""
+    import random
+
+    import numpy as np
+
+    draws = []
+    for seed in (1, 1, 2):
+        common.setup(lpft.Args(dataset="embedded-tiny", seed=seed, out=str(tmp_path)), "lpft")
+        draws.append((random.random(), np.random.rand(), torch.rand(1).item()))
+    assert draws[0] == draws[1] and all(a != b for a, b in zip(draws[0], draws[2]))
+    assert not list(tmp_path.iterdir())  # setup writes nothing
+
+
 def test_results_lines_and_done_marker(tmp_path):
     args = lpft.Args(dataset="embedded-tiny", seed=4)
     results = common.Results(tmp_path, "lpft", args, torch.device("cpu"))
@@ -131,6 +156,20 @@ def test_a_rerun_keeps_the_previous_results_aside(tmp_path, capsys):
         capsys.readouterr().err  # said: a copy of a method script still named like the original lands here
 
 
+def test_every_rerun_keeps_each_earlier_run_aside(tmp_path):
+    """A third run in one folder keeps both earlier runs' results and checkpoints (previous0, previous1): a fixed
+    name would put the second run's files over the first's."""
+    args = lpft.Args(dataset="embedded-tiny")
+    for value in (1.0, 2.0, 3.0):
+        results = common.Results(tmp_path, "lpft", args, torch.device("cpu"))
+        results.log(0, {"acc/id_val": value})
+        results.save_model(torch.nn.Linear(1, 1), step=int(value))
+    assert [json.loads((tmp_path / name).read_text())["metrics"]["acc/id_val"] for name in
+            ("results.previous0.jsonl", "results.previous1.jsonl", "results.jsonl")] == [1.0, 2.0, 3.0]
+    assert [torch.load(tmp_path / name, weights_only=True)["step"] for name in
+            ("model.previous0.pt", "model.previous1.pt", "model.pt")] == [1, 2, 3]
+
+
 def test_git_commit_holds_the_code_that_runs_or_says_it_does_not(tmp_path, monkeypatch):
     """HEAD for a clean checkout; "-dirty" for a new, untracked method script beside common.py; None for a copy of
     common.py inside another project's repository (its commits do not hold our code)."""
@@ -202,6 +241,34 @@ def test_a_rerun_that_fails_before_its_first_evaluation_leaves_the_finished_run_
     for out in (tmp_path / "done", tmp_path / "done" / "sub"):  # said before training, not at the first write
         with pytest.raises(SystemExit, match="is a file; pass a folder"):
             common.Results(out, "lpft", args, torch.device("cpu"))
+
+
+def test_summary_csv_holds_each_columns_mean_and_90_percent_ci_over_seeds(tmp_path, monkeypatch):
+    """summary.csv carries the table's numbers for other tools: per column the mean over the seeds' `done` records
+    and the 90% CI 1.645 * sample std / sqrt(n), the seed count, and the paper's number where there is one."""
+    import csv
+    import shutil
+    import statistics
+
+    import summarize
+    from conftest import ROOT
+
+    shutil.copytree(ROOT / "tests" / "data" / "fake_runs", tmp_path / "runs")
+    monkeypatch.setattr(sys, "argv", ["summarize.py", str(tmp_path / "runs"), "--no-plots"])
+    summarize.main()
+    with open(tmp_path / "runs" / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 10
+    for row in rows:
+        done = [json.loads(p.read_text()) for p in (tmp_path / "runs" / row["method"] / row["dataset"]).glob("*/done")]
+        assert int(row["seeds"]) == len(done) == 3
+        for name, key in (("ID", "acc/id_test"), ("OOD avg", "acc/ood_avg"), ("distortion ID", "distortion/id_test")):
+            values = [d["metrics"][key] for d in done]
+            assert float(row[f"{name} mean"]) == pytest.approx(statistics.mean(values), abs=1e-6), (row, name)
+            ci = 1.645 * statistics.stdev(values) / len(values) ** 0.5
+            assert float(row[f"{name} ci90"]) == pytest.approx(ci, abs=1e-6), (row, name)
+    lp_living17 = next(r for r in rows if (r["dataset"], r["method"]) == ("living17", "lp"))
+    assert float(lp_living17["ID paper"]) == 96.5 and "[paper]" in lp_living17["ID paper source"]
 
 
 def test_summarize_refuses_to_average_two_runs_of_one_seed(tmp_path):

@@ -1,4 +1,6 @@
 """LP's logistic regression (torch loss, scipy L-BFGS-B) solves scikit-learn's problem; LP never changes the backbone."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -76,3 +78,50 @@ def test_the_solver_never_waits_on_a_tensor_turned_into_a_number():
     with torch.profiler.profile() as prof:
         lp.fit_logreg(x, y, 10, 1.0)
     assert "aten::_local_scalar_dense" not in {e.key for e in prof.key_averages()}
+
+
+def test_features_are_standardised_with_one_scalar_mean_and_std_not_per_dimension():
+    """The LP-FT code standardises with ONE mean and ONE std over the whole train-feature matrix; per-dimension
+    statistics would give every feature equal weight and another regularisation path (lp.py and LP-FT's stage 1)."""
+    import lpft
+
+    x = torch.randn(200, 4) * torch.tensor([1.0, 10.0, 0.1, 3.0]) + torch.tensor([5.0, -2.0, 0.0, 1.0])
+    for module in (lp, lpft):
+        mean, std = module.standardize(x)
+        assert isinstance(mean, float) and isinstance(std, float), module.__name__
+        assert mean == pytest.approx(x.mean().item()) and std == pytest.approx(x.std().item()), module.__name__
+
+
+def test_a_warm_started_fit_starts_from_the_head_it_is_given():
+    """Each C's fit starts from the previous C's head (LP-FT code: warm_start): one L-BFGS iteration from the optimum
+    stays there, where one from zero does not; a fit that ignored `init` would stop short on every weak C."""
+    x, y = gaussian_features(600)
+    x = (x - x.mean()) / x.std()
+    optimum = lp.fit_logreg(x, y, 10, 1.0, max_iter=500)
+    best = lp.logreg_objective(x.double(), y, *(t.double() for t in optimum), 1.0).item()
+    warm = lp.fit_logreg(x, y, 10, 1.0, optimum, max_iter=1)
+    cold = lp.fit_logreg(x, y, 10, 1.0, None, max_iter=1)
+    assert lp.logreg_objective(x.double(), y, *(t.double() for t in warm), 1.0).item() == pytest.approx(best, rel=1e-4)
+    assert lp.logreg_objective(x.double(), y, *(t.double() for t in cold), 1.0).item() > 1.1 * best
+
+
+def test_lp_sweeps_the_lp_ft_codes_grid_from_strongest_regularisation_warm_starting_each_fit(monkeypatch, tmp_path):
+    """C = logspace(-7, 2, 50) in increasing order (strongest regularisation first), 200 L-BFGS iterations each, each
+    fit starting from the previous C's head; the run reports the C with the best ID validation accuracy."""
+    calls, heads = [], []  # (c, init, max_iter) of every fit; the heads handed back
+    g = torch.Generator().manual_seed(0)
+
+    def fit(x, y, num_classes, c, init=None, max_iter=200):
+        calls.append((c, init, max_iter))
+        heads.append((torch.randn(num_classes, x.shape[1], generator=g), torch.zeros(num_classes)))
+        return heads[-1]
+
+    monkeypatch.setattr(lp, "fit_logreg", fit)
+    best = lp.main(lp.Args(dataset="embedded-tiny", out=str(tmp_path)))
+    assert [c for c, _, _ in calls] == pytest.approx(list(np.logspace(-7, 2, 50)), rel=1e-9)
+    assert {m for _, _, m in calls} == {200}
+    assert calls[0][1] is None and all(init is head for (_, init, _), head in zip(calls[1:], heads))
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["c"] for r in records] == [c for c, _, _ in calls]
+    top = max(r["metrics"]["acc/id_val"] for r in records)
+    assert best["c"] == next(r["c"] for r in records if r["metrics"]["acc/id_val"] == top)  # ties: the smaller C

@@ -1,6 +1,7 @@
 """Each method script end to end on the tiny embedded world, and the method invariants."""
 import importlib
 import json
+import math
 import os
 import runpy
 import shutil
@@ -149,6 +150,90 @@ def test_the_selected_epoch_is_the_one_scored_and_saved_even_when_it_is_not_the_
     assert torch.equal(calls[-1][1], epoch1)  # the final scores are epoch 1's model's
 
 
+@pytest.mark.parametrize("method", sorted(FINE_TUNED))
+def test_sgd_recipe_is_momentum_0_9_no_weight_decay_cosine_over_epochs_and_full_batches(method, tmp_path, monkeypatch):
+    """The LP-FT code's optimiser for FT, L2-SP and LP-FT's stage 2: SGD over every parameter, momentum 0.9, weight
+    decay 0, the learning rate constant within an epoch and annealed by a cosine over the epochs (epoch e of E at
+    lr (1 + cos(pi (e - 1) / E)) / 2: lr, then lr / 2), drop-last batches of 64 (200 images: 3 steps an epoch)."""
+    made, steps = [], []  # the optimisers built; the learning rate of every step
+
+    class SGD(torch.optim.SGD):
+        def __init__(self, params, **kwargs):
+            super().__init__(params, **kwargs)
+            made.append(self)
+
+        def step(self, closure=None):
+            steps.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "SGD", SGD)
+    module = importlib.import_module(method)
+    module.main(module.Args(dataset="embedded-tiny", out=str(tmp_path), epochs=2, **FINE_TUNED[method]))
+    (opt,) = made
+    group = opt.param_groups[0]
+    assert len(opt.param_groups) == 1 and (group["momentum"], group["weight_decay"]) == (0.9, 0.0)
+    assert (group["nesterov"], group["dampening"]) == (False, 0)
+    encoder = common.load_backbone("embedded-clip-tiny").encoder
+    assert len(group["params"]) == len(list(encoder.parameters())) + 2  # the encoder and the head's weight and bias
+    lr = module.RECIPES["embedded-tiny"]["lr"]
+    expected = [lr * (1 + math.cos(math.pi * e / 2)) / 2 for e in range(2) for _ in range(200 // 64)]
+    assert steps == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+def test_ft_head_is_a_fresh_linear_layer_with_torchs_default_init_drawn_from_the_seed():
+    """FT's and L2-SP's head is nn.Linear's default init (the LP-FT code's fresh head): uniform within 1/sqrt(d), not
+    zeros; the same seed draws the same head, another seed another."""
+    import l2sp
+
+    backbone, dataset = common.load_backbone("embedded-clip-tiny"), data.load_dataset("embedded-tiny")
+    d = backbone.encoder.output_dim
+    for build in (lambda: ft.build_model(backbone, dataset, "random", "cpu", "auto")[1],
+                  lambda: l2sp.build_model(backbone.encoder, len(dataset.classnames))[1]):
+        heads = []
+        for seed in (1, 1, 2):
+            common.seed_everything(seed)
+            heads.append(build().weight.detach())
+        bound = 1 / math.sqrt(d)
+        assert heads[0].shape == (10, d) and heads[0].abs().max() <= bound
+        assert heads[0].std() > 0.8 * bound / math.sqrt(3)  # the std of U(-bound, bound)
+        assert torch.equal(heads[0], heads[1]) and not torch.equal(heads[0], heads[2])
+
+
+class Stop(Exception):
+    """Raised by a spy once it saw what a test needed: the run goes no further."""
+
+
+@pytest.mark.parametrize("method", ["zeroshot", "lp", "ft", "lpft", "l2sp"])
+def test_the_seed_picks_the_id_training_draw_and_the_order_of_the_batches(method, tmp_path, monkeypatch):
+    """--seed is the seed of the data draw (data.load_dataset: which images train and validate) and of the shuffling
+    generator; with either fixed, three seeds would differ in less than they claim."""
+    seen, load = {}, data.load_dataset
+
+    def spy_load(name, seed=0, **kwargs):
+        seen["data"] = seed
+        dataset = load(name, seed=seed, **kwargs)
+
+        def batches(*args, shuffle=False, generator=None, **kw):
+            if not shuffle:  # LP-FT's stage 1 features
+                return unshuffled(*args, **kw)
+            seen["shuffle"] = generator.initial_seed()
+            raise Stop
+
+        unshuffled, dataset.train.batches = dataset.train.batches, batches
+        return dataset
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(data, "load_dataset", spy_load)
+    if method in ("zeroshot", "lp"):  # no training batches: the data draw is all the seed picks
+        monkeypatch.setattr(common, "load_backbone", stop)
+    module = importlib.import_module(method)
+    with pytest.raises(Stop):
+        module.main(module.Args(dataset="embedded-tiny", out=str(tmp_path), seed=7, **FINE_TUNED.get(method, {})))
+    assert seen == ({"data": 7} if method in ("zeroshot", "lp") else {"data": 7, "shuffle": 7})
+
+
 def test_lpft_stage2_starts_from_the_lp_head(monkeypatch, tmp_path):
     backbone = common.load_backbone("embedded-clip-tiny")
     monkeypatch.setattr(common, "load_backbone", lambda *a, **k: backbone)
@@ -245,11 +330,14 @@ def test_run_all_tiny_builds_table_and_pictures_skips_finished_runs_and_goes_on_
     picture = tmp_path / "embedded-tiny_seed0_feature_map.png"
     drawn = picture.stat().st_mtime_ns
     os.utime(tmp_path / "lpft" / "embedded-tiny" / "seed0" / "model.pt")  # and than the picture
+    unfinished = tmp_path / "zeroshot" / "embedded-tiny" / "seed0"  # a run killed midway: its folder, no `done`
+    (unfinished / "done").unlink()
     failed = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=600)
     assert failed.returncode == 1 and f"FAILED {blocked}" in failed.stdout, failed.stdout[-2000:] + failed.stderr
     assert "error: 1 step(s) failed" in failed.stderr and f"\n  {blocked}\n" in failed.stderr
     assert f"redo {wiseft} (its FLYP checkpoint is newer)" in failed.stderr and f"run  {wiseft}" in failed.stdout
-    assert (wiseft / "done").stat().st_mtime_ns > before and failed.stderr.count("skip ") == 5
+    assert (wiseft / "done").stat().st_mtime_ns > before and failed.stderr.count("skip ") == 4
+    assert f"run  {unfinished}" in failed.stdout and (unfinished / "done").exists()  # only `done` means finished
     assert picture.stat().st_mtime_ns > drawn
     table = (tmp_path / "summary.md").read_text()
     assert "| LP |" not in table and "| WiSE-FT (FLYP, α=0.5) | 1 |" in table
