@@ -173,6 +173,7 @@ def test_breeds_splits_labels_and_subclasses(minis, name, classes):
     assert len(ds.classnames) == classes and ds.classnames == truth["classnames"]
     assert not any("," in c for c in ds.classnames)  # one name each, for prompts: "dog", not WordNet's synonym list
     assert {"living17": "dog", "entity30": "passerine"}[name] in ds.classnames
+    assert ds.templates == mini.reference("openai_imagenet_templates")["openai_imagenet_templates"]  # ImageNet's own
     train, val, test = labelled(ds.train, root), labelled(ds.val, root), labelled(ds.test, root)
     check_holdout(train, val, truth["train"])
     assert test == truth["test"]
@@ -432,6 +433,7 @@ def test_domainnet_labels_from_the_list_files(minis):
     ds = minis.load("domainnet")
     assert ds.classnames == truth["classnames"] == mini.reference("domainnet_sentry40")["classnames"]
     assert ds.classnames[36:] == ["butterfly", "sheep", "drums", "donut"]
+    assert ds.templates == mini.reference("openai_imagenet_templates")["openai_imagenet_templates"]
     check_holdout(labelled(ds.train, root), labelled(ds.val, root), truth["train"])
     assert labelled(ds.test, root) == truth["test"]
     assert ood_names(ds) == ["clipart", "painting", "real"]
