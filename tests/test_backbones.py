@@ -105,6 +105,8 @@ def test_clip_rn50_loads_openais_torchscript_archive_from_the_default_folder(tmp
     assert same_weights(backbone.clip, {k: v.float() if v.is_floating_point() else v for k, v in openai.items()})
     assert backbone.clip.visual.conv1.weight.dtype == torch.float32 and backbone.tokenizer is not None
     assert backbone.encoder.output_dim == 1024 and feature_size(backbone.encoder, 224) == (1, 1024)
+    # OpenAI trained it with QuickGELU: plain open_clip 'RN50' would load the same keys but compute GELU
+    assert isinstance(backbone.clip.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
 
 
 def test_default_folder_holds_the_official_file(tmp_path, monkeypatch, resnet50_state_dict):
@@ -162,6 +164,35 @@ def test_malformed_files_say_what_is_wrong(tmp_path, resnet50_state_dict):
     moco = error("moco-v2-rn50", {"state_dict": {f"module.encoder_k.{k}": v for k, v in resnet50_state_dict.items()}})
     assert "no module.encoder_q.* keys" in moco and "MoCo's released checkpoint" in moco
     assert "Missing key(s)" in error("clip-rn50", {"conv1.weight": torch.zeros(64, 3, 7, 7)})  # not a CLIP
+
+
+def test_a_folder_passed_as_weights_is_named_a_folder(tmp_path):
+    """--weights pointing at the download folder, not the file in it: said so, not a traceback from torch.load."""
+    for name in ("resnet50", "clip-rn50"):
+        with pytest.raises(SystemExit, match=f"weights file {tmp_path} is a folder, not a file"):
+            common.load_backbone(name, str(tmp_path))
+
+
+class RunsCode:
+    """A pickle that creates a folder when loaded: what a malicious or foreign .pt file could do instead."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.makedirs, (self.marker,)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "moco-v2-rn50", "clip-rn50"])
+def test_a_weights_file_is_read_without_running_its_pickled_code(tmp_path, name):
+    """Weights files come from the internet: they are read with weights_only=True, which refuses any pickled call."""
+    marker, path = tmp_path / "code-ran", tmp_path / "weights.pt"
+    torch.save({"state_dict": {"conv1.weight": RunsCode(marker)}}, path)
+    with pytest.raises(SystemExit, match="not usable as"):
+        common.load_backbone(name, str(path))
+    assert not marker.exists()
 
 
 def test_weights_for_a_backbone_this_project_pretrains_are_an_error_not_ignored():

@@ -1,6 +1,7 @@
 """Shared pieces: the embedded model cache, the argument parser, results, selection, distortion, precision."""
 import dataclasses
 import json
+import math
 import sys
 
 import pytest
@@ -583,3 +584,90 @@ def test_wiseft_curve_of_iwildcams_picture_is_macro_f1_averaged_over_seeds_in_al
     assert ax.lines[0].get_xydata().tolist() == [[x, y] for _, x, y in expected]  # the curve, drawn first
     for fig in figures:
         plt.close(fig)
+
+
+def test_to_device_puts_convolutional_models_channels_last_and_leaves_others_as_they_are():
+    """Channels-last is the layout tensor cores want (and 1.1-1.3x faster for the conv tower on CPU): every 4-D
+    parameter of a model with a convolution goes channels-last; a model without one keeps its layout."""
+    cfg = common.EMBEDDED_BACKBONES["embedded-clip-tiny"]
+    conv = common.to_device(common.ConvTower(cfg.convs, cfg.embed_dim), "cpu")
+    weights = [p for p in conv.parameters() if p.ndim == 4]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    assert not all(p.is_contiguous() for p in weights)  # not merely a layout both formats share
+    linear = common.to_device(torch.nn.Linear(4, 2), "cpu")
+    assert all(p.is_contiguous() for p in linear.parameters())
+
+
+@pytest.mark.filterwarnings("ignore:.*CUDA is not available:UserWarning")
+def test_auto_precision_is_bf16_autocast_on_cuda_and_fp32_turns_it_off():
+    """'auto' means bf16 autocast on CUDA (the methods' default on a GPU), full fp32 on the CPU; 'fp32' is fp32
+    everywhere. (Built, not entered: the context manager says what it would do without a GPU.)"""
+    for device in ("cuda", "cuda:0", torch.device("cuda")):
+        auto = common.autocast(device)
+        assert isinstance(auto, torch.autocast) and auto.device == "cuda" and auto.fast_dtype == torch.bfloat16
+    assert not isinstance(common.autocast("cuda", "fp32"), torch.autocast)
+
+
+def test_compiled_encoder_features_are_padded_to_the_full_batch_and_trimmed_back(monkeypatch):
+    """A compiled encoder sees every evaluation batch at full size (no second graph for the last, partial one), and
+    the padding rows never reach the features: they equal the eager encoder's, one per image, in order."""
+    import data
+
+    split = data.load_dataset("embedded-tiny").val  # 100 images: batches of 32, 32, 32 and 4
+    cfg = common.EMBEDDED_BACKBONES["embedded-clip-tiny"]
+    torch.manual_seed(0)
+    encoder = common.ConvTower(cfg.convs, cfg.embed_dim)
+    seen, forward = [], encoder.forward
+    monkeypatch.setattr(encoder, "forward", lambda x: seen.append(len(x)) or forward(x))
+    eager = common.extract_features(encoder, split, "cpu", batch_size=32)
+    assert seen == [32, 32, 32, 4]
+    seen.clear()
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend="eager", **kw))
+    torch._dynamo.reset()
+    try:
+        compiled = common.extract_features(common.maybe_compile(encoder, "on"), split, "cpu", batch_size=32)
+    finally:
+        torch._dynamo.reset()
+    assert seen == [32] * 4
+    assert compiled.shape == eager.shape == (len(split), cfg.embed_dim)
+    torch.testing.assert_close(compiled, eager)
+
+
+def test_classification_head_adds_its_bias_to_logits_of_normalised_features():
+    weight, bias, f = torch.randn(3, 5), torch.randn(3), torch.randn(4, 5) * 7
+    head = common.ClassificationHead(weight, bias)
+    torch.testing.assert_close(head(f), torch.nn.functional.normalize(f, dim=-1) @ weight.T + bias)
+    torch.testing.assert_close(common.ClassificationHead(weight, normalize=False)(f), f @ weight.T)
+
+
+def test_pretraining_loss_is_the_symmetric_clip_loss():
+    """CLIP's InfoNCE averages image->text and text->image cross-entropies over cosine logits times exp(scale)."""
+    import pretrain
+
+    torch.manual_seed(0)
+    img, txt, log_scale = torch.randn(4, 6) * 3, torch.randn(4, 6), torch.tensor(1.5)
+    logits = math.exp(1.5) * torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1).T
+    by_hand = [-(torch.log_softmax(m, dim=1).diagonal().mean()) for m in (logits, logits.T)]
+    assert pretrain.clip_loss(img, txt, log_scale).item() == pytest.approx(((by_hand[0] + by_hand[1]) / 2).item(),
+                                                                           rel=1e-5)
+
+
+def test_features_are_extracted_in_eval_mode_whatever_mode_the_encoder_was_left_in():
+    """BatchNorm in training mode would normalise each image with its batch's statistics (features that depend on
+    the batch) and move the running statistics: a training loop's encoder is evaluated as a per-image function."""
+    import data
+
+    split = data.load_dataset("embedded-tiny").val
+    cfg = common.EMBEDDED_BACKBONES["embedded-clip-tiny"]
+    torch.manual_seed(0)
+    encoder = common.ConvTower(cfg.convs, cfg.embed_dim)
+    with torch.no_grad():
+        encoder.trunk[1].running_mean.add_(0.5)  # pretrained-like statistics, not batch ones
+    buffers = {k: v.clone() for k, v in encoder.state_dict().items()}
+    encoder.train()
+    feats = common.extract_features(encoder, split, "cpu", batch_size=32)
+    assert all(torch.equal(v, buffers[k]) for k, v in encoder.state_dict().items())
+    with torch.no_grad():
+        one = encoder.eval()(data.normalize(split.images[:3], split.mean, split.std))
+    torch.testing.assert_close(feats[:3], one, atol=1e-5, rtol=1e-5)

@@ -410,3 +410,21 @@ def test_results_record_the_recipe_actually_used(tmp_path):
     expected = {**ft.RECIPES["embedded-tiny"], "epochs": 1, "lr": 0.01}
     assert all(r["recipe"] == expected for r in lines) and len(lines) == 2  # one epoch, then the selected one
     assert "recipe: epochs 1, lr 0.01, batch_size 64" in proc.stdout
+
+
+@pytest.mark.parametrize("method", ["ft", "flyp"])
+def test_feature_map_draws_the_checkpoints_fine_tuned_encoder(method):
+    """The arrows end at the checkpoint's features: its encoder weights (the `0.` half of FT's Sequential, or the
+    whole CLIP of FLYP), every one of them, not the pretrained ones they started from."""
+    import feature_map
+
+    backbone = common.load_backbone("embedded-clip-tiny")
+    tuned = backbone.clip if method == "flyp" else torch.nn.Sequential(backbone.encoder, torch.nn.Linear(32, 10))
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(torch.randn_like(p))
+    ckpt = {"method": method, "state_dict": {k: v.clone() for k, v in tuned.state_dict().items()}}
+    encoder = feature_map.fine_tuned_encoder(ckpt, "embedded-clip-tiny", None)
+    expected = backbone.clip.visual.state_dict() if method == "flyp" else tuned[0].state_dict()
+    got = encoder.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)

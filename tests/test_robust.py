@@ -411,3 +411,47 @@ def test_fewshot_validates_on_k_images_per_class_of_the_id_validation_split(tmp_
     for split in validated:
         assert {source[image.numpy().tobytes()] for image in split.images} == {"id_val"}
         assert torch.equal(split.labels.bincount(), torch.full((len(dataset.classnames),), 4))
+
+
+def lp_checkpoint(path, **args):
+    """A model.pt as lp.py --save writes it, for the embedded-tiny world: the tiny encoder with a random head."""
+    encoder = common.load_backbone("embedded-clip-tiny").encoder
+    model = torch.nn.Sequential(encoder, torch.nn.Linear(encoder.output_dim, len(data.SHAPES)))
+    args = {"dataset": "embedded-tiny", "backbone": None, "weights": None, "seed": 0, "data_root": None, **args}
+    torch.save({"method": "lp", "args": args, "state_dict": model.state_dict(), "classnames": list(data.SHAPES)}, path)
+
+
+def test_wiseft_reports_the_alpha_asked_for_not_the_papers_default(tmp_path):
+    lp_checkpoint(tmp_path / "model.pt")
+    records = wiseft.main(wiseft.Args(dataset="embedded-tiny", checkpoint=str(tmp_path / "model.pt"),
+                                      out=str(tmp_path / "wise"), alpha_step=0.25, report_alpha=0.75))
+    assert [r["alpha"] for r in records] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    done = json.loads((tmp_path / "wise" / "done").read_text())
+    assert done["alpha"] == 0.75 and done["step"] == 3 and done["metrics"] == records[3]["metrics"]
+
+
+def test_wiseft_refuses_a_checkpoint_fine_tuned_on_another_dataset(tmp_path):
+    """Its head's rows are another dataset's classes: refused before anything loads, naming the dataset to pass."""
+    lp_checkpoint(tmp_path / "model.pt", dataset="embedded")
+    with pytest.raises(SystemExit, match="fine-tuned on 'embedded', not on 'embedded-tiny'; pass --dataset embedded"):
+        wiseft.main(wiseft.Args(dataset="embedded-tiny", checkpoint=str(tmp_path / "model.pt"),
+                                out=str(tmp_path / "w")))
+
+
+@pytest.mark.parametrize("method,head_init", [("flyp", None), ("ft", "random")])
+def test_wiseft_zeroshot_endpoint_stays_the_pretrained_weights_while_the_model_moves_along_the_line(method, head_init):
+    """theta0 is a copy: loading an interpolation into the model must not move it (a view of the model's tensors
+    would make every alpha after the first interpolate from the previous one, with both endpoints still exact)."""
+    backbone = common.load_backbone("embedded-clip-tiny")
+    dataset = data.load_dataset("embedded-tiny")
+    fresh = common.load_backbone("embedded-clip-tiny")
+    tuned = fresh.clip if method == "flyp" else torch.nn.Sequential(fresh.encoder, torch.nn.Linear(32, 10))
+    ckpt = {"method": method, "args": {"head_init": head_init},
+            "state_dict": {k: v + 1 if v.is_floating_point() else v for k, v in tuned.state_dict().items()}}
+    model, _, theta0, theta1, _ = wiseft.endpoints(ckpt, backbone, dataset, "cpu", "fp32")
+    start = {k: v.clone() for k, v in theta0.items()}
+    for alpha in (0.5, 1.0):
+        model.load_state_dict(wiseft.interpolate(theta0, theta1, alpha))
+        assert all(torch.equal(theta0[k], start[k]) for k in start), alpha
+    half = wiseft.interpolate(theta0, theta1, 0.5)
+    assert any(not torch.equal(half[k], start[k]) for k in start)  # the model did move

@@ -22,6 +22,13 @@ def test_generator_is_balanced_and_well_formed():
     assert (w["images"].float().std(dim=(1, 2, 3)) > 5).all()
 
 
+def test_generator_draws_the_balanced_shapes_in_random_order():
+    """Exactly balanced, but not cyclic: a prefix of the images (a small split) must not be a fixed pattern."""
+    w = data.generate(400, seed=0)
+    assert not torch.equal(w["shape"], torch.arange(400) % len(data.SHAPES))
+    assert not torch.equal(w["shape"], data.generate(400, seed=1)["shape"])
+
+
 def test_domains_look_different():
     """Per-domain mean colour statistics are far apart (sketch is bright grey, neon is dark)."""
     means = [data.generate(100, seed=1, domains=[d])["images"].float().mean().item() for d in range(len(data.DOMAINS))]
@@ -61,3 +68,21 @@ def test_unknown_dataset_lists_choices():
 
     with pytest.raises(SystemExit, match="embedded"):
         data.load_dataset("imagenet-on-mars")
+
+
+def test_captions_name_a_colour_never_for_sketches_and_only_the_images_own_domain():
+    """Sketches are grey pencil on paper: a colour word would describe what the image does not show. The domain word
+    is the image's own; both words appear in some captions (p = 0.3 each), so the checks have something to check."""
+    g = torch.Generator().manual_seed(0)
+    colours, seen = list(data.COLOURS), set()
+    for domain, name in enumerate(data.DOMAINS):
+        others = [w for d, w in data.DOMAIN_WORDS.items() if d != name and w not in data.DOMAIN_WORDS[name]]
+        for i in range(200):
+            colour = i % len(colours)
+            text = data.caption(i % len(data.SHAPES), domain, colour, g)
+            assert not any(f" {w} " in f" {text[:-1]} " for w in others), (name, text)
+            named = [c for c in colours if f" {c} " in f" {text} "]
+            assert named in ([], [colours[colour]]) and not (named and name == "sketch"), (name, text)
+            seen.update({("colour", name)} if named else set())
+            seen.update({("domain", name)} if data.DOMAIN_WORDS[name] in text else set())
+    assert seen == {("domain", d) for d in data.DOMAINS} | {("colour", d) for d in data.DOMAINS if d != "sketch"}
