@@ -671,3 +671,111 @@ def test_features_are_extracted_in_eval_mode_whatever_mode_the_encoder_was_left_
     with torch.no_grad():
         one = encoder.eval()(data.normalize(split.images[:3], split.mean, split.std))
     torch.testing.assert_close(feats[:3], one, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("field,expected", [("lr", "--lr inf: must be 0 or more"),
+                                            ("epochs", "--epochs inf: must be at least 1"),
+                                            ("c_max", "--c-max inf: must be above 0")])
+def test_an_infinite_number_is_refused_like_a_negative_one(field, expected):
+    """`--lr inf` passes every comparison with 0: only the finiteness check stops it (a NaN fails the comparison)."""
+    with pytest.raises(SystemExit) as e:
+        common.check_args(lpft.Args(dataset="embedded-tiny", **{field: math.inf}))
+    assert expected in str(e.value)
+
+
+def test_progress_says_nothing_from_ranks_other_than_0(monkeypatch, capsys):
+    """Under torchrun only rank 0 reports: N ranks printing the same progress would repeat every line N times."""
+    import data
+
+    monkeypatch.setattr(common, "PROGRESS_EVERY", 0)
+    monkeypatch.setattr(data, "rank_and_world", lambda: (1, 2))
+    items = [1, 2, 3]
+    assert common.progress(items, "epoch 1/1") is items
+    assert capsys.readouterr().err == ""
+
+
+def test_plain_progress_prints_at_most_one_line_per_interval(monkeypatch, capsys):
+    """The interval counts from the last line printed, not from the start: else, once past the first interval, a
+    line would be printed for every item (millions of lines in a feature pass's log)."""
+    from types import SimpleNamespace
+
+    clock = iter([0.0, 10.0, 70.0, 80.0, 140.0])  # the start, then after each of 4 items
+    monkeypatch.setattr(common, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    assert list(common.progress(iter("abcd"), "features", total=4)) == list("abcd")
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" (")[0] for line in lines] == ["features: 2/4 in 70 s", "features: 4/4 in 140 s"]
+
+
+def test_bench_ratios_and_shares_are_against_the_baseline_of_the_same_run(tmp_path, monkeypatch, capsys):
+    """Each ratio of the report and table is ours over the eager fp32 baseline (speed-up > 1 = ours faster), the JPEG
+    rate a share of our synthetic rate, MFU our rate times the FLOPs of a step over the device's peak; measurements
+    stubbed with known rates."""
+    import sys
+    from types import SimpleNamespace
+
+    import torch.nn as nn
+
+    import bench
+
+    def tiny():
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+
+    def train_rate(build, res, batch, device, fast, steps, batches=None, profile=None):
+        return (50.0, 0.25) if batches is not None else (200.0 if fast else 100.0, 0.0)
+
+    monkeypatch.setattr(bench, "models", lambda device: {"a": (tiny, 8, 4)})
+    monkeypatch.setattr(bench, "train_rate", train_rate)
+    monkeypatch.setattr(bench, "jpeg_batches", lambda *a: (SimpleNamespace(cpu_decoded_batches=0), iter(())))
+    monkeypatch.setattr(bench, "extract_rate", lambda build, res, batch, device, fast, steps: 400.0 if fast else 100.0)
+    monkeypatch.setattr(bench, "flyp_rate", lambda device, fast, steps: 300.0 if fast else 100.0)
+    monkeypatch.setattr(bench, "peak_flops", lambda device: 1e12)
+    out = tmp_path / "b.json"
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cpu", "--steps", "1", "--out", str(out), "--only", "a",
+                                      "flyp"])
+    bench.main()
+    report, table = json.loads(out.read_text()), capsys.readouterr().out
+    train = report["train"]["a"]
+    assert train["speedup"] == 2.0 and train["ours_jpeg"]["share_of_synthetic"] == 0.25
+    assert train["ours_jpeg"]["data_wait_share"] == 0.25
+    assert train["ours"]["mfu"] == pytest.approx(200 * train["train_gflops_per_image"] * 1e9 / 1e12)
+    assert report["extract"]["a"] == {"eager_fp32": 100.0, "ours": 400.0}
+    assert "| train a 8px b4 (img/s) | 100 | 200 | 2.00× |" in table and "(25% of synthetic, 25% waiting" in table
+    assert "| extract a (img/s) | 100 | 400 | 4.00× |" in table and "| FLYP pairs/s | 100 | 300 | 3.00× |" in table
+
+
+def test_bench_data_wait_share_is_a_share_of_the_timed_steps():
+    """The share of step time spent waiting for data is waited seconds over elapsed seconds: at most 1, and most of
+    the time when every batch takes 0.3 s to arrive and a tiny model's step far less."""
+    import time
+
+    import torch.nn as nn
+
+    import bench
+
+    def slow_batches():
+        while True:
+            time.sleep(0.3)
+            yield torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,))
+
+    def tiny():
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+
+    rate, wait = bench.train_rate(tiny, 8, 2, torch.device("cpu"), False, 4, slow_batches())
+    assert 0.5 < wait <= 1 and rate < 2 / 0.3
+
+
+def test_bench_lp_sweep_speedup_is_sklearns_time_over_ours():
+    import bench
+
+    report = bench.lp_sweep(torch.device("cpu"), 200, 4, 3, 2)
+    assert report["speedup"] == report["sklearn_s"] / report["ours_s"]
+    assert report["acc_gap"] == abs(report["test_acc_ours"] - report["test_acc_sklearn"])
+
+
+def test_eval_splits_names_val_test_and_each_ood_set_in_a_fixed_order():
+    """Selection reads acc/id_val: a split under another's name would select on the test set (or report val as test)."""
+    from types import SimpleNamespace
+
+    val, test, sketch, real = object(), object(), object(), object()
+    splits = common.eval_splits(SimpleNamespace(val=val, test=test, ood={"sketch": sketch, "real": real}))
+    assert list(splits.items()) == [("id_val", val), ("id_test", test), ("ood_sketch", sketch), ("ood_real", real)]

@@ -1346,3 +1346,87 @@ def test_held_out_validation_and_test_images_are_not_augmented(tmp_path):
         expected = torch.stack([reference(Image.open(p).convert("RGB")) for p in split.items])
         torch.testing.assert_close(first, expected, rtol=0, atol=1e-5, msg=f"{name}: not the evaluation preprocessing")
     assert not torch.equal(read_once(ds.train), read_once(ds.train))  # the check has teeth: train is augmented
+
+
+def write_noise_jpegs(folder, n, png_at=(), grey_at=()):
+    """n noise pictures of different sizes saved as .jpg: JPEG, except a PNG at each index of `png_at`."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        img = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).resize((36 + 3 * i, 34 + 2 * i))
+        img = img.convert("L") if i in grey_at else img
+        img.save(folder / f"{i}.jpg", format="PNG" if i in png_at else "JPEG", quality=95)
+        paths.append(str(folder / f"{i}.jpg"))
+    return paths
+
+
+def test_decoding_on_the_device_decodes_an_all_jpeg_split_there_as_rounded_clamped_rgb(tmp_path, monkeypatch):
+    """Without a PNG in the batch, the device path itself decodes (no CPU fallback), a greyscale JPEG as 3 channels,
+    and its pixels are the PIL path's within two grey levels, whole numbers in 0..255 as PIL's uint8 images (CLIP's
+    bicubic resize overshoots on noise: unclamped values leave that range)."""
+    paths = write_noise_jpegs(tmp_path, 6, grey_at=(2,))
+    pre = data.preprocessing("clip-vit-b16")
+    pil = data.file_split(paths, range(6), pre)
+    monkeypatch.setenv("RFT_GPU_DECODE", "1")
+    device = data.file_split(paths, range(6), pre)
+    assert device.decode_on_device and not pil.decode_on_device
+    (x1, _), = list(pil.batches(6))
+    (x2, y2), = list(device.batches(6))
+    assert device.cpu_decoded_batches == 0 and y2.tolist() == list(range(6)) and x2.shape == x1.shape
+    std, mean = torch.tensor(pre.std).view(1, 3, 1, 1), torch.tensor(pre.mean).view(1, 3, 1, 1)
+    pixels = (x2 * std + mean) * 255
+    assert (pixels - pixels.round()).abs().max() < 1e-3 and pixels.min() > -1e-3 and pixels.max() < 255 + 1e-3
+    assert ((x1 - x2).abs() * std * 255).max() < 2.5
+
+
+def test_the_cpu_fallback_of_decoding_on_the_device_decodes_the_files_of_its_own_batch(tmp_path, monkeypatch):
+    """A batch nvJPEG refuses is decoded on the CPU by file index: the second batch (files 4-7, a PNG among them)
+    must hold files 4-7, not the first four files of the split."""
+    paths = write_noise_jpegs(tmp_path, 8, png_at=(5,))
+    pre = data.preprocessing(BACKBONE)
+    pil = data.file_split(paths, range(8), pre)
+    monkeypatch.setenv("RFT_GPU_DECODE", "1")
+    device = data.file_split(paths, range(8), pre)
+    (_, _), (x1, _) = list(pil.batches(4))
+    with pytest.warns(UserWarning, match="decoded on the CPU"):
+        (_, _), (x2, y2) = list(device.batches(4))
+    assert device.cpu_decoded_batches == 1 and y2.tolist() == [4, 5, 6, 7]
+    assert ((x1 - x2).abs() * torch.tensor(pre.std).view(1, 3, 1, 1) * 255).max() < 2.5
+
+
+def test_a_file_split_loader_pins_memory_for_cuda_keeps_its_workers_and_one_loader_per_way_of_iterating(monkeypatch):
+    """Batches headed for a GPU come from pinned memory (asynchronous copies); worker processes persist between
+    passes (no start-up at every epoch); an evaluation pass after a shuffled pass of the same batch size is in order
+    (a loader kept for shuffled passes must not serve it)."""
+    monkeypatch.setenv("RFT_WORKERS", "2")
+    split = data.file_split(list(range(40)), list(range(40)), data.preprocessing(BACKBONE),
+                            read=lambda i: Image.new("RGB", (8, 8)))
+    cuda = split._loader(8, torch.device("cuda"), False, False, None)
+    cpu = split._loader(8, torch.device("cpu"), False, False, None)
+    assert cuda.pin_memory and not cpu.pin_memory and cpu.num_workers == 2 and cpu.persistent_workers
+    assert split._loader(20, torch.device("cpu"), False, False, None).num_workers == 0  # two batches: no workers
+    shuffled = torch.cat([y for _, y in split.batches(8, shuffle=True)]).tolist()
+    assert sorted(shuffled) == list(range(40)) and shuffled != list(range(40))
+    assert torch.cat([y for _, y in split.batches(8)]).tolist() == list(range(40))
+    del cuda, cpu, split
+
+
+def test_normalize_maps_uint8_pixels_through_the_mean_and_std_of_each_channel():
+    """(x / 255 - mean) / std per channel, from the given constants: black and white land where the backbone's
+    training put them."""
+    mean, std = (0.5, 0.25, 0.75), (0.5, 0.25, 0.125)
+    images = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 3, 1, 1)
+    out = data.normalize(images, mean, std)
+    assert out.dtype == torch.float32
+    assert out[:, :, 0, 0].tolist() == [[-1.0, -1.0, -6.0], [1.0, 3.0, 2.0]]
+
+
+def test_a_training_pass_over_a_file_split_drops_the_partial_last_batch():
+    """drop_last reaches the loader: 40 images in batches of 16 are 2 full batches (a partial third would be a
+    smaller batch, with a noisier gradient and, under DDP, unequal shares)."""
+    split = data.file_split(list(range(40)), list(range(40)), data.preprocessing(BACKBONE), train=True,
+                            read=lambda i: Image.new("RGB", (8, 8)))
+    batches = split.batches(16, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0))
+    assert len(batches) == 2 and [len(y) for _, y in batches] == [16, 16]
+    assert [len(y) for _, y in split.batches(16)] == [16, 16, 8]
