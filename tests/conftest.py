@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 from pathlib import Path
@@ -15,3 +16,8 @@ def model_cache(tmp_path_factory):
     path = os.environ.get("RFT_TEST_CACHE") or str(tmp_path_factory.mktemp("cache"))
     os.environ["RFT_CACHE"] = path
     return Path(path)
+
+
+def read_results(folder):
+    """A run's results.jsonl: one record per evaluation (per C, epoch, alpha or draw), in order."""
+    return [json.loads(line) for line in (Path(folder) / "results.jsonl").read_text().splitlines()]

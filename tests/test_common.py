@@ -9,6 +9,7 @@ import torch
 
 import common
 import lpft
+from conftest import read_results
 
 
 def test_embedded_model_is_cached_by_config(model_cache):
@@ -77,7 +78,7 @@ def test_results_lines_and_done_marker(tmp_path):
     results = common.Results(tmp_path, "lpft", args, torch.device("cpu"))
     for step, val in enumerate([50.0, 70.0, 70.0, 60.0]):
         results.log(step, {"acc/id_val": val, "acc/ood_avg": 100.0 - val})
-    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    records = read_results(tmp_path)
     assert [r["step"] for r in records] == [0, 1, 2, 3] and records[0]["args"]["seed"] == 4
     best = common.select_best(records)
     assert best["step"] == 1  # best ID val, earliest on ties; OOD accuracy plays no part
@@ -608,15 +609,19 @@ def test_auto_precision_is_bf16_autocast_on_cuda_and_fp32_turns_it_off():
     assert not isinstance(common.autocast("cuda", "fp32"), torch.autocast)
 
 
+def tiny_val_and_conv_tower():
+    """embedded-tiny's validation split and an untrained tiny conv tower (seed 0): extraction needs no pretraining."""
+    import data
+
+    cfg = common.EMBEDDED_BACKBONES["embedded-clip-tiny"]
+    torch.manual_seed(0)
+    return data.load_dataset("embedded-tiny").val, common.ConvTower(cfg.convs, cfg.embed_dim)
+
+
 def test_compiled_encoder_features_are_padded_to_the_full_batch_and_trimmed_back(monkeypatch):
     """A compiled encoder sees every evaluation batch at full size (no second graph for the last, partial one), and
     the padding rows never reach the features: they equal the eager encoder's, one per image, in order."""
-    import data
-
-    split = data.load_dataset("embedded-tiny").val  # 100 images: batches of 32, 32, 32 and 4
-    cfg = common.EMBEDDED_BACKBONES["embedded-clip-tiny"]
-    torch.manual_seed(0)
-    encoder = common.ConvTower(cfg.convs, cfg.embed_dim)
+    split, encoder = tiny_val_and_conv_tower()  # 100 images: batches of 32, 32, 32 and 4
     seen, forward = [], encoder.forward
     monkeypatch.setattr(encoder, "forward", lambda x: seen.append(len(x)) or forward(x))
     eager = common.extract_features(encoder, split, "cpu", batch_size=32)
@@ -630,7 +635,7 @@ def test_compiled_encoder_features_are_padded_to_the_full_batch_and_trimmed_back
     finally:
         torch._dynamo.reset()
     assert seen == [32] * 4
-    assert compiled.shape == eager.shape == (len(split), cfg.embed_dim)
+    assert compiled.shape == eager.shape == (len(split), encoder.output_dim)
     torch.testing.assert_close(compiled, eager)
 
 
@@ -658,10 +663,7 @@ def test_features_are_extracted_in_eval_mode_whatever_mode_the_encoder_was_left_
     the batch) and move the running statistics: a training loop's encoder is evaluated as a per-image function."""
     import data
 
-    split = data.load_dataset("embedded-tiny").val
-    cfg = common.EMBEDDED_BACKBONES["embedded-clip-tiny"]
-    torch.manual_seed(0)
-    encoder = common.ConvTower(cfg.convs, cfg.embed_dim)
+    split, encoder = tiny_val_and_conv_tower()
     with torch.no_grad():
         encoder.trunk[1].running_mean.add_(0.5)  # pretrained-like statistics, not batch ones
     buffers = {k: v.clone() for k, v in encoder.state_dict().items()}

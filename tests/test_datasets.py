@@ -22,7 +22,7 @@ from PIL import Image
 import common
 import data
 import miniatures as mini
-from conftest import ROOT
+from conftest import ROOT, read_results
 
 BACKBONE = "embedded-clip-tiny"  # 32 px: fast
 NAMES = ["living17", "entity30", "cifar10", "imagenet", "domainnet", "fmow", "iwildcam", "pcam", "sst2", "folder"]
@@ -1193,7 +1193,7 @@ def run_method(module_name, dataset, root, out, *extra):
             "--out", str(out), *extra]
     module.main(common.parse_args(module.Args, argv))
     done = json.loads((Path(out) / "done").read_text())
-    lines = [json.loads(line) for line in (Path(out) / "results.jsonl").read_text().splitlines()]
+    lines = read_results(Path(out))
     assert lines and all(r["args"]["dataset"] == dataset for r in lines)
     sizes = lines[0]["data"]["sizes"]  # what the run was trained and scored on, recorded with every line
     scored = {k[4:] for k in done["metrics"] if k.startswith("acc/") and k != "acc/ood_avg"}

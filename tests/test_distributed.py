@@ -1,7 +1,6 @@
 """Several processes (torchrun semantics) on CPUs with gloo: FT's and FLYP's training loss, their ID validation
 accuracy and the trained weights equal one process's on the same global batches."""
 import importlib
-import json
 import os
 import socket
 
@@ -12,6 +11,7 @@ import torch.nn as nn
 
 import common
 import data
+from conftest import read_results
 
 load_backbone = common.load_backbone
 
@@ -47,10 +47,6 @@ def free_port():
         return s.getsockname()[1]
 
 
-def records(out):
-    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.parametrize("method", ["ft", "flyp"])
 def test_two_processes_match_one(method, tmp_path, monkeypatch):
     load_backbone("embedded-clip-tiny")  # pretrained once, before the processes start
@@ -61,7 +57,7 @@ def test_two_processes_match_one(method, tmp_path, monkeypatch):
     run(method, argv + ["--out", str(tmp_path / "one")])
     mp.spawn(worker, args=(2, free_port(), method, argv + ["--out", str(tmp_path / "two")]), nprocs=2)
 
-    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    one, two = read_results(tmp_path / "one"), read_results(tmp_path / "two")
     assert [r["step"] for r in one] == [r["step"] for r in two] and two[0]["processes"] == 2
     for a, b in zip(one, two):
         if "train_loss" in a:  # the mean loss over an epoch of steps: equal only if every step's gradient was

@@ -1,12 +1,11 @@
 """LP's logistic regression (torch loss, scipy L-BFGS-B) solves scikit-learn's problem; LP never changes the backbone."""
-import json
-
 import numpy as np
 import pytest
 import torch
 
 import common
 import lp
+from conftest import read_results
 
 sklearn = pytest.importorskip("sklearn.linear_model")
 
@@ -121,7 +120,7 @@ def test_lp_sweeps_the_lp_ft_codes_grid_from_strongest_regularisation_warm_start
     assert [c for c, _, _ in calls] == pytest.approx(list(np.logspace(-7, 2, 50)), rel=1e-9)
     assert {m for _, _, m in calls} == {200}
     assert calls[0][1] is None and all(init is head for (_, init, _), head in zip(calls[1:], heads))
-    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    records = read_results(tmp_path)
     assert [r["c"] for r in records] == [c for c, _, _ in calls]
     top = max(r["metrics"]["acc/id_val"] for r in records)
     assert best["c"] == next(r["c"] for r in records if r["metrics"]["acc/id_val"] == top)  # ties: the smaller C

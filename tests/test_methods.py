@@ -16,7 +16,7 @@ import data
 import ft
 import lp
 import lpft
-from conftest import ROOT
+from conftest import ROOT, read_results
 
 METHODS = ["zeroshot", "lp", "ft", "lpft", "l2sp", "flyp"]
 
@@ -31,7 +31,7 @@ def run_script(method, *argv):
 @pytest.mark.parametrize("method", METHODS)
 def test_script_end_to_end(method, tmp_path):
     run_script(method, "--dataset", "embedded-tiny", "--out", str(tmp_path), "--seed", "1")
-    lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    lines = read_results(tmp_path)
     done = json.loads((tmp_path / "done").read_text())
     assert lines and all(r["method"] == method and r["seed"] == 1 and r["args"]["dataset"] == "embedded-tiny" for r in lines)
     assert {"commit", "versions", "device", "host", "command", "data"} <= set(lines[0])
@@ -275,7 +275,7 @@ def test_wiseft_script_end_to_end(tmp_path):
     run_script("flyp", "--dataset", "embedded-tiny", "--out", str(tmp_path / "flyp"), "--save")
     run_script("wiseft", "--dataset", "embedded-tiny", "--checkpoint", str(tmp_path / "flyp" / "model.pt"),
                "--out", str(tmp_path / "wise"))
-    lines = [json.loads(line) for line in (tmp_path / "wise" / "results.jsonl").read_text().splitlines()]
+    lines = read_results(tmp_path / "wise")
     assert [r["alpha"] for r in lines] == [round(i / 10, 6) for i in range(11)]
     assert json.loads((tmp_path / "wise" / "done").read_text())["alpha"] == 0.5
 
@@ -294,8 +294,7 @@ def test_flyp_with_both_towers_compiled_trains_as_eager(tmp_path):
     for flag in ("off", "on"):
         run_script("flyp", "--dataset", "embedded-tiny", "--out", str(tmp_path / flag), "--save", "--compile", flag,
                    "--epochs", "1")
-    eager, compiled = ([json.loads(line) for line in (tmp_path / flag / "results.jsonl").read_text().splitlines()]
-                       for flag in ("off", "on"))
+    eager, compiled = (read_results(tmp_path / flag) for flag in ("off", "on"))
     assert compiled[0]["train_loss"] == pytest.approx(eager[0]["train_loss"], rel=1e-4)
     eager, compiled = (torch.load(tmp_path / flag / "model.pt", weights_only=True)["state_dict"] for flag in ("off", "on"))
     start = common.load_backbone("embedded-clip-tiny").clip.state_dict()
@@ -406,7 +405,7 @@ def test_every_method_has_a_recipe_for_every_dataset_and_docs_list_them(capsys):
 def test_results_record_the_recipe_actually_used(tmp_path):
     """Flags override the dataset's recipe, the rest comes from RECIPES; every results line records what was used."""
     proc = run_script("ft", "--dataset", "embedded-tiny", "--out", str(tmp_path), "--epochs", "1", "--lr", "0.01")
-    lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    lines = read_results(tmp_path)
     expected = {**ft.RECIPES["embedded-tiny"], "epochs": 1, "lr": 0.01}
     assert all(r["recipe"] == expected for r in lines) and len(lines) == 2  # one epoch, then the selected one
     assert "recipe: epochs 1, lr 0.01, batch_size 64" in proc.stdout

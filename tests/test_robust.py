@@ -16,6 +16,7 @@ import l2sp
 import summarize
 import wiseft
 import zeroshot
+from conftest import read_results
 
 
 def test_flyp_loss_equals_a_hand_computed_symmetric_clip_loss():
@@ -295,7 +296,7 @@ def test_fewshot_keeps_the_step_with_the_lowest_validation_loss_zeroshot_start_i
 
     flyp_fewshot.main(flyp_fewshot.Args(dataset="embedded-tiny", out=str(tmp_path / "fs2"), steps=4, draws=3,
                                         shots=8))
-    for r in [json.loads(line) for line in (tmp_path / "fs2" / "results.jsonl").read_text().splitlines()]:
+    for r in read_results(tmp_path / "fs2"):
         assert len(r["val_losses"]) == 5 and r["selected_step"] == min(range(5), key=r["val_losses"].__getitem__)
         if r["selected_step"] == 0:
             assert r["metrics"] == zs["metrics"]
@@ -339,14 +340,20 @@ def test_wiseft_interpolates_on_the_device_of_the_model(method, head_init):
     model.load_state_dict(wiseft.interpolate(theta0, theta1, 0.5))
 
 
+def lp_checkpoint(path, classnames=data.SHAPES, **args):
+    """A model.pt as lp.py --save writes it, for the embedded-tiny world: the tiny encoder with a random head."""
+    encoder = common.load_backbone("embedded-clip-tiny").encoder
+    model = torch.nn.Sequential(encoder, torch.nn.Linear(encoder.output_dim, len(data.SHAPES)))
+    args = {"dataset": "embedded-tiny", "backbone": None, "weights": None, "seed": 0, "data_root": None, **args}
+    torch.save({"method": "lp", "args": args, "state_dict": model.state_dict(), "classnames": list(classnames)}, path)
+
+
 def test_wiseft_refuses_a_checkpoint_of_other_classes_before_loading_the_backbone(tmp_path, monkeypatch):
     """Its head's rows would be read as other classes: the checkpoint's class names (here the dataset's, reversed)
     are checked against the dataset's as soon as the dataset is read, before the backbone loads (minutes for a real
     one) and before any evaluation."""
     path = tmp_path / "model.pt"
-    torch.save({"method": "flyp", "state_dict": {}, "classnames": data.SHAPES[::-1],
-                "args": {"dataset": "embedded-tiny", "backbone": None, "seed": 0, "data_root": None, "weights": None}},
-               path)
+    lp_checkpoint(path, classnames=data.SHAPES[::-1])
     monkeypatch.setattr(common, "load_backbone", lambda *a, **k: pytest.fail("the backbone was loaded first"))
     said = (f"fine-tuned on the classes {', '.join(data.SHAPES[::-1])}, "
             f"but data.py's embedded-tiny holds {', '.join(data.SHAPES)}")
@@ -354,17 +361,12 @@ def test_wiseft_refuses_a_checkpoint_of_other_classes_before_loading_the_backbon
         wiseft.main(wiseft.Args(dataset="embedded-tiny", checkpoint=str(path), out=str(tmp_path / "out")))
 
 
-def fewshot_records(path):
-    """One record per draw, in order."""
-    return [json.loads(line) for line in (path / "results.jsonl").read_text().splitlines()]
-
-
 def test_fewshot_reports_the_mean_and_sample_std_of_the_draws(tmp_path):
     import flyp_fewshot
 
     mean, std = flyp_fewshot.main(flyp_fewshot.Args(dataset="embedded-tiny", out=str(tmp_path), steps=2, draws=3,
                                                     shots=4, device="cpu", compile="off"))
-    records = fewshot_records(tmp_path)
+    records = read_results(tmp_path)
     assert len(records) == 3
     for k in mean:
         values = [r["metrics"][k] for r in records]
@@ -391,7 +393,7 @@ def test_fewshot_starts_every_draw_from_the_pretrained_model(tmp_path, monkeypat
     assert len(starts) == 2 and all(len(start) == len(pretrained) for start in starts)
     for draw, start in enumerate(starts):
         assert [name for (name, p), s in zip(pretrained, start) if not torch.equal(s, p)] == [], f"draw {draw}"
-    assert fewshot_records(tmp_path)[0]["selected_step"] > 0  # draw 0 kept trained weights: a carry-over would show
+    assert read_results(tmp_path)[0]["selected_step"] > 0  # draw 0 kept trained weights: a carry-over would show
 
 
 def test_fewshot_validates_on_k_images_per_class_of_the_id_validation_split(tmp_path, monkeypatch):
@@ -411,14 +413,6 @@ def test_fewshot_validates_on_k_images_per_class_of_the_id_validation_split(tmp_
     for split in validated:
         assert {source[image.numpy().tobytes()] for image in split.images} == {"id_val"}
         assert torch.equal(split.labels.bincount(), torch.full((len(dataset.classnames),), 4))
-
-
-def lp_checkpoint(path, **args):
-    """A model.pt as lp.py --save writes it, for the embedded-tiny world: the tiny encoder with a random head."""
-    encoder = common.load_backbone("embedded-clip-tiny").encoder
-    model = torch.nn.Sequential(encoder, torch.nn.Linear(encoder.output_dim, len(data.SHAPES)))
-    args = {"dataset": "embedded-tiny", "backbone": None, "weights": None, "seed": 0, "data_root": None, **args}
-    torch.save({"method": "lp", "args": args, "state_dict": model.state_dict(), "classnames": list(data.SHAPES)}, path)
 
 
 def test_wiseft_reports_the_alpha_asked_for_not_the_papers_default(tmp_path):
