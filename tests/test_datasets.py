@@ -1238,21 +1238,28 @@ def test_a_batch_the_training_split_cannot_fill_stops_the_run_before_the_backbon
         run_method(module_name, "folder", root, tmp_path / "out", "--epochs", "1", "--batch-size", str(n + 1))
 
 
+def write_noise_jpegs(folder, n, grey_at=(), formats=None):
+    """n noise pictures of different sizes named .jpg: JPEG, greyscale at each index of `grey_at`, and in another
+    format where `formats` says so (index -> "PNG", "BMP": ImageNet has a PNG named .JPEG). Returns their paths."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        img = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).resize((36 + 3 * i, 34 + 2 * i))
+        img = img.convert("L") if i in grey_at else img
+        img.save(folder / f"{i}.jpg", format=(formats or {}).get(i, "JPEG"), quality=95)
+        paths.append(str(folder / f"{i}.jpg"))
+    return paths
+
+
 @pytest.mark.parametrize("backbone", [BACKBONE, "clip-vit-b16"])  # bilinear 32 px; CLIP's bicubic 224 px
 def test_decoding_on_the_device_matches_the_worker_path(tmp_path, monkeypatch, backbone):
     """RFT_GPU_DECODE=1: workers read bytes, batches are decoded and cropped where they go (here the CPU, on a GPU
     nvJPEG); the images equal the PIL path's within two grey levels (two resamplers), including a greyscale JPEG
     and a PNG and a BMP named .jpg (ImageNet has a PNG), which fall back to the PIL path per image, with a warning."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
     for split in ("train", "test"):
         for c in ("cat", "dog"):
-            (tmp_path / split / c).mkdir(parents=True)
-            for i in range(6):
-                img = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize((40 + 7 * i, 30 + 5 * i))
-                img = img.convert("L") if i == 0 else img
-                img.save(tmp_path / split / c / f"{i}.jpg", format={1: "PNG", 2: "BMP"}.get(i, "JPEG"), quality=95)
+            write_noise_jpegs(tmp_path / split / c, 6, grey_at=(0,), formats={1: "PNG", 2: "BMP"})
     pil = data.load_dataset("folder", data_root=str(tmp_path), backbone=backbone)
     monkeypatch.setenv("RFT_GPU_DECODE", "1")
     device = data.load_dataset("folder", data_root=str(tmp_path), backbone=backbone)
@@ -1348,19 +1355,6 @@ def test_held_out_validation_and_test_images_are_not_augmented(tmp_path):
     assert not torch.equal(read_once(ds.train), read_once(ds.train))  # the check has teeth: train is augmented
 
 
-def write_noise_jpegs(folder, n, png_at=(), grey_at=()):
-    """n noise pictures of different sizes saved as .jpg: JPEG, except a PNG at each index of `png_at`."""
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        img = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).resize((36 + 3 * i, 34 + 2 * i))
-        img = img.convert("L") if i in grey_at else img
-        img.save(folder / f"{i}.jpg", format="PNG" if i in png_at else "JPEG", quality=95)
-        paths.append(str(folder / f"{i}.jpg"))
-    return paths
-
-
 def test_decoding_on_the_device_decodes_an_all_jpeg_split_there_as_rounded_clamped_rgb(tmp_path, monkeypatch):
     """Without a PNG in the batch, the device path itself decodes (no CPU fallback), a greyscale JPEG as 3 channels,
     and its pixels are the PIL path's within two grey levels, whole numbers in 0..255 as PIL's uint8 images (CLIP's
@@ -1383,7 +1377,7 @@ def test_decoding_on_the_device_decodes_an_all_jpeg_split_there_as_rounded_clamp
 def test_the_cpu_fallback_of_decoding_on_the_device_decodes_the_files_of_its_own_batch(tmp_path, monkeypatch):
     """A batch nvJPEG refuses is decoded on the CPU by file index: the second batch (files 4-7, a PNG among them)
     must hold files 4-7, not the first four files of the split."""
-    paths = write_noise_jpegs(tmp_path, 8, png_at=(5,))
+    paths = write_noise_jpegs(tmp_path, 8, formats={5: "PNG"})
     pre = data.preprocessing(BACKBONE)
     pil = data.file_split(paths, range(8), pre)
     monkeypatch.setenv("RFT_GPU_DECODE", "1")
