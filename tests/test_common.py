@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common
+import data
 import lpft
 from conftest import read_results
 
@@ -406,8 +407,6 @@ def test_pretrained_features_of_real_data_are_cached_on_disk_and_keyed(tmp_path,
     import numpy as np
     from PIL import Image
 
-    import data
-
     monkeypatch.setenv("RFT_CACHE", str(tmp_path / "cache"))
     for split in ("train", "test", "night"):
         for c in ("cat", "dog"):
@@ -446,8 +445,6 @@ def test_feature_cache_key_changes_with_the_backbone_and_with_its_weights_file_r
 
     import numpy as np
     from PIL import Image
-
-    import data
 
     for split in ("train", "test"):
         for c in ("cat", "dog"):
@@ -611,8 +608,6 @@ def test_auto_precision_is_bf16_autocast_on_cuda_and_fp32_turns_it_off():
 
 def tiny_val_and_conv_tower():
     """embedded-tiny's validation split and an untrained tiny conv tower (seed 0): extraction needs no pretraining."""
-    import data
-
     cfg = common.EMBEDDED_BACKBONES["embedded-clip-tiny"]
     torch.manual_seed(0)
     return data.load_dataset("embedded-tiny").val, common.ConvTower(cfg.convs, cfg.embed_dim)
@@ -661,8 +656,6 @@ def test_pretraining_loss_is_the_symmetric_clip_loss():
 def test_features_are_extracted_in_eval_mode_whatever_mode_the_encoder_was_left_in():
     """BatchNorm in training mode would normalise each image with its batch's statistics (features that depend on
     the batch) and move the running statistics: a training loop's encoder is evaluated as a per-image function."""
-    import data
-
     split, encoder = tiny_val_and_conv_tower()
     with torch.no_grad():
         encoder.trunk[1].running_mean.add_(0.5)  # pretrained-like statistics, not batch ones
@@ -687,8 +680,6 @@ def test_an_infinite_number_is_refused_like_a_negative_one(field, expected):
 
 def test_progress_says_nothing_from_ranks_other_than_0(monkeypatch, capsys):
     """Under torchrun only rank 0 reports: N ranks printing the same progress would repeat every line N times."""
-    import data
-
     monkeypatch.setattr(common, "PROGRESS_EVERY", 0)
     monkeypatch.setattr(data, "rank_and_world", lambda: (1, 2))
     items = [1, 2, 3]
