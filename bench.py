@@ -250,7 +250,7 @@ def jpeg_batches(res, batch, device, on_device=False):
     """An endless iterator of training batches from JPEG files through data.py's own pipeline (the FileSplit of every
     real dataset: DataLoader workers, pinned memory, persistent workers, RandomResizedCrop + flip, normalisation on the
     device). on_device: workers only read bytes and batches are decoded where they go (RFT_GPU_DECODE=1).
-    Returns the split (its cpu_decoded_batches) and the iterator."""
+    Returns the split (its cpu_decoded_files) and the iterator."""
     files = jpeg_files(res, 8 * batch)  # several batches a pass: the workers' prefetch is not drained at every pass
     pre = data.Preprocess(res, res, data.IMAGENET_MEAN, data.IMAGENET_STD, "bilinear", (0.08, 1.0), True)
     split = data.file_split(files, [i % 10 for i in range(len(files))], pre, train=True)
@@ -298,7 +298,7 @@ def train_rows(name, build, res, batch, device, steps, peak, cell, profile=None)
             split, batches = jpeg_batches(res, batch, device, on_device)
             rate, wait = train_rate(build, res, batch, device, True, steps, batches)
             return {"images_per_s": rate, "data_wait_share": wait, "share_of_synthetic": ratio(rate, synthetic),
-                    "batches_decoded_on_cpu_instead": split.cpu_decoded_batches}  # 0 unless on_device fell back
+                    "files_decoded_on_cpu_instead": split.cpu_decoded_files}  # 0 unless on_device fell back
         rates[key] = cell("train", name, key, measure=jpeg_rate)
     speedup = cell("train", name, "speedup", measure=lambda: ratio(synthetic, eager))
     # On CUDA a third of the steps (rounded up), of 4 batches each: more images than training, in less GPU time

@@ -304,7 +304,8 @@ class FileSplit:
     groups: torch.Tensor = None
     group_names: list = None
     decode_on_device: bool = False
-    cpu_decoded_batches: int = 0  # with decode_on_device: batches nvJPEG refused, decoded on the CPU instead
+    cpu_decoded_files: int = 0  # with decode_on_device: files nvJPEG refused, decoded on the CPU instead
+    device_decoder_works: bool = False  # with decode_on_device: set once it has decoded a file
 
     def __len__(self):
         return len(self.labels)
@@ -320,7 +321,8 @@ class FileSplit:
         return self.transform(self.read(self.items[i])), self.labels[i]
 
     def batches(self, batch_size, device="cpu", shuffle=False, drop_last=False, generator=None):
-        loader = self._loader(batch_size, torch.device(device), shuffle, drop_last, generator)
+        device = torch.device(device)
+        loader = self._loader(batch_size, device, shuffle, drop_last, generator)
         return Batches(self._batches(loader, device), len(loader))
 
     def _batches(self, loader, device):
@@ -341,15 +343,36 @@ class FileSplit:
         try:
             images = io.decode_jpeg(files, mode=io.ImageReadMode.RGB, device=device)
         except torch.OutOfMemoryError:
-            raise  # not the file's fault
-        except RuntimeError as e:  # a file nvJPEG refuses (ImageNet holds a few CMYK JPEGs and one PNG named .JPEG)
-            self.cpu_decoded_batches += 1
-            if self.cpu_decoded_batches == 1:  # said once: a run's speed depends on how often it happens
-                warnings.warn(f"JPEG decoding on {device} refused a batch ({e}); such batches are decoded on the CPU "
-                              f"(FileSplit.cpu_decoded_batches counts them)", stacklevel=2)
-            images = [self._decode_one(i).to(device) for i in index.tolist()]
+            raise  # not the files' fault
+        except RuntimeError:  # a file nvJPEG refuses (ImageNet holds a few CMYK JPEGs and one PNG named .JPEG)
+            images = self._decode_each(files, index.tolist(), device)
+        self.device_decoder_works = True
         # float: CUDA resizes no uint8 bicubic; rounded and clamped as the uint8 images of the PIL path are
         return torch.stack([self.transform(img.float()) for img in images]).round_().clamp_(0, 255)
+
+    def _decode_each(self, files, index, device):
+        """A refused batch, file by file: on `device` what it takes, on the CPU the rest (only those: a CMYK JPEG
+        among 512 costs one CPU decode, not 512). A decoder that has taken no file yet does not work here: stop."""
+        io = torchvision_io()
+        images, errors = [], []
+        for file, i in zip(files, index):
+            try:
+                images.append(io.decode_jpeg(file, mode=io.ImageReadMode.RGB, device=device))
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as e:
+                errors.append(str(e))  # not e: its traceback holds this frame, a cycle that would keep the workers
+                images.append(self._decode_one(i).to(device))
+        if len(errors) == len(files) and not self.device_decoder_works:
+            raise SystemExit(f"error: RFT_GPU_DECODE=1, but JPEG decoding on {device} refused all {len(files)} files "
+                             f"of the first batch ({errors[0]}). Unset RFT_GPU_DECODE to decode in the loader workers, "
+                             f"or check that torchvision.io.decode_jpeg(..., device='{device.type}') works here")
+        if errors and not self.cpu_decoded_files:  # said once: a run's speed depends on how often it happens
+            warnings.warn(f"JPEG decoding on {device} refused {len(errors)} of a batch's {len(files)} files ({errors[0]}); "
+                          f"files it refuses are decoded on the CPU (FileSplit.cpu_decoded_files counts them)",
+                          stacklevel=2)
+        self.cpu_decoded_files += len(errors)
+        return images
 
     def _decode_one(self, i):
         """What the CPU path reads (PIL: also a BMP, TIFF or 16-bit PNG behind a .jpg name), as a uint8 tensor."""

@@ -102,7 +102,7 @@ if [ "$t" -gt 0 ]; then
     --backbone embedded-clip-tiny --epochs 2 --batch-size 16 --device cuda --out "$WORK/runs/ft-gpu-decode" \
     > "$WORK/ft-gpu-decode.txt" 2>&1
   rc=$?
-  { echo "== ft.py RFT_GPU_DECODE=1 rc=$rc"; grep -i "refused a batch" "$WORK/ft-gpu-decode.txt"
+  { echo "== ft.py RFT_GPU_DECODE=1 rc=$rc"; grep -i "refused" "$WORK/ft-gpu-decode.txt"
     tail -n 3 "$WORK/ft-gpu-decode.txt"; } >> "$OUT/methods.txt"
 else
   echo "== ft.py RFT_GPU_DECODE=1 skipped: the budget was spent" >> "$OUT/methods.txt"

@@ -544,7 +544,7 @@ def test_bench_keeps_measuring_after_a_cell_fails(tmp_path, monkeypatch, capsys)
     for name in ("a", "b"):  # the model measured after the failure too
         entry = report["train"][name]
         assert all(entry[k]["images_per_s"] > 0 for k in ("eager_fp32", "ours", "ours_jpeg"))
-        assert entry["ours_jpeg"]["batches_decoded_on_cpu_instead"] == 0
+        assert entry["ours_jpeg"]["files_decoded_on_cpu_instead"] == 0
         assert all(v > 0 for v in report["extract"][name].values())
     assert report["lp_sweep"]["sklearn_s"] > 0
 
@@ -718,7 +718,7 @@ def test_bench_ratios_and_shares_are_against_the_baseline_of_the_same_run(tmp_pa
 
     monkeypatch.setattr(bench, "models", lambda device: {"a": (tiny, 8, 4)})
     monkeypatch.setattr(bench, "train_rate", train_rate)
-    monkeypatch.setattr(bench, "jpeg_batches", lambda *a: (SimpleNamespace(cpu_decoded_batches=0), iter(())))
+    monkeypatch.setattr(bench, "jpeg_batches", lambda *a: (SimpleNamespace(cpu_decoded_files=0), iter(())))
     monkeypatch.setattr(bench, "extract_rate", lambda build, res, batch, device, fast, steps: 400.0 if fast else 100.0)
     monkeypatch.setattr(bench, "flyp_rate", lambda device, fast, steps: 300.0 if fast else 100.0)
     monkeypatch.setattr(bench, "peak_flops", lambda device: 1e12)

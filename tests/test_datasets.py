@@ -1267,7 +1267,7 @@ def test_decoding_on_the_device_matches_the_worker_path(tmp_path, monkeypatch, b
     (x1, y1), = list(pil.test.batches(100))
     with pytest.warns(UserWarning, match="decoded on the CPU"):  # said, and counted: it costs speed on a GPU
         (x2, y2), = list(device.test.batches(100))
-    assert device.test.cpu_decoded_batches == 1 and pil.test.cpu_decoded_batches == 0
+    assert device.test.cpu_decoded_files == 4 and pil.test.cpu_decoded_files == 0  # a PNG and a BMP per class
     grey_levels = (x1 - x2).abs() * torch.tensor(pil.test.std).view(1, 3, 1, 1) * 255
     assert torch.equal(y1, y2) and x2.shape == x1.shape and grey_levels.max() < 2.5 and grey_levels.mean() < 0.3
     (x, y), = list(device.train.batches(len(device.train), shuffle=True, drop_last=True,
@@ -1367,26 +1367,58 @@ def test_decoding_on_the_device_decodes_an_all_jpeg_split_there_as_rounded_clamp
     assert device.decode_on_device and not pil.decode_on_device
     (x1, _), = list(pil.batches(6))
     (x2, y2), = list(device.batches(6))
-    assert device.cpu_decoded_batches == 0 and y2.tolist() == list(range(6)) and x2.shape == x1.shape
+    assert device.cpu_decoded_files == 0 and y2.tolist() == list(range(6)) and x2.shape == x1.shape
     std, mean = torch.tensor(pre.std).view(1, 3, 1, 1), torch.tensor(pre.mean).view(1, 3, 1, 1)
     pixels = (x2 * std + mean) * 255
     assert (pixels - pixels.round()).abs().max() < 1e-3 and pixels.min() > -1e-3 and pixels.max() < 255 + 1e-3
     assert ((x1 - x2).abs() * std * 255).max() < 2.5
 
 
-def test_the_cpu_fallback_of_decoding_on_the_device_decodes_the_files_of_its_own_batch(tmp_path, monkeypatch):
-    """A batch nvJPEG refuses is decoded on the CPU by file index: the second batch (files 4-7, a PNG among them)
-    must hold files 4-7, not the first four files of the split."""
+def test_the_cpu_fallback_of_decoding_on_the_device_decodes_only_the_refused_files_of_its_own_batch(
+        tmp_path, monkeypatch):
+    """A batch nvJPEG refuses is decoded file by file: on the device what it takes, on the CPU (by file index) only
+    the file it refuses. The second batch (files 4-7, a PNG at 5) must hold files 4-7, not the split's first four,
+    and one CPU decode, not four (ImageNet: one CMYK file would otherwise cost a whole batch of 512 CPU decodes)."""
     paths = write_noise_jpegs(tmp_path, 8, formats={5: "PNG"})
     pre = data.preprocessing(BACKBONE)
     pil = data.file_split(paths, range(8), pre)
     monkeypatch.setenv("RFT_GPU_DECODE", "1")
     device = data.file_split(paths, range(8), pre)
+    on_cpu = []
+    decode_one = device._decode_one
+    monkeypatch.setattr(device, "_decode_one", lambda i: on_cpu.append(i) or decode_one(i))
     (_, _), (x1, _) = list(pil.batches(4))
-    with pytest.warns(UserWarning, match="decoded on the CPU"):
+    with pytest.warns(UserWarning, match="refused 1 of a batch's 4 files .*decoded on the CPU"):
         (_, _), (x2, y2) = list(device.batches(4))
-    assert device.cpu_decoded_batches == 1 and y2.tolist() == [4, 5, 6, 7]
+    assert on_cpu == [5] and device.cpu_decoded_files == 1 and y2.tolist() == [4, 5, 6, 7]
     assert ((x1 - x2).abs() * torch.tensor(pre.std).view(1, 3, 1, 1) * 255).max() < 2.5
+
+
+def test_a_device_decoder_that_refuses_every_file_of_the_first_batch_stops_the_run_with_the_way_out(
+        tmp_path, monkeypatch):
+    """nvJPEG that does not work at all (a library that fails to start) would refuse every batch: each decoded on
+    the CPU in the main process, far slower than the workers' decoding the user turned off. The first batch, all
+    refused, stops the run and says how to go on; once the decoder has worked, a batch of refused files (here two
+    PNGs named .jpg) is decoded on the CPU and the run goes on."""
+    import torchvision.io
+
+    paths = write_noise_jpegs(tmp_path, 4, formats={2: "PNG", 3: "PNG"})
+    pre = data.preprocessing(BACKBONE)
+    monkeypatch.setenv("RFT_GPU_DECODE", "1")
+    broken = data.file_split(paths, range(4), pre)
+
+    def refuse(*a, **k):
+        raise RuntimeError("nvjpeg failed to start")
+
+    with monkeypatch.context() as m:
+        m.setattr(torchvision.io, "decode_jpeg", refuse)
+        with pytest.raises(SystemExit, match="refused all 2 files of the first batch .nvjpeg failed to start.*"
+                                             "Unset RFT_GPU_DECODE"):
+            list(broken.batches(2))
+    working = data.file_split(paths, range(4), pre)
+    with pytest.warns(UserWarning, match="refused 2 of a batch's 2 files"):
+        (_, y1), (_, y2) = list(working.batches(2))
+    assert working.cpu_decoded_files == 2 and y1.tolist() + y2.tolist() == [0, 1, 2, 3]
 
 
 def test_a_file_split_loader_pins_memory_for_cuda_keeps_its_workers_and_one_loader_per_way_of_iterating(monkeypatch):
