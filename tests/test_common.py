@@ -736,25 +736,29 @@ def test_bench_ratios_and_shares_are_against_the_baseline_of_the_same_run(tmp_pa
     assert "| extract a (img/s) | 100 | 400 | 4.00× |" in table and "| FLYP pairs/s | 100 | 300 | 3.00× |" in table
 
 
-def test_bench_data_wait_share_is_a_share_of_the_timed_steps():
-    """The share of step time spent waiting for data is waited seconds over elapsed seconds: at most 1, and most of
-    the time when every batch takes 0.3 s to arrive and a tiny model's step far less."""
-    import time
-
+def test_bench_data_wait_share_is_a_share_of_the_timed_steps(monkeypatch):
+    """The share of step time spent waiting for data is waited seconds over elapsed seconds of the timed steps (not
+    the warm-up ones), on a clock the test drives: each batch takes 0.3 s to arrive and each step 0.1 s, so 75%
+    waiting and 2 images / 0.4 s."""
     import torch.nn as nn
 
     import bench
 
+    now = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+
     def slow_batches():
         while True:
-            time.sleep(0.3)
+            now[0] += 0.3
             yield torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,))
 
     def tiny():
-        return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+        model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+        model.register_forward_hook(lambda *a: now.__setitem__(0, now[0] + 0.1))
+        return model
 
     rate, wait = bench.train_rate(tiny, 8, 2, torch.device("cpu"), False, 4, slow_batches())
-    assert 0.5 < wait <= 1 and rate < 2 / 0.3
+    assert wait == pytest.approx(0.75) and rate == pytest.approx(2 / 0.4)
 
 
 def test_bench_lp_sweep_speedup_is_sklearns_time_over_ours():
