@@ -740,12 +740,14 @@ def test_bench_data_wait_share_is_a_share_of_the_timed_steps(monkeypatch):
     """The share of step time spent waiting for data is waited seconds over elapsed seconds of the timed steps (not
     the warm-up ones), on a clock the test drives: each batch takes 0.3 s to arrive and each step 0.1 s, so 75%
     waiting and 2 images / 0.4 s."""
+    from types import SimpleNamespace
+
     import torch.nn as nn
 
     import bench
 
     now = [0.0]
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: now[0]))
 
     def slow_batches():
         while True:
