@@ -21,3 +21,34 @@ def model_cache(tmp_path_factory):
 def read_results(folder):
     """A run's results.jsonl: one record per evaluation (per C, epoch, alpha or draw), in order."""
     return [json.loads(line) for line in (Path(folder) / "results.jsonl").read_text().splitlines()]
+
+
+def record_optimizers(monkeypatch, name, before_step=lambda opt: None):
+    """Replaces torch.optim.<name> for one test by a subclass that records each optimiser built (the list returned)
+    and calls `before_step(opt)` before each step, where a spy reads the learning rate or the gradients."""
+    import torch
+
+    made = []
+
+    class Recorded(getattr(torch.optim, name)):
+        def __init__(self, params, **kwargs):
+            super().__init__(params, **kwargs)
+            made.append(self)
+
+        def step(self, closure=None):
+            before_step(self)
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, name, Recorded)
+    return made
+
+
+def record_models(monkeypatch):
+    """The models a method script moves to its device (common.to_device), in order: the live model, for a spy to
+    look at mid-run (train or eval mode, say)."""
+    import common
+
+    models, to_device = [], common.to_device
+    monkeypatch.setattr(common, "to_device",
+                        lambda model, device: models.append(to_device(model, device)) or models[-1])
+    return models

@@ -10,7 +10,7 @@ import torch
 import common
 import data
 import lpft
-from conftest import read_results
+from conftest import read_results, record_optimizers
 
 
 def test_embedded_model_is_cached_by_config(model_cache):
@@ -653,6 +653,92 @@ def test_pretraining_loss_is_the_symmetric_clip_loss():
                                                                            rel=1e-5)
 
 
+def test_pretraining_captions_are_the_tokens_of_fresh_captions_also_when_memoised():
+    """Captions are re-drawn per step and their tokens memoised: a later batch, partly from the memo, still gets
+    each image's own caption's tokens (data.caption with the same generator, tokenised directly)."""
+    import pretrain
+
+    tokenizer = common.load_backbone("embedded-clip-tiny").tokenizer
+    shape, domain, colour = torch.tensor([0, 3, 3, 7]), torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 5, 0])
+    g, replay, memo = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0), {}
+    for _ in range(3):
+        tokens = pretrain.caption_tokens(tokenizer, shape, domain, colour, g, memo)
+        texts = [data.caption(int(s), int(d), int(c), replay) for s, d, c in zip(shape, domain, colour)]
+        assert torch.equal(tokens, tokenizer(texts)), texts
+
+
+# pretrain.py on a micro config: 64 images, a one-layer conv tower, 8-d embeddings (a pretraining step takes ms)
+MICRO = dataclasses.replace(common.EMBEDDED_BACKBONES["embedded-clip-tiny"], name="micro", n_corpus=64, steps=40,
+                            batch_size=8, convs=((4, 2),), embed_dim=8, text_width=8)
+
+
+def test_pretraining_recipe_is_adamw_with_an_undecayed_temperature_5pc_warmup_then_cosine_to_zero(tmp_path,
+                                                                                                  monkeypatch):
+    """docs/embedded.md: AdamW at the config's lr (3e-3) and weight decay (0.1), none on the temperature (open_clip's
+    exclusion), 5% linear warmup then cosine to 0, per step; each step applies that step's gradient alone."""
+    import pretrain
+
+    lrs, expected, loss = [], [], pretrain.clip_loss
+
+    def before_step(opt):
+        lrs.append([group["lr"] for group in opt.param_groups])
+        scale, grad = expected[-1]
+        assert torch.equal(scale.grad, grad), f"step {len(expected)}"
+
+    def spy(image_features, text_features, logit_scale):  # the temperature's gradient of this loss alone
+        value = loss(image_features, text_features, logit_scale)
+        expected.append((logit_scale, torch.autograd.grad(value, logit_scale, retain_graph=True)[0]))
+        return value
+
+    made = record_optimizers(monkeypatch, "AdamW", before_step)
+    monkeypatch.setattr(pretrain, "clip_loss", spy)
+    model = pretrain.pretrain(MICRO, tmp_path / "micro.pt", log=lambda msg: None)
+    (opt,) = made
+    decay, temperature = opt.param_groups
+    name = {id(p): n for n, p in model.named_parameters()}
+    assert [name[id(p)] for p in temperature["params"]] == ["logit_scale"] and temperature["weight_decay"] == 0.0
+    assert sorted(name[id(p)] for p in decay["params"]) == sorted(set(name.values()) - {"logit_scale"})
+    assert decay["weight_decay"] == 0.1
+    # 40 steps: warmup int(0.05 * 40) = 2 steps (lr / 2, lr), then cos over the other 38, from 1 towards 0
+    factors = [0.5, 1.0] + [(1 + math.cos(math.pi * k / 38)) / 2 for k in range(38)]
+    assert lrs == [[pytest.approx(3e-3 * f, rel=1e-12)] * 2 for f in factors]
+
+
+def test_pretraining_clamps_the_temperature_to_at_most_100_as_open_clip(tmp_path, monkeypatch):
+    """A learning rate of 100 throws the log-temperature ~100 per Adam step: after every step it is back in
+    [0, log 100] (a scale of 1 to 100), as open_clip clamps it."""
+    import pretrain
+
+    seen, loss = [], pretrain.clip_loss
+    monkeypatch.setattr(pretrain, "clip_loss", lambda i, t, scale: seen.append(scale.item()) or loss(i, t, scale))
+    cfg = dataclasses.replace(MICRO, steps=4, lr=100.0)
+    pretrain.pretrain(cfg, tmp_path / "micro.pt", log=lambda msg: None)
+    final = torch.load(tmp_path / "micro.pt", weights_only=True)["state_dict"]["logit_scale"].item()
+    assert all(0 <= s <= math.log(100) + 1e-6 for s in seen[1:] + [final]), (seen, final)
+
+
+def test_pretraining_is_seeded_trains_batchnorm_in_train_mode_and_saves_the_trained_weights(tmp_path, monkeypatch):
+    """The config's seed fixes the weights whatever the global RNG was; the corpus holds all four domains
+    (docs/embedded.md); the file holds the model pretraining returns (not its initialisation), BatchNorm statistics
+    included, and load_embedded_clip's keys."""
+    import pretrain
+
+    cfg = dataclasses.replace(MICRO, steps=5)
+    models, corpora, generate = [], [], data.generate
+    monkeypatch.setattr(data, "generate", lambda *a, **k: corpora.append(generate(*a, **k)) or corpora[-1])
+    for run, global_seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(global_seed)
+        models.append(pretrain.pretrain(cfg, tmp_path / f"{run}.pt", log=lambda msg: None))
+    a, b = (torch.load(tmp_path / f"{run}.pt", weights_only=True) for run in ("a", "b"))
+    assert a["state_dict"].keys() == b["state_dict"].keys() == models[0].state_dict().keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert all(torch.equal(a["state_dict"][k], v) for k, v in models[0].state_dict().items())
+    assert a["config"]["steps"] == 5 and a["config"]["seed"] == cfg.seed
+    assert [sorted(set(c["domain"].tolist())) for c in corpora] == [[0, 1, 2, 3]] * 2  # photo, sketch, painting, neon
+    fresh = common.EmbeddedCLIP(cfg).state_dict()  # untrained weights, BatchNorm statistics 0 and 1
+    assert [k for k in fresh if torch.equal(a["state_dict"][k], fresh[k])] == []
+
+
 def test_features_are_extracted_in_eval_mode_whatever_mode_the_encoder_was_left_in():
     """BatchNorm in training mode would normalise each image with its batch's statistics (features that depend on
     the batch) and move the running statistics: a training loop's encoder is evaluated as a per-image function."""
@@ -778,3 +864,177 @@ def test_eval_splits_names_val_test_and_each_ood_set_in_a_fixed_order():
     val, test, sketch, real = object(), object(), object(), object()
     splits = common.eval_splits(SimpleNamespace(val=val, test=test, ood={"sketch": sketch, "real": real}))
     assert list(splits.items()) == [("id_val", val), ("id_test", test), ("ood_sketch", sketch), ("ood_real", real)]
+
+
+def test_worst_group_acc_is_over_the_groups_present_and_nan_without_any():
+    """A region with no image in the split (here Africa, listed first) is no group of it, not a NaN that min()
+    keeps or drops by its place in the list; a split of 'Other' images only has no worst region: NaN, not 0.0."""
+    names = ["Africa", "Asia", "Europe", "Other"]
+    groups, labels = torch.tensor([1, 1, 2, 2, 3]), torch.zeros(5, dtype=torch.long)
+    pred = torch.tensor([0, 0, 0, 1, 1])  # Asia 2/2, Europe 1/2, Other 0/1 (excluded)
+    assert common.worst_group_acc(pred, labels, groups, names) == 50.0
+    assert math.isnan(common.worst_group_acc(pred[4:], labels[4:], groups[4:], names))
+
+
+def test_check_args_takes_a_one_value_c_sweep_and_every_seed_numpy_takes():
+    """--c-min equal to --c-max is a sweep of one C (refused only when min is above max); numpy seeds go up to
+    2**32 - 1, not just to the int32 limit."""
+    common.check_args(lpft.Args(dataset="embedded-tiny", c_min=1.0, c_max=1.0, num_c=1))
+    for seed in (2 ** 31, 2 ** 32 - 1):
+        common.check_args(lpft.Args(dataset="embedded-tiny", seed=seed))
+
+
+def test_recipe_keeps_a_flag_set_to_zero():
+    """`--lr 0` (a frozen-weights sanity run) is a flag the user set: only an unset flag (None) takes the recipe's."""
+    import ft
+
+    defaults = {"epochs": 5, "lr": 0.03, "batch_size": 64}
+    args = ft.Args(dataset="embedded-tiny", lr=0.0, epochs=1)
+    assert common.recipe(args, defaults) == {"epochs": 1, "lr": 0.0, "batch_size": 64}
+
+
+def test_describe_records_sizes_held_out_splits_recipe_and_class_names(tmp_path):
+    """Every results line carries the split sizes, the dataset's notes and the recipe; model.pt the class names
+    (WiSE-FT refuses a checkpoint trained on other classes); the log line says where val and test come from."""
+    from types import SimpleNamespace
+
+    info = {"val": "10% of train held out", "test": "the official val split", "root": "/data/x"}
+    dataset = SimpleNamespace(name="folder", backbone="embedded-clip-tiny", train=[0] * 10, val=[0] * 3, test=[0] * 4,
+                              ood={"sketch": [0] * 5}, info=info, classnames=("cat", "dog"))
+    results = common.Results(tmp_path, "ft", lpft.Args(dataset="embedded-tiny"), torch.device("cpu"))
+    lines, recipe = [], {"epochs": 2, "lr": 0.1, "batch_size": 4}
+    common.describe(dataset, results, lines.append, recipe)
+    sizes = {"id_train": 10, "id_val": 3, "id_test": 4, "ood_sketch": 5}
+    assert results.header["data"] == {"name": "folder", "backbone": "embedded-clip-tiny", "sizes": sizes, **info}
+    assert results.header["recipe"] == recipe and results.classnames == ["cat", "dog"]
+    assert lines == ["folder with embedded-clip-tiny: id_train 10, id_val 3, id_test 4, ood_sketch 5 (val: 10% of "
+                     "train held out; test: the official val split) | recipe: epochs 2, lr 0.1, batch_size 4"]
+
+
+def test_setup_makes_cpu_runs_deterministic_names_the_default_folder_and_logs_on_rank_0_only(tmp_path, monkeypatch,
+                                                                                            capsys):
+    """The same command gives the same numbers on CPU (deterministic algorithms, warnings only where an op has none);
+    runs/<method>/<dataset>/seed<seed> without --out; `log` prints on rank 0 only."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        device, results, log = common.setup(lpft.Args(dataset="embedded-tiny", seed=3), "lpft")
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    assert device == torch.device("cpu") and results.dir.as_posix() == "runs/lpft/embedded-tiny/seed3"
+    log("epoch 1")
+    monkeypatch.setattr(data, "rank_and_world", lambda: (1, 2))
+    log("epoch 1 again")
+    assert capsys.readouterr().out == "[lpft] epoch 1\n" and not list(tmp_path.iterdir())
+
+
+def test_split_features_extracts_only_the_splits_asked_for(monkeypatch):
+    """FLYP evaluates ID val every epoch (only=['id_val']): the other splits must not be extracted each time."""
+    from types import SimpleNamespace
+
+    dataset = SimpleNamespace(val="v", test="t", ood={"sketch": "s"})
+    seen = []
+    monkeypatch.setattr(common, "extract_features", lambda encoder, split, *a, **k: seen.append(split) or split)
+    assert common.split_features(None, dataset, "cpu", only=["id_val"]) == {"id_val": "v"} and seen == ["v"]
+    assert common.split_features(None, dataset, "cpu") == {"id_val": "v", "id_test": "t", "ood_sketch": "s"}
+
+
+def test_read_checkpoint_takes_a_saved_model_and_refuses_a_folder_or_missing_keys(tmp_path):
+    """A model.pt as Results.save_model writes it (header keys beside method, args and state_dict) is read; a folder
+    at the path is no checkpoint (not a torch.load traceback); a dict without `args` is not a model.pt."""
+    results = common.Results(tmp_path, "ft", lpft.Args(dataset="embedded-tiny"), torch.device("cpu"))
+    results.save_model(torch.nn.Linear(2, 1), step=3)
+    ckpt = common.read_checkpoint(tmp_path / "model.pt", "run ft.py --save")
+    assert ckpt["method"] == "ft" and ckpt["step"] == 3 and set(ckpt["state_dict"]) == {"weight", "bias"}
+    (tmp_path / "folder.pt").mkdir()
+    with pytest.raises(SystemExit, match="no fine-tuned checkpoint at .*folder.pt'; run ft.py --save"):
+        common.read_checkpoint(tmp_path / "folder.pt", "run ft.py --save")
+    torch.save({"method": "ft", "state_dict": {}}, tmp_path / "partial.pt")
+    with pytest.raises(SystemExit, match="is not a model.pt written by a method script's --save"):
+        common.read_checkpoint(tmp_path / "partial.pt", "run ft.py --save")
+
+
+def test_unreadable_recognises_a_web_page_after_whitespace_and_passes_old_pickles_errors_through(tmp_path):
+    """A saved page may start with a newline before '<'; a file in torch's pre-1.6 pickle format (b'\\x80') is a
+    PyTorch file: its own error says what is wrong with it."""
+    page, legacy = tmp_path / "page.pt", tmp_path / "legacy.pt"
+    page.write_bytes(b"\n  <!DOCTYPE html><html>Sign in</html>")
+    assert common.unreadable(page, RuntimeError("x")).endswith(", a web page (a login or error page saved instead?)")
+    torch.save({"w": torch.zeros(2)}, legacy, _use_new_zipfile_serialization=False)
+    legacy.write_bytes(legacy.read_bytes()[:40])
+    assert legacy.read_bytes()[:1] == b"\x80"
+    assert common.unreadable(legacy, EOFError("Ran out of input")) == "EOFError: Ran out of input"
+
+
+def test_tokenize_keeps_the_token_ids_of_texts_it_has_seen():
+    """FLYP and WiSE-FT rebuild a head from the same captions many times: the BPE runs once per tuple of texts."""
+    calls = []
+
+    def tokenizer(texts):
+        calls.append(texts)
+        return torch.tensor([[len(t)] for t in texts])
+
+    first = common.tokenize(tokenizer, ("a cat.", "a dog!"))
+    again = common.tokenize(tokenizer, ("a cat.", "a dog!"))
+    assert again is first and first.tolist() == [[6], [6]] and calls == [["a cat.", "a dog!"]]
+
+
+def test_data_fingerprint_covers_labels_and_each_files_modification_time(tmp_path):
+    """Array images (CIFAR-10, PCam) are their index and label only: new labels are a new split. An image edited in
+    place (same inode, same size) has a new modification time, whether the split holds its path as str or Path."""
+    import os
+    from types import SimpleNamespace
+
+    fp = common.data_fingerprint
+    idx = list(range(4))
+    assert fp(SimpleNamespace(items=idx, labels=torch.tensor([0, 1, 0, 1]))) != \
+        fp(SimpleNamespace(items=idx, labels=torch.tensor([1, 0, 1, 0])))
+    image = tmp_path / "a.png"
+    image.write_bytes(b"old pixels")
+    for item in (str(image), image):
+        split = SimpleNamespace(items=[item], labels=torch.tensor([0]))
+        before, st = fp(split), image.stat()
+        image.write_bytes(b"new pixels")  # same size, same inode
+        os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))  # a later time, whatever the clock's grain
+        assert image.stat().st_ino == st.st_ino and fp(split) != before
+
+
+def test_macro_f1_averages_over_the_classes_in_the_labels_only():
+    """F1 = 2tp / (2tp + fp + fn) per class of `labels`: predicted classes no image has (7, 8) are no classes of the
+    mean, and a label class never predicted (3) scores 0. By hand: class 0 tp 1, fn 1: 2/3; class 1: 1; class 2
+    tp 2, fp 1, fn 1: 2/3; class 3: 0."""
+    labels, pred = torch.tensor([0, 0, 1, 2, 2, 2, 3]), torch.tensor([0, 7, 1, 2, 8, 2, 2])
+    assert common.macro_f1(pred, labels) == pytest.approx(100 * (2 / 3 + 1 + 2 / 3 + 0) / 4)
+
+
+def test_embedded_clip_is_pretrained_once_into_its_cache_file_and_says_what_made_it(tmp_path, monkeypatch):
+    """No cached file: pretrain.py writes the config's cache file and its weights are what loads; with the file
+    there, nothing is pretrained again. The log names the torch, thread count and CPU that made the weights."""
+    import pretrain
+
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path))
+    cfg = common.EMBEDDED_BACKBONES["embedded-clip-tiny"]
+    made = {"cpu": "a test CPU", "threads": 3, "torch": "9.9"}
+    calls = []
+
+    def fake_pretrain(cfg_, path, log):  # weights any pretraining could give, without the 20 steps
+        calls.append(path)
+        torch.manual_seed(1)
+        model = common.EmbeddedCLIP(cfg_)
+        common.save_atomic({"state_dict": model.state_dict(), "made_with": made}, path)
+        return model  # as pretrain.pretrain does
+
+    monkeypatch.setattr(pretrain, "pretrain", fake_pretrain)
+    lines = []
+    first = common.load_embedded_clip("embedded-clip-tiny", log=lines.append)
+    again = common.load_embedded_clip("embedded-clip-tiny", log=lines.append)
+    assert calls == [common.embedded_cache_path(cfg)] and calls[0].parent == tmp_path
+    torch.manual_seed(1)
+    expected = common.EmbeddedCLIP(cfg).state_dict()
+    for model in (first, again):
+        assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    said = "embedded-clip-tiny pretrained with torch 9.9, 3 thread(s) on a test CPU"
+    assert lines.count(said) == 2 and sum(line.startswith("no cached embedded-clip-tiny") for line in lines) == 1

@@ -227,3 +227,50 @@ def test_only_rank_0_writes_results_checkpoints_and_the_done_marker(tmp_path, mo
     results.done({"step": 0, "metrics": record["metrics"]})
     assert record["processes"] == 2 and record["metrics"] == {"acc/id_val": 50.0}  # built, just not written
     assert list(tmp_path.iterdir()) == []
+
+
+def test_init_distributed_on_cpus_joins_with_gloo_and_leaves_the_group_at_exit(monkeypatch):
+    """A CPU rank keeps its device and joins with gloo (NCCL needs GPUs); the group is destroyed at exit."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    calls = {}
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: calls.update(backend=backend))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("a CPU rank set a CUDA device"))
+    monkeypatch.setattr(common.atexit, "register", lambda f: calls.update(at_exit=f))
+    assert common.init_distributed(torch.device("cpu")) == torch.device("cpu")
+    assert calls == {"backend": "gloo", "at_exit": torch.distributed.destroy_process_group}
+
+
+def test_init_distributed_leaves_a_group_that_is_already_joined_as_it_is(monkeypatch):
+    """A second init_process_group raises: a process that joined already (its launcher, a second main()) keeps its
+    group."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: pytest.fail("joined twice"))
+    monkeypatch.setattr(common.atexit, "register", lambda f: pytest.fail("a second exit handler"))
+    assert common.init_distributed(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_shares_and_gather_of_an_uneven_batch_over_three_ranks(monkeypatch):
+    """shard() and all_gather(x, total) split 7 rows over 3 ranks as BatchIndices does, 3 + 2 + 2 (chunk() would
+    give 3 + 3 + 1); the gather puts the rows back in order and the backward returns each rank's rows of the summed
+    gradient. One process stands in for the 3 ranks: all_gather and all_reduce are replaced by what gloo would do."""
+    rows, weights = torch.arange(21.0).reshape(7, 3), torch.linspace(-1, 1, 21).reshape(7, 3)
+    expected_shares = [[0, 1, 2], [3, 4], [5, 6]]  # by hand: the first 7 % 3 ranks get one row more
+
+    def gather(parts, tensor):  # every rank's share, padded to the longest, as each rank would send it
+        for part, idx in zip(parts, expected_shares):
+            part.copy_(torch.cat([rows[idx], rows.new_zeros(len(part) - len(idx), 3)]))
+
+    monkeypatch.setattr(torch.distributed, "all_gather", gather)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t: t.mul_(3))  # 3 ranks, each with the same loss
+    for rank in range(3):
+        monkeypatch.setattr(data, "rank_and_world", lambda rank=rank: (rank, 3))
+        assert common.shard(torch.arange(7)).tolist() == expected_shares[rank]
+        assert [b.tolist() for b in data.BatchIndices(7, 7, shuffle=False, drop_last=False)] == [expected_shares[rank]]
+        x = rows[expected_shares[rank]].clone().requires_grad_()
+        gathered = common.all_gather(x, total=7)
+        assert torch.equal(gathered, rows)
+        (gathered * weights).sum().backward()
+        torch.testing.assert_close(x.grad, 3 * weights[expected_shares[rank]])

@@ -16,7 +16,7 @@ import data
 import ft
 import lp
 import lpft
-from conftest import ROOT, read_results
+from conftest import ROOT, read_results, record_optimizers
 
 METHODS = ["zeroshot", "lp", "ft", "lpft", "l2sp", "flyp"]
 
@@ -155,18 +155,8 @@ def test_sgd_recipe_is_momentum_0_9_no_weight_decay_cosine_over_epochs_and_full_
     """The LP-FT code's optimiser for FT, L2-SP and LP-FT's stage 2: SGD over every parameter, momentum 0.9, weight
     decay 0, the learning rate constant within an epoch and annealed by a cosine over the epochs (epoch e of E at
     lr (1 + cos(pi (e - 1) / E)) / 2: lr, then lr / 2), drop-last batches of 64 (200 images: 3 steps an epoch)."""
-    made, steps = [], []  # the optimisers built; the learning rate of every step
-
-    class SGD(torch.optim.SGD):
-        def __init__(self, params, **kwargs):
-            super().__init__(params, **kwargs)
-            made.append(self)
-
-        def step(self, closure=None):
-            steps.append(self.param_groups[0]["lr"])
-            return super().step(closure)
-
-    monkeypatch.setattr(torch.optim, "SGD", SGD)
+    steps = []  # the learning rate of every step
+    made = record_optimizers(monkeypatch, "SGD", lambda opt: steps.append(opt.param_groups[0]["lr"]))
     module = importlib.import_module(method)
     module.main(module.Args(dataset="embedded-tiny", out=str(tmp_path), epochs=2, **FINE_TUNED[method]))
     (opt,) = made
@@ -203,7 +193,7 @@ class Stop(Exception):
     """Raised by a spy once it saw what a test needed: the run goes no further."""
 
 
-@pytest.mark.parametrize("method", ["zeroshot", "lp", "ft", "lpft", "l2sp"])
+@pytest.mark.parametrize("method", ["zeroshot", "lp", "ft", "lpft", "l2sp", "flyp"])
 def test_the_seed_picks_the_id_training_draw_and_the_order_of_the_batches(method, tmp_path, monkeypatch):
     """--seed is the seed of the data draw (data.load_dataset: which images train and validate) and of the shuffling
     generator; with either fixed, three seeds would differ in less than they claim."""
@@ -427,3 +417,37 @@ def test_feature_map_draws_the_checkpoints_fine_tuned_encoder(method):
     expected = backbone.clip.visual.state_dict() if method == "flyp" else tuned[0].state_dict()
     got = encoder.state_dict()
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_feature_map_cli_draws_the_seeds_checkpoints_in_the_pca_plane_of_all_pretrained_test_features(tmp_path,
+                                                                                                       monkeypatch):
+    """--seed picks the run folders, --points caps the arrows of each panel for ID and for OOD (here above the 100 ID
+    and 300 OOD test images: all of them), --out names the picture. The plane is the PCA of the pretrained ID and
+    OOD features together: the arrows' starts keep exactly the top two eigenvalues' share of their scatter."""
+    import matplotlib.axes
+
+    backbone = common.load_backbone("embedded-clip-tiny")
+    for method in ("ft", "lpft"):  # checkpoints at the pretrained weights: fast, and enough for the starts
+        path = tmp_path / method / "embedded-tiny" / "seed3" / "model.pt"
+        path.parent.mkdir(parents=True)
+        model = torch.nn.Sequential(backbone.encoder, torch.nn.Linear(backbone.encoder.output_dim, 10))
+        torch.save({"method": method, "args": {"backbone": None, "weights": None}, "state_dict": model.state_dict()},
+                   path)
+    starts = []  # the (x, y) starts of the arrows of each quiver call: ID, OOD of each panel
+    monkeypatch.setattr(matplotlib.axes.Axes, "quiver",
+                        lambda self, x, y, *a, **k: starts.append(torch.stack([torch.as_tensor(x),
+                                                                               torch.as_tensor(y)], 1)))
+    out = tmp_path / "picture.png"
+    monkeypatch.setattr(sys, "argv", ["feature_map.py", "--dataset", "embedded-tiny", "--root", str(tmp_path), "--seed",
+                                      "3", "--points", "1000", "--out", str(out), "--device", "cpu"])
+    runpy.run_path(str(ROOT / "feature_map.py"), run_name="__main__")
+    assert out.stat().st_size > 0 and not list(tmp_path.glob("*.png"))[1:]  # only --out was written
+    assert [len(s) for s in starts] == [100, 300, 100, 300]
+    dataset = data.load_dataset("embedded-tiny", seed=3)
+    feats = common.split_features(backbone.encoder, dataset, "cpu",
+                                  only=["id_test", *[f"ood_{k}" for k in dataset.ood]])
+    x = torch.cat(list(feats.values())).double()
+    x = x - x.mean(0)
+    top2 = torch.linalg.eigvalsh(x.T @ x)[-2:].sum().item()
+    for panel in (starts[:2], starts[2:]):
+        assert torch.cat(panel).double().pow(2).sum().item() == pytest.approx(top2, rel=1e-4)

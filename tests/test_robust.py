@@ -16,19 +16,34 @@ import l2sp
 import summarize
 import wiseft
 import zeroshot
-from conftest import read_results
+from conftest import read_results, record_models, record_optimizers
 
 
-def test_flyp_loss_equals_a_hand_computed_symmetric_clip_loss():
+@pytest.mark.parametrize("module_name", ["flyp", "flyp_fewshot"])
+@pytest.mark.parametrize("scale", [20.0, 200.0])  # 200: above open_clip's clamp at 100, which FLYP does not apply
+def test_flyp_loss_equals_a_hand_computed_symmetric_clip_loss(module_name, scale):
+    module = importlib.import_module(module_name)  # flyp_fewshot.py has its own copy of the loss
     g = torch.Generator().manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
     txt = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
-    log_scale = torch.tensor(math.log(20.0))
-    s = [[20.0 * sum(img[i, k].item() * txt[j, k].item() for k in range(8)) for j in range(5)] for i in range(5)]
+    log_scale = torch.tensor(math.log(scale))
+    s = [[scale * sum(img[i, k].item() * txt[j, k].item() for k in range(8)) for j in range(5)] for i in range(5)]
     image_to_text = [-(s[i][i] - math.log(sum(math.exp(s[i][j]) for j in range(5)))) for i in range(5)]
     text_to_image = [-(s[j][j] - math.log(sum(math.exp(s[i][j]) for i in range(5)))) for j in range(5)]
     expected = (sum(image_to_text) / 5 + sum(text_to_image) / 5) / 2
-    assert flyp.clip_loss(img, txt, log_scale).item() == pytest.approx(expected, rel=1e-5)
+    assert module.clip_loss(img, txt, log_scale).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_flyp_towers_hand_the_loss_l2_normalised_image_and_text_features():
+    """The CLIP loss takes cosines: both towers' outputs are normalised before it (the image tower's raw output is
+    what distortion measures, so the normalisation has to happen in Towers)."""
+    clip = common.load_backbone("embedded-clip-tiny").clip.eval()
+    images = torch.randn(3, 3, 32, 32)
+    texts = clip.tokenizer(["a circle.", "a drawing of a star.", "an image of a bar."])
+    image_features, text_features = flyp.Towers(clip, clip.visual, clip.encode_text)(images, texts)
+    raw_image, raw_text = clip.visual(images), clip.encode_text(texts)
+    torch.testing.assert_close(image_features, raw_image / raw_image.norm(dim=-1, keepdim=True))
+    torch.testing.assert_close(text_features, raw_text / raw_text.norm(dim=-1, keepdim=True))
 
 
 def test_flyp_captions_fill_each_template_with_each_class_name():
@@ -81,19 +96,73 @@ def test_flyp_pairs_each_image_with_a_caption_of_its_own_class_drawn_over_every_
 
 def test_flyp_steps_the_learning_rate_schedule_once_per_optimizer_step(tmp_path, monkeypatch):
     """The paper's schedule is per step (warmup, then cosine over all steps), not per epoch."""
-    lrs = []
-
-    class AdamW(torch.optim.AdamW):  # records the learning rate each step is taken with
-        def step(self, closure=None):
-            lrs.append(self.param_groups[0]["lr"])
-            return super().step(closure)
-
-    monkeypatch.setattr(torch.optim, "AdamW", AdamW)
+    lrs = []  # the learning rate each step is taken with
+    record_optimizers(monkeypatch, "AdamW", lambda opt: lrs.append(opt.param_groups[0]["lr"]))
     flyp.main(flyp.Args(dataset="embedded-tiny", out=str(tmp_path), epochs=2, batch_size=32, lr=1e-3, warmup=3,
                         device="cpu", compile="off"))
     total = 2 * (len(data.load_dataset("embedded-tiny").train) // 32)  # 12 steps: warmup, then cosine over the rest
     factor = flyp.cosine_lr(3, total)
     assert lrs == pytest.approx([1e-3 * factor(s) for s in range(total)], rel=1e-12)
+
+
+def test_flyp_optimizer_is_torchs_adamw_over_every_clip_parameter_stepping_on_this_steps_gradient(tmp_path,
+                                                                                                  monkeypatch):
+    """The FLYP code's optimiser: one AdamW group over both towers and the temperature, the recipe's weight decay
+    (embedded-tiny: 0.1), torch's default betas and eps; each step applies the gradient of that step's loss as
+    computed, neither accumulated over steps nor clipped, with the whole model in train mode every epoch (evaluation
+    puts the image tower in eval mode). The logged train_loss is the mean of the epoch's step losses."""
+    expected, losses, modes, loss = [], [], [], flyp.clip_loss
+    models = record_models(monkeypatch)
+
+    def before_step(opt):
+        scale, grad = expected[-1]
+        assert torch.equal(scale.grad, grad), f"step {len(expected)}"
+
+    def spy(image_features, text_features, logit_scale):  # the temperature's gradient of this loss alone
+        value = loss(image_features, text_features, logit_scale)
+        expected.append((logit_scale, torch.autograd.grad(value, logit_scale, retain_graph=True)[0]))
+        losses.append(value.item())
+        modes.append(all(m.training for m in models[0].modules()))
+        return value
+
+    made = record_optimizers(monkeypatch, "AdamW", before_step)
+    monkeypatch.setattr(flyp, "clip_loss", spy)
+    flyp.main(flyp.Args(dataset="embedded-tiny", out=str(tmp_path), epochs=2, batch_size=32, device="cpu",
+                        compile="off"))
+    (opt,) = made
+    (group,) = opt.param_groups
+    assert len(group["params"]) == len(list(common.load_backbone("embedded-clip-tiny").clip.parameters()))
+    assert any(p is expected[0][0] for p in group["params"])  # the temperature trains in the same group
+    assert (group["weight_decay"], group["betas"], group["eps"], group["amsgrad"]) == (0.1, (0.9, 0.999), 1e-8, False)
+    steps = 200 // 32  # full batches of 32 of the 200 training images, per epoch
+    assert len(expected) == 2 * steps and modes == [True] * 2 * steps
+    epochs = [r["train_loss"] for r in read_results(tmp_path)[:2]]
+    assert epochs == pytest.approx([sum(losses[:steps]) / steps, sum(losses[steps:]) / steps], rel=1e-5)
+
+
+def test_flyp_trains_every_weight_in_train_mode_and_evaluates_with_the_current_text_towers_head(tmp_path,
+                                                                                               monkeypatch):
+    """Both towers train (token embedding and projection too), BatchNorm statistics move (train mode, as the FLYP
+    code); every evaluation uses the zero-shot head of the text tower as it is then, not the pretrained one; the
+    logged logit_scale is the temperature's exp, the scale that multiplies the cosines."""
+    models, evaluate, heads = record_models(monkeypatch), common.evaluate, []
+
+    def scripted(features, classify, dataset, ref, device):
+        (clip,) = models
+        now = common.zeroshot_head(clip, clip.tokenizer, dataset.classnames, dataset.templates, "cpu").weight
+        heads.append(torch.allclose(classify.weight, now, rtol=1e-5, atol=1e-6))
+        return evaluate(features, classify, dataset, ref, device)
+
+    monkeypatch.setattr(common, "evaluate", scripted)
+    flyp.main(flyp.Args(dataset="embedded-tiny", out=str(tmp_path), epochs=1, save=True, device="cpu",
+                        compile="off"))
+    assert heads == [True, True]  # epoch 1's selection, then the final scores
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
+    start = common.load_backbone("embedded-clip-tiny").clip.state_dict()
+    assert saved.keys() == start.keys()
+    assert [k for k in start if torch.equal(saved[k], start[k])] == []  # weights, biases, running statistics
+    epoch = read_results(tmp_path)[0]
+    assert epoch["logit_scale"] == pytest.approx(math.exp(saved["logit_scale"].item()), rel=1e-6)
 
 
 def l2sp_model():
@@ -187,6 +256,14 @@ def test_wiseft_endpoints_give_back_zeroshot_and_flyp_exactly(tmp_path, monkeypa
     assert records[-1]["metrics"]["distortion/id_test"] > 0  # the endpoints differ, so the check has teeth
     done = json.loads((tmp_path / "wise" / "done").read_text())
     assert done["method"] == "wiseft-flyp" and done["alpha"] == 0.5 and done["metrics"] == records[5]["metrics"]
+
+
+def test_zeroshot_records_its_template_count_and_no_distortion(tmp_path):
+    """The embedded world's head averages its four templates; the features are the pretrained ones: distortion 0."""
+    record = zeroshot.main(zeroshot.Args(dataset="embedded-tiny", out=str(tmp_path), device="cpu", compile="off"))
+    assert record["templates"] == 4 == read_results(tmp_path)[0]["templates"]
+    assert {k: v for k, v in record["metrics"].items() if k.startswith("distortion/")} == {
+        f"distortion/{s}": 0.0 for s in ("id_val", "id_test", "ood_sketch", "ood_painting", "ood_neon", "ood_avg")}
 
 
 def test_wiseft_of_ft_from_the_zeroshot_head(tmp_path):
@@ -300,6 +377,68 @@ def test_fewshot_keeps_the_step_with_the_lowest_validation_loss_zeroshot_start_i
         assert len(r["val_losses"]) == 5 and r["selected_step"] == min(range(5), key=r["val_losses"].__getitem__)
         if r["selected_step"] == 0:
             assert r["metrics"] == zs["metrics"]
+
+
+def test_fewshot_schedule_is_a_cosine_to_zero_without_warmup():
+    import flyp_fewshot
+
+    f = flyp_fewshot.cosine_lr(20)
+    assert f(0) == 1.0 and f(10) == pytest.approx(0.5) and f(20) == pytest.approx(0.0, abs=1e-12)
+    assert f(5) == pytest.approx((1 + math.sqrt(0.5)) / 2)  # cos(pi / 4)
+
+
+def test_fewshot_steps_adamw_in_train_mode_on_normalised_features_and_captions_of_every_template(tmp_path,
+                                                                                                 monkeypatch):
+    """Each full-batch step: AdamW with the recipe's weight decay (embedded-tiny: lr 1e-3, 0.1) at the cosine
+    schedule's rate of that step; the CLIP loss on L2-normalised features of a model in train mode; every image's
+    caption names its class (k = 4 of each class per step) with a template drawn from all of them."""
+    import flyp_fewshot
+
+    lrs, modes, norms, captions = [], [], [], []
+    dataset = data.load_dataset("embedded-tiny")
+    tokenizer = common.load_backbone("embedded-clip-tiny").tokenizer
+    caption_of = {tuple(tokenizer([t.format(c)])[0].tolist()): (i, j)  # token ids -> (class, template)
+                  for i, c in enumerate(dataset.classnames) for j, t in enumerate(dataset.templates)}
+
+    models, loss, encode_text = record_models(monkeypatch), flyp_fewshot.clip_loss, common.EmbeddedCLIP.encode_text
+
+    def spy(image_features, text_features, logit_scale):
+        modes.append(all(m.training for m in models[0].modules()))
+        norms.append(torch.cat([image_features.norm(dim=-1), text_features.norm(dim=-1)]))
+        return loss(image_features, text_features, logit_scale)
+
+    def text(self, tokens, normalize=False):
+        if normalize:  # the training captions (the zero-shot head embeds its captions unnormalised)
+            captions.append([caption_of[tuple(t)] for t in tokens.tolist()])
+        return encode_text(self, tokens, normalize=normalize)
+
+    made = record_optimizers(monkeypatch, "AdamW", lambda opt: lrs.append(opt.param_groups[0]["lr"]))
+    monkeypatch.setattr(flyp_fewshot, "clip_loss", spy)
+    monkeypatch.setattr(common.EmbeddedCLIP, "encode_text", text)
+    flyp_fewshot.main(flyp_fewshot.Args(dataset="embedded-tiny", out=str(tmp_path), steps=4, draws=1, shots=4,
+                                        device="cpu", compile="off"))
+    (opt,) = made
+    assert opt.param_groups[0]["weight_decay"] == 0.1
+    assert lrs == pytest.approx([1e-3 * (1 + math.cos(math.pi * s / 4)) / 2 for s in range(4)], rel=1e-12)
+    assert modes == [True] * 4
+    torch.testing.assert_close(torch.cat(norms), torch.ones(4 * 2 * 40))
+    assert len(captions) == 4
+    for step in captions:
+        assert torch.equal(torch.bincount(torch.tensor([c for c, _ in step])), torch.full((10,), 4))
+    assert {t for step in captions for _, t in step} == set(range(len(dataset.templates)))
+
+
+def test_fewshot_scores_the_selected_steps_weights_not_the_last_steps(tmp_path):
+    """At lr 0.1 the one AdamW step raises the validation loss (2.35 -> 2.73), so the zero-shot start is kept: the
+    draw's scores must be the zero-shot model's, not those of the weights the last step left."""
+    import flyp_fewshot
+
+    zs = zeroshot.main(zeroshot.Args(dataset="embedded-tiny", out=str(tmp_path / "zs"), device="cpu", compile="off"))
+    flyp_fewshot.main(flyp_fewshot.Args(dataset="embedded-tiny", out=str(tmp_path / "fs"), steps=1, draws=1, shots=4,
+                                        lr=0.1, device="cpu", compile="off"))
+    (record,) = read_results(tmp_path / "fs")
+    assert record["selected_step"] == 0 and record["val_losses"][0] < record["val_losses"][1]
+    assert record["metrics"] == zs["metrics"]
 
 
 def test_fewshot_draws_k_examples_of_every_class():
