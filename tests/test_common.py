@@ -1,16 +1,31 @@
 """Shared pieces: the embedded model cache, the argument parser, results, selection, distortion, precision."""
+import csv
 import dataclasses
 import json
 import math
+import os
+import random
+import shutil
+import statistics
+import subprocess
 import sys
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+import torch.nn as nn
+from PIL import Image
 
+import bench
 import common
 import data
+import ft
+import l2sp
 import lpft
-from conftest import read_results, record_optimizers
+import pretrain
+import summarize
+from conftest import ROOT, read_results, record_optimizers
 
 
 def test_embedded_model_is_cached_by_config(model_cache):
@@ -51,9 +66,6 @@ def test_parse_args_documents_every_field(capsys):
 
 def test_boolean_flags_take_a_no_form():
     """Booleans get --flag and --no-flag (a command line built from variables can say either; the last one wins)."""
-    import ft
-    import l2sp
-
     assert common.parse_args(ft.Args, []).save is False and common.parse_args(ft.Args, ["--save"]).save is True
     assert common.parse_args(ft.Args, ["--save", "--no-save"]).save is False
     assert common.parse_args(l2sp.Args, ["--all-params"]).all_params is True
@@ -62,10 +74,6 @@ def test_boolean_flags_take_a_no_form():
 def test_setup_seeds_python_numpy_and_torch_with_the_runs_seed(tmp_path):
     """Every random choice of a run outside the data draw (FT's fresh head, L2-SP's, dropout) follows --seed: the
     same seed draws the same numbers from random, numpy and torch, another seed other numbers."""
-    import random
-
-    import numpy as np
-
     draws = []
     for seed in (1, 1, 2):
         common.setup(lpft.Args(dataset="embedded-tiny", seed=seed, out=str(tmp_path)), "lpft")
@@ -109,7 +117,6 @@ def test_distortion():
 
 def test_heads_are_scored_in_fp32_even_under_bf16_autocast():
     # Two classes whose logits differ by 2^-10 relative: bf16 rounds the weights equal and argmax takes class 0
-    from types import SimpleNamespace
     head = torch.nn.Linear(1, 2, bias=False)
     with torch.no_grad():
         head.weight.copy_(torch.tensor([[1.0], [1.0 + 2 ** -10]]))
@@ -125,7 +132,6 @@ def test_heads_are_scored_in_fp32_even_under_bf16_autocast():
 def test_evaluate_measures_distortion_relative_to_the_pretrained_features():
     """distortion/<split> is how far the current features moved, over the squared norm of the pretrained ones (`ref`):
     features that doubled moved by exactly their pretrained norm, 1.0 (over their own norm it would be 0.25)."""
-    from types import SimpleNamespace
     ref = torch.randn(40, 6)
     split = SimpleNamespace(labels=torch.zeros(40, dtype=torch.long), classes=None, groups=None)
     ds = SimpleNamespace(val=split, test=split, ood={"shift": split}, metric="acc")
@@ -176,10 +182,6 @@ def test_every_rerun_keeps_each_earlier_run_aside(tmp_path):
 def test_git_commit_holds_the_code_that_runs_or_says_it_does_not(tmp_path, monkeypatch):
     """HEAD for a clean checkout; "-dirty" for a new, untracked method script beside common.py; None for a copy of
     common.py inside another project's repository (its commits do not hold our code)."""
-    import os
-    import shutil
-    import subprocess
-
     if shutil.which("git") is None:
         pytest.skip("no git")
     for name in [k for k in os.environ if k.startswith("GIT_")]:  # in a git hook they point at the project's repo
@@ -213,13 +215,6 @@ def test_git_commit_holds_the_code_that_runs_or_says_it_does_not(tmp_path, monke
 def test_summary_table_rebuilds_the_checked_in_golden_table(tmp_path):
     """Golden test: the fake results under tests/data/fake_runs (fixtures, not measurements) give exactly the
     checked-in table, published numbers beside ours included; the pictures and the CSV get written."""
-    import shutil
-    import subprocess
-    import sys
-
-    import summarize
-    from conftest import ROOT
-
     data_dir = ROOT / "tests" / "data"
     markdown, rows = summarize.build_table(summarize.load_runs(data_dir / "fake_runs"))
     assert markdown + "\n" == (data_dir / "golden_summary.md").read_text()
@@ -249,13 +244,6 @@ def test_a_rerun_that_fails_before_its_first_evaluation_leaves_the_finished_run_
 def test_summary_csv_holds_each_columns_mean_and_90_percent_ci_over_seeds(tmp_path, monkeypatch):
     """summary.csv carries the table's numbers for other tools: per column the mean over the seeds' `done` records
     and the 90% CI 1.645 * sample std / sqrt(n), the seed count, and the paper's number where there is one."""
-    import csv
-    import shutil
-    import statistics
-
-    import summarize
-    from conftest import ROOT
-
     shutil.copytree(ROOT / "tests" / "data" / "fake_runs", tmp_path / "runs")
     monkeypatch.setattr(sys, "argv", ["summarize.py", str(tmp_path / "runs"), "--no-plots"])
     summarize.main()
@@ -276,21 +264,14 @@ def test_summary_csv_holds_each_columns_mean_and_90_percent_ci_over_seeds(tmp_pa
 
 def test_summarize_refuses_to_average_two_runs_of_one_seed(tmp_path):
     """A sweep run beside the recipe's runs would enter the table as one more seed."""
-    import shutil
-
-    import summarize
-    from conftest import ROOT
-
     shutil.copytree(ROOT / "tests" / "data" / "fake_runs", tmp_path / "runs")
     shutil.copytree(tmp_path / "runs" / "ft" / "embedded" / "seed0", tmp_path / "runs" / "ft-lr1e-4" / "seed0")
     with pytest.raises(SystemExit, match="are both ft on embedded with seed 0") as e:
         summarize.load_runs(tmp_path / "runs")
     assert "its own name" in str(e.value) and f"move one run out of {tmp_path / 'runs'}," in str(e.value)
 
-def test_summary_shows_iwildcams_macro_f1_and_fmows_worst_region_accuracy(tmp_path):
-    import summarize
-    from conftest import ROOT
 
+def test_summary_shows_iwildcams_macro_f1_and_fmows_worst_region_accuracy(tmp_path):
     metrics = {"iwildcam": {"acc/id_test": 70.0, "acc/ood_test": 60.0, "acc/ood_avg": 60.0, "macro_f1/id_test": 40.0,
                             "macro_f1/ood_test": 30.0, "macro_f1/ood_avg": 30.0},
                "fmow": {"acc/id_test": 55.0, "acc/ood_test": 50.0, "acc/ood_avg": 50.0, "worst_region_acc/id_test": 45.0,
@@ -316,14 +297,9 @@ def test_summary_shows_iwildcams_macro_f1_and_fmows_worst_region_accuracy(tmp_pa
         summarize.plot(summarize.load_runs(tmp_path), d, tmp_path)  # the WiSE-FT curve in that metric too
         assert (tmp_path / f"{d}_id_ood.png").stat().st_size > 0
 
+
 def test_summarize_imports_no_torch(tmp_path):
     """The table is JSON in, markdown out: importing torch would make it take seconds (run_all.sh ends with it)."""
-    import shutil
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
     shutil.copytree(ROOT / "tests" / "data" / "fake_runs", tmp_path / "runs")
     code = ("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
@@ -335,11 +311,6 @@ def test_summarize_imports_no_torch(tmp_path):
 
 def test_summarize_draws_no_id_vs_ood_picture_for_a_dataset_without_ood_sets(tmp_path):
     """PCam and SST-2 (FLYP's few-shot benchmarks) have no OOD test set: a table row, and no crash in the plots."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
     run = tmp_path / "runs" / "flyp-fewshot" / "pcam" / "seed0"
     run.mkdir(parents=True)
     (run / "done").write_text(json.dumps({"method": "flyp-fewshot", "dataset": "pcam", "seed": 0, "step": 0,
@@ -353,12 +324,6 @@ def test_summarize_draws_no_id_vs_ood_picture_for_a_dataset_without_ood_sets(tmp
 
 def test_bench_cpu_writes_its_table_and_json(tmp_path):
     """bench.py --device cpu runs end to end (1 timed step per cell) and its LP solver matches scikit-learn."""
-    import json
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
     proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--device", "cpu", "--steps", "1", "--out",
                            str(tmp_path / "bench.json"), "--profile", str(tmp_path / "profile.txt")],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -373,12 +338,6 @@ def test_bench_cpu_writes_its_table_and_json(tmp_path):
 
 def test_bench_only_measures_the_parts_named(tmp_path, monkeypatch):
     """--only: a lent GPU's script measures ViT-B/16, FLYP and LP first and the other model last, in two calls."""
-    import sys
-
-    import torch.nn as nn
-
-    import bench
-
     def tiny():
         return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
 
@@ -404,9 +363,6 @@ def test_pretrained_features_of_real_data_are_cached_on_disk_and_keyed(tmp_path,
     """Real datasets' pretrained features are computed once: a second call reads the cache (here proven by changing
     the encoder, which the cache key deliberately does not see: it keys on the weights file, never edited in place).
     The ID training split's key depends on the seed (one random augmented view per image); the others do not."""
-    import numpy as np
-    from PIL import Image
-
     monkeypatch.setenv("RFT_CACHE", str(tmp_path / "cache"))
     for split in ("train", "test", "night"):
         for c in ("cat", "dog"):
@@ -441,11 +397,6 @@ def test_feature_cache_key_changes_with_the_backbone_and_with_its_weights_file_r
     """Features cached under one backbone are never read for another: the key covers the backbone's identity, and a
     weights file's identity covers its modification time (a new download of the same size, under the same name).
     Images decoded on the GPU (other pixels than PIL's) get a key of their own."""
-    import os
-
-    import numpy as np
-    from PIL import Image
-
     for split in ("train", "test"):
         for c in ("cat", "dog"):
             (tmp_path / "d" / split / c).mkdir(parents=True)
@@ -517,12 +468,6 @@ def test_progress_in_a_log_file_is_plain_lines(monkeypatch, capsys):
 def test_bench_keeps_measuring_after_a_cell_fails(tmp_path, monkeypatch, capsys):
     """A failing measurement (here FLYP on our path) is written as its error and the exit status says so, but every
     other cell is still measured and written: on a lent GPU one bug must not cost the other numbers."""
-    import sys
-
-    import torch.nn as nn
-
-    import bench
-
     def tiny():
         return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
 
@@ -553,8 +498,6 @@ def test_wiseft_curve_of_iwildcams_picture_is_macro_f1_averaged_over_seeds_in_al
     """iWildCam's ID-vs-OOD picture plots macro-F1, so its WiSE-FT curve must be macro-F1 too (here far from the
     accuracy), the mean over seeds at each alpha, and drawn from alpha 0 to 1 whatever order the results list."""
     import matplotlib.pyplot as plt
-
-    import summarize
 
     def metrics(seed, alpha):
         return {"acc/id_test": 90 - 10 * alpha, "acc/ood_test": 80.0, "acc/ood_avg": 80.0,
@@ -643,8 +586,6 @@ def test_classification_head_adds_its_bias_to_logits_of_normalised_features():
 
 def test_pretraining_loss_is_the_symmetric_clip_loss():
     """CLIP's InfoNCE averages image->text and text->image cross-entropies over cosine logits times exp(scale)."""
-    import pretrain
-
     torch.manual_seed(0)
     img, txt, log_scale = torch.randn(4, 6) * 3, torch.randn(4, 6), torch.tensor(1.5)
     logits = math.exp(1.5) * torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1).T
@@ -656,8 +597,6 @@ def test_pretraining_loss_is_the_symmetric_clip_loss():
 def test_pretraining_captions_are_the_tokens_of_fresh_captions_also_when_memoised():
     """Captions are re-drawn per step and their tokens memoised: a later batch, partly from the memo, still gets
     each image's own caption's tokens (data.caption with the same generator, tokenised directly)."""
-    import pretrain
-
     tokenizer = common.load_backbone("embedded-clip-tiny").tokenizer
     shape, domain, colour = torch.tensor([0, 3, 3, 7]), torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 5, 0])
     g, replay, memo = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0), {}
@@ -676,8 +615,6 @@ def test_pretraining_recipe_is_adamw_with_an_undecayed_temperature_5pc_warmup_th
                                                                                                   monkeypatch):
     """docs/embedded.md: AdamW at the config's lr (3e-3) and weight decay (0.1), none on the temperature (open_clip's
     exclusion), 5% linear warmup then cosine to 0, per step; each step applies that step's gradient alone."""
-    import pretrain
-
     lrs, expected, loss = [], [], pretrain.clip_loss
 
     def before_step(opt):
@@ -707,8 +644,6 @@ def test_pretraining_recipe_is_adamw_with_an_undecayed_temperature_5pc_warmup_th
 def test_pretraining_clamps_the_temperature_to_at_most_100_as_open_clip(tmp_path, monkeypatch):
     """A learning rate of 100 throws the log-temperature ~100 per Adam step: after every step it is back in
     [0, log 100] (a scale of 1 to 100), as open_clip clamps it."""
-    import pretrain
-
     seen, loss = [], pretrain.clip_loss
     monkeypatch.setattr(pretrain, "clip_loss", lambda i, t, scale: seen.append(scale.item()) or loss(i, t, scale))
     cfg = dataclasses.replace(MICRO, steps=4, lr=100.0)
@@ -721,8 +656,6 @@ def test_pretraining_is_seeded_trains_batchnorm_in_train_mode_and_saves_the_trai
     """The config's seed fixes the weights whatever the global RNG was; the corpus holds all four domains
     (docs/embedded.md); the file holds the model pretraining returns (not its initialisation), BatchNorm statistics
     included, and load_embedded_clip's keys."""
-    import pretrain
-
     cfg = dataclasses.replace(MICRO, steps=5)
     models, corpora, generate = [], [], data.generate
     monkeypatch.setattr(data, "generate", lambda *a, **k: corpora.append(generate(*a, **k)) or corpora[-1])
@@ -776,8 +709,6 @@ def test_progress_says_nothing_from_ranks_other_than_0(monkeypatch, capsys):
 def test_plain_progress_prints_at_most_one_line_per_interval(monkeypatch, capsys):
     """The interval counts from the last line printed, not from the start: else, once past the first interval, a
     line would be printed for every item (millions of lines in a feature pass's log)."""
-    from types import SimpleNamespace
-
     clock = iter([0.0, 10.0, 70.0, 80.0, 140.0])  # the start, then after each of 4 items
     monkeypatch.setattr(common, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     assert list(common.progress(iter("abcd"), "features", total=4)) == list("abcd")
@@ -789,13 +720,6 @@ def test_bench_ratios_and_shares_are_against_the_baseline_of_the_same_run(tmp_pa
     """Each ratio of the report and table is ours over the eager fp32 baseline (speed-up > 1 = ours faster), the JPEG
     rate a share of our synthetic rate, MFU our rate times the FLOPs of a step over the device's peak; measurements
     stubbed with known rates."""
-    import sys
-    from types import SimpleNamespace
-
-    import torch.nn as nn
-
-    import bench
-
     def tiny():
         return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
 
@@ -826,12 +750,6 @@ def test_bench_data_wait_share_is_a_share_of_the_timed_steps(monkeypatch):
     """The share of step time spent waiting for data is waited seconds over elapsed seconds of the timed steps (not
     the warm-up ones), on a clock the test drives: each batch takes 0.3 s to arrive and each step 0.1 s, so 75%
     waiting and 2 images / 0.4 s."""
-    from types import SimpleNamespace
-
-    import torch.nn as nn
-
-    import bench
-
     now = [0.0]
     monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: now[0]))
 
@@ -850,8 +768,6 @@ def test_bench_data_wait_share_is_a_share_of_the_timed_steps(monkeypatch):
 
 
 def test_bench_lp_sweep_speedup_is_sklearns_time_over_ours():
-    import bench
-
     report = bench.lp_sweep(torch.device("cpu"), 200, 4, 3, 2)
     assert report["speedup"] == report["sklearn_s"] / report["ours_s"]
     assert report["acc_gap"] == abs(report["test_acc_ours"] - report["test_acc_sklearn"])
@@ -859,8 +775,6 @@ def test_bench_lp_sweep_speedup_is_sklearns_time_over_ours():
 
 def test_eval_splits_names_val_test_and_each_ood_set_in_a_fixed_order():
     """Selection reads acc/id_val: a split under another's name would select on the test set (or report val as test)."""
-    from types import SimpleNamespace
-
     val, test, sketch, real = object(), object(), object(), object()
     splits = common.eval_splits(SimpleNamespace(val=val, test=test, ood={"sketch": sketch, "real": real}))
     assert list(splits.items()) == [("id_val", val), ("id_test", test), ("ood_sketch", sketch), ("ood_real", real)]
@@ -886,8 +800,6 @@ def test_check_args_takes_a_one_value_c_sweep_and_every_seed_numpy_takes():
 
 def test_recipe_keeps_a_flag_set_to_zero():
     """`--lr 0` (a frozen-weights sanity run) is a flag the user set: only an unset flag (None) takes the recipe's."""
-    import ft
-
     defaults = {"epochs": 5, "lr": 0.03, "batch_size": 64}
     args = ft.Args(dataset="embedded-tiny", lr=0.0, epochs=1)
     assert common.recipe(args, defaults) == {"epochs": 1, "lr": 0.0, "batch_size": 64}
@@ -896,8 +808,6 @@ def test_recipe_keeps_a_flag_set_to_zero():
 def test_describe_records_sizes_held_out_splits_recipe_and_class_names(tmp_path):
     """Every results line carries the split sizes, the dataset's notes and the recipe; model.pt the class names
     (WiSE-FT refuses a checkpoint trained on other classes); the log line says where val and test come from."""
-    from types import SimpleNamespace
-
     info = {"val": "10% of train held out", "test": "the official val split", "root": "/data/x"}
     dataset = SimpleNamespace(name="folder", backbone="embedded-clip-tiny", train=[0] * 10, val=[0] * 3, test=[0] * 4,
                               ood={"sketch": [0] * 5}, info=info, classnames=("cat", "dog"))
@@ -933,8 +843,6 @@ def test_setup_makes_cpu_runs_deterministic_names_the_default_folder_and_logs_on
 
 def test_split_features_extracts_only_the_splits_asked_for(monkeypatch):
     """FLYP evaluates ID val every epoch (only=['id_val']): the other splits must not be extracted each time."""
-    from types import SimpleNamespace
-
     dataset = SimpleNamespace(val="v", test="t", ood={"sketch": "s"})
     seen = []
     monkeypatch.setattr(common, "extract_features", lambda encoder, split, *a, **k: seen.append(split) or split)
@@ -985,9 +893,6 @@ def test_tokenize_keeps_the_token_ids_of_texts_it_has_seen():
 def test_data_fingerprint_covers_labels_and_each_files_modification_time(tmp_path):
     """Array images (CIFAR-10, PCam) are their index and label only: new labels are a new split. An image edited in
     place (same inode, same size) has a new modification time, whether the split holds its path as str or Path."""
-    import os
-    from types import SimpleNamespace
-
     fp = common.data_fingerprint
     idx = list(range(4))
     assert fp(SimpleNamespace(items=idx, labels=torch.tensor([0, 1, 0, 1]))) != \
@@ -1013,8 +918,6 @@ def test_macro_f1_averages_over_the_classes_in_the_labels_only():
 def test_embedded_clip_is_pretrained_once_into_its_cache_file_and_says_what_made_it(tmp_path, monkeypatch):
     """No cached file: pretrain.py writes the config's cache file and its weights are what loads; with the file
     there, nothing is pretrained again. The log names the torch, thread count and CPU that made the weights."""
-    import pretrain
-
     monkeypatch.setenv("RFT_CACHE", str(tmp_path))
     cfg = common.EMBEDDED_BACKBONES["embedded-clip-tiny"]
     made = {"cpu": "a test CPU", "threads": 3, "torch": "9.9"}
