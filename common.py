@@ -120,7 +120,17 @@ def load_embedded_clip(name, log=print):
     made = saved.get("made_with")  # every number depends on these (README, "How fragile these numbers are")
     if made:
         log(f"{name} pretrained with torch {made['torch']}, {made['threads']} thread(s) on {made['cpu']}")
+        recipe = pretrain_source_hash()  # the cache is keyed by the config only: an edited recipe would go unseen
+        if made.get("pretrain.py") and recipe and made["pretrain.py"] != recipe:
+            log(f"note: pretrain.py has changed since {path} was pretrained; the cached model is what loads "
+                f"(`python pretrain.py --backbone {name} --force` pretrains it again)")
     return model
+
+
+def pretrain_source_hash():
+    """A hash of pretrain.py's source, which a cached embedded model records (None where pretrain.py is absent)."""
+    path = Path(__file__).with_name("pretrain.py")
+    return hashlib.sha1(path.read_bytes()).hexdigest()[:12] if path.exists() else None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Shared pieces: the embedded model cache, the argument parser, results, selection, distortion, precision."""
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -667,6 +668,7 @@ def test_pretraining_is_seeded_trains_batchnorm_in_train_mode_and_saves_the_trai
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert all(torch.equal(a["state_dict"][k], v) for k, v in models[0].state_dict().items())
     assert a["config"]["steps"] == 5 and a["config"]["seed"] == cfg.seed
+    assert a["made_with"]["pretrain.py"] == hashlib.sha1((ROOT / "pretrain.py").read_bytes()).hexdigest()[:12]
     assert [sorted(set(c["domain"].tolist())) for c in corpora] == [[0, 1, 2, 3]] * 2  # photo, sketch, painting, neon
     fresh = common.EmbeddedCLIP(cfg).state_dict()  # untrained weights, BatchNorm statistics 0 and 1
     assert [k for k in fresh if torch.equal(a["state_dict"][k], fresh[k])] == []
@@ -941,3 +943,19 @@ def test_embedded_clip_is_pretrained_once_into_its_cache_file_and_says_what_made
         assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
     said = "embedded-clip-tiny pretrained with torch 9.9, 3 thread(s) on a test CPU"
     assert lines.count(said) == 2 and sum(line.startswith("no cached embedded-clip-tiny") for line in lines) == 1
+
+
+def test_a_cached_embedded_model_made_by_another_pretrain_py_is_loaded_with_a_note_saying_so(tmp_path, monkeypatch):
+    """The cache is keyed by the config: a student who edits pretrain.py would otherwise get the old model without a
+    word. Made by this pretrain.py (or by one too old to record it): no note."""
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path))
+    cfg = common.EMBEDDED_BACKBONES["embedded-clip-tiny"]
+    this = hashlib.sha1((ROOT / "pretrain.py").read_bytes()).hexdigest()[:12]
+    for recorded, noted in (("0" * 12, True), (this, False), (None, False)):
+        made = {"cpu": "a test CPU", "threads": 1, "torch": "9.9", **({"pretrain.py": recorded} if recorded else {})}
+        common.save_atomic({"state_dict": common.EmbeddedCLIP(cfg).state_dict(), "made_with": made},
+                           common.embedded_cache_path(cfg))
+        lines = []
+        common.load_embedded_clip("embedded-clip-tiny", log=lines.append)
+        notes = [line for line in lines if line.startswith("note: pretrain.py has changed")]
+        assert len(notes) == noted and all("python pretrain.py --backbone embedded-clip-tiny --force" in n for n in notes)
