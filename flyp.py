@@ -107,6 +107,13 @@ class Towers(nn.Module):
         return F.normalize(self.encode_image(images), dim=-1), self.encode_text(texts, normalize=True)
 
 
+def check_contrastive_batch(batch_size):
+    """Each image's negatives are the other captions of its batch: a batch of one has none, its loss is always 0."""
+    if batch_size < 2:
+        raise SystemExit(f"error: --batch-size {batch_size}: FLYP's contrastive loss needs at least 2 image-caption "
+                         "pairs per batch (with 1, the loss is 0 and nothing trains); pass --batch-size 2 or more")
+
+
 def cosine_lr(warmup, total_steps):
     """Learning-rate factor per step: linear warmup, then cosine decay to 0 (the FLYP / WiSE-FT code)."""
     def factor(step):
@@ -125,6 +132,7 @@ def main(args):
     device, results, log = common.setup(args, "flyp", clip_for="FLYP")
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
     recipe = common.recipe(args, RECIPES[dataset.name])  # flags override the dataset's recipe
+    check_contrastive_batch(recipe["batch_size"])
     common.describe(dataset, results, log, recipe)
     backbone = common.load_backbone(dataset.backbone, args.weights, log=log)
     model = common.to_device(backbone.clip, device)  # the whole CLIP trains
