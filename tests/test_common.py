@@ -360,6 +360,22 @@ def test_bench_only_measures_the_parts_named(tmp_path, monkeypatch):
             bench.main()
 
 
+def test_gpu_checks_script_parses_and_names_only_what_exists_on_cuda():
+    """benchmarks/gpu_checks.sh runs once, on a lent GPU: a bench part or a script renamed since would waste that
+    session. It is valid bash, every file it runs exists, and every --only part is one of bench.py's CUDA parts."""
+    script = ROOT / "benchmarks" / "gpu_checks.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    (first, _), *rest = bench.models(torch.device("cuda")).items()  # builders only: nothing is built
+    parts = {first, "flyp", "lp", *(name for name, _ in rest)}
+    asked = [p for line in text.splitlines() if "bench.py" in line and "--only" in line
+             for p in line.split("--only")[1].split("--")[0].split()]
+    assert len(asked) == 4 and set(asked) == parts, asked  # every part measured, none unknown
+    methods = next(line for line in text.splitlines() if line.startswith("for m in")).split(";")[0].split()[3:]
+    runs = {w for w in text.replace('"', " ").split() if w.endswith(".py") and "$" not in w}
+    assert methods and all((ROOT / f).is_file() for f in runs | {f"{m}.py" for m in methods}), runs
+
+
 def test_pretrained_features_of_real_data_are_cached_on_disk_and_keyed(tmp_path, monkeypatch):
     """Real datasets' pretrained features are computed once: a second call reads the cache (here proven by changing
     the encoder, which the cache key deliberately does not see: it keys on the weights file, never edited in place).
