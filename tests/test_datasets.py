@@ -6,6 +6,8 @@ import importlib.util
 import json
 import math
 import multiprocessing
+import os
+import re
 import runpy
 import shutil
 import sys
@@ -163,6 +165,25 @@ def test_holdout_is_stratified_and_fixed():
     assert Counter(int(labels[i]) for i in held)[5] == 10
 
 
+def test_holdout_takes_the_nearest_whole_number_of_images_to_10_percent():
+    """10% of 14 images is 1.4 and of 16 is 1.6: 1 and 2 held out. Always rounding down (or up) is still within one
+    image of 10%, which is all check_holdout asks, but holds out fewer (or more) than the documented 10%."""
+    sizes = [14, 16, 26, 34]
+    labels = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    _, held = data.holdout(labels)
+    counts = Counter(labels[held].tolist())
+    for label, n in enumerate(sizes):
+        assert abs(counts[label] - data.VAL_FRACTION * n) < 0.5, (n, counts[label])
+
+
+def test_holdout_draws_at_random_not_a_run_of_neighbouring_images():
+    """docs/datasets.md: ID val is *drawn* (seed 0). Files sorted by name often follow time or source (img_0001 is
+    the oldest): the first (or last) 10% of a class would be a biased validation set, yet as stratified."""
+    labels = torch.zeros(100, dtype=torch.long)
+    _, held = data.holdout(labels)
+    assert len(held) == 10 and held.max() - held.min() >= len(held)  # not one contiguous run of files
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Living-17, Entity-30 (BREEDS)
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,6 +251,17 @@ def test_cifar10_splits_labels_and_stl_label_map(minis):
     assert len(ds.ood["stl10"]) == len(truth["stl_labels"]) - truth["stl_monkeys"] and truth["stl_monkeys"] == 2
     assert -1 not in ds.ood["stl10"].labels.tolist() and 6 not in ds.ood["stl10"].labels.tolist()  # no frog in STL
     assert by_id(ds.ood["cifar10.1"])[0] == truth["ood"]["cifar10.1"]
+
+
+def test_cifar10_id_val_is_the_seed_0_holdout_of_the_training_batches(minis):
+    """docs/datasets.md: ID val is a stratified 10% of ID train drawn with the fixed seed 0, the same for every run
+    and method. Another seed is as stratified (check_holdout cannot tell) but selects on other images than every
+    earlier run did."""
+    _, truth = minis.build("cifar10")
+    ds = minis.load("cifar10")
+    ids = sorted(truth["train"])  # the miniature numbers its images in file order, data_batch_1 to data_batch_5
+    _, held = data.holdout([truth["train"][i] for i in ids], seed=0)
+    assert by_id(ds.val)[0] == {ids[k]: truth["train"][ids[k]] for k in held.tolist()}
 
 
 @pytest.mark.parametrize("split", ["train", "test", "stl10", "cifar10.1"])
@@ -311,6 +343,18 @@ def test_imagenet_missing_ood_folders_are_skipped(minis, tmp_path, capsys):
             "imagenetv2-matched-frequency-format-val") in said
     assert (f"differ from the released ones, so their accuracies do not compare with published numbers: test "
             f"{len(ds.test):,} (released: 50,000), sketch {len(ds.ood['sketch']):,} (released: 50,889)\n") in said
+
+
+def test_imagenet_released_sizes_are_the_documented_ones(minis, capsys):
+    """The note on test sets of other than their released size uses docs/datasets.md's image counts for every OOD
+    set (a wrong one would call the real, complete set cut short, or stay silent on one that is)."""
+    root, _ = minis.build("imagenet")
+    ds = data.load_dataset("imagenet", data_root=str(root), backbone=BACKBONE)
+    said = capsys.readouterr().out
+    rows = dict(re.findall(r"^\| `(\w+)` \|.*?, ([\d,]+) images\b", (ROOT / DOCS).read_text(), re.MULTILINE))
+    assert sorted(rows) == ood_names(ds)
+    for key, released in rows.items():
+        assert f"{key} {len(ds.ood[key]):,} (released: {released})" in said, key
 
 
 def test_imagenet_train_as_unpacked_from_its_archive_says_how_to_unpack_the_class_tars(tmp_path):
@@ -474,6 +518,16 @@ def test_domainnet_missing_list_file_is_an_error_naming_it(tmp_path):
     with pytest.raises(SystemExit) as e:
         data.load_dataset("domainnet", data_root=str(tmp_path), backbone=BACKBONE)
     check_error(e, "real_test_mini.txt")
+
+
+def test_domainnet_blank_lines_in_a_list_file_are_skipped(tmp_path):
+    """A list file edited by hand often holds an empty line, or ends in one: it names no image and is no error."""
+    truth = mini.make_domainnet(tmp_path)
+    path = tmp_path / "domainnet" / "SENTRY_splits" / "sketch_test_mini.txt"
+    lines = path.read_bytes().split(b"\r\n")
+    path.write_bytes(b"\r\n".join(lines[:2] + [b"", b"  "] + lines[2:]) + b"\r\n")
+    ds = data.load_dataset("domainnet", data_root=str(tmp_path), backbone=BACKBONE)
+    assert labelled(ds.test, tmp_path) == truth["test"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -668,6 +722,16 @@ def test_iwildcam_label_out_of_range_is_an_error_naming_its_line(tmp_path, y):
     check_error(e, f"{path} line 5, column y: {y!r} is not a class index 0..181")
 
 
+def test_iwildcam_several_bad_labels_name_the_first_and_count_them(tmp_path):
+    """The error names the first bad line, the one to fix first, and says how many more there are."""
+    mini.make_iwildcam(tmp_path)
+    path = tmp_path / "iwildcam_v2.0" / "metadata.csv"
+    edit_csv(path, lambda rows: set_row(7, "y", "999")(set_row(3, "y", "bird")(rows)))
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("iwildcam", data_root=str(tmp_path), backbone=BACKBONE)
+    check_error(e, f"{path} line 5, column y: 'bird' is not a class index 0..181; 2 such rows")
+
+
 def test_iwildcam_malformed_csv_is_an_error_naming_it(tmp_path):
     mini.make_iwildcam(tmp_path, columns=[c for c in mini.IWILDCAM_COLUMNS if c != "y"])
     with pytest.raises(SystemExit) as e:
@@ -803,6 +867,31 @@ def test_folder_reads_images_in_sub_folders_of_a_class_and_skips_hidden_ones(tmp
     ds = data.load_dataset("folder", data_root=str(root), backbone=BACKBONE)
     label = mini.FOLDER_CLASSES.index(cls)
     assert labelled(ds.train, root) == {**truth["train"], **{p.relative_to(root).as_posix(): label for p in nested}}
+
+
+def test_folder_labels_and_held_out_images_do_not_depend_on_the_listing_order(tmp_path, monkeypatch):
+    """os.scandir lists a folder in the file system's order (hash order on ext4, creation order elsewhere). Class
+    indices and the held-out val and test images must follow sorted names, or the same data copied to another disk
+    would silently get other labels or another ID val split."""
+    root = tmp_path / "mydata"
+    mini.make_folder(root, val=False, test=False, ood=(("sketches", mini.FOLDER_CLASSES),))
+    scandir = os.scandir
+
+    class Listing(list):  # what os.scandir returns, as far as the loaders use it: iterable, a context manager
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def load(descending):
+        with monkeypatch.context() as m:
+            m.setattr(os, "scandir", lambda path: Listing(sorted(scandir(path), key=lambda e: e.name,
+                                                                 reverse=descending)))
+            ds = data.load_dataset("folder", data_root=str(root), backbone=BACKBONE)
+        return ds.classnames, [labelled(s, root) for s in (ds.train, ds.val, ds.test, ds.ood["sketches"])]
+
+    assert load(descending=True) == load(descending=False)
 
 
 
@@ -1000,6 +1089,14 @@ def test_no_data_root_is_an_error():
     with pytest.raises(SystemExit) as e:
         data.load_dataset("cifar10", backbone=BACKBONE)
     assert "--data-root" in str(e.value) and "RFT_DATA" in str(e.value) and DOCS in str(e.value)
+
+
+def test_data_root_given_wins_over_rft_data(minis, tmp_path, monkeypatch):
+    """RFT_DATA is the default for runs that pass no --data-root; one that does means that folder."""
+    root, truth = minis.build("sst2")
+    monkeypatch.setenv("RFT_DATA", str(tmp_path / "elsewhere"))
+    ds = data.load_dataset("sst2", data_root=str(root), backbone=BACKBONE)
+    assert labelled(ds.test, root) == truth["test"]
 
 
 @pytest.mark.parametrize("name", PARAMS)
