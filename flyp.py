@@ -109,7 +109,7 @@ class Towers(nn.Module):
 
 def check_contrastive_batch(batch_size):
     """Each image's negatives are the other captions of its batch: a batch of one has none, its loss is always 0."""
-    if batch_size < 2:
+    if batch_size is not None and batch_size < 2:  # None: the recipe's (every one is far above)
         raise SystemExit(f"error: --batch-size {batch_size}: FLYP's contrastive loss needs at least 2 image-caption "
                          "pairs per batch (with 1, the loss is 0 and nothing trains); pass --batch-size 2 or more")
 
@@ -130,9 +130,9 @@ def set_train_mode(model):
 
 def main(args):
     device, results, log = common.setup(args, "flyp", clip_for="FLYP")
+    check_contrastive_batch(args.batch_size)  # before the dataset is read (ImageNet lists 1.3 M files)
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
     recipe = common.recipe(args, RECIPES[dataset.name])  # flags override the dataset's recipe
-    check_contrastive_batch(recipe["batch_size"])
     common.describe(dataset, results, log, recipe)
     backbone = common.load_backbone(dataset.backbone, args.weights, log=log)
     model = common.to_device(backbone.clip, device)  # the whole CLIP trains

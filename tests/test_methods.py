@@ -92,8 +92,9 @@ def test_a_missing_weights_file_stops_the_run_before_the_dataset_is_read(method,
     ("ft", {"head_init": "lp"}, "--head-init 'lp': choose random, zeroshot"),
     ("ft", {"head_init": "zeroshot", "backbone": "resnet50"}, "--head-init zeroshot needs a CLIP backbone"),
 ])
-def test_impossible_options_stop_the_run_before_it_starts(method, option, expected, tmp_path):
+def test_impossible_options_stop_the_run_before_it_starts(method, option, expected, tmp_path, monkeypatch):
     module = importlib.import_module(method)
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("the dataset was read first"))
     with pytest.raises(SystemExit) as e:
         module.main(module.Args(dataset="embedded-tiny", out=str(tmp_path / "out"), **option))
     assert expected in str(e.value) and not (tmp_path / "out").exists()
