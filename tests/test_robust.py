@@ -11,6 +11,7 @@ import torch
 import common
 import data
 import flyp
+import flyp_fewshot
 import ft
 import l2sp
 import summarize
@@ -364,8 +365,6 @@ def test_clip_only_methods_refuse_living17s_default_resnet_before_reading_the_da
 
 
 def test_fewshot_keeps_the_step_with_the_lowest_validation_loss_zeroshot_start_included(tmp_path):
-    import flyp_fewshot
-
     zs = zeroshot.main(zeroshot.Args(dataset="embedded-tiny", out=str(tmp_path / "zs")))
     mean, std = flyp_fewshot.main(flyp_fewshot.Args(dataset="embedded-tiny", out=str(tmp_path / "fs"), steps=0, draws=2,
                                                     shots=8))
@@ -380,8 +379,6 @@ def test_fewshot_keeps_the_step_with_the_lowest_validation_loss_zeroshot_start_i
 
 
 def test_fewshot_schedule_is_a_cosine_to_zero_without_warmup():
-    import flyp_fewshot
-
     f = flyp_fewshot.cosine_lr(20)
     assert f(0) == 1.0 and f(10) == pytest.approx(0.5) and f(20) == pytest.approx(0.0, abs=1e-12)
     assert f(5) == pytest.approx((1 + math.sqrt(0.5)) / 2)  # cos(pi / 4)
@@ -392,8 +389,6 @@ def test_fewshot_steps_adamw_in_train_mode_on_normalised_features_and_captions_o
     """Each full-batch step: AdamW with the recipe's weight decay (embedded-tiny: lr 1e-3, 0.1) at the cosine
     schedule's rate of that step; the CLIP loss on L2-normalised features of a model in train mode; every image's
     caption names its class (k = 4 of each class per step) with a template drawn from all of them."""
-    import flyp_fewshot
-
     lrs, modes, norms, captions = [], [], [], []
     dataset = data.load_dataset("embedded-tiny")
     tokenizer = common.load_backbone("embedded-clip-tiny").tokenizer
@@ -431,8 +426,6 @@ def test_fewshot_steps_adamw_in_train_mode_on_normalised_features_and_captions_o
 def test_fewshot_scores_the_selected_steps_weights_not_the_last_steps(tmp_path):
     """At lr 0.1 the one AdamW step raises the validation loss (2.35 -> 2.73), so the zero-shot start is kept: the
     draw's scores must be the zero-shot model's, not those of the weights the last step left."""
-    import flyp_fewshot
-
     zs = zeroshot.main(zeroshot.Args(dataset="embedded-tiny", out=str(tmp_path / "zs"), device="cpu", compile="off"))
     flyp_fewshot.main(flyp_fewshot.Args(dataset="embedded-tiny", out=str(tmp_path / "fs"), steps=1, draws=1, shots=4,
                                         lr=0.1, device="cpu", compile="off"))
@@ -442,8 +435,6 @@ def test_fewshot_scores_the_selected_steps_weights_not_the_last_steps(tmp_path):
 
 
 def test_fewshot_draws_k_examples_of_every_class():
-    import flyp_fewshot
-
     labels = torch.arange(10).repeat_interleave(7)
     idx = flyp_fewshot.draw_shots(labels, 4, torch.Generator().manual_seed(0))
     assert len(idx) == 40 and len(set(idx.tolist())) == 40
@@ -452,8 +443,6 @@ def test_fewshot_draws_k_examples_of_every_class():
 
 def test_fewshot_refuses_more_shots_than_a_class_has_before_loading_the_backbone(tmp_path, monkeypatch):
     """It used to draw what there was and log and record the k asked for."""
-    import flyp_fewshot
-
     dataset = data.load_dataset("embedded-tiny")
     fewest = min(int(s.labels.bincount().min()) for s in (dataset.train, dataset.val))
     monkeypatch.setattr(common, "load_backbone", lambda *a, **k: pytest.fail("the backbone was loaded first"))
@@ -501,8 +490,6 @@ def test_wiseft_refuses_a_checkpoint_of_other_classes_before_loading_the_backbon
 
 
 def test_fewshot_reports_the_mean_and_sample_std_of_the_draws(tmp_path):
-    import flyp_fewshot
-
     mean, std = flyp_fewshot.main(flyp_fewshot.Args(dataset="embedded-tiny", out=str(tmp_path), steps=2, draws=3,
                                                     shots=4, device="cpu", compile="off"))
     records = read_results(tmp_path)
@@ -515,8 +502,6 @@ def test_fewshot_reports_the_mean_and_sample_std_of_the_draws(tmp_path):
 
 
 def test_fewshot_starts_every_draw_from_the_pretrained_model(tmp_path, monkeypatch):
-    import flyp_fewshot
-
     starts = []  # the weights each draw's optimizer starts from
 
     class AdamW(torch.optim.AdamW):
@@ -536,8 +521,6 @@ def test_fewshot_starts_every_draw_from_the_pretrained_model(tmp_path, monkeypat
 
 
 def test_fewshot_validates_on_k_images_per_class_of_the_id_validation_split(tmp_path, monkeypatch):
-    import flyp_fewshot
-
     loaded, extracted, load, extract = [], [], data.load_dataset, common.extract_features
     monkeypatch.setattr(data, "load_dataset", lambda *a, **k: loaded.append(load(*a, **k)) or loaded[-1])
     monkeypatch.setattr(common, "extract_features", lambda encoder, split, *a, **k: extracted.append(split) or
