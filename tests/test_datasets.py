@@ -894,7 +894,6 @@ def test_folder_labels_and_held_out_images_do_not_depend_on_the_listing_order(tm
     assert load(descending=True) == load(descending=False)
 
 
-
 def test_folder_without_images_is_an_error_saying_what_it_looked_for(tmp_path):
     root = tmp_path / "mydata"
     for c in mini.FOLDER_CLASSES:

@@ -279,7 +279,6 @@ def test_checkpoint_holds_the_unwrapped_model_and_its_args(tmp_path):
     assert not any(k.startswith("_orig_mod") for k in ckpt["state_dict"]) and "1.weight" in ckpt["state_dict"]
 
 
-
 def test_flyp_with_both_towers_compiled_trains_as_eager(tmp_path):
     """torch.compile (on by default on CUDA) of the image and the text tower changes neither the losses nor the
     weights beyond float rounding, and the checkpoint stays unwrapped."""
@@ -332,7 +331,6 @@ def test_run_all_tiny_builds_table_and_pictures_skips_finished_runs_and_goes_on_
     assert picture.stat().st_mtime_ns > drawn
     table = (tmp_path / "summary.md").read_text()
     assert "| LP |" not in table and "| WiSE-FT (FLYP, α=0.5) | 1 |" in table
-
 
 
 @pytest.mark.parametrize("second,expected", [
