@@ -52,3 +52,25 @@ def record_models(monkeypatch):
     monkeypatch.setattr(common, "to_device",
                         lambda model, device: models.append(to_device(model, device)) or models[-1])
     return models
+
+
+def record_loss_gradients(monkeypatch, module, also=lambda value: None):
+    """Wraps module.clip_loss: each call records (logit_scale, its gradient of that loss alone) and calls also(loss).
+    Returns that list and a `before_step` for record_optimizers that checks each step applies exactly the gradient
+    of its own loss: neither accumulated over steps nor clipped."""
+    import torch
+
+    seen, loss = [], module.clip_loss
+
+    def spy(image_features, text_features, logit_scale):
+        value = loss(image_features, text_features, logit_scale)
+        seen.append((logit_scale, torch.autograd.grad(value, logit_scale, retain_graph=True)[0]))
+        also(value)
+        return value
+
+    def before_step(opt):
+        scale, grad = seen[-1]
+        assert torch.equal(scale.grad, grad), f"step {len(seen)}"
+
+    monkeypatch.setattr(module, "clip_loss", spy)
+    return seen, before_step

@@ -26,7 +26,7 @@ import l2sp
 import lpft
 import pretrain
 import summarize
-from conftest import ROOT, read_results, record_optimizers
+from conftest import ROOT, read_results, record_loss_gradients, record_optimizers
 
 
 def test_embedded_model_is_cached_by_config(model_cache):
@@ -632,20 +632,10 @@ def test_pretraining_recipe_is_adamw_with_an_undecayed_temperature_5pc_warmup_th
                                                                                                   monkeypatch):
     """docs/embedded.md: AdamW at the config's lr (3e-3) and weight decay (0.1), none on the temperature (open_clip's
     exclusion), 5% linear warmup then cosine to 0, per step; each step applies that step's gradient alone."""
-    lrs, expected, loss = [], [], pretrain.clip_loss
-
-    def before_step(opt):
-        lrs.append([group["lr"] for group in opt.param_groups])
-        scale, grad = expected[-1]
-        assert torch.equal(scale.grad, grad), f"step {len(expected)}"
-
-    def spy(image_features, text_features, logit_scale):  # the temperature's gradient of this loss alone
-        value = loss(image_features, text_features, logit_scale)
-        expected.append((logit_scale, torch.autograd.grad(value, logit_scale, retain_graph=True)[0]))
-        return value
-
-    made = record_optimizers(monkeypatch, "AdamW", before_step)
-    monkeypatch.setattr(pretrain, "clip_loss", spy)
+    lrs = []
+    _, check_gradient = record_loss_gradients(monkeypatch, pretrain)
+    made = record_optimizers(monkeypatch, "AdamW",
+                             lambda opt: lrs.append([group["lr"] for group in opt.param_groups]) or check_gradient(opt))
     model = pretrain.pretrain(MICRO, tmp_path / "micro.pt", log=lambda msg: None)
     (opt,) = made
     decay, temperature = opt.param_groups

@@ -201,19 +201,26 @@ def test_loader_workers_share_the_cores_among_the_local_processes(monkeypatch):
     assert data.num_workers() == 3
 
 
-def test_init_distributed_takes_the_gpu_of_the_local_rank_not_the_global_rank(monkeypatch):
-    """On the second of two 8-GPU nodes, global rank 9 is GPU 1 of its node: cuda:9 does not exist there."""
-    monkeypatch.setenv("WORLD_SIZE", "16")
-    monkeypatch.setenv("RANK", "9")
-    monkeypatch.setenv("LOCAL_RANK", "1")
+def fake_process_group(monkeypatch, **env):
+    """torchrun's variables set, torch.distributed and atexit replaced: what init_distributed calls is recorded in
+    the dict returned (backend, at_exit; a test adds its own torch.cuda.set_device)."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     calls = {}
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: calls.update(backend=backend))
+    monkeypatch.setattr(common.atexit, "register", lambda f: calls.update(at_exit=f))
+    return calls
+
+
+def test_init_distributed_takes_the_gpu_of_the_local_rank_not_the_global_rank(monkeypatch):
+    """On the second of two 8-GPU nodes, global rank 9 is GPU 1 of its node: cuda:9 does not exist there."""
+    calls = fake_process_group(monkeypatch, WORLD_SIZE="16", RANK="9", LOCAL_RANK="1")
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.update(device=device))
-    monkeypatch.setattr(common.atexit, "register", lambda f: None)
     device = common.init_distributed(torch.device("cuda"))
     assert device == torch.device("cuda", 1)
-    assert calls == {"device": torch.device("cuda", 1), "backend": "nccl"}
+    assert calls == {"device": torch.device("cuda", 1), "backend": "nccl",
+                     "at_exit": torch.distributed.destroy_process_group}
 
 
 def test_only_rank_0_writes_results_checkpoints_and_the_done_marker(tmp_path, monkeypatch):
@@ -231,13 +238,8 @@ def test_only_rank_0_writes_results_checkpoints_and_the_done_marker(tmp_path, mo
 
 def test_init_distributed_on_cpus_joins_with_gloo_and_leaves_the_group_at_exit(monkeypatch):
     """A CPU rank keeps its device and joins with gloo (NCCL needs GPUs); the group is destroyed at exit."""
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    calls = {}
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
-    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: calls.update(backend=backend))
+    calls = fake_process_group(monkeypatch, WORLD_SIZE="2", LOCAL_RANK="1")
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("a CPU rank set a CUDA device"))
-    monkeypatch.setattr(common.atexit, "register", lambda f: calls.update(at_exit=f))
     assert common.init_distributed(torch.device("cpu")) == torch.device("cpu")
     assert calls == {"backend": "gloo", "at_exit": torch.distributed.destroy_process_group}
 

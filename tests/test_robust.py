@@ -17,7 +17,7 @@ import l2sp
 import summarize
 import wiseft
 import zeroshot
-from conftest import read_results, record_models, record_optimizers
+from conftest import read_results, record_loss_gradients, record_models, record_optimizers
 
 
 @pytest.mark.parametrize("module_name", ["flyp", "flyp_fewshot"])
@@ -112,22 +112,14 @@ def test_flyp_optimizer_is_torchs_adamw_over_every_clip_parameter_stepping_on_th
     (embedded-tiny: 0.1), torch's default betas and eps; each step applies the gradient of that step's loss as
     computed, neither accumulated over steps nor clipped, with the whole model in train mode every epoch (evaluation
     puts the image tower in eval mode). The logged train_loss is the mean of the epoch's step losses."""
-    expected, losses, modes, loss = [], [], [], flyp.clip_loss
-    models = record_models(monkeypatch)
+    losses, modes, models = [], [], record_models(monkeypatch)
 
-    def before_step(opt):
-        scale, grad = expected[-1]
-        assert torch.equal(scale.grad, grad), f"step {len(expected)}"
-
-    def spy(image_features, text_features, logit_scale):  # the temperature's gradient of this loss alone
-        value = loss(image_features, text_features, logit_scale)
-        expected.append((logit_scale, torch.autograd.grad(value, logit_scale, retain_graph=True)[0]))
+    def also(value):
         losses.append(value.item())
         modes.append(all(m.training for m in models[0].modules()))
-        return value
 
-    made = record_optimizers(monkeypatch, "AdamW", before_step)
-    monkeypatch.setattr(flyp, "clip_loss", spy)
+    expected, check_gradient = record_loss_gradients(monkeypatch, flyp, also)
+    made = record_optimizers(monkeypatch, "AdamW", check_gradient)
     flyp.main(flyp.Args(dataset="embedded-tiny", out=str(tmp_path), epochs=2, batch_size=32, device="cpu",
                         compile="off"))
     (opt,) = made
