@@ -11,6 +11,7 @@ encoder and head; any other checkpoint (a random or LP head) interpolates the en
     python flyp.py --save && python wiseft.py          # the embedded world, FLYP endpoint
     python ft.py --head-init zeroshot --save && \\
         python wiseft.py --checkpoint runs/ft-zeroshot-head/embedded/seed0/model.pt
+    python wiseft.py --checkpoint runs/lpft/living17/seed0/model.pt   # dataset, seed, backbone: the checkpoint's
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,9 @@ import data
 
 @dataclass
 class Args:
-    dataset: str = "embedded"
-    """dataset name (see data.DATASETS)"""
+    dataset: str = None
+    """dataset name (see data.DATASETS); default and only choice: the checkpoint's (embedded to find the default
+    checkpoint)"""
     data_root: str = None
     """folder holding the real datasets (else the checkpoint's, else $RFT_DATA; layouts: docs/datasets.md); unused by
     the embedded world"""
@@ -95,19 +97,14 @@ def endpoints(ckpt, backbone, dataset, device, precision):
 # ----- end of method -----
 
 
-def load_checkpoint(path, dataset):
-    ckpt = common.read_checkpoint(path, f"make one with `python flyp.py --dataset {dataset} --save` (or ft.py "
-                                        "--head-init zeroshot --save) and pass it with --checkpoint")
-    if ckpt["args"]["dataset"] != dataset:
-        raise SystemExit(f"error: {path!r} was fine-tuned on {ckpt['args']['dataset']!r}, not on {dataset!r}; "
-                         f"pass --dataset {ckpt['args']['dataset']}")
-    return ckpt
-
-
 def endpoint_args(args, ckpt, path):
-    """The checkpoint's seed (its ID training draw and validation split: results are filed under it), its backbone
-    (another one has other weights: nothing to interpolate with) and its weights file and data root, unless --weights
-    or --data-root point to where they are now."""
+    """The checkpoint's dataset and seed (its ID training draw and validation split: results are filed under them),
+    its backbone (another one has other weights: nothing to interpolate with) and its weights file and data root,
+    unless --weights or --data-root point to where they are now."""
+    if args.dataset not in (None, ckpt["args"]["dataset"]):
+        raise SystemExit(f"error: {path!r} was fine-tuned on {ckpt['args']['dataset']}, not on {args.dataset}; drop "
+                         "--dataset (WiSE-FT evaluates a checkpoint on the dataset it was fine-tuned on)")
+    args.dataset = ckpt["args"]["dataset"]
     trained = data.default_backbone(args.dataset) if ckpt["args"]["backbone"] is None else ckpt["args"]["backbone"]
     if args.backbone not in (None, trained):
         raise SystemExit(f"error: {path!r} was fine-tuned from {trained}, not {args.backbone}; drop --backbone (WiSE-FT "
@@ -132,8 +129,10 @@ def check_classes(ckpt, dataset, path):
 
 
 def main(args):
-    path = args.checkpoint or str(Path("runs", "flyp", args.dataset, f"seed{args.seed or 0}", "model.pt"))
-    ckpt = load_checkpoint(path, args.dataset)
+    name = args.dataset or "embedded"
+    path = args.checkpoint or str(Path("runs", "flyp", name, f"seed{args.seed or 0}", "model.pt"))
+    ckpt = common.read_checkpoint(path, f"make one with `python flyp.py --dataset {name} --save` (or ft.py "
+                                        "--head-init zeroshot --save) and pass it with --checkpoint")
     alphas = alpha_grid(args.alpha_step, args.report_alpha)
     # The zero-shot endpoint is the pretrained backbone the checkpoint was fine-tuned from, on the same data.
     endpoint_args(args, ckpt, path)

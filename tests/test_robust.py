@@ -309,24 +309,24 @@ def test_wiseft_refuses_an_alpha_grid_that_misses_an_endpoint_or_the_reported_al
     assert wiseft.alpha_grid(0.125, 0.5) == [i / 8 for i in range(9)] and wiseft.alpha_grid(1 / 3, 1.0)[-1] == 1.0
 
 
-def test_wiseft_takes_the_checkpoints_seed_backbone_weights_and_data_unless_files_moved(tmp_path):
+def test_wiseft_takes_the_checkpoints_dataset_seed_backbone_weights_and_data_unless_files_moved(tmp_path):
     path = tmp_path / "model.pt"
     ckpt = {"method": "flyp", "state_dict": {}, "classnames": ["cat", "dog"],
             "args": {"dataset": "embedded-tiny", "backbone": "clip-vit-b16", "seed": 3, "data_root": "/data/then",
                      "weights": str(tmp_path / "then" / "ViT-B-16.pt")}}
     torch.save(ckpt, path)
-    run = lambda **kw: wiseft.main(wiseft.Args(dataset="embedded-tiny", checkpoint=str(path), out=str(tmp_path / "o"), **kw))
+    run = lambda **kw: wiseft.main(wiseft.Args(checkpoint=str(path), out=str(tmp_path / "o"), **kw))
     with pytest.raises(SystemExit, match=f"weights file {tmp_path / 'then' / 'ViT-B-16.pt'} not found"):
-        run()
+        run()  # no --dataset: the checkpoint's, embedded-tiny (not the embedded of a run without --checkpoint)
     with pytest.raises(SystemExit, match=f"weights file {tmp_path / 'now.pt'} not found"):
         run(weights=str(tmp_path / "now.pt"))  # --weights says where the file is now
     with pytest.raises(SystemExit, match="fine-tuned from clip-vit-b16, not clip-rn50"):
         run(backbone="clip-rn50")
     with pytest.raises(SystemExit, match="fine-tuned with --seed 3, not 0; drop --seed"):
         run(seed=0)  # its results would be filed under another seed than the run they come from
-    args = wiseft.Args(dataset="embedded-tiny", data_root="/data/now")
+    args = wiseft.Args(data_root="/data/now")
     wiseft.endpoint_args(args, ckpt, str(path))
-    assert (args.seed, args.backbone, args.data_root) == (3, "clip-vit-b16", "/data/now")
+    assert (args.dataset, args.seed, args.backbone, args.data_root) == ("embedded-tiny", 3, "clip-vit-b16", "/data/now")
     args = wiseft.Args(dataset="embedded-tiny")
     wiseft.endpoint_args(args, ckpt, str(path))
     assert args.data_root == "/data/then"
@@ -539,11 +539,13 @@ def test_wiseft_reports_the_alpha_asked_for_not_the_papers_default(tmp_path):
 
 
 def test_wiseft_refuses_a_checkpoint_fine_tuned_on_another_dataset(tmp_path):
-    """Its head's rows are another dataset's classes: refused before anything loads, naming the dataset to pass."""
+    """Its head's rows are another dataset's classes: refused before anything loads; without --dataset, the
+    checkpoint's is the one."""
     lp_checkpoint(tmp_path / "model.pt", dataset="embedded")
-    with pytest.raises(SystemExit, match="fine-tuned on 'embedded', not on 'embedded-tiny'; pass --dataset embedded"):
+    with pytest.raises(SystemExit, match="fine-tuned on embedded, not on embedded-tiny; drop --dataset"):
         wiseft.main(wiseft.Args(dataset="embedded-tiny", checkpoint=str(tmp_path / "model.pt"),
                                 out=str(tmp_path / "w")))
+    assert not (tmp_path / "w").exists()
 
 
 @pytest.mark.parametrize("method,head_init", [("flyp", None), ("ft", "random")])
