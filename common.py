@@ -900,6 +900,9 @@ def check_args(args):
             raise SystemExit(f"error: {flag} {value}: must be {what}")
     if getattr(args, "c_min", 0) > getattr(args, "c_max", 1):  # would sweep the same grid, but backwards
         raise SystemExit(f"error: --c-min {args.c_min} is above --c-max {args.c_max}: the sweep runs from min to max")
+    if getattr(args, "num_c", 2) == 1 and args.c_min != args.c_max:  # logspace(min, max, 1) is [min]: max unused
+        raise SystemExit(f"error: --num-c 1 would fit --c-min {args.c_min} only (--c-max {args.c_max} unused); pass "
+                         "the one C as both --c-min and --c-max")
 
 
 def recipe(args, defaults):
