@@ -129,11 +129,11 @@ def check_classes(ckpt, dataset, path):
 
 
 def main(args):
+    alphas = alpha_grid(args.alpha_step, args.report_alpha)
     name = args.dataset or "embedded"
     path = args.checkpoint or str(Path("runs", "flyp", name, f"seed{args.seed or 0}", "model.pt"))
     ckpt = common.read_checkpoint(path, f"make one with `python flyp.py --dataset {name} --save` (or ft.py "
                                         "--head-init zeroshot --save) and pass it with --checkpoint")
-    alphas = alpha_grid(args.alpha_step, args.report_alpha)
     # The zero-shot endpoint is the pretrained backbone the checkpoint was fine-tuned from, on the same data.
     endpoint_args(args, ckpt, path)
     device, results, log = common.setup(args, f"wiseft-{ckpt['method']}")

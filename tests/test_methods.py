@@ -85,6 +85,7 @@ def test_a_missing_weights_file_stops_the_run_before_the_dataset_is_read(method,
     ("lp", {"c_min": 0.0}, "--c-min 0.0: must be above 0"),
     ("lpft", {"c_min": 1.0, "c_max": 0.1}, "--c-min 1.0 is above --c-max 0.1"),
     ("lp", {"num_c": 1}, "--num-c 1 would fit --c-min 1e-07 only (--c-max 100.0 unused)"),
+    ("wiseft", {"alpha_step": 0.3}, "--alpha-step 0.3 does not divide 1"),  # before its checkpoint is looked for
     ("l2sp", {"lr": -1.0}, "--lr -1.0: must be 0 or more"),
     ("flyp", {"weight_decay": float("nan")}, "--weight-decay nan: must be 0 or more"),
     ("flyp", {"batch_size": 1}, "--batch-size 1: FLYP's contrastive loss needs at least 2 image-caption pairs"),
