@@ -11,6 +11,7 @@ Everything is a deterministic function of a seed; images are generated in memory
 """
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
@@ -337,11 +338,11 @@ class FileSplit:
 
     def _decode(self, packed, device):
         """A batch of JPEG files (see `collate_bytes`) -> images on `device`, each through the split's transform there."""
-        io = torchvision_io()
+        tvio = torchvision_io()
         data, lengths, index = packed
         files = list(data.split(lengths.tolist()))
         try:
-            images = io.decode_jpeg(files, mode=io.ImageReadMode.RGB, device=device)
+            images = tvio.decode_jpeg(files, mode=tvio.ImageReadMode.RGB, device=device)
         except torch.OutOfMemoryError:
             raise  # not the files' fault
         except RuntimeError:  # a file nvJPEG refuses (ImageNet holds a few CMYK JPEGs and one PNG named .JPEG)
@@ -353,11 +354,11 @@ class FileSplit:
     def _decode_each(self, files, index, device):
         """A refused batch, file by file: on `device` what it takes, on the CPU the rest (only those: a CMYK JPEG
         among 512 costs one CPU decode, not 512). A decoder that has taken no file yet does not work here: stop."""
-        io = torchvision_io()
+        tvio = torchvision_io()
         images, errors = [], []
         for file, i in zip(files, index):
             try:
-                images.append(io.decode_jpeg(file, mode=io.ImageReadMode.RGB, device=device))
+                images.append(tvio.decode_jpeg(file, mode=tvio.ImageReadMode.RGB, device=device))
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError as e:
@@ -423,8 +424,8 @@ class UnreadableImage(OSError):
     PREFIX = "cannot read image file "
 
     @classmethod
-    def of(cls, path, error):
-        return cls(f"{cls.PREFIX}{path} ({error}): replace or delete it")
+    def of(cls, path, error, fix="restore it from the download (a folder dataset of your own may also drop it)"):
+        return cls(f"{cls.PREFIX}{path} ({error}): {fix}")
 
     def line(self):
         """The one-line message, also where a loader worker re-raised it with its traceback in the text."""
@@ -574,7 +575,8 @@ ARCHIVE = re.compile(r"\.(tar|tar\.gz|tar\.xz|tar\.bz2|tgz|zip|7z|gz)$", re.IGNO
 
 def missing_hint(path):
     """A hint for a missing `path`, looked for only then: --data-root one level too deep (DIR/imagenet given, so
-    DIR/imagenet/imagenet/train looked for), or the first missing folder or file there as an archive not yet
+    DIR/imagenet/imagenet/train looked for) or a folder one level too deep (an archive unpacked into a folder of its
+    own name: rendered-sst2/rendered-sst2/train), or the first missing folder or file there as an archive not yet
     unpacked, or under another name (CIFAR-10.1 for cifar10.1, ALSO_CALLED), or in a folder inside that (a clone of
     the CIFAR-10.1 repository: CIFAR-10.1/datasets/). A folder that cannot be listed gives no hint."""
     path = Path(path).absolute()
@@ -584,6 +586,9 @@ def missing_hint(path):
     first = next((p for p in reversed((path, *path.parents)) if not p.exists()), None)
     if first is None or not first.parent.is_dir():
         return ""
+    nested = first.parent / first.parent.name
+    if (nested / path.relative_to(first.parent)).exists():
+        return f"; found it one level deeper, in {nested}: move that folder's contents up into {first.parent}"
 
     def squash(name):  # ImageNet-Sketch.zip -> imagenetsketch
         return re.sub(r"[^a-z0-9]", "", ARCHIVE.sub("", name).lower())
@@ -658,7 +663,7 @@ def listed_images(dataset, listing, paths, what):
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         fail(dataset, f"{len(missing)} of {len(paths)} images {what} in {listing} missing (e.g. "
-                      f"{', '.join(missing[:3])}): restore them from the download")
+                      f"{', '.join(missing[:3])}): restore them from the download{missing_hint(missing[0])}")
     return paths
 
 
@@ -695,16 +700,24 @@ def image_folder(dataset, folder, classes, labels=None, flat_hint=None):
             with os.scandir(folder) as entries:
                 if any(e.name.lower().endswith(IMAGE_EXTENSIONS) for e in entries):
                     hint = f"; its images lie directly in it, not in class folders: {flat_hint}"
+        hint = hint or missing_hint(folder / missing[0])
         fail(dataset, f"{len(missing)} of {len(classes)} class folders missing under {folder} (e.g. "
                       f"{', '.join(missing[:3])}){hint}")
-    items, targets = [], []
+    items, targets, empty = [], [], []
     for i, c in enumerate(classes):
         files = list_images(folder / c)
         items += files
         targets += [i if labels is None else labels[i]] * len(files)
+        empty += [] if files else [c]
+    looked = f"looked for {', '.join(IMAGE_EXTENSIONS)} files"
     if not items:
-        fail(dataset, f"no images under {folder}/<class>/ (looked for {', '.join(IMAGE_EXTENSIONS)} files in "
-                      f"{len(classes)} class folders)")
+        fail(dataset, f"no images under {folder}/<class>/ ({looked} in {len(classes)} class folders)")
+    if empty:  # an unpacking cut short (or a class never added): its class would be silently missing
+        packed = [c for c in empty if (folder / f"{c}.tar").is_file()]
+        fix = (f"{packed[0]}.tar is still beside its folder: unpack it there" if packed else
+               "add images or remove the folder" if dataset == "folder" else "restore them from the download")
+        fail(dataset, f"{len(empty)} of {len(classes)} class folders under {folder} hold no images (e.g. "
+                      f"{', '.join(empty[:3])}; {looked}): {fix}")
     return items, targets
 
 
@@ -891,7 +904,7 @@ def domainnet(name, root, pre):
     def listed(domain, part):
         path = base / "SENTRY_splits" / f"{domain}_{part}_mini.txt"
         require(name, path, f"SENTRY's data/DomainNet/txt/{path.name}")
-        lines = [(n, line.strip().rsplit(None, 1)) for n, line in enumerate(path.read_text().splitlines(), 1)
+        lines = [(n, line.strip().rsplit(None, 1)) for n, line in enumerate(read_text(name, path).splitlines(), 1)
                  if line.strip()]
         for n, r in lines:
             if len(r) != 2:
@@ -908,17 +921,33 @@ def domainnet(name, root, pre):
                 info={"val": f"{VAL_FRACTION:.0%} of sketch train held out (SENTRY validated on its test list)"})
 
 
+def read_text(dataset, path):
+    """A text file a loader needs (a list, a CSV, templates), as UTF-8 with or without a byte-order mark (a spreadsheet
+    or Notepad adds one); anything else (still gzipped, UTF-16) is an error naming the file."""
+    require(dataset, path)
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        fail(dataset, f"{path} is not UTF-8 text ({e.reason} at byte {e.start}; still compressed, or saved as UTF-16?): "
+                      "download it again, or save it as UTF-8")
+
+
 def read_csv(dataset, path, columns):
-    """The rows of a CSV file as dicts; a missing file or a missing one of `columns` is an error naming it."""
+    """The rows of a CSV file as dicts; a missing file, a missing one of `columns` or a row of another number of fields
+    than the header (a download cut short mid-row; a stray comma) is an error naming it."""
     import csv
 
-    require(dataset, path)
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            fail(dataset, f"{path} lacks the column(s) {', '.join(missing)} (it has: {', '.join(reader.fieldnames or [])})")
-        return list(reader)
+    reader = csv.DictReader(io.StringIO(read_text(dataset, path), newline=""))
+    missing = [c for c in columns if c not in (reader.fieldnames or [])]
+    if missing:
+        fail(dataset, f"{path} lacks the column(s) {', '.join(missing)} (it has: {', '.join(reader.fieldnames or [])})")
+    rows = list(reader)
+    for i, r in enumerate(rows):
+        if None in r or None in r.values():  # DictReader files extra fields under None and fills short rows with None
+            fields = len(r) - 1 + len(r[None]) if None in r else sum(v is not None for v in r.values())
+            fail(dataset, f"{csv_line(path, i)} has {fields} fields, the header {len(reader.fieldnames)}: the file "
+                          "is cut short or damaged; download it again")
+    return rows
 
 
 def csv_line(path, i):
@@ -1027,7 +1056,11 @@ class HDF5Images:
             import h5py
 
             self.images, self.pid = h5py.File(self.path, "r")["x"], os.getpid()
-        return Image.fromarray(self.images[i]).convert("RGB")
+        try:
+            image = self.images[i]
+        except OSError as e:  # a damaged compressed chunk, which opening and counting the images do not read
+            raise UnreadableImage.of(self.path, f"image {i}: {e}", "the file is damaged; download it again") from e
+        return Image.fromarray(image).convert("RGB")
 
     def __getstate__(self):  # spawned workers open their own
         return {"path": self.path, "images": None, "pid": None}
@@ -1099,20 +1132,25 @@ def folder(name, root, pre):
     index = {c: i for i, c in enumerate(classes)}
 
     def split(path, train=False):
-        unknown = [c for c in subfolders(path) if c not in index]
-        if unknown:
-            ood = "" if path.name in ("train", "val", "test") else (
-                f"; every other sub-folder of {root} is an OOD test set (a name starting with '.' or '__' hides one)")
-            fail(name, f"{path} has class folders that train/ lacks: {', '.join(unknown[:5])}{ood}")
+        ood = "" if path.name in ("train", "val", "test") else (
+            f"; every other sub-folder of {root} is an OOD test set (a name starting with '.' or '__' hides one)")
         present = subfolders(path)
+        unknown = [c for c in present if c not in index]
+        if unknown:
+            fail(name, f"{path} has class folders that train/ lacks: {', '.join(unknown[:5])}{ood}")
+        if not present:
+            fail(name, f"{path} holds no class folders: {path.name}/<class name>/*.jpg{ood}")
         return image_folder(name, path, present, [index[c] for c in present])
 
+    others = [d for d in subfolders(root) if d not in ("train", "val", "test")]
+    for d in others:  # valid/ would be scored as an OOD set while ID val is held out of train, silently
+        meant = {"val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test", "testing": "test",
+                 "train": "train", "training": "train"}.get(d.lower())
+        if meant:
+            fail(name, f"{root / d} would be scored as an OOD test set named {d!r}: rename it to {meant}/ if it holds "
+                       f"ID {'validation' if meant == 'val' else meant} images, or give the OOD set another name")
+
     items, labels = split(root / "train")
-    taught = set(labels)
-    empty = [c for i, c in enumerate(classes) if i not in taught]
-    if empty:  # a class no training image teaches
-        fail(name, f"{len(empty)} class folder(s) under {root / 'train'} hold no images (e.g. {', '.join(empty[:3])}): "
-                   "add images or remove the folder")
     info = {}
     if not (root / "test").is_dir():
         keep, held = holdout(labels, seed=1)
@@ -1126,7 +1164,7 @@ def folder(name, root, pre):
     else:
         train, val = train_val(items, labels, pre)
         info["val"] = f"{VAL_FRACTION:.0%} of train held out (no val/ folder)"
-    ood = {d: file_split(*split(root / d), pre) for d in subfolders(root) if d not in ("train", "val", "test")}
+    ood = {d: file_split(*split(root / d), pre) for d in others}
     templates = read_templates(name, root / "templates.txt") if (root / "templates.txt").is_file() else ["a photo of a {}."]
     return dict(train=train, val=val, test=test, ood=ood, classnames=[c.replace("_", " ") for c in classes],
                 templates=templates, info=info)
@@ -1134,7 +1172,7 @@ def folder(name, root, pre):
 
 def read_templates(name, path):
     """Caption templates, one per non-blank line, each with one '{}' where the class name goes."""
-    templates = [t for t in path.read_text().splitlines() if t.strip()]
+    templates = [t for t in read_text(name, path).splitlines() if t.strip()]
     if not templates:
         fail(name, f"{path} holds no templates: one per line, such as 'a photo of a {{}}.'")
     for t in templates:

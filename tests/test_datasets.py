@@ -925,7 +925,8 @@ def test_folder_with_an_empty_training_class_is_an_error_naming_it(tmp_path):
     (root / "train" / "zebra").mkdir()
     with pytest.raises(SystemExit) as e:
         data.load_dataset("folder", data_root=str(root), backbone=BACKBONE)
-    check_error(e, "1 class folder(s)", "hold no images (e.g. zebra)")
+    check_error(e, f"1 of {len(mini.FOLDER_CLASSES) + 1} class folders under {root / 'train'} hold no images (e.g. zebra;",
+                "add images or remove the folder")
 
 
 @pytest.mark.parametrize("workers_env,decode", [("0", "0"), ("2", "0"), ("2", "1")])
@@ -959,7 +960,7 @@ def test_an_unreadable_image_stops_the_run_naming_the_file(damage, workers_env, 
     finally:
         gc.enable()
     assert message.startswith(f"error: cannot read image file {bad} (") and message.endswith(
-        "): replace or delete it") and "\n" not in message
+        "): restore it from the download (a folder dataset of your own may also drop it)") and "\n" not in message
 
 # ---------------------------------------------------------------------------------------------------------------
 # Every split: normalised float batches at the backbone's resolution, subsets
@@ -1271,6 +1272,164 @@ def test_pcam_without_h5py_says_how_to_install_it(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         data.load_dataset("pcam", data_root=str(tmp_path), backbone=BACKBONE)
     assert "pip install h5py" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Damaged, cut-short or misplaced files (what an audit of real users' mistakes found stopping nothing)
+# ---------------------------------------------------------------------------------------------------------------
+def read_all(name, root):
+    """Load dataset `name` and read every image of every split: some damage only shows when a file is read."""
+    ds = data.load_dataset(name, data_root=str(root), backbone=BACKBONE)
+    for split in (ds.train, ds.val, ds.test, *ds.ood.values()):
+        for _ in split.batches(64):
+            pass
+    return ds
+
+
+def test_an_empty_class_folder_is_an_error_naming_it_not_a_class_silently_dropped(tmp_path):
+    """An unpacking cut short leaves a class folder empty: Rendered SST2 trained on one class of two, Living-17 on
+    fewer images of a class (or none), without a word. Where the class's archive still lies beside it, say so."""
+    mini.make_sst2(tmp_path / "sst2")
+    for p in (tmp_path / "sst2" / "rendered-sst2" / "train" / "positive").iterdir():
+        p.unlink()
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("sst2", data_root=str(tmp_path / "sst2"), backbone=BACKBONE)
+    check_error(e, f"1 of 2 class folders under {tmp_path / 'sst2' / 'rendered-sst2' / 'train'} hold no images (e.g. "
+                   "positive;", "restore them from the download")
+    mini.make_breeds(tmp_path / "breeds", names=("living17",))
+    wnid = json.loads((data.REFERENCE / "breeds_rand_splits.json").read_text())["living17"][0]["source"][0][1]
+    train = tmp_path / "breeds" / "imagenet" / "train"
+    for p in (train / wnid).iterdir():
+        p.unlink()
+    (train / f"{wnid}.tar").write_bytes(b"")
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("living17", data_root=str(tmp_path / "breeds"), backbone=BACKBONE)
+    check_error(e, f"class folders under {train} hold no images (e.g. {wnid};", f"{wnid}.tar is still beside its folder")
+
+
+@pytest.mark.parametrize("name,file", [("fmow", "fmow_v1.1/country_code_mapping.csv"),
+                                       ("fmow", "fmow_v1.1/rgb_metadata.csv"), ("iwildcam", "iwildcam_v2.0/metadata.csv")])
+@pytest.mark.parametrize("damage", ["cut short", "extra field"])
+def test_a_csv_row_cut_short_or_with_an_extra_field_is_an_error_naming_its_line(tmp_path, name, file, damage):
+    """A download cut short mid-row: a truncated country mapping filed most OOD images under region 'Other' (which
+    the worst-region metric leaves out), silently; a row cut in iWildCam's category_id was a TypeError. A stray
+    comma shifts the fields of its row."""
+    getattr(mini, f"make_{name}")(tmp_path)
+    path = tmp_path / file
+    lines = path.read_text().splitlines(True)
+    k = len(lines) // 2
+    cut = ",".join(lines[k].rstrip("\r\n").split(",")[:-2]) if damage == "cut short" else lines[k].rstrip("\r\n") + ",x"
+    path.write_text("".join(lines[:k]) + cut + ("" if damage == "cut short" else "\n" + "".join(lines[k + 1:])))
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset(name, data_root=str(tmp_path), backbone=BACKBONE)
+    header = len(lines[0].split(","))
+    fields = header - 2 if damage == "cut short" else header + 1
+    check_error(e, f"{path} line {k + 1} has {fields} fields, the header {header}", "download it again")
+
+
+@pytest.mark.parametrize("name,file", [("fmow", "fmow_v1.1/rgb_metadata.csv"),
+                                       ("domainnet", "domainnet/SENTRY_splits/sketch_train_mini.txt")])
+def test_a_text_file_still_gzipped_is_an_error_naming_it(tmp_path, name, file):
+    """Was a raw UnicodeDecodeError, no file named."""
+    import gzip
+
+    getattr(mini, f"make_{name}")(tmp_path)
+    path = tmp_path / file
+    path.write_bytes(gzip.compress(path.read_bytes()))
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset(name, data_root=str(tmp_path), backbone=BACKBONE)
+    check_error(e, f"{path} is not UTF-8 text", "still compressed")
+
+
+def test_text_files_saved_with_a_byte_order_mark_are_read_and_utf16_is_named(tmp_path):
+    """A spreadsheet's or Notepad's UTF-8 byte-order mark: FMoW said its CSV 'lacks the column(s) split (it has:
+    split, ...)', and the mark stayed in the first template. UTF-16 was a raw UnicodeDecodeError."""
+    mini.make_fmow(tmp_path)
+    csv_path = tmp_path / "fmow_v1.1" / "rgb_metadata.csv"
+    plain = data.load_dataset("fmow", data_root=str(tmp_path), backbone=BACKBONE)
+    csv_path.write_bytes(b"\xef\xbb\xbf" + csv_path.read_bytes())
+    marked = data.load_dataset("fmow", data_root=str(tmp_path), backbone=BACKBONE)
+    assert marked.train.items == plain.train.items and torch.equal(marked.test.labels, plain.test.labels)
+    root = tmp_path / "mydata"
+    mini.make_folder(root, ood=())
+    (root / "templates.txt").write_text("a photo of a {}.\nart of a {}.\n", encoding="utf-8-sig")
+    assert data.load_dataset("folder", data_root=str(root), backbone=BACKBONE).templates == ["a photo of a {}.",
+                                                                                              "art of a {}."]
+    (root / "templates.txt").write_text("a photo of a {}.\n", encoding="utf-16")
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("folder", data_root=str(root), backbone=BACKBONE)
+    check_error(e, f"{root / 'templates.txt'} is not UTF-8 text", "UTF-16")
+
+
+@pytest.mark.parametrize("renamed,meant", [("valid", "val"), ("validation", "val"), ("Test", "test")])
+def test_folder_val_or_test_under_another_name_is_not_silently_an_ood_set(tmp_path, renamed, meant):
+    """mydata/valid/ was scored as an OOD test set named 'valid' while ID val was held out of train, silently."""
+    root = tmp_path / "mydata"
+    mini.make_folder(root, ood=())
+    (root / meant).rename(root / renamed)
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("folder", data_root=str(root), backbone=BACKBONE)
+    check_error(e, f"{root / renamed} would be scored as an OOD test set named {renamed!r}: rename it to {meant}/")
+
+
+def test_folder_ood_folder_without_class_folders_says_every_other_folder_is_an_ood_set(tmp_path):
+    root = tmp_path / "mydata"
+    mini.make_folder(root, ood=())
+    (root / "notes").mkdir()
+    (root / "notes" / "todo.txt").write_text("label more")
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("folder", data_root=str(root), backbone=BACKBONE)
+    check_error(e, f"{root / 'notes'} holds no class folders", f"every other sub-folder of {root} is an OOD test set")
+
+
+@needs_h5py
+def test_pcam_damaged_image_chunk_stops_the_run_naming_the_file(tmp_path):
+    """A damaged compressed chunk inside x.h5 (not a truncation, which loading finds): was a raw h5py OSError."""
+    mini.make_pcam(tmp_path)
+    path = tmp_path / "pcam" / "camelyonpatch_level_2_split_test_x.h5"
+    b = bytearray(path.read_bytes())
+    b[len(b) // 2:len(b) // 2 + 3000] = bytes(3000)
+    path.write_bytes(bytes(b))
+    with pytest.raises(SystemExit) as e:
+        read_all("pcam", tmp_path)
+    assert str(e.value).startswith(f"error: cannot read image file {path} (image ") and "download it again" in str(e.value)
+
+
+def test_an_unreadable_listed_image_is_to_be_restored_not_deleted(tmp_path):
+    """DomainNet's list names the image: deleting it, as the message advised, makes the loader refuse the list."""
+    mini.make_domainnet(tmp_path)
+    rel = (tmp_path / "domainnet" / "SENTRY_splits" / "real_test_mini.txt").read_text().split()[0]
+    (tmp_path / "domainnet" / rel).write_bytes(b"")
+    with pytest.raises(SystemExit) as e:
+        read_all("domainnet", tmp_path)
+    assert f"{tmp_path / 'domainnet' / rel}" in str(e.value) and "restore it from the download" in str(e.value)
+
+
+def test_a_folder_unpacked_one_level_too_deep_is_named(tmp_path):
+    """rendered-sst2/rendered-sst2/, imagenet/val/val/ (an archive unpacked into a folder of its own name), a
+    DomainNet domain still zipped: each named, where before only what was missing was."""
+    mini.make_sst2(tmp_path / "x")
+    (tmp_path / "rendered-sst2").mkdir()
+    (tmp_path / "x" / "rendered-sst2").rename(tmp_path / "rendered-sst2" / "rendered-sst2")
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("sst2", data_root=str(tmp_path), backbone=BACKBONE)
+    check_error(e, f"found it one level deeper, in {tmp_path / 'rendered-sst2' / 'rendered-sst2'}: move that "
+                   f"folder's contents up into {tmp_path / 'rendered-sst2'}")
+    mini.make_breeds(tmp_path / "breeds", names=("living17",))
+    val = tmp_path / "breeds" / "imagenet" / "val"
+    val.rename(tmp_path / "val")
+    val.mkdir()
+    (tmp_path / "val").rename(val / "val")
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("living17", data_root=str(tmp_path / "breeds"), backbone=BACKBONE)
+    check_error(e, f"class folders missing under {val}", f"found it one level deeper, in {val / 'val'}")
+    mini.make_domainnet(tmp_path / "dn")
+    shutil.make_archive(str(tmp_path / "dn" / "domainnet" / "painting"), "zip", tmp_path / "dn" / "domainnet" / "painting")
+    shutil.rmtree(tmp_path / "dn" / "domainnet" / "painting")
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("domainnet", data_root=str(tmp_path / "dn"), backbone=BACKBONE)
+    check_error(e, "painting_test_mini.txt missing", f"found {tmp_path / 'dn' / 'domainnet' / 'painting.zip'} there: "
+                                                     "unpack it to painting")
 
 
 # ---------------------------------------------------------------------------------------------------------------
