@@ -1239,18 +1239,19 @@ def save_samples(path, per_cell=2, seed=0):
 def prepare_imagenet_val(val_dir, solution_csv):
     """Move ImageNet's flat validation images into wnid folders, using Kaggle's LOC_val_solution.csv (ImageId,
     PredictionString; the prediction string starts with the wnid). Moves, never copies or deletes; rerunnable."""
-    import csv
-
     val_dir, moved = Path(val_dir), 0
     if not val_dir.is_dir():
         raise SystemExit(f"error: {val_dir} is not a folder; pass ImageNet's val folder (ILSVRC/Data/CLS-LOC/val)")
     if not Path(solution_csv).is_file():
         raise SystemExit(f"error: {solution_csv} not found; LOC_val_solution.csv comes with Kaggle's ImageNet "
                          "(imagenet-object-localization-challenge)")
-    with open(solution_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"ImageId", "PredictionString"} <= set(rows[0]):
-        raise SystemExit(f"error: {solution_csv} is not Kaggle's LOC_val_solution.csv (columns ImageId, PredictionString)")
+    rows = read_csv("imagenet", Path(solution_csv), ["ImageId", "PredictionString"])  # a row cut short: its line
+    if not rows:
+        raise SystemExit(f"error: {solution_csv} holds no rows; Kaggle's LOC_val_solution.csv has 50,000")
+    bad = next((i for i, r in enumerate(rows) if not re.match(r"n\d{8}( |$)", r["PredictionString"])), None)
+    if bad is not None:  # checked before anything moves
+        raise SystemExit(f"error: {csv_line(solution_csv, bad)}: PredictionString {rows[bad]['PredictionString']!r} "
+                         "does not start with a wnid such as n01440764")
     for r in rows:
         wnid, name = r["PredictionString"].split()[0], r["ImageId"] + ".JPEG"
         src = val_dir / name

@@ -456,9 +456,22 @@ def test_prepare_imagenet_val_moves_flat_images_into_wnid_folders_and_reruns(tmp
     data.prepare_imagenet_val(str(val), str(csv_path))
     assert state() == sorted(expected + ["n01443537/ILSVRC2012_val_00000008.JPEG"])
 
+    damaged = {"columns.csv": "id,label\nILSVRC2012_val_00000009,n01443537\n",  # another file
+               "cut.csv": "ImageId,PredictionString\nILSVRC2012_val_00000009,n01443537 1 2 3 4\nILSVRC2012_val_000",
+               "blank.csv": "ImageId,PredictionString\nILSVRC2012_val_00000009,\n"}
+    for name, text in damaged.items():
+        (tmp_path / name).write_text(text)
+    mini.write_image(val / "ILSVRC2012_val_00000009.JPEG", (9, 9, 9))  # a CSV refused moves none of its images
+    before = state()
     for args, expected in ((["--help"], "usage: python data.py prepare-imagenet-val"),  # not a PNG named --help
                            (["prepare-imagenet-val", str(tmp_path / "nowhere"), str(csv_path)], "is not a folder"),
-                           (["prepare-imagenet-val", str(val), str(tmp_path / "no.csv")], "comes with Kaggle's")):
+                           (["prepare-imagenet-val", str(val), str(tmp_path / "no.csv")], "comes with Kaggle's"),
+                           (["prepare-imagenet-val", str(val), str(tmp_path / "columns.csv")],
+                            "lacks the column(s) ImageId, PredictionString (it has: id, label)"),
+                           (["prepare-imagenet-val", str(val), str(tmp_path / "cut.csv")],
+                            f"{tmp_path / 'cut.csv'} line 3 has 1 fields, the header 2"),
+                           (["prepare-imagenet-val", str(val), str(tmp_path / "blank.csv")],
+                            f"{tmp_path / 'blank.csv'} line 2: PredictionString '' does not start with a wnid")):
         monkeypatch.setattr(sys, "argv", ["data.py", *args])
         try:
             runpy.run_path(str(ROOT / "data.py"), run_name="__main__")
@@ -467,6 +480,7 @@ def test_prepare_imagenet_val_moves_flat_images_into_wnid_folders_and_reruns(tmp
         else:
             message = capsys.readouterr().out
         assert expected in message
+    assert state() == before
 
 
 # ---------------------------------------------------------------------------------------------------------------
