@@ -12,6 +12,7 @@ import platform
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -765,8 +766,11 @@ class Results:
         existing = next(p for p in (self.dir.absolute(), *self.dir.absolute().parents) if p.exists())
         if not existing.is_dir():
             raise SystemExit(f"error: --out {out_dir}: {existing} is a file; pass a folder (it is created if missing)")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise SystemExit(f"error: --out {out_dir}: cannot write in {existing}; pass a folder you can write to")
+        try:  # a folder made and removed: os.access says yes to root, also on a read-only mount or in /proc
+            tempfile.TemporaryDirectory(dir=existing, prefix=".rft-probe").cleanup()
+        except OSError as e:
+            raise SystemExit(f"error: --out {out_dir}: cannot write in {existing} ({e.strerror}); pass a folder you can "
+                             "write to") from None
         self.header = {"method": method, "args": dataclasses.asdict(args), "seed": args.seed, "commit": git_commit(),
                        "versions": {"torch": str(torch.__version__), "open_clip": open_clip.__version__,
                                     "python": sys.version.split()[0]},

@@ -10,6 +10,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -240,6 +241,13 @@ def test_a_rerun_that_fails_before_its_first_evaluation_leaves_the_finished_run_
     for out in (tmp_path / "done", tmp_path / "done" / "sub"):  # said before training, not at the first write
         with pytest.raises(SystemExit, match="is a file; pass a folder"):
             common.Results(out, "lpft", args, torch.device("cpu"))
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no one may make a folder")
+def test_an_out_folder_that_cannot_be_made_is_refused_before_training_also_for_root():
+    """os.access says root may write anywhere; making the folder says otherwise, at the first write after training."""
+    with pytest.raises(SystemExit, match=r"--out /proc/rft-out: cannot write in /proc \(.+\); pass a folder you can"):
+        common.Results("/proc/rft-out", "lpft", lpft.Args(dataset="embedded-tiny"), torch.device("cpu"))
 
 
 def test_summary_csv_holds_each_columns_mean_and_90_percent_ci_over_seeds(tmp_path, monkeypatch):
