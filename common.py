@@ -111,7 +111,14 @@ def load_embedded_clip(name, log=print):
     cfg = EMBEDDED_BACKBONES[name]
     path = embedded_cache_path(cfg)
     if not path.exists():
-        import pretrain  # the pretraining script, run once per config
+        try:
+            import pretrain  # the pretraining script, run once per config
+        except ModuleNotFoundError as e:
+            if e.name != "pretrain":
+                raise
+            raise SystemExit(f"error: no cached {name} at {path}, and pretrain.py, which makes it, is not beside "
+                             f"{Path(__file__).name}: copy pretrain.py along with common.py and data.py, or point "
+                             "RFT_CACHE at a folder that holds the model") from None
 
         log(f"no cached {name} at {path}: pretraining it now (once)")
         pretrain.pretrain(cfg, path, log=log)

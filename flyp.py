@@ -60,7 +60,6 @@ class Args:
     """linear warmup steps before the cosine decay; default: the dataset's recipe (FLYP paper: 500)"""
 
 
-
 # Per-dataset defaults. ImageNet and the WILDS datasets: the FLYP paper's (AdamW, warmup 500, cosine per step); the
 # other real datasets take ImageNet's, unswept (docs/recipes.md). Embedded world: chosen on ID validation accuracy
 # with the lr capped at its pretraining rate (docs/embedded.md).
@@ -134,6 +133,7 @@ def main(args):
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
     recipe = common.recipe(args, RECIPES[dataset.name])  # flags override the dataset's recipe
     common.describe(dataset, results, log, recipe)
+    epochs, lr, batch_size = recipe["epochs"], recipe["lr"], recipe["batch_size"]
     backbone = common.load_backbone(dataset.backbone, args.weights, log=log)
     model = common.to_device(backbone.clip, device)  # the whole CLIP trains
     ref = common.split_features(model.visual, dataset, device, args.precision, backbone=backbone)  # distortion origin
@@ -142,10 +142,10 @@ def main(args):
     encode = common.maybe_compile(model.visual, args.compile, device)  # the saved model stays unwrapped
     encode_text = common.maybe_compile(model.encode_text, args.compile, device)  # captions: one shape, one graph
     towers = common.distribute(Towers(model, encode, encode_text), device)  # what trains: DDP-wrapped under torchrun
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"],
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=recipe["weight_decay"],
                                   fused=True)  # one kernel over all parameters: ~9x faster steps, on CPU too
-    steps_per_epoch = len(dataset.train) // recipe["batch_size"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lr(recipe["warmup"], recipe["epochs"] * steps_per_epoch))
+    steps_per_epoch = len(dataset.train) // batch_size
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lr(recipe["warmup"], epochs * steps_per_epoch))
     g = torch.Generator().manual_seed(args.seed)
 
     def head():  # the zero-shot head of the current text tower
@@ -153,20 +153,19 @@ def main(args):
                                     args.precision)
 
     best = None  # (ID val accuracy, epoch, weights) of the best epoch so far
-    epochs = recipe["epochs"]
     for epoch in range(1, epochs + 1):
         set_train_mode(model)
         start, total, n = time.time(), 0.0, 0
-        for x, y in common.progress(dataset.train.batches(recipe["batch_size"], device, shuffle=True, drop_last=True,
+        for x, y in common.progress(dataset.train.batches(batch_size, device, shuffle=True, drop_last=True,
                                                           generator=g), desc=f"epoch {epoch}/{epochs}"):
             # one random caption per image, drawn for the global batch (this rank's share under torchrun)
-            template = common.shard(torch.randint(captions.shape[1], (recipe["batch_size"],), generator=g)).to(device)
+            template = common.shard(torch.randint(captions.shape[1], (batch_size,), generator=g)).to(device)
             with common.autocast(device, args.precision):
                 image_features, text_features = towers(x, captions[y, template])
-                # the contrastive batch is the global batch: every rank's features are gathered (open_clip does too)
-                batch = recipe["batch_size"]  # its size, known to every rank: no exchange of sizes, no wait
-                loss = clip_loss(common.all_gather(image_features, batch), common.all_gather(text_features, batch),
-                                 model.logit_scale)
+                # the contrastive batch is the global batch: every rank's features are gathered (open_clip does
+                # too); its size is known to every rank: no exchange of sizes, no wait
+                loss = clip_loss(common.all_gather(image_features, batch_size),
+                                 common.all_gather(text_features, batch_size), model.logit_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -44,11 +44,10 @@ class Args:
     """torch.compile the backbone: 'auto' (on CUDA), 'on' or 'off'"""
     out: str = None
     """output folder; default runs/<method>/<dataset>/seed<seed>"""
-    # --- method: LP ---
     c_min: float = 1e-7
-    """smallest inverse regularisation strength C of the sweep (LP-FT code)"""
+    """smallest inverse regularisation strength C of the LP sweep (LP-FT code)"""
     c_max: float = 1e2
-    """largest C of the sweep (LP-FT code)"""
+    """largest C of the LP sweep (LP-FT code)"""
     num_c: int = 50
     """number of C values, log-spaced (LP-FT code)"""
     max_iter: int = 200

@@ -30,6 +30,15 @@ import summarize
 from conftest import ROOT, read_results, record_loss_gradients, record_optimizers
 
 
+def test_a_copy_without_pretrain_py_says_what_to_copy_when_the_model_is_not_cached(tmp_path, monkeypatch):
+    """An engineer's copy of ft.py, common.py and data.py: a bare ModuleNotFoundError after the data had loaded."""
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "pretrain", None)  # as if pretrain.py were not beside common.py
+    with pytest.raises(SystemExit, match=r"no cached embedded-clip-tiny at .+, and pretrain.py, which makes it, is not "
+                                         r"beside common.py: copy pretrain.py along with common.py and data.py"):
+        common.load_backbone("embedded-clip-tiny")
+
+
 def test_embedded_model_is_cached_by_config(model_cache):
     common.load_backbone("embedded-clip-tiny")  # pretrains once per test session
     cfg = common.EMBEDDED_BACKBONES["embedded-clip-tiny"]
