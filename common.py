@@ -6,10 +6,12 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -235,23 +237,56 @@ def weights_dir():
 def weights_file(name, weights=None):
     """The local weights file of a backbone: `weights`, else its official file in weights_dir(); never downloads."""
     file, url, what = WEIGHTS[name]
-    path = Path(weights) if weights else weights_dir() / file
+    path = Path(weights).expanduser() if weights else weights_dir() / file  # `--weights=~/x.pt`: bash leaves the ~
     if path.is_file():
         return path
     tag = " (or an open_clip pretrained tag in your hub cache: --weights openai)" if name in OPEN_CLIP_MODELS else ""
     found = "is a folder, not a file" if path.is_dir() else "not found"
+    if weights and name in OPEN_CLIP_MODELS and not path.suffix and len(path.parts) == 1:  # a tag, of another model?
+        found += (f", nor an open_clip pretrained tag of {OPEN_CLIP_MODELS[name]} (its tags: "
+                  f"{', '.join(open_clip.list_pretrained_tags_by_model(OPEN_CLIP_MODELS[name]))})")
     problem = f"weights file {path} {found}" if weights else f"{name} needs --weights FILE{tag}: {path} not found"
     raise SystemExit(f"error: {problem}. {name} expects {what}, released as {file}: download it from {url}, then put "
                      f"it in {weights_dir()} or pass its path with --weights")
 
 
-def _bad_weights(path, problem, name):
-    raise SystemExit(f"error: {path} is not usable as {name} weights: {problem.rstrip('.')}. "
+def _bad_weights(path, problem, name, saved=None):
+    """A one-line error; where the file's keys are those of another backbone, it names that one."""
+    fits = looks_like(saved)
+    hint = f"; its keys are those of {fits} weights: pass --backbone {fits}" if fits not in (None, name) else ""
+    raise SystemExit(f"error: {path} is not usable as {name} weights: {problem.rstrip('.')}{hint}. "
                      f"Expected: {WEIGHTS[name][2]}")
 
 
+def looks_like(saved):
+    """Which backbone of WEIGHTS a weights file's tensors are for, by their names and shapes (None: none of them)."""
+    sd = saved.get("state_dict", saved) if isinstance(saved, dict) else None
+    if not isinstance(sd, dict) or not sd:
+        return None
+    if any(str(k).startswith("module.encoder_q.") for k in sd):
+        return "moco-v2-rn50"
+    sd = strip_prefix(sd)
+    conv1 = sd.get("visual.conv1.weight")
+    if "visual.transformer.resblocks.0.attn.in_proj_weight" in sd and conv1 is not None:
+        return "clip-vit-b16" if tuple(conv1.shape) == (768, 3, 16, 16) else None  # a ViT of another size or patch
+    if "visual.layer1.0.conv1.weight" in sd:
+        return "clip-rn50" if "visual.layer4.2.conv3.weight" in sd and "visual.layer4.3.conv1.weight" not in sd else None
+    fc = sd.get("fc.weight")
+    if "layer4.2.conv3.weight" in sd and "layer4.3.conv1.weight" not in sd and fc is not None and fc.shape[0] == 1000:
+        return "resnet50"
+    return None
+
+
+def strip_prefix(sd, prefix="module."):
+    """A state dict saved from nn.DataParallel or DDP has every key prefixed 'module.' (open_clip strips it too)."""
+    if sd and all(isinstance(k, str) and k.startswith(prefix) for k in sd):
+        return {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
 def _why(e, n):
-    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:n]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(e).split()))  # torch colours parts of its messages
+    return f"{type(e).__name__}: {text}"[:n]
 
 
 def unreadable(path, e, n=200):
@@ -269,6 +304,10 @@ def unreadable(path, e, n=200):
         html = head.lstrip()[:1] == b"<"
         return f"not a PyTorch file: it starts with {head[:24]!r}" + (", a web page (a login or error page saved "
                                                                       "instead?)" if html else "")
+    pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+    if pickled:  # torch's advice (weights_only=False) would run the file's code: not ours to give
+        return (f"it holds pickled Python objects ({pickled.group(1)}; a whole model saved with torch.save(model)?), "
+                "which are never loaded, as they could run code: save and pass model.state_dict() instead")
     return _why(e, n)
 
 
@@ -287,20 +326,42 @@ def read_checkpoint(path, how_to_make):
     return ckpt
 
 
-def _load_exact(net, state_dict, path, name):
-    """load_state_dict with strict=True, but a one-line SystemExit instead of a traceback listing hundreds of keys."""
+def read_weights(path, name):
+    """What a weights file holds, read without running pickled code: torch.load(weights_only=True) (a checkpoint, a
+    state dict, safetensors), or for a TorchScript archive (OpenAI's CLIP .pt files) torch.jit.load's state dict
+    (TorchScript's reader builds TorchScript objects only). A model.pt of our --save is refused: fine-tuned weights."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "TorchScript" not in str(e):  # torch refuses TorchScript archives with weights_only, naming them
+            _bad_weights(path, f"not a checkpoint of tensors, torch.load fails ({unreadable(path, e, 300)})", name)
+        try:
+            saved = torch.jit.load(path, map_location="cpu").state_dict()
+        except Exception as e:
+            _bad_weights(path, f"a TorchScript archive torch.jit.load cannot read ({unreadable(path, e, 300)})", name)
+    if isinstance(saved, dict) and {"method", "args", "state_dict"} <= set(saved):
+        _bad_weights(path, f"it is a model.pt written by {saved['method']}.py --save, a fine-tuned model (wiseft.py and "
+                           "feature_map.py read those); --weights takes the pretrained backbone's file", name)
+    return saved
+
+
+def _load_exact(net, state_dict, path, name, saved=None):
+    """load_state_dict with strict=True (no key left out, no shape adapted), but a one-line SystemExit instead of a
+    traceback listing hundreds of keys; `saved`, the file's content, tells which backbone it fits instead."""
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        _bad_weights(path, f"it holds a {type(state_dict).__name__}, not a state dict of tensors", name)
+        _bad_weights(path, f"it holds a {type(state_dict).__name__}, not a state dict of tensors", name, saved)
+    if not state_dict:
+        _bad_weights(path, "it holds an empty state dict", name)
     expected = net.state_dict().keys()
     missing, unexpected = sorted(expected - state_dict.keys()), sorted(state_dict.keys() - expected)
     if missing or unexpected:
         _bad_weights(path, f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys "
-                           f"{unexpected[:3]}", name)
+                           f"{unexpected[:3]}", name, saved)
     try:
         net.load_state_dict(state_dict)
     except RuntimeError as e:  # the keys match but some shapes do not
         mismatch = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
-        _bad_weights(path, mismatch[0] if mismatch else str(e), name)
+        _bad_weights(path, mismatch[0] if mismatch else str(e), name, saved)
 
 
 def load_resnet50(name, path):
@@ -309,20 +370,19 @@ def load_resnet50(name, path):
     features), the key encoder and the queue; only encoder_q minus fc is kept."""
     import torchvision
 
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: never run pickled code
-    except Exception as e:
-        _bad_weights(path, f"not a checkpoint of tensors, torch.load fails ({unreadable(path, e, 160)})", name)
+    saved = read_weights(path, name)
     net = torchvision.models.resnet50()
     if name == "moco-v2-rn50":
         prefix = "module.encoder_q."
-        state_dict = state_dict.get("state_dict") if isinstance(state_dict, dict) else None
-        if not isinstance(state_dict, dict) or not any(k.startswith(prefix) for k in state_dict):
-            _bad_weights(path, f"no {prefix}* keys in its 'state_dict'", name)
+        state_dict = saved.get("state_dict") if isinstance(saved, dict) else None
+        if not isinstance(state_dict, dict) or not any(str(k).startswith(prefix) for k in state_dict):
+            _bad_weights(path, f"no {prefix}* keys in its 'state_dict'", name, saved)
         state_dict = {k[len(prefix):]: v for k, v in state_dict.items()
                       if k.startswith(prefix) and not k.startswith(prefix + "fc.")}
         net.fc = nn.Identity()
-    _load_exact(net, state_dict, path, name)
+    else:
+        state_dict = strip_prefix(saved) if isinstance(saved, dict) else saved
+    _load_exact(net, state_dict, path, name, saved)
     net.fc = nn.Identity()
     net.output_dim = 2048
     return net
@@ -346,20 +406,19 @@ def load_open_clip(name, weights=None):
                              f"(nothing is downloaded): {_why(e, 200)}. Download {file} from {url}, then put it in "
                              f"{weights_dir()} or pass its path with --weights")
     path = weights_file(name, weights)
-    try:  # torch.load refuses TorchScript archives (OpenAI's own .pt files) unless weights_only=False, and then hands
-        # them to torch.jit.load, which runs no pickled Python code
-        return open_clip.create_model(arch, pretrained=str(path), weights_only=not _is_torchscript(path))
-    except Exception as e:  # unreadable file, missing or unexpected keys, wrong shapes
-        _bad_weights(path, unreadable(path, e, 400), name)
-
-
-def _is_torchscript(path):
-    import zipfile
-
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(n.endswith("/constants.pkl") for n in archive.namelist())
+    saved = read_weights(path, name)
+    state_dict = saved.get("state_dict", saved) if isinstance(saved, dict) else saved  # open_clip's checkpoints
+    if isinstance(state_dict, dict):  # OpenAI's archives keep three settings beside the weights
+        state_dict = {k: v for k, v in strip_prefix(state_dict).items()
+                      if k not in ("input_resolution", "context_length", "vocab_size")}
+    # Loaded here, strictly: open_clip's own loader would resize a positional embedding of another size, silently
+    logging.disable(logging.WARNING)  # open_clip warns that the model it builds is random: it is, until loaded below
+    try:
+        model = open_clip.create_model(arch)
+    finally:
+        logging.disable(logging.NOTSET)
+    _load_exact(model, state_dict, path, name, saved)
+    return model
 
 
 def load_backbone(name, weights=None, log=print):
@@ -399,12 +458,20 @@ def check_backbone(name, weights=None, clip_for=None):
                          f"use); drop --weights, or pass --backbone with one of: {', '.join(WEIGHTS)}")
 
 
-def weights_key(name, weights):
-    """A backbone's identity for the feature cache: its weights file (path, size, modification time) or hub tag."""
+def weights_record(name, weights):
+    """Which weights a backbone loads: its file (resolved path, size, modification time), its hub tag, or for an
+    embedded backbone its cached model. Every results line carries it; the feature cache is keyed by it."""
+    if name in EMBEDDED_BACKBONES:
+        return {"file": str(embedded_cache_path(EMBEDDED_BACKBONES[name]))}
     if is_hub_tag(name, weights):
-        return f"{name}:{weights}"
+        return {"tag": weights}
     path = weights_file(name, weights).resolve()
-    return f"{name}:{path}:{path.stat().st_size}:{path.stat().st_mtime_ns}"
+    return {"file": str(path), "bytes": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns}
+
+
+def weights_key(name, weights):
+    """A backbone's identity for the feature cache (the same string as before weights_record existed)."""
+    return ":".join([name, *map(str, weights_record(name, weights).values())])
 
 
 def to_device(model, device):
@@ -946,7 +1013,8 @@ def setup(args, method, clip_for=None):
     needs one); seed, device (deterministic algorithms on CPU, cuDNN autotuning on CUDA), the results writer and a
     log function."""
     check_args(args)
-    check_backbone(args.backbone or data.default_backbone(args.dataset), args.weights, clip_for)
+    backbone = args.backbone or data.default_backbone(args.dataset)
+    check_backbone(backbone, args.weights, clip_for)
     seed_everything(args.seed)
     device = init_distributed(get_device(args.device))
     if device.type == "cpu":
@@ -955,6 +1023,7 @@ def setup(args, method, clip_for=None):
         torch.backends.cudnn.benchmark = True
     out = args.out or os.path.join("runs", method, args.dataset, f"seed{args.seed}")
     results = Results(out, method, args, device)
+    results.header["weights"] = weights_record(backbone, args.weights)  # the file a default or relative path meant
 
     def log(msg):
         if is_main():

@@ -1,5 +1,8 @@
 """Backbone loaders: each real backbone saved with random weights in its released file format, loaded back offline
 through common.load_backbone; the default weights folder; clear errors for missing and malformed files."""
+import zipfile
+from types import SimpleNamespace
+
 import open_clip
 import pytest
 import torch
@@ -163,7 +166,7 @@ def test_malformed_files_say_what_is_wrong(tmp_path, resnet50_state_dict):
     assert "not a state dict of tensors" in error("resnet50", {"state_dict": resnet50_state_dict})
     moco = error("moco-v2-rn50", {"state_dict": {f"module.encoder_k.{k}": v for k, v in resnet50_state_dict.items()}})
     assert "no module.encoder_q.* keys" in moco and "MoCo's released checkpoint" in moco
-    assert "Missing key(s)" in error("clip-rn50", {"conv1.weight": torch.zeros(64, 3, 7, 7)})  # not a CLIP
+    assert "1 unexpected keys ['conv1.weight']" in error("clip-rn50", {"conv1.weight": torch.zeros(64, 3, 7, 7)})
 
 
 def test_a_folder_passed_as_weights_is_named_a_folder(tmp_path):
@@ -193,6 +196,105 @@ def test_a_weights_file_is_read_without_running_its_pickled_code(tmp_path, name)
     with pytest.raises(SystemExit, match="not usable as"):
         common.load_backbone(name, str(path))
     assert not marker.exists()
+
+
+def test_an_entry_named_constants_pkl_does_not_make_a_file_load_with_its_pickled_code(tmp_path):
+    """Only TorchScript archives were read with weights_only=False, recognised by any '*/constants.pkl' entry, where
+    torch looks at the archive's top folder only: a pickle with an entry 'archive/x/constants.pkl' ran its code."""
+    marker, path = tmp_path / "code-ran", tmp_path / "weights.pt"
+    torch.save({"state_dict": {"conv1.weight": RunsCode(marker)}}, path)
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr(archive.namelist()[0].split("/")[0] + "/x/constants.pkl", b"")
+    with pytest.raises(SystemExit, match="not usable as clip-rn50 weights"):
+        common.load_backbone("clip-rn50", str(path))
+    assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def rn50_clip_state_dict():
+    return open_clip.create_model("RN50-quickgelu").state_dict()
+
+
+def weights_error(name, weights):
+    with pytest.raises(SystemExit) as e:
+        common.load_backbone(name, str(weights))
+    return str(e.value)
+
+
+def test_a_model_pt_of_our_save_is_not_taken_for_pretrained_weights(tmp_path, rn50_clip_state_dict, resnet50_state_dict):
+    """flyp.py --save keeps the whole CLIP under 'state_dict', which open_clip loaded as the pretrained weights."""
+    flyp = tmp_path / "flyp.pt"
+    torch.save({"method": "flyp", "args": {"backbone": "clip-rn50"}, "state_dict": rn50_clip_state_dict}, flyp)
+    assert "it is a model.pt written by flyp.py --save, a fine-tuned model" in weights_error("clip-rn50", flyp)
+    ft = tmp_path / "ft.pt"  # nn.Sequential(encoder, head)
+    torch.save({"method": "ft", "args": {"backbone": "resnet50"}, "state_dict": {
+        **{f"0.{k}": v for k, v in resnet50_state_dict.items() if not k.startswith("fc.")},
+        "1.weight": torch.zeros(3, 2048), "1.bias": torch.zeros(3)}}, ft)
+    assert "written by ft.py --save" in weights_error("resnet50", ft)
+
+
+def test_a_positional_embedding_of_another_size_is_refused_not_resized(tmp_path):
+    """open_clip's loader interpolates it to the model's grid (a 384-px ViT-B/16 loaded as a 224-px one) with an
+    INFO line only; the backbone's weights are loaded strictly."""
+    saved = open_clip.create_model("ViT-B-16-quickgelu").state_dict()
+    saved["visual.positional_embedding"] = torch.zeros(577, 768)  # 24 x 24 patches + 1: ViT-B/16 at 384 px
+    torch.save(saved, tmp_path / "ViT-B-16.pt")
+    assert "size mismatch for visual.positional_embedding" in weights_error("clip-vit-b16", tmp_path / "ViT-B-16.pt")
+
+
+def test_a_whole_pickled_model_says_to_save_its_state_dict(tmp_path):
+    """torch's own message is coloured, cut mid-sentence here, and advises weights_only=False: running the file."""
+    torch.save(torchvision.models.resnet50(), tmp_path / "resnet50.pth")
+    for name in ("resnet50", "clip-rn50"):
+        message = weights_error(name, tmp_path / "resnet50.pth")
+        assert ("pickled Python objects (torchvision.models.resnet.ResNet; a whole model saved with torch.save(model)?)"
+                in message and "model.state_dict() instead" in message and "\x1b" not in message), message
+
+
+@pytest.mark.filterwarnings("ignore:.*TorchScript:UserWarning", "ignore:.*torch.jit:FutureWarning")
+def test_a_file_for_another_backbone_names_that_backbone(tmp_path, rn50_clip_state_dict, resnet50_state_dict):
+    save_torchscript_archive(rn50_clip_state_dict, tmp_path / "RN50.pt")  # OpenAI's own file, for the wrong backbone
+    for name in ("resnet50", "clip-vit-b16"):
+        message = weights_error(name, tmp_path / "RN50.pt")
+        assert "its keys are those of clip-rn50 weights: pass --backbone clip-rn50" in message, message
+    torch.save({"epoch": 800, "state_dict": {f"module.encoder_q.{k}": v for k, v in resnet50_state_dict.items()}},
+               tmp_path / "moco.pth.tar")
+    assert "pass --backbone moco-v2-rn50" in weights_error("resnet50", tmp_path / "moco.pth.tar")
+    torch.save(resnet50_state_dict, tmp_path / "resnet50.pth")
+    assert "pass --backbone resnet50" in weights_error("moco-v2-rn50", tmp_path / "resnet50.pth")
+
+
+def test_a_tag_of_another_open_clip_model_is_said_to_be_no_tag_of_this_one():
+    message = weights_error("clip-vit-b16", "laion2b_s34b_b88k")  # a tag of GELU 'ViT-B-16', not of the QuickGELU one
+    assert "nor an open_clip pretrained tag of ViT-B-16-quickgelu (its tags: openai" in message, message
+
+
+def test_an_empty_state_dict_is_said_so(tmp_path):
+    torch.save({}, tmp_path / "RN50.pt")
+    assert "it holds an empty state dict" in weights_error("clip-rn50", tmp_path / "RN50.pt")  # was StopIteration
+
+
+def test_dataparallel_prefixes_and_a_tilde_are_understood(tmp_path, monkeypatch, resnet50_state_dict):
+    """'module.' before every key (saved from nn.DataParallel or DDP) loads as open_clip's loader allowed for CLIP;
+    `--weights=~/x.pth` reaches Python with its ~ (bash expands it only at the start of a word)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    torch.save({f"module.{k}": v for k, v in resnet50_state_dict.items()}, tmp_path / "resnet50.pth")
+    backbone = common.load_backbone("resnet50", "~/resnet50.pth")
+    assert same_weights(backbone.encoder, {k: v for k, v in resnet50_state_dict.items() if not k.startswith("fc.")})
+
+
+def test_the_results_record_the_resolved_weights_file(tmp_path, monkeypatch, resnet50_state_dict):
+    """Without --weights (the default folder) or with a relative path, the args alone do not say which file it was."""
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path / "cache"))
+    common.weights_dir().mkdir(parents=True)
+    file = common.weights_dir() / "resnet50-0676ba61.pth"
+    torch.save(resnet50_state_dict, file)
+    args = SimpleNamespace(backbone="resnet50", dataset="folder", weights=None, seed=0, device="cpu", out=str(tmp_path / "o"))
+    monkeypatch.setattr(common, "check_args", lambda args: None)  # (a stand-in for a method's Args)
+    monkeypatch.setattr(common, "Results", lambda out, method, args, device: SimpleNamespace(header={}))
+    _, results, _ = common.setup(args, "lp")
+    assert results.header["weights"] == {"file": str(file.resolve()), "bytes": file.stat().st_size,
+                                         "mtime_ns": file.stat().st_mtime_ns}
 
 
 def test_weights_for_a_backbone_this_project_pretrains_are_an_error_not_ignored():
