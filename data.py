@@ -1215,6 +1215,7 @@ def load_dataset(name, seed=0, data_root=None, backbone=None):
     root = data_root or os.environ.get("RFT_DATA")
     if not root:
         fail(name, "no data root: pass --data-root DIR or set RFT_DATA")
+    root = os.path.expanduser(root)  # `--data-root=~/data`: bash leaves the ~
     if not os.path.isdir(root):
         fail(name, f"data root {root} is not a folder")
     parts = loader(name, Path(root), preprocessing(backbone))

@@ -1105,6 +1105,14 @@ def test_no_data_root_is_an_error():
     assert "--data-root" in str(e.value) and "RFT_DATA" in str(e.value) and DOCS in str(e.value)
 
 
+def test_a_tilde_in_the_data_root_is_the_home_folder(minis, monkeypatch):
+    """`--data-root=~/data` reaches Python with its ~ (bash expands it only at the start of a word)."""
+    root, truth = minis.build("sst2")
+    monkeypatch.setenv("HOME", str(root.parent))
+    ds = data.load_dataset("sst2", data_root=f"~/{root.name}", backbone=BACKBONE)
+    assert labelled(ds.test, root) == truth["test"] and ds.info["root"] == str(root.resolve())
+
+
 def test_data_root_given_wins_over_rft_data(minis, tmp_path, monkeypatch):
     """RFT_DATA is the default for runs that pass no --data-root; one that does means that folder."""
     root, truth = minis.build("sst2")
