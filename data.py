@@ -575,10 +575,11 @@ ARCHIVE = re.compile(r"\.(tar|tar\.gz|tar\.xz|tar\.bz2|tgz|zip|7z|gz)$", re.IGNO
 
 def missing_hint(path):
     """A hint for a missing `path`, looked for only then: --data-root one level too deep (DIR/imagenet given, so
-    DIR/imagenet/imagenet/train looked for) or a folder one level too deep (an archive unpacked into a folder of its
-    own name: rendered-sst2/rendered-sst2/train), or the first missing folder or file there as an archive not yet
+    DIR/imagenet/imagenet/train looked for), or the first missing folder or file there as an archive not yet
     unpacked, or under another name (CIFAR-10.1 for cifar10.1, ALSO_CALLED), or in a folder inside that (a clone of
-    the CIFAR-10.1 repository: CIFAR-10.1/datasets/). A folder that cannot be listed gives no hint."""
+    the CIFAR-10.1 repository: CIFAR-10.1/datasets/), or one level down (an archive unpacked into a folder of its own
+    name: rendered-sst2/rendered-sst2/train; --data-root one level too high). A folder that cannot be listed gives
+    no hint."""
     path = Path(path).absolute()
     for p in (path, *path.parents):
         if p.name and p.name == p.parent.name and p.parent.is_dir() and not p.exists():
@@ -586,10 +587,6 @@ def missing_hint(path):
     first = next((p for p in reversed((path, *path.parents)) if not p.exists()), None)
     if first is None or not first.parent.is_dir():
         return ""
-    nested = first.parent / first.parent.name
-    if (nested / path.relative_to(first.parent)).exists():
-        return f"; found it one level deeper, in {nested}: move that folder's contents up into {first.parent}"
-
     def squash(name):  # ImageNet-Sketch.zip -> imagenetsketch
         return re.sub(r"[^a-z0-9]", "", ARCHIVE.sub("", name).lower())
 
@@ -605,9 +602,16 @@ def missing_hint(path):
             inside = [d for d in sorted(e.iterdir()) if d.is_dir() and (d / rest).exists()]
             if inside:
                 return f"; found {inside[0] / rest} there: move or link {inside[0]} to {first}"
+        wanted = path.relative_to(first.parent)
+        below = next((d for d in sorted(first.parent.iterdir()) if d.is_dir() and (d / wanted).exists()), None)
     except OSError:  # a folder we may enter but not list
-        pass
-    return ""
+        return ""
+    if below is None:
+        return ""
+    if below.name == first.parent.name:
+        return f"; found it one level deeper, in {below}: move that folder's contents up into {first.parent}"
+    return (f"; found {below / wanted} one level down: pass {below} if that is your data root, or move the contents "
+            f"of {below} up into {first.parent}")
 
 
 def note(message):

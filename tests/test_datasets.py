@@ -1427,10 +1427,14 @@ def test_an_unreadable_listed_image_is_to_be_restored_not_deleted(tmp_path):
     assert f"{tmp_path / 'domainnet' / rel}" in str(e.value) and "restore it from the download" in str(e.value)
 
 
-def test_a_folder_unpacked_one_level_too_deep_is_named(tmp_path):
-    """rendered-sst2/rendered-sst2/, imagenet/val/val/ (an archive unpacked into a folder of its own name), a
-    DomainNet domain still zipped: each named, where before only what was missing was."""
+def test_a_folder_one_level_down_is_named(tmp_path):
+    """rendered-sst2/rendered-sst2/, imagenet/val/val/ (an archive unpacked into a folder of its own name), a data
+    root one level too high, a DomainNet domain still zipped: each named, where before only what was missing was."""
     mini.make_sst2(tmp_path / "x")
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("sst2", data_root=str(tmp_path), backbone=BACKBONE)
+    check_error(e, f"found {tmp_path / 'x' / 'rendered-sst2' / 'train'} one level down: pass {tmp_path / 'x'} if that is "
+                   "your data root")
     (tmp_path / "rendered-sst2").mkdir()
     (tmp_path / "x" / "rendered-sst2").rename(tmp_path / "rendered-sst2" / "rendered-sst2")
     with pytest.raises(SystemExit) as e:
