@@ -399,12 +399,14 @@ def load_open_clip(name, weights=None):
     huggingface_hub.constants.HF_HUB_OFFLINE = True
     if is_hub_tag(name, weights):
         try:
-            return open_clip.create_model(arch, pretrained=weights)
+            with quiet_logging():  # its own "Failed to download" line, before the error below says it all
+                return open_clip.create_model(arch, pretrained=weights)
         except Exception as e:
             file, url, _ = WEIGHTS[name]
             raise SystemExit(f"error: open_clip's {weights!r} weights for {arch} did not load from the local hub cache "
-                             f"(nothing is downloaded): {_why(e, 200)}. Download {file} from {url}, then put it in "
-                             f"{weights_dir()} or pass its path with --weights")
+                             f"(nothing is downloaded): {_why(e, 200)}. Copy its hub cache here, or use OpenAI's "
+                             f"weights: download {file} from {url}, then put it in {weights_dir()} or pass its path "
+                             "with --weights")
     path = weights_file(name, weights)
     saved = read_weights(path, name)
     state_dict = saved.get("state_dict", saved) if isinstance(saved, dict) else saved  # open_clip's checkpoints
@@ -412,13 +414,20 @@ def load_open_clip(name, weights=None):
         state_dict = {k: v for k, v in strip_prefix(state_dict).items()
                       if k not in ("input_resolution", "context_length", "vocab_size")}
     # Loaded here, strictly: open_clip's own loader would resize a positional embedding of another size, silently
-    logging.disable(logging.WARNING)  # open_clip warns that the model it builds is random: it is, until loaded below
-    try:
+    with quiet_logging():  # open_clip warns that the model it builds is random: it is, until loaded below
         model = open_clip.create_model(arch)
-    finally:
-        logging.disable(logging.NOTSET)
     _load_exact(model, state_dict, path, name, saved)
     return model
+
+
+@contextlib.contextmanager
+def quiet_logging():
+    """open_clip's log lines (Python's root logger) muted for a moment, where they would mislead."""
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def load_backbone(name, weights=None, log=print):
