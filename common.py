@@ -440,7 +440,7 @@ def load_backbone(name, weights=None, log=print):
     check_backbone(name, weights)
     if name in EMBEDDED_BACKBONES:
         clip = load_embedded_clip(name, log=log)
-        return Backbone(clip.visual, clip, clip.tokenizer, key=str(embedded_cache_path(EMBEDDED_BACKBONES[name])))
+        return Backbone(clip.visual, clip, clip.tokenizer, key=weights_key(name, weights))
     if name in OPEN_CLIP_MODELS:
         clip = load_open_clip(name, weights)
         return Backbone(clip.visual, clip, open_clip.get_tokenizer(OPEN_CLIP_MODELS[name]), key=weights_key(name, weights))
@@ -470,11 +470,14 @@ def check_backbone(name, weights=None, clip_for=None):
 def weights_record(name, weights):
     """Which weights a backbone loads: its file (resolved path, size, modification time), its hub tag, or for an
     embedded backbone its cached model. Every results line carries it; the feature cache is keyed by it."""
-    if name in EMBEDDED_BACKBONES:
-        return {"file": str(embedded_cache_path(EMBEDDED_BACKBONES[name]))}
     if is_hub_tag(name, weights):
         return {"tag": weights}
-    path = weights_file(name, weights).resolve()
+    if name in EMBEDDED_BACKBONES:  # made on first use: its size and time once it exists (pretrained again, they change)
+        path = embedded_cache_path(EMBEDDED_BACKBONES[name])
+        if not path.exists():
+            return {"file": str(path)}
+    else:
+        path = weights_file(name, weights).resolve()
     return {"file": str(path), "bytes": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns}
 
 
@@ -495,12 +498,30 @@ def to_device(model, device):
 @torch.inference_mode()
 def extract_features(encoder, split, device, precision="auto", batch_size=500, cache=None, desc=None):
     """Features of every image of a split, in order, as float32 on the CPU (under torchrun each rank extracts its
-    share of every batch and all ranks get all features). With `cache` (a `feature_cache` key) they are read from,
-    or written to, <cache dir>/features/. A compiled encoder gets every batch padded to the full size, so the last
-    one does not make torch.compile build a second graph."""
+    share of every batch, with rank 0's BatchNorm statistics, and all ranks get all features). With `cache` (a
+    `feature_cache` key) they are read from, or written to, <cache dir>/features/, and extracted under a random state
+    of their own, seeded by the key: the ID training split's random view is the same whenever it is extracted, and
+    what the run draws next does not depend on whether the features were cached."""
     path = cache_dir() / "features" / f"{cache}.pt" if cache else None
-    if path is not None and path.is_file():
-        return torch.load(path, weights_only=True)
+    world = data.rank_and_world()[1]
+    if path is not None and all_reduce_sum(float(path.is_file()))[0] == world:  # decided together: a rank that
+        return torch.load(path, weights_only=True)  # extracts alone would wait for the others forever
+    if world > 1:  # DDP keeps each rank's BatchNorm running statistics of its last step; model.pt holds rank 0's
+        for buffer in encoder.buffers():
+            torch.distributed.broadcast(buffer, 0)
+    if path is None:
+        return _extract(encoder, split, device, precision, batch_size, desc)
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(int(cache, 16))
+        feats = _extract(encoder, split, device, precision, batch_size, desc)
+    if is_main():
+        save_atomic(feats, path)
+    return feats
+
+
+def _extract(encoder, split, device, precision, batch_size, desc):
+    """extract_features without the cache. A compiled encoder gets every batch padded to the full size, so the last
+    one does not make torch.compile build a second graph."""
     encoder.eval()
     static = isinstance(encoder, torch._dynamo.eval_frame.OptimizedModule)
     feats = []
@@ -509,17 +530,17 @@ def extract_features(encoder, split, device, precision="auto", batch_size=500, c
             n, full = len(x), -(-batch_size // data.rank_and_world()[1])
             x = torch.cat([x, x.new_zeros((full - n, *x.shape[1:]))]) if static and n < full else x
             feats.append(all_gather(encoder(x)[:n].float()).cpu())
-    feats = torch.cat(feats) if feats else torch.empty(0, encoder.output_dim)
-    if path is not None and is_main():
-        save_atomic(feats, path)
-    return feats
+    return torch.cat(feats) if feats else torch.empty(0, encoder.output_dim)
 
 
 def data_fingerprint(split):
     """A hash of a split's labels and of each image file's path, inode, size and modification time: swapping, moving,
-    replacing or editing an image changes it (0.38 s per 128,000 files here, warm). Images in an array file
-    (CIFAR-10, PCam) are covered by their index and label only."""
+    replacing or editing an image changes it (0.38 s per 128,000 files here, warm). Images in one array or HDF5 file
+    (CIFAR-10, PCam) are covered by their reader's fingerprint: a hash of the pixels, or the file's identity."""
     h = hashlib.sha1(split.labels.numpy().tobytes())
+    read = getattr(split, "read", None)
+    if hasattr(read, "fingerprint"):
+        h.update(read.fingerprint().encode())
     for item in split.items:
         try:
             st = os.stat(item) if isinstance(item, (str, os.PathLike)) else None
@@ -529,16 +550,18 @@ def data_fingerprint(split):
     return h.hexdigest()
 
 
-def feature_cache(backbone, dataset, split, precision, seed=0):
+def feature_cache(backbone, dataset, split, device, precision, seed=0):
     """The cache key of a real dataset's split under a pretrained backbone, or None (the embedded world's features
     take seconds). It covers the weights, the split's images and labels (data_fingerprint), the preprocessing, where
-    JPEGs are decoded (RFT_GPU_DECODE) and the precision; the ID training split's features depend on the seed too (one
-    random augmented view per image, as the LP-FT code takes)."""
+    JPEGs are decoded (RFT_GPU_DECODE) and the precision on `device` (a cache shared by a CPU and a GPU machine keeps
+    their 'auto' apart); the ID training split's features depend on the seed too (one random augmented view per
+    image, as the LP-FT code takes)."""
     if dataset.name in data.WORLDS or backbone.key is None:
         return None
     part = {"id_train": dataset.train, **eval_splits(dataset)}[split]
     parts = [backbone.key, dataset.name, dataset.info.get("root"), split, len(part), data_fingerprint(part),
-             repr(data.preprocessing(dataset.backbone)), precision, seed if split == "id_train" else None]
+             repr(data.preprocessing(dataset.backbone)), resolve_precision(device, precision),
+             seed if split == "id_train" else None]
     if getattr(part, "decode_on_device", False):  # nvJPEG and tensor resizing give other pixels than PIL's
         parts.append("decoded on the device")  # (appended, not always there: the keys of existing caches stay valid)
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
@@ -620,11 +643,18 @@ def get_device(name="auto"):
     return device
 
 
-def autocast(device, precision="auto"):
-    """The one precision context: bf16 autocast on CUDA by default, full fp32 on CPU ('auto' | 'bf16' | 'fp32')."""
+def resolve_precision(device, precision="auto"):
+    """'bf16' or 'fp32': what `precision` ('auto' | 'bf16' | 'fp32') means on `device` ('auto': bf16 on CUDA)."""
     if precision not in CHOICES["precision"]:
         raise SystemExit(f"error: unknown precision {precision!r}; choose {', '.join(CHOICES['precision'])}")
-    if precision == "fp32" or (precision == "auto" and torch.device(device).type != "cuda"):
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device, precision="auto"):
+    """The one precision context: bf16 autocast on CUDA by default, full fp32 on CPU ('auto' | 'bf16' | 'fp32')."""
+    if resolve_precision(device, precision) == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
@@ -662,7 +692,9 @@ def is_main():
 
 def distribute(module, device):
     """`module` wrapped in DistributedDataParallel (gradients averaged over ranks) when there are several processes,
-    else `module` itself. BatchNorm statistics stay per rank, as under the reference code's nn.DataParallel.
+    else `module` itself. BatchNorm normalises each rank's share with its own statistics, as the reference code's
+    nn.DataParallel does per GPU; the running statistics are rank 0's (DDP broadcasts them at each forward, and
+    extract_features once more before evaluating, since the last step leaves each rank its own).
     A compiled model inside still overlaps the gradient all-reduce with the backward: Dynamo compiles it during DDP's
     forward and splits its graph at DDP's gradient buckets (DDPOptimizer)."""
     if data.rank_and_world()[1] == 1:
@@ -734,7 +766,7 @@ def split_features(encoder, dataset, device, precision="auto", only=None, backbo
     """Features on every evaluation split (or the splits named in `only`). Of the pretrained encoder, they are the
     origin of feature distortion; pass its `backbone` and a real dataset's features are cached on disk."""
     def cache(k):
-        return feature_cache(backbone, dataset, k, precision) if backbone else None
+        return feature_cache(backbone, dataset, k, device, precision) if backbone else None
 
     return {k: extract_features(encoder, s, device, precision, cache=cache(k), desc=f"features {k}")
             for k, s in eval_splits(dataset).items() if only is None or k in only}

@@ -162,7 +162,7 @@ def main(args):
     ref = common.split_features(encoder, dataset, device, args.precision, backbone=backbone)  # distortion origin
 
     train_feats = common.extract_features(encoder, dataset.train, device, args.precision, cache=common.feature_cache(
-        backbone, dataset, "id_train", args.precision, args.seed))  # one augmented view per image; cached for real data
+        backbone, dataset, "id_train", device, args.precision, args.seed))  # one augmented view per image; cached
     w, b, c = linear_probe(args, dataset, train_feats, ref, device)
     model = build_model(encoder, w, b).to(device)
     metrics = common.evaluate(ref, model[1], dataset, ref, device)  # stage-2 start = the LP head

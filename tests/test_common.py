@@ -396,7 +396,8 @@ def test_gpu_checks_script_parses_and_names_only_what_exists_on_cuda():
 def test_pretrained_features_of_real_data_are_cached_on_disk_and_keyed(tmp_path, monkeypatch):
     """Real datasets' pretrained features are computed once: a second call reads the cache (here proven by changing
     the encoder, which the cache key deliberately does not see: it keys on the weights file, never edited in place).
-    The ID training split's key depends on the seed (one random augmented view per image); the others do not."""
+    The ID training split's key depends on the seed (one random augmented view per image); the others do not. The
+    precision is keyed as it resolves on the device."""
     monkeypatch.setenv("RFT_CACHE", str(tmp_path / "cache"))
     for split in ("train", "test", "night"):
         for c in ("cat", "dog"):
@@ -414,17 +415,21 @@ def test_pretrained_features_of_real_data_are_cached_on_disk_and_keyed(tmp_path,
     fresh = common.split_features(backbone.encoder, dataset, "cpu")
     for k in first:
         assert torch.equal(again[k], first[k]) and not torch.allclose(fresh[k], first[k])
-    key = lambda split, seed: common.feature_cache(backbone, dataset, split, "auto", seed)  # noqa: E731
+    key = lambda split, seed: common.feature_cache(backbone, dataset, split, "cpu", "auto", seed)  # noqa: E731
     assert key("id_train", 0) != key("id_train", 1) and key("id_val", 0) == key("id_val", 1)
-    assert key("id_val", 0) != common.feature_cache(backbone, dataset, "id_val", "bf16")
-    assert common.feature_cache(backbone, data.load_dataset("embedded-tiny"), "id_val", "auto") is None
+    assert key("id_val", 0) != common.feature_cache(backbone, dataset, "id_val", "cpu", "bf16")
+    # keyed by what 'auto' means on the device: a cache shared by a CPU and a GPU machine keeps fp32 and bf16 apart
+    assert key("id_val", 0) == common.feature_cache(backbone, dataset, "id_val", "cpu", "fp32")
+    assert key("id_val", 0) != common.feature_cache(backbone, dataset, "id_val", "cuda", "auto") == \
+        common.feature_cache(backbone, dataset, "id_val", "cuda", "bf16")
+    assert common.feature_cache(backbone, data.load_dataset("embedded-tiny"), "id_val", "cpu", "auto") is None
     before = {k: key(k, 0) for k in ("id_test", "ood_night")}
     (tmp_path / "d" / "test" / "cat").rename(tmp_path / "d" / "test" / "tmp")  # relabelled: same names and count
     (tmp_path / "d" / "test" / "dog").rename(tmp_path / "d" / "test" / "cat")
     (tmp_path / "d" / "test" / "tmp").rename(tmp_path / "d" / "test" / "dog")
     swapped = data.load_dataset("folder", data_root=str(tmp_path / "d"), backbone="embedded-clip-tiny")
-    assert common.feature_cache(backbone, swapped, "id_test", "auto") != before["id_test"]
-    assert common.feature_cache(backbone, swapped, "ood_night", "auto") == before["ood_night"]
+    assert common.feature_cache(backbone, swapped, "id_test", "cpu", "auto") != before["id_test"]
+    assert common.feature_cache(backbone, swapped, "ood_night", "cpu", "auto") == before["ood_night"]
 
 
 def test_feature_cache_key_changes_with_the_backbone_and_with_its_weights_file_replaced_in_place(tmp_path):
@@ -442,7 +447,8 @@ def test_feature_cache_key_changes_with_the_backbone_and_with_its_weights_file_r
     weights.write_bytes(b"\0" * 64)  # weights_key reads the file's metadata only
 
     def key(backbone_key):
-        return common.feature_cache(common.Backbone(torch.nn.Identity(), key=backbone_key), dataset, "id_test", "auto")
+        return common.feature_cache(common.Backbone(torch.nn.Identity(), key=backbone_key), dataset, "id_test", "cpu",
+                                   "auto")
 
     before = common.weights_key("resnet50", str(weights))
     assert key(before) is not None

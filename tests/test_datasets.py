@@ -1,5 +1,6 @@
 """The real-dataset loaders against miniatures of every documented on-disk layout (tests/miniatures.py, written from
 docs/datasets.md and reference/*.json). Every expected value is derived from the fabricated files."""
+import copy
 import csv
 import gc
 import importlib.util
@@ -262,6 +263,34 @@ def test_cifar10_id_val_is_the_seed_0_holdout_of_the_training_batches(minis):
     ids = sorted(truth["train"])  # the miniature numbers its images in file order, data_batch_1 to data_batch_5
     _, held = data.holdout([truth["train"][i] for i in ids], seed=0)
     assert by_id(ds.val)[0] == {ids[k]: truth["train"][ids[k]] for k in held.tolist()}
+
+
+@pytest.mark.parametrize("name", ["cifar10", pytest.param("pcam", marks=needs_h5py)])
+def test_feature_cache_key_of_images_in_one_array_file_changes_with_their_pixels(name, tmp_path):
+    """CIFAR-10's and PCam's items are indices into one file: the cache key covers the pixels (CIFAR, read into
+    memory) or the file's identity (PCam's HDF5), so features of images replaced under the same labels are not
+    read from the cache."""
+    root = tmp_path / "d"
+    getattr(mini, f"make_{name}")(root)
+    backbone = common.Backbone(torch.nn.Identity(), key="k")
+
+    def key():
+        dataset = data.load_dataset(name, data_root=str(root), backbone=BACKBONE)
+        return common.feature_cache(backbone, dataset, "id_test", "cpu", "auto")
+
+    before = key()
+    if name == "cifar10":  # the test batch again, its labels kept, one pixel changed
+        import pickle
+
+        path = root / "cifar-10-batches-py" / "test_batch"
+        batch = pickle.loads(path.read_bytes(), encoding="latin1")
+        batch["data"][0, 0] ^= 1
+        path.write_bytes(mini._py2_pickle(batch))
+    else:  # a new download of the test images: the same size, written later
+        path = root / "pcam" / "camelyonpatch_level_2_split_test_x.h5"
+        path.write_bytes(path.read_bytes())
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10 ** 9))
+    assert key() != before
 
 
 @pytest.mark.parametrize("split", ["train", "test", "stl10", "cifar10.1"])
@@ -1506,6 +1535,27 @@ def test_method_end_to_end_on_a_miniature(minis, tiny_backbone, tmp_path, module
     metrics = run_method(module_name, name, root, tmp_path / "out", *extra)
     for key in ["acc/id_val", "acc/id_test", *keys]:
         assert key in metrics and math.isfinite(metrics[key]), (key, sorted(metrics))
+
+
+def test_a_run_on_real_data_gives_the_same_results_whether_its_features_were_cached_or_not(minis, tiny_backbone,
+                                                                                           tmp_path, monkeypatch):
+    """Extracting features draws random numbers (the ID training split's augmented view, the loader's seeds); they
+    come from a state of their own, seeded by the cache key, so a run that extracts and one that reads the cache
+    train alike, and LP-FT's ID training features are the same whether lp.py cached them first or not."""
+    root, _ = minis.build("folder")
+    args = ["--epochs", "1", "--batch-size", "8", "--num-c", "2", "--max-iter", "10"]
+    monkeypatch.setattr(common, "load_backbone", lambda *a, **k: copy.deepcopy(tiny_backbone))  # trained in place
+
+    def lpft(out):
+        run_method("lpft", "folder", root, out, *args)
+        return [(r.get("train_loss"), r["metrics"]) for r in read_results(out)]
+
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path / "cold"))
+    cold = lpft(tmp_path / "1")
+    assert lpft(tmp_path / "2") == cold  # the same cache, now holding every split's features
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path / "after-lp"))
+    run_method("lp", "folder", root, tmp_path / "lp", "--num-c", "2", "--max-iter", "10")
+    assert lpft(tmp_path / "3") == cold
 
 
 @pytest.mark.parametrize("module_name", ["ft", "lpft", "l2sp", "flyp"])

@@ -106,6 +106,49 @@ def test_features_gathered_with_the_global_count_need_no_wait_for_the_device(tmp
         assert result["error"] == f"all_gather: rank {rank} has {3 - rank} rows, but its share of 7 is {4 - rank}"
 
 
+IMAGES = data.Split(torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),
+                    torch.zeros(10, dtype=torch.long))
+
+
+def encoder_with_batchnorm():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def extract_worker(rank, world, port, out):
+    """extract_features under two ranks that disagree on everything they could: rank 0 alone finds the cached
+    features (its own cache folder, as on node-local disks), and each rank has BatchNorm statistics of its own
+    (DDP's last training step updates them from each rank's share). What each rank got back, and its buffers."""
+    import datetime
+
+    os.environ["RFT_CACHE"] = str(out / f"cache{rank}")  # read by cache_dir() at each call
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                         timeout=datetime.timedelta(seconds=60))  # a hang fails, not waits
+    encoder = encoder_with_batchnorm()
+    encoder[1].running_mean.fill_(rank)
+    cached = common.extract_features(encoder, IMAGES, "cpu", cache="0123456789abcdef")
+    fresh = common.extract_features(encoder, IMAGES, "cpu")
+    torch.save({"cached": cached, "fresh": fresh, "buffers": dict(encoder.named_buffers())}, out / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_that_disagree_about_the_feature_cache_or_batchnorm_extract_the_same_features(tmp_path):
+    """The cache is read only if every rank finds it (a rank that extracted alone would wait in all_gather forever),
+    and every rank evaluates with rank 0's BatchNorm statistics: those of the model.pt rank 0 saves."""
+    (tmp_path / "cache0" / "features").mkdir(parents=True)
+    torch.save(torch.full((10, 4), -1.0), tmp_path / "cache0" / "features" / "0123456789abcdef.pt")
+    mp.spawn(extract_worker, args=(2, free_port(), tmp_path), nprocs=2)
+    encoder = encoder_with_batchnorm()
+    encoder[1].running_mean.fill_(0)  # rank 0's
+    expected = common.extract_features(encoder, IMAGES, "cpu")
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(result["cached"], expected)  # extracted by both, not rank 0's file
+        torch.testing.assert_close(result["fresh"], expected)
+        torch.testing.assert_close(result["buffers"], dict(encoder.named_buffers()))
+    torch.testing.assert_close(torch.load(tmp_path / "cache0" / "features" / "0123456789abcdef.pt"), expected)
+
+
 def compile_worker(rank, world, port, out):
     """FT's layout (the encoder compiled, then encoder and head wrapped in DDP) with 1 MB gradient buckets: how many
     graphs Dynamo compiled for the encoder, without and with DDP around it, and the gradients of one step."""
@@ -184,7 +227,8 @@ def test_a_pass_has_len_batches_and_drops_only_a_partial_last_one(n, batch_size,
 
 def test_training_batch_that_does_not_split_over_the_processes_is_an_error(monkeypatch):
     """Unequal shares would weigh the ranks' mean losses unequally under DDP's gradient average."""
-    with pytest.raises(SystemExit, match="does not split evenly over 3 processes"):
+    with pytest.raises(SystemExit, match="does not split evenly over 3 processes: pass --batch-size with a "
+                                         "multiple of 3, such as 6"):
         shares_of(monkeypatch, 3, 50, 8, drop_last=True)
 
 
