@@ -28,6 +28,11 @@ from tqdm.auto import tqdm
 
 import data
 
+try:
+    import fcntl  # folder locks (Results)
+except ImportError:  # Windows
+    fcntl = None
+
 # ---------------------------------------------------------------------------------------------------------------
 # The embedded CLIP: a small conv image tower and a bag-of-words text tower, open_clip's tokenizer, pretrained with
 # the CLIP loss by pretrain.py (docs/embedded.md explains the design and what we measured on the way)
@@ -886,6 +891,8 @@ class Results:
         except OSError as e:
             raise SystemExit(f"error: --out {out_dir}: cannot write in {existing} ({e.strerror}); pass a folder you can "
                              "write to") from None
+        if self.writes and self.dir.is_dir():  # else held at the first write, which makes the folder
+            hold_folder(self.dir, out_dir)
         self.header = {"method": method, "args": dataclasses.asdict(args), "seed": args.seed, "commit": git_commit(),
                        "versions": {"torch": str(torch.__version__), "open_clip": open_clip.__version__,
                                     "python": sys.version.split()[0]},
@@ -901,6 +908,7 @@ class Results:
             return
         self.started = True
         self.dir.mkdir(parents=True, exist_ok=True)
+        hold_folder(self.dir, self.dir)
         for name in ("results.jsonl", "model.pt"):
             old = self.dir / name
             if old.exists():
@@ -934,6 +942,32 @@ class Results:
         if self.writes:
             self._start()
             write_text_atomic(self.dir / "done", json.dumps(record) + "\n")
+            fd = HELD.pop(os.path.realpath(self.dir), None)
+            if fd is not None:  # the run is over: the folder is free for the next
+                os.close(fd)
+
+
+HELD = {}  # the --out folders this process holds -> the descriptor that holds each
+
+
+def hold_folder(path, out_dir):
+    """Lock a run's --out folder, or stop if another process holds it: two runs writing into one folder at once would
+    mix their results lines and put their files over each other's. flock: the lock goes when the process ends,
+    however it ends; where there are no such locks (Windows, some network file systems) runs go on without."""
+    key = os.path.realpath(path)
+    if fcntl is None or key in HELD:  # one process runs one method at a time: its next run takes the folder over
+        return
+    fd = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(f"error: --out {out_dir}: another run is writing there now; wait for it to finish, or pass "
+                         "another --out") from None
+    except OSError:  # this file system has no locks
+        os.close(fd)
+        return
+    HELD[key] = fd
 
 
 def write_text_atomic(path, text):

@@ -176,6 +176,44 @@ def test_a_rerun_keeps_the_previous_results_aside(tmp_path, capsys):
         capsys.readouterr().err  # said: a copy of a method script still named like the original lands here
 
 
+def hold_out_folder(out, held, release):
+    """Another process's run into `out`: it writes its first line (taking the folder), says so, waits to be released."""
+    results = common.Results(out, "lpft", lpft.Args(dataset="embedded-tiny"), torch.device("cpu"))
+    results.log(0, {"acc/id_val": 1.0})
+    held.set()
+    release.wait(60)
+
+
+@pytest.mark.parametrize("made_before", [True, False])
+def test_a_second_run_into_an_out_folder_in_use_is_refused(tmp_path, made_before):
+    """Two runs into one --out at once would mix their results lines and replace each other's model.pt: the second
+    one stops, before it trains where the folder is there when it starts (else at its first write), and nothing of
+    the first is touched. Once the first has ended, the folder is free."""
+    import multiprocessing
+
+    out, args = tmp_path / "out", lpft.Args(dataset="embedded-tiny")
+    second = None if made_before else common.Results(out, "lpft", args, torch.device("cpu"))
+    ctx = multiprocessing.get_context("fork")
+    held, release = ctx.Event(), ctx.Event()
+    other = ctx.Process(target=hold_out_folder, args=(out, held, release))
+    other.start()
+    try:
+        assert held.wait(60)
+        before = (out / "results.jsonl").read_bytes()
+        with pytest.raises(SystemExit, match=f"--out {out}: another run is writing there now; wait for it"):
+            second = second or common.Results(out, "lpft", args, torch.device("cpu"))
+            second.log(0, {"acc/id_val": 2.0})
+        assert (out / "results.jsonl").read_bytes() == before and not list(out.glob("*previous*"))
+        common.Results(tmp_path / "elsewhere", "lpft", args, torch.device("cpu")).log(0, {"acc/id_val": 3.0})
+    finally:
+        release.set()
+        other.join(60)
+    third = common.Results(out, "lpft", args, torch.device("cpu"))
+    third.log(0, {"acc/id_val": 4.0})
+    third.done({"step": 0, "metrics": {}})
+    assert read_results(out)[0]["metrics"]["acc/id_val"] == 4.0
+
+
 def test_every_rerun_keeps_each_earlier_run_aside(tmp_path):
     """A third run in one folder keeps both earlier runs' results and checkpoints (previous0, previous1): a fixed
     name would put the second run's files over the first's."""
