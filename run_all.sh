@@ -5,7 +5,8 @@
 #   bash run_all.sh                         # embedded world, seeds 0 1 2, all seven methods, two runs at a time
 #   DATASETS="embedded" SEEDS="0" METHODS="lp ft" JOBS=1 bash run_all.sh
 #
-# A run counts as finished when its script wrote `done`; METHODS may name a method script of your own beside ours.
+# A run counts as finished when its script wrote `done` (one whose script changed since is named; delete its `done` to
+# run it again); METHODS may name a method script of your own beside ours.
 # WiSE-FT interpolates the zero-shot model and each seed's FLYP checkpoint, so it runs after FLYP finished (and again
 # when FLYP was re-run). A failed run is named and the rest go on; the table covers what finished; the exit status is 1.
 set -euo pipefail
@@ -47,8 +48,10 @@ plan() {
         endpoint="$ROOT/flyp/$dataset/seed$seed/model.pt"
         if [ "$method" = wiseft ] && [ -f "$out/done" ] && [ "$endpoint" -nt "$out/done" ]; then
           echo "redo $out (its FLYP checkpoint is newer)" >&2
-        elif [ -f "$out/done" ]; then
-          echo "skip $out (done)" >&2; continue
+        elif [ -f "$out/done" ]; then  # not redone for an edited script (a comment, say), but said
+          changed=""
+          for file in "$method.py" common.py data.py; do [ "$file" -nt "$out/done" ] && changed="$changed, $file"; done
+          echo "skip $out (done${changed:+; changed since: ${changed#, }: rm $out/done to run it again})" >&2; continue
         fi
         echo "$line --dataset $dataset --seed $seed"
       done

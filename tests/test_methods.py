@@ -335,6 +335,27 @@ def test_run_all_tiny_builds_table_and_pictures_skips_finished_runs_and_goes_on_
     assert "| LP |" not in table and "| WiSE-FT (FLYP, α=0.5) | 1 |" in table
 
 
+def test_run_all_names_a_finished_run_whose_script_changed_since(tmp_path):
+    """Finished runs are skipped, also after an edit to their script (a comment would otherwise redo every seed),
+    but the skip says so and how to run it again. Here in a copy of the project, whose zeroshot.py is edited."""
+    copy = tmp_path / "project"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", "tests", "runs", "__pycache__"))
+    env = {**os.environ, "DATASETS": "embedded-tiny", "SEEDS": "0", "METHODS": "zeroshot", "ROOT": str(tmp_path / "r")}
+    out = tmp_path / "r" / "zeroshot" / "embedded-tiny" / "seed0"
+
+    def run_all():
+        done = subprocess.run(["bash", str(copy / "run_all.sh")], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done.stderr
+
+    run_all()
+    assert f"skip {out} (done)\n" in run_all()
+    later = (out / "done").stat().st_mtime_ns + 10 ** 9
+    for name in ("zeroshot.py", "data.py"):
+        os.utime(copy / name, ns=(later, later))
+    assert f"skip {out} (done; changed since: zeroshot.py, data.py: rm {out}/done to run it again)\n" in run_all()
+
+
 @pytest.mark.parametrize("second,expected", [
     ({"backbone": None, "weights": "other.pt"}, "fine-tuned from different pretrained models (ft: embedded-clip-tiny "
                                                 "with its default weights; lpft: embedded-clip-tiny with other.pt)"),
