@@ -457,7 +457,7 @@ class ArrayImages:
         return Image.fromarray(self.array[i])
 
     def fingerprint(self):
-        """What identifies the images, whose items are only indices: a hash of the pixels (0.3 s a GB here)."""
+        """What identifies the images, whose items are only indices: a hash of the pixels (0.5 s a GB here)."""
         return hashlib.sha1(np.ascontiguousarray(self.array).data).hexdigest()
 
 
