@@ -943,7 +943,8 @@ class Results:
             self._start()
             write_text_atomic(self.dir / "done", json.dumps(record) + "\n")
             fd = HELD.pop(os.path.realpath(self.dir), None)
-            if fd is not None:  # the run is over: the folder is free for the next
+            if fd is not None:  # the run is over: the folder is free for the next (unlocked, not only closed: the
+                fcntl.flock(fd, fcntl.LOCK_UN)  # loader workers forked meanwhile hold copies of the descriptor)
                 os.close(fd)
 
 

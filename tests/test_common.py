@@ -214,6 +214,28 @@ def test_a_second_run_into_an_out_folder_in_use_is_refused(tmp_path, made_before
     assert read_results(out)[0]["metrics"]["acc/id_val"] == 4.0
 
 
+def test_a_finished_run_frees_its_out_folder_while_processes_it_forked_still_live(tmp_path):
+    """DataLoader workers are forked with a copy of the descriptor that holds the folder; a finished run unlocks it,
+    so the next run need not wait for them."""
+    import multiprocessing
+
+    args = lpft.Args(dataset="embedded-tiny")
+    first = common.Results(tmp_path, "lpft", args, torch.device("cpu"))
+    first.log(0, {"acc/id_val": 1.0})
+    ctx = multiprocessing.get_context("fork")
+    release = ctx.Event()
+    worker = ctx.Process(target=release.wait, args=(60,))  # a persistent loader worker, say
+    worker.start()
+    try:
+        first.done({"step": 0, "metrics": {}})
+        common.HELD.clear()  # as in the next process: this one's claim is gone
+        common.Results(tmp_path, "lpft", args, torch.device("cpu")).log(0, {"acc/id_val": 2.0})
+    finally:
+        release.set()
+        worker.join(60)
+    assert read_results(tmp_path)[0]["metrics"]["acc/id_val"] == 2.0
+
+
 def test_every_rerun_keeps_each_earlier_run_aside(tmp_path):
     """A third run in one folder keeps both earlier runs' results and checkpoints (previous0, previous1): a fixed
     name would put the second run's files over the first's."""
