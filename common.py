@@ -487,7 +487,7 @@ def weights_record(name, weights):
 
 
 def weights_key(name, weights):
-    """A backbone's identity for the feature cache (the same string as before weights_record existed)."""
+    """A backbone's identity for the feature cache: its name and weights_record."""
     return ":".join([name, *map(str, weights_record(name, weights).values())])
 
 

@@ -522,6 +522,18 @@ def test_feature_cache_key_changes_with_the_backbone_and_with_its_weights_file_r
     assert key(after) != on_cpu
 
 
+def test_embedded_model_pretrained_again_gets_another_feature_cache_key(tmp_path, monkeypatch):
+    """The embedded model's file is keyed by its config (its path) and, once it exists, by its size and time:
+    `pretrain.py --force` writes new weights under the same path, whose features are others."""
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path))
+    path = common.embedded_cache_path(common.EMBEDDED_BACKBONES["embedded-clip-tiny"])
+    assert common.weights_record("embedded-clip-tiny", None) == {"file": str(path)}  # not made yet
+    path.write_bytes(b"\0" * 64)
+    before = common.weights_key("embedded-clip-tiny", None)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10 ** 9))  # pretrained again
+    assert common.weights_key("embedded-clip-tiny", None) != before
+
+
 def test_compiled_encoder_keeps_one_static_graph_per_mode(monkeypatch):
     """maybe_compile's graphs are specialised to their batch: training (batch 64) and padded evaluation (500) get
     one graph each, in either order, neither with a symbolic batch size, and going back to a mode compiles nothing."""
