@@ -60,8 +60,8 @@ class Args:
     """linear warmup steps before the cosine decay; default: the dataset's recipe (FLYP paper: 500)"""
 
 
-# Per-dataset defaults. ImageNet and the WILDS datasets: the FLYP paper's (AdamW, warmup 500, cosine per step); the
-# other real datasets take ImageNet's, unswept (docs/recipes.md). Embedded world: chosen on ID validation accuracy
+# Per-dataset defaults. ImageNet and the WILDS datasets: the FLYP paper's (AdamW, warmup 500, cosine per step); PCam
+# and SST2 take their few-shot lr and weight decay, the other real datasets ImageNet's, unswept (docs/recipes.md). Embedded world: chosen on ID validation accuracy
 # with the lr capped at its pretraining rate (docs/embedded.md).
 RECIPES = {
     "embedded": {"epochs": 5, "batch_size": 128, "lr": 3e-3, "weight_decay": 0.1, "warmup": 10},

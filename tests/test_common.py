@@ -349,7 +349,9 @@ def test_summarize_refuses_to_average_two_runs_of_one_seed(tmp_path):
     assert "its own name" in str(e.value) and f"move one run out of {tmp_path / 'runs'}," in str(e.value)
 
 
-def test_summary_shows_iwildcams_macro_f1_and_fmows_worst_region_accuracy(tmp_path):
+def test_summary_shows_iwildcams_macro_f1_and_fmows_worst_region_accuracy(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
     metrics = {"iwildcam": {"acc/id_test": 70.0, "acc/ood_test": 60.0, "acc/ood_avg": 60.0, "macro_f1/id_test": 40.0,
                             "macro_f1/ood_test": 30.0, "macro_f1/ood_avg": 30.0},
                "fmow": {"acc/id_test": 55.0, "acc/ood_test": 50.0, "acc/ood_avg": 50.0, "worst_region_acc/id_test": 45.0,
@@ -363,17 +365,30 @@ def test_summary_shows_iwildcams_macro_f1_and_fmows_worst_region_accuracy(tmp_pa
     assert "| OOD avg | ID macro-F1 | OOD macro-F1 | distortion ID |" in markdown and "| 40.0 ± 0.0 | 30.0 ± 0.0 |" in markdown
     assert "| OOD avg | ID worst region | OOD worst region | distortion ID |" in markdown
     assert "| 45.0 ± 0.0 | 35.0 ± 0.0 |" in markdown
-    # The ID-vs-OOD picture plots each benchmark's own metric, as its papers do; accuracy elsewhere
+    # The ID-vs-OOD picture plots each benchmark's own metric as its papers do (FMoW: average accuracy ID, worst
+    # region OOD); accuracy elsewhere
     runs = summarize.load_runs(tmp_path)
-    assert [summarize.plotted_metric(runs, d) for d in ("iwildcam", "fmow")] == ["macro_f1", "worst_region_acc"]
-    assert summarize.plotted_metric(summarize.load_runs(ROOT / "tests" / "data" / "fake_runs"), "embedded") == "acc"
+    assert [summarize.plotted_axes(runs, d) for d in ("iwildcam", "fmow")] == [("macro_f1", "macro_f1"),
+                                                                                ("acc", "worst_region_acc")]
+    assert summarize.plotted_axes(summarize.load_runs(ROOT / "tests" / "data" / "fake_runs"), "embedded") == \
+        ("acc", "acc")
     for d in ("iwildcam", "fmow"):
         (run := tmp_path / "wiseft-flyp" / d / "seed0").mkdir(parents=True)
         (run / "done").write_text(json.dumps({"method": "wiseft-flyp", "dataset": d, "seed": 0, "metrics": metrics[d]}))
         (run / "results.jsonl").write_text("".join(json.dumps({"alpha": a, "metrics": metrics[d]}) + "\n"
                                                    for a in (0.0, 0.5, 1.0)))
-        summarize.plot(summarize.load_runs(tmp_path), d, tmp_path)  # the WiSE-FT curve in that metric too
+        figures = []  # the pictures, kept open to read what was drawn
+        monkeypatch.setattr(plt, "close", figures.append)
+        summarize.plot(summarize.load_runs(tmp_path), d, tmp_path)  # the WiSE-FT curve in those metrics too
+        monkeypatch.undo()
         assert (tmp_path / f"{d}_id_ood.png").stat().st_size > 0
+        ax, (id_metric, ood_metric) = figures[0].axes[0], summarize.plotted_axes(runs, d)
+        x, y = metrics[d][f"{id_metric}/id_test"], metrics[d][f"{ood_metric}/ood_avg"]
+        assert [[x, y]] * 3 in [line.get_xydata().tolist() for line in ax.lines]  # the curve: alike at each alpha
+        assert ax.get_xlabel() == {"iwildcam": "ID test macro-F1 (%)", "fmow": "ID test accuracy (%)"}[d]
+        assert ax.get_ylabel().startswith({"iwildcam": "OOD macro-F1", "fmow": "OOD worst region"}[d])
+        for fig in figures:
+            plt.close(fig)
 
 
 def test_summarize_imports_no_torch(tmp_path):
@@ -625,8 +640,8 @@ def test_wiseft_curve_of_iwildcams_picture_is_macro_f1_averaged_over_seeds_in_al
                                                    for a in (1.0, 0.0, 0.5)))  # not in alpha order
     runs = summarize.load_runs(tmp_path)
     expected = [(a, 40.5 + 20 * a, 31 - 10 * a) for a in (0.0, 0.5, 1.0)]  # seeds 0 and 1 averaged
-    assert summarize.plotted_metric(runs, "iwildcam") == "macro_f1"
-    assert summarize.alpha_curve(runs[("iwildcam", "wiseft-flyp")], "macro_f1") == expected
+    assert summarize.plotted_axes(runs, "iwildcam") == ("macro_f1", "macro_f1")
+    assert summarize.alpha_curve(runs[("iwildcam", "wiseft-flyp")], ("macro_f1", "macro_f1")) == expected
 
     figures = []  # the pictures, kept open to read what was drawn
     monkeypatch.setattr(plt, "close", figures.append)
