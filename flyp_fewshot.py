@@ -146,7 +146,7 @@ def main(args):
                 feats = common.extract_features(encode, val, device, args.precision)
                 val_loss = F.cross_entropy(head()(feats.to(device)).float().cpu(), val.labels).item()
             val_losses.append(val_loss)
-            if best is None or val_loss < best[0]:
+            if best is None or val_loss <= best[0]:  # a tie goes to the later step, as in the FLYP code
                 best = (val_loss, step, copy.deepcopy(model.state_dict()))
             if step == args.steps:
                 break

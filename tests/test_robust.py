@@ -7,6 +7,7 @@ import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 import data
@@ -365,9 +366,20 @@ def test_fewshot_keeps_the_step_with_the_lowest_validation_loss_zeroshot_start_i
     flyp_fewshot.main(flyp_fewshot.Args(dataset="embedded-tiny", out=str(tmp_path / "fs2"), steps=4, draws=3,
                                         shots=8))
     for r in read_results(tmp_path / "fs2"):
-        assert len(r["val_losses"]) == 5 and r["selected_step"] == min(range(5), key=r["val_losses"].__getitem__)
+        lowest = min(r["val_losses"])
+        assert len(r["val_losses"]) == 5
+        assert r["selected_step"] == max(i for i in range(5) if r["val_losses"][i] == lowest)  # ties: the later step
         if r["selected_step"] == 0:
             assert r["metrics"] == zs["metrics"]
+
+
+def test_fewshot_keeps_the_later_step_of_a_validation_loss_tie_as_the_flyp_code_does(tmp_path, monkeypatch):
+    """The FLYP code keeps a step whose validation loss is <= the lowest so far: on a tie, the later step. Here every
+    loss is the same constant (training and validation alike: zero gradients), so every step ties."""
+    monkeypatch.setattr(F, "cross_entropy", lambda logits, labels, **kw: logits.sum() * 0 + 1.0)
+    flyp_fewshot.main(flyp_fewshot.Args(dataset="embedded-tiny", out=str(tmp_path / "fs"), steps=3, draws=1, shots=2))
+    record = read_results(tmp_path / "fs")[0]
+    assert record["val_losses"] == [1.0] * 4 and record["selected_step"] == 3
 
 
 def test_fewshot_schedule_is_a_cosine_to_zero_without_warmup():
