@@ -477,13 +477,12 @@ def weights_record(name, weights):
     embedded backbone its cached model. Every results line carries it; the feature cache is keyed by it."""
     if is_hub_tag(name, weights):
         return {"tag": weights}
-    if name in EMBEDDED_BACKBONES:  # made on first use: its size and time once it exists (pretrained again, they change)
-        path = embedded_cache_path(EMBEDDED_BACKBONES[name])
-        if not path.exists():
-            return {"file": str(path)}
-    else:
-        path = weights_file(name, weights).resolve()
-    return {"file": str(path), "bytes": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns}
+    embedded = name in EMBEDDED_BACKBONES
+    path = embedded_cache_path(EMBEDDED_BACKBONES[name]) if embedded else weights_file(name, weights).resolve()
+    if not path.exists():  # an embedded model is made on first use (pretrained again, its size and time change)
+        return {"file": str(path)}
+    st = path.stat()
+    return {"file": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def weights_key(name, weights):
@@ -892,7 +891,7 @@ class Results:
             raise SystemExit(f"error: --out {out_dir}: cannot write in {existing} ({e.strerror}); pass a folder you can "
                              "write to") from None
         if self.writes and self.dir.is_dir():  # else held at the first write, which makes the folder
-            hold_folder(self.dir, out_dir)
+            hold_folder(self.dir)
         self.header = {"method": method, "args": dataclasses.asdict(args), "seed": args.seed, "commit": git_commit(),
                        "versions": {"torch": str(torch.__version__), "open_clip": open_clip.__version__,
                                     "python": sys.version.split()[0]},
@@ -908,7 +907,7 @@ class Results:
             return
         self.started = True
         self.dir.mkdir(parents=True, exist_ok=True)
-        hold_folder(self.dir, self.dir)
+        hold_folder(self.dir)
         for name in ("results.jsonl", "model.pt"):
             old = self.dir / name
             if old.exists():
@@ -942,16 +941,13 @@ class Results:
         if self.writes:
             self._start()
             write_text_atomic(self.dir / "done", json.dumps(record) + "\n")
-            fd = HELD.pop(os.path.realpath(self.dir), None)
-            if fd is not None:  # the run is over: the folder is free for the next (unlocked, not only closed: the
-                fcntl.flock(fd, fcntl.LOCK_UN)  # loader workers forked meanwhile hold copies of the descriptor)
-                os.close(fd)
+            release_folder(self.dir)  # the run is over: the folder is free for the next
 
 
 HELD = {}  # the --out folders this process holds -> the descriptor that holds each
 
 
-def hold_folder(path, out_dir):
+def hold_folder(path):
     """Lock a run's --out folder, or stop if another process holds it: two runs writing into one folder at once would
     mix their results lines and put their files over each other's. flock: the lock goes when the process ends,
     however it ends; where there are no such locks (Windows, some network file systems) runs go on without."""
@@ -963,12 +959,21 @@ def hold_folder(path, out_dir):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise SystemExit(f"error: --out {out_dir}: another run is writing there now; wait for it to finish, or pass "
+        raise SystemExit(f"error: --out {path}: another run is writing there now; wait for it to finish, or pass "
                          "another --out") from None
     except OSError:  # this file system has no locks
         os.close(fd)
         return
     HELD[key] = fd
+
+
+def release_folder(path):
+    """Unlock a folder hold_folder locked (unlocked, not only closed: loader workers forked meanwhile hold copies of
+    the descriptor, which would keep the lock while they live)."""
+    fd = HELD.pop(os.path.realpath(path), None)
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def write_text_atomic(path, text):
