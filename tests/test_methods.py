@@ -7,6 +7,7 @@ import runpy
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -466,3 +467,58 @@ def test_feature_map_cli_draws_the_seeds_checkpoints_in_the_pca_plane_of_all_pre
     top2 = torch.linalg.eigvalsh(x.T @ x)[-2:].sum().item()
     for panel in (starts[:2], starts[2:]):
         assert torch.cat(panel).double().pow(2).sum().item() == pytest.approx(top2, rel=1e-4)
+
+
+def test_lpft_stage1_breaks_an_id_validation_tie_towards_the_earlier_c_as_lp_py_does(monkeypatch):
+    """Stage 2 must start from the head lp.py reports: on equal ID validation accuracy common.select_best keeps the
+    earlier (more regularised) C, so LP-FT's own sweep must too. Here every fit predicts class 0 (all C tie) and
+    each returns its own bias, so the head handed back says which fit was kept."""
+    fits = []
+
+    def fit(x, y, num_classes, c, init=None, max_iter=200):
+        fits.append(c)
+        return torch.zeros(num_classes, x.shape[1]), torch.eye(num_classes)[0] * len(fits)  # argmax: class 0
+
+    monkeypatch.setattr(lpft, "fit_logreg", fit)
+    labels = torch.arange(10).repeat(3)
+    dataset = types.SimpleNamespace(train=types.SimpleNamespace(labels=labels), val=types.SimpleNamespace(labels=labels),
+                                    classnames=[str(i) for i in range(10)])
+    feats = torch.randn(30, 8, generator=torch.Generator().manual_seed(0))
+    w, b, c = lpft.linear_probe(lpft.Args(num_c=4), dataset, feats, {"id_val": feats}, "cpu")
+    assert len(fits) == 4 and c == fits[0] == pytest.approx(1e-7)  # the first (strongest) C of the sweep
+    assert b[0].item() == pytest.approx(1.0) and not w.any()  # and its head, not a later fit's
+
+
+@pytest.mark.parametrize("method", sorted(FINE_TUNED) + ["flyp"])
+def test_an_id_validation_tie_between_epochs_keeps_the_earlier_epoch(method, tmp_path, monkeypatch):
+    """Every epoch is made to score the same ID validation accuracy: the reported and saved epoch is the first, as
+    common.select_best breaks ties (and as LP's C sweep does); a `>=` would report the last tied epoch instead."""
+    evaluate = common.evaluate
+
+    def scripted(features, classify, dataset, ref, device):
+        metrics = evaluate(features, classify, dataset, ref, device)
+        if set(features) == {"id_val"}:  # an epoch's selection call
+            metrics["acc/id_val"] = 50.0
+        return metrics
+
+    monkeypatch.setattr(common, "evaluate", scripted)
+    module = importlib.import_module(method)
+    fast = {"num_c": 2, "max_iter": 20} if method == "lpft" else {}  # stage 1's head is not what is checked here
+    best = module.main(module.Args(dataset="embedded-tiny", out=str(tmp_path), epochs=2, save=True, **fast))
+    assert best["step"] == torch.load(tmp_path / "model.pt", weights_only=True)["step"] == 1
+
+
+def test_ft_zeroshot_head_is_the_scaled_template_average_of_every_template():
+    """--head-init zeroshot starts FT from CLIP's zero-shot head (WiSE-FT's endpoint): logit scale x the normalised
+    mean over ALL templates of each class's normalised caption embeddings, on normalised image features; computed
+    here by hand from the text tower."""
+    backbone, dataset = common.load_backbone("embedded-clip-tiny"), data.load_dataset("embedded-tiny")
+    head = ft.build_model(backbone, dataset, "zeroshot", "cpu", "fp32")[1]
+    clip, tokenizer = backbone.clip, backbone.tokenizer
+    with torch.no_grad():
+        classes = torch.stack([torch.nn.functional.normalize(torch.nn.functional.normalize(
+            clip.encode_text(tokenizer([t.format(c) for t in dataset.templates])), dim=-1).mean(0), dim=0)
+            for c in dataset.classnames])
+        f = torch.randn(5, classes.shape[1], generator=torch.Generator().manual_seed(0))
+        expected = clip.logit_scale.exp() * torch.nn.functional.normalize(f, dim=-1) @ classes.T
+        assert len(dataset.templates) > 1 and torch.allclose(head(f), expected, atol=1e-4)

@@ -577,3 +577,157 @@ def test_wiseft_zeroshot_endpoint_stays_the_pretrained_weights_while_the_model_m
         assert all(torch.equal(theta0[k], start[k]) for k in start), alpha
     half = wiseft.interpolate(theta0, theta1, 0.5)
     assert any(not torch.equal(half[k], start[k]) for k in start)  # the model did move
+
+
+@pytest.mark.parametrize("all_params", [False, True])
+def test_l2sp_training_uses_the_penalty_variant_asked_for(all_params, tmp_path, monkeypatch):
+    """The authors' L2-SP (weights only, alpha/2, beta/2 head term) by default, the LP-FT code's variant (every
+    backbone parameter, no head term) only with --all-params: the flag must reach the penalty of every step."""
+    seen, penalty = [], l2sp.l2sp_penalty
+
+    class Stop(Exception):
+        pass
+
+    def spy(model, w0, alpha, beta, all_params=False):
+        seen.append(all_params)
+        if len(seen) == 2:
+            raise Stop
+        return penalty(model, w0, alpha, beta, all_params)
+
+    monkeypatch.setattr(l2sp, "l2sp_penalty", spy)
+    with pytest.raises(Stop):
+        l2sp.main(l2sp.Args(dataset="embedded-tiny", out=str(tmp_path), epochs=1, all_params=all_params))
+    assert seen == [all_params] * 2
+
+
+def test_flyp_leaves_the_temperature_unclamped_above_open_clips_100(tmp_path, monkeypatch):
+    """OpenAI's CLIP starts FLYP at logit scale 100, open_clip's pretraining clamp; FLYP never clamps it. Started at
+    200 here, one epoch of AdamW at lr 1e-3 (6 steps, each moving ln(scale) by at most ~lr) must leave it near 200,
+    where a clamp at ln 100 after a step would put it at 100."""
+    backbone = common.load_backbone("embedded-clip-tiny")
+    with torch.no_grad():
+        backbone.clip.logit_scale.fill_(math.log(200.0))
+    monkeypatch.setattr(common, "load_backbone", lambda *a, **k: backbone)
+    flyp.main(flyp.Args(dataset="embedded-tiny", out=str(tmp_path), epochs=1, device="cpu", compile="off"))
+    assert read_results(tmp_path)[0]["logit_scale"] == pytest.approx(200.0, rel=0.02)
+
+
+def test_wiseft_of_a_checkpoint_with_a_new_head_keeps_its_head_and_interpolates_the_encoder_only():
+    """A random or LP head has no zero-shot counterpart: along the whole line the head is the fine-tuned one (never
+    mixed with a fresh random layer), while the encoder moves from the pretrained weights to the fine-tuned ones."""
+    backbone, dataset = common.load_backbone("embedded-clip-tiny"), data.load_dataset("embedded-tiny")
+    pretrained = {k: v.clone() for k, v in common.load_backbone("embedded-clip-tiny").encoder.state_dict().items()}
+    tuned = torch.nn.Sequential(common.load_backbone("embedded-clip-tiny").encoder, torch.nn.Linear(32, 10))
+    state = {k: v + 1 if v.is_floating_point() else v for k, v in tuned.state_dict().items()}
+    ckpt = {"method": "ft", "args": {"head_init": "random"}, "state_dict": state}
+    model, _, theta0, theta1, classifier = wiseft.endpoints(ckpt, backbone, dataset, "cpu", "fp32")
+    for alpha in (0.0, 0.5):
+        model.load_state_dict(wiseft.interpolate(theta0, theta1, alpha))
+        assert torch.equal(classifier().weight, state["1.weight"]) and torch.equal(classifier().bias, state["1.bias"])
+        for k, v in model[0].state_dict().items():
+            if v.is_floating_point():
+                torch.testing.assert_close(v, pretrained[k] + alpha, msg=k)
+
+
+def test_fewshot_validation_loss_is_that_of_the_current_text_towers_zero_shot_head(tmp_path, monkeypatch):
+    """Each step's validation loss scores the model as it is then: the image tower's features AND the zero-shot head
+    rebuilt from the current text tower (FLYP's classifier), not the pretrained head kept from step 0. Checked at
+    every step by recomputing the head from the live model on the validation features just extracted."""
+    models, extract, cross_entropy = record_models(monkeypatch), common.extract_features, F.cross_entropy
+    dataset, last, same = data.load_dataset("embedded-tiny"), {}, []
+
+    def features(encoder, split, *args, **kwargs):
+        last["features"] = extract(encoder, split, *args, **kwargs)
+        return last["features"]
+
+    def loss(logits, labels, **kwargs):
+        if not logits.requires_grad and logits.shape == (len(last.get("features", ())), 10):  # a validation loss
+            (clip,) = models
+            with torch.no_grad():
+                now = common.zeroshot_head(clip, clip.tokenizer, dataset.classnames, dataset.templates, "cpu")
+                same.append(torch.allclose(logits, now(last["features"]), rtol=1e-5, atol=1e-5))
+        return cross_entropy(logits, labels, **kwargs)
+
+    monkeypatch.setattr(common, "extract_features", features)
+    monkeypatch.setattr(F, "cross_entropy", loss)
+    flyp_fewshot.main(flyp_fewshot.Args(dataset="embedded-tiny", out=str(tmp_path), steps=2, draws=1, shots=4,
+                                        device="cpu", compile="off"))
+    assert same == [True] * 3  # before each of the 2 steps and after the last
+
+
+def test_wiseft_of_ft_from_the_zeroshot_head_moves_the_head_from_the_zero_shot_head_too():
+    """ft.py --head-init zeroshot checkpoints interpolate the head as well: at alpha 0 the classifier is CLIP's
+    zero-shot head (not the fine-tuned one), at alpha 0.5 half way to the checkpoint's."""
+    backbone, dataset = common.load_backbone("embedded-clip-tiny"), data.load_dataset("embedded-tiny")
+    fresh = common.load_backbone("embedded-clip-tiny")
+    zs = common.zeroshot_head(fresh.clip, fresh.tokenizer, dataset.classnames, dataset.templates, "cpu")
+    tuned = torch.nn.Sequential(fresh.encoder, zs)
+    state = {k: v + 1 if v.is_floating_point() else v for k, v in tuned.state_dict().items()}
+    ckpt = {"method": "ft", "args": {"head_init": "zeroshot"}, "state_dict": state}
+    model, _, theta0, theta1, classifier = wiseft.endpoints(ckpt, backbone, dataset, "cpu", "fp32")
+    for alpha in (0.0, 0.5):
+        model.load_state_dict(wiseft.interpolate(theta0, theta1, alpha))
+        torch.testing.assert_close(classifier().weight, zs.weight + alpha, msg=str(alpha))
+
+
+def test_fewshot_pairs_each_training_image_with_a_caption_of_its_own_class(tmp_path, monkeypatch):
+    """The few-shot step's CLIP loss is FLYP's only if caption i names the class of image i (the class counts alone
+    would not show a shifted pairing): the labels of the images the step trains on are read where the batch is made,
+    and compared, in order, with the classes the captions name."""
+    dataset = data.load_dataset("embedded-tiny")
+    tokenizer = common.load_backbone("embedded-clip-tiny").tokenizer
+    class_of = {tuple(tokenizer([t.format(c)])[0].tolist()): i
+                for i, c in enumerate(dataset.classnames) for t in dataset.templates}
+    labels, named, load, encode_text = [], [], data.load_dataset, common.EmbeddedCLIP.encode_text
+
+    def spy_load(*args, **kwargs):
+        loaded = load(*args, **kwargs)
+        subset = loaded.train.subset
+
+        def spy_subset(idx):
+            part = subset(idx)
+            batches = part.batches
+            part.batches = lambda *a, **k: ((labels.append(y.tolist()) or x, y) for x, y in batches(*a, **k))
+            return part
+
+        loaded.train.subset = spy_subset
+        return loaded
+
+    def text(self, tokens, normalize=False):
+        if normalize:  # the training captions
+            named.append([class_of[tuple(t)] for t in tokens.tolist()])
+        return encode_text(self, tokens, normalize=normalize)
+
+    monkeypatch.setattr(data, "load_dataset", spy_load)
+    monkeypatch.setattr(common.EmbeddedCLIP, "encode_text", text)
+    flyp_fewshot.main(flyp_fewshot.Args(dataset="embedded-tiny", out=str(tmp_path), steps=2, draws=1, shots=4,
+                                        device="cpu", compile="off"))
+    assert len(labels) == 1 and len(named) == 2 and named == [labels[0]] * 2
+
+
+def test_fewshot_draws_new_training_and_validation_shots_for_every_draw(tmp_path, monkeypatch):
+    """The mean ± std is over independent k-shot draws: each repetition trains and validates on its own random draw,
+    not on one set repeated (which would shrink the std to the noise of training alone)."""
+    drawn, draw_shots = [], flyp_fewshot.draw_shots
+    monkeypatch.setattr(flyp_fewshot, "draw_shots", lambda *a, **k: drawn.append(draw_shots(*a, **k)) or drawn[-1])
+    flyp_fewshot.main(flyp_fewshot.Args(dataset="embedded-tiny", out=str(tmp_path), steps=0, draws=2, shots=4,
+                                        device="cpu", compile="off"))
+    (train1, val1), (train2, val2) = [[set(i.tolist()) for i in drawn[j:j + 2]] for j in (0, 2)]
+    assert len(drawn) == 4 and train1 != train2 and val1 != val2
+
+
+def test_wiseft_scores_every_alpha_but_0_on_its_own_features(tmp_path):
+    """Only alpha = 0 may reuse the pretrained features (its weights are theta0 bit for bit): every other point of
+    the line is scored on the features of its own interpolated encoder, whose distortion grows with alpha."""
+    path = tmp_path / "model.pt"
+    encoder = common.load_backbone("embedded-clip-tiny").encoder
+    model = torch.nn.Sequential(encoder, torch.nn.Linear(encoder.output_dim, len(data.SHAPES)))
+    g = torch.Generator().manual_seed(0)
+    state = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+             for k, v in model.state_dict().items()}
+    args = {"dataset": "embedded-tiny", "backbone": None, "weights": None, "seed": 0, "data_root": None}
+    torch.save({"method": "ft", "args": args, "state_dict": state, "classnames": list(data.SHAPES)}, path)
+    records = wiseft.main(wiseft.Args(checkpoint=str(path), out=str(tmp_path / "wise"), alpha_step=0.1,
+                                      device="cpu", compile="off"))
+    distortion = [r["metrics"]["distortion/id_test"] for r in records]
+    assert distortion[0] == 0 and all(a < b for a, b in zip(distortion, distortion[1:])), distortion
