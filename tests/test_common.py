@@ -117,6 +117,19 @@ def test_a_failed_checkpoint_write_keeps_the_old_file_and_leaves_no_temporary_fi
     assert (tmp_path / "model.pt").read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
 
 
+def test_checkpoint_holds_the_models_own_state_dict_on_the_cpu_with_the_class_names(tmp_path):
+    """model.pt: the model's state dict (its own keys, detached, on the CPU), the run's header and the class names
+    describe() recorded (WiSE-FT refuses a checkpoint of other classes; one without names it cannot check)."""
+    results = common.Results(tmp_path, "ft", lpft.Args(dataset="embedded-tiny", seed=2), torch.device("cpu"))
+    results.classnames = ["cat", "dog"]
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    results.save_model(model, step=5)
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert (ckpt["method"], ckpt["seed"], ckpt["step"], ckpt["classnames"]) == ("ft", 2, 5, ["cat", "dog"])
+    assert list(ckpt["state_dict"]) == list(model.state_dict())
+    assert all(torch.equal(v, model.state_dict()[k]) and not v.requires_grad for k, v in ckpt["state_dict"].items())
+
+
 def test_distortion():
     ref = torch.randn(100, 8)
     assert common.distortion(ref, ref) == 0
@@ -150,6 +163,25 @@ def test_evaluate_measures_distortion_relative_to_the_pretrained_features():
                               {"id_val": ref, "ood_shift": ref}, "cpu")
     assert metrics["distortion/id_val"] == pytest.approx(1.0)
     assert metrics["distortion/ood_shift"] == metrics["distortion/ood_avg"] == 0
+
+
+def test_ood_avg_is_the_mean_over_the_ood_splits_only():
+    """<key>/ood_avg, the number the tables report, is the plain mean over the OOD splits (not their minimum, not
+    weighted by size, ID splits left out). By hand: sketch 4/4 right, real 1/2 right: acc (100 + 50) / 2 = 75;
+    distortion sketch 0, real 1 (features doubled): 0.5; id_val (0/4 right, doubled) counts in neither."""
+    ref4, ref2 = torch.randn(4, 3), torch.randn(2, 3)
+
+    def split(labels):
+        return SimpleNamespace(labels=torch.tensor(labels), classes=None, groups=None)
+
+    ds = SimpleNamespace(val=split([1, 1, 1, 1]), test=split([0]), metric="acc",
+                         ood={"sketch": split([0, 0, 0, 0]), "real": split([0, 1])})
+    classify = lambda f: torch.stack([torch.ones(len(f)), torch.zeros(len(f))], 1)  # noqa: E731 (always class 0)
+    metrics = common.evaluate({"id_val": 2 * ref4, "ood_sketch": ref4, "ood_real": 2 * ref2}, classify, ds,
+                              {"id_val": ref4, "ood_sketch": ref4, "ood_real": ref2}, "cpu")
+    assert (metrics["acc/id_val"], metrics["acc/ood_sketch"], metrics["acc/ood_real"]) == (0.0, 100.0, 50.0)
+    assert metrics["acc/ood_avg"] == pytest.approx(75.0)
+    assert metrics["distortion/ood_avg"] == pytest.approx(0.5)
 
 
 def test_precision_and_device_defaults():
@@ -681,6 +713,51 @@ def tiny_val_and_conv_tower():
     cfg = common.EMBEDDED_BACKBONES["embedded-clip-tiny"]
     torch.manual_seed(0)
     return data.load_dataset("embedded-tiny").val, common.ConvTower(cfg.convs, cfg.embed_dim)
+
+
+def test_features_extracted_for_the_cache_draw_from_a_random_state_of_their_own(tmp_path, monkeypatch):
+    """The ID training split's features are one random augmented view per image: extracted for the cache, that view
+    comes from a random state seeded by the key (the same whatever the run drew before), and the run's own random
+    stream goes on as if nothing had been extracted (its next draws do not depend on whether the cache was there)."""
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path))
+
+    class Augmented:  # a fresh random view of each image at every pass, drawn from torch's global generator
+        def __len__(self):
+            return 6
+
+        def batches(self, batch_size, device):
+            yield torch.rand(6, 3), torch.zeros(6, dtype=torch.long)
+
+    encoder, key = torch.nn.Linear(3, 2), "0123456789abcdef"
+    views = []
+    for seed in (1, 2):  # two runs that drew differently before extracting
+        (tmp_path / "features" / f"{key}.pt").unlink(missing_ok=True)
+        torch.manual_seed(seed)
+        state = torch.get_rng_state()
+        views.append(common.extract_features(encoder, Augmented(), "cpu", cache=key))
+        assert torch.equal(torch.get_rng_state(), state)  # the run's stream untouched
+    torch.testing.assert_close(views[0], views[1], rtol=0, atol=0)
+    torch.manual_seed(1)
+    assert not torch.equal(common.extract_features(encoder, Augmented(), "cpu"), views[0])  # uncached: the run's draw
+
+
+def test_features_are_extracted_under_the_precision_asked_for():
+    """The encoder runs under autocast bf16 where the precision says bf16 (the GPU default; the feature cache is
+    keyed by it) and in full fp32 where it says fp32."""
+    seen = []
+
+    class Spy(torch.nn.Linear):
+        def forward(self, x):
+            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            return super().forward(x)
+
+    split = data.Split(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), Spy(12, 2))
+    encoder.output_dim = 2
+    for precision, expected in (("bf16", (True, torch.bfloat16)), ("fp32", (False,))):
+        seen.clear()
+        feats = common.extract_features(encoder, split, "cpu", precision, batch_size=4)
+        assert [s[:len(expected)] for s in seen] == [expected] and feats.dtype == torch.float32
 
 
 def test_compiled_encoder_features_are_padded_to_the_full_batch_and_trimmed_back(monkeypatch):

@@ -1,4 +1,6 @@
 """LP's logistic regression (torch loss, scipy L-BFGS-B) solves scikit-learn's problem; LP never changes the backbone."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -124,3 +126,28 @@ def test_lp_sweeps_the_lp_ft_codes_grid_from_strongest_regularisation_warm_start
     assert [r["c"] for r in records] == [c for c, _, _ in calls]
     top = max(r["metrics"]["acc/id_val"] for r in records)
     assert best["c"] == next(r["c"] for r in records if r["metrics"]["acc/id_val"] == top)  # ties: the smaller C
+
+
+def test_lpft_stage1_selects_c_on_id_validation_and_a_tie_keeps_the_smaller_c_as_lp_does(monkeypatch):
+    """LP-FT's first stage picks its C as lp.py does: the best ID validation accuracy, ties to the earlier (smaller,
+    more regularised) C; the ID test and OOD features play no part. Here every C's head predicts the same classes
+    (w = c * the same matrix): all tie, so the smallest C is the one kept."""
+    import lpft
+
+    g = torch.Generator().manual_seed(0)
+    direction = torch.randn(3, 4, generator=g)
+    train, val = torch.randn(30, 4, generator=g), torch.randn(12, 4, generator=g)
+    fits = []
+
+    def fit(x, y, num_classes, c, init=None, max_iter=200):
+        fits.append(c)
+        return c * direction, torch.zeros(num_classes)
+
+    dataset = SimpleNamespace(classnames=("a", "b", "c"), train=SimpleNamespace(labels=torch.arange(30) % 3),
+                              val=SimpleNamespace(labels=torch.arange(12) % 3))
+    args = SimpleNamespace(c_min=1e-2, c_max=1e2, num_c=5, max_iter=7)
+    monkeypatch.setattr(lpft, "fit_logreg", fit)
+    w, b, c = lpft.linear_probe(args, dataset, train, {"id_val": val, "id_test": None}, "cpu")
+    assert fits == pytest.approx([1e-2, 1e-1, 1.0, 1e1, 1e2]) and c == pytest.approx(1e-2)
+    mean, std = lpft.standardize(train)
+    torch.testing.assert_close(w, 1e-2 * direction / std)  # the kept head, mapped back to raw features

@@ -7,7 +7,6 @@ import runpy
 import shutil
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -279,7 +278,7 @@ def test_checkpoint_holds_the_unwrapped_model_and_its_args(tmp_path):
     run_script("ft", "--dataset", "embedded-tiny", "--out", str(tmp_path), "--save", "--compile", "on", "--epochs", "1")
     ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
     assert ckpt["method"] == "ft" and ckpt["args"]["dataset"] == "embedded-tiny" and ckpt["step"] == 1
-    assert not any(k.startswith("_orig_mod") for k in ckpt["state_dict"]) and "1.weight" in ckpt["state_dict"]
+    assert not any("_orig_mod" in k for k in ckpt["state_dict"]) and "1.weight" in ckpt["state_dict"]  # none nested
 
 
 def test_flyp_with_both_towers_compiled_trains_as_eager(tmp_path):
@@ -467,26 +466,6 @@ def test_feature_map_cli_draws_the_seeds_checkpoints_in_the_pca_plane_of_all_pre
     top2 = torch.linalg.eigvalsh(x.T @ x)[-2:].sum().item()
     for panel in (starts[:2], starts[2:]):
         assert torch.cat(panel).double().pow(2).sum().item() == pytest.approx(top2, rel=1e-4)
-
-
-def test_lpft_stage1_breaks_an_id_validation_tie_towards_the_earlier_c_as_lp_py_does(monkeypatch):
-    """Stage 2 must start from the head lp.py reports: on equal ID validation accuracy common.select_best keeps the
-    earlier (more regularised) C, so LP-FT's own sweep must too. Here every fit predicts class 0 (all C tie) and
-    each returns its own bias, so the head handed back says which fit was kept."""
-    fits = []
-
-    def fit(x, y, num_classes, c, init=None, max_iter=200):
-        fits.append(c)
-        return torch.zeros(num_classes, x.shape[1]), torch.eye(num_classes)[0] * len(fits)  # argmax: class 0
-
-    monkeypatch.setattr(lpft, "fit_logreg", fit)
-    labels = torch.arange(10).repeat(3)
-    dataset = types.SimpleNamespace(train=types.SimpleNamespace(labels=labels), val=types.SimpleNamespace(labels=labels),
-                                    classnames=[str(i) for i in range(10)])
-    feats = torch.randn(30, 8, generator=torch.Generator().manual_seed(0))
-    w, b, c = lpft.linear_probe(lpft.Args(num_c=4), dataset, feats, {"id_val": feats}, "cpu")
-    assert len(fits) == 4 and c == fits[0] == pytest.approx(1e-7)  # the first (strongest) C of the sweep
-    assert b[0].item() == pytest.approx(1.0) and not w.any()  # and its head, not a later fit's
 
 
 @pytest.mark.parametrize("method", sorted(FINE_TUNED) + ["flyp"])
