@@ -1,6 +1,7 @@
 """Build the ID/OOD summary table and pictures from finished runs: mean ± 90% CI over seeds (1.645 std / sqrt(n), as
-in the LP-FT paper) of the evaluation each run selected on ID validation (its `done` marker). For real datasets the
-paper's number stands beside ours where reference/published.json has one, with its provenance tag.
+in the LP-FT paper; one seed shows its mean alone) of the evaluation each run selected on ID validation (its `done`
+marker). For real datasets the paper's number stands beside ours where reference/published.json has one, with its
+provenance tag.
 
     python summarize.py runs       # prints the table; writes runs/summary.md, runs/summary.csv and, per dataset,
                                    # runs/<dataset>_id_ood.png and runs/<dataset>_distortion.png
@@ -23,10 +24,12 @@ PUBLISHED = Path(__file__).with_name("reference") / "published.json"
 
 
 def mean_ci(values):
+    """(mean, 90% CI half-width); the CI is None for one value, which has no spread to measure (not 0)."""
     n = len(values)
     mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, 1.645 * std / math.sqrt(n)
+    if n == 1:
+        return mean, None
+    return mean, 1.645 * math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
 
 
 def load_runs(root):
@@ -88,8 +91,8 @@ def build_table(runs, published=None):
                     continue
                 mean, ci = mean_ci(values)
                 digits = 4 if key.startswith("distortion") else 1
-                cell = f"{mean:.{digits}f} ± {ci:.{digits}f}"
-                row[f"{name} mean"], row[f"{name} ci90"] = round(mean, 6), round(ci, 6)
+                cell = f"{mean:.{digits}f}" + ("" if ci is None else f" ± {ci:.{digits}f}")  # one seed: no CI
+                row[f"{name} mean"], row[f"{name} ci90"] = round(mean, 6), "" if ci is None else round(ci, 6)
                 paper = published.get((dataset, method, name))
                 if paper:
                     cell += f" (paper {paper['value']:.1f}" + (f" ± {paper['ci']:.1f}" if "ci" in paper else "") + \
@@ -164,7 +167,7 @@ def plot(runs, dataset, out_dir):
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, (key, name) in enumerate((("distortion/id_test", "ID test"), ("distortion/ood_avg", "OOD (avg)"))):
         ax.bar([j + (i - 0.5) * 0.38 for j in range(len(moved))], [stats[m][key][0] for m in moved], 0.38,
-               yerr=[stats[m][key][1] for m in moved], capsize=3, label=name)
+               yerr=[math.nan if stats[m][key][1] is None else stats[m][key][1] for m in moved], capsize=3, label=name)
     ax.set_xticks(range(len(moved)), [LABELS.get(m, m) for m in moved], rotation=20, fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("feature distortion  ‖f − f₀‖² / ‖f₀‖²")

@@ -372,6 +372,24 @@ def test_summary_csv_holds_each_columns_mean_and_90_percent_ci_over_seeds(tmp_pa
     assert float(lp_living17["ID paper"]) == 96.5 and "[paper]" in lp_living17["ID paper source"]
 
 
+def test_a_single_seed_shows_no_confidence_interval_and_two_equal_seeds_show_a_measured_zero(tmp_path, monkeypatch):
+    """One seed has no spread to measure: its row shows the mean alone (a "± 0.0" would read as a measured CI), its
+    CSV CI is empty and its picture has no error bar. Two seeds that agree do measure a CI of 0."""
+    for method, seeds in (("lp", [0]), ("ft", [0, 1])):
+        for seed in seeds:
+            (run := tmp_path / method / "embedded" / f"seed{seed}").mkdir(parents=True)
+            metrics = {"acc/id_test": 80.0, "acc/ood_avg": 60.0, "distortion/id_test": 0.5, "distortion/ood_avg": 0.5}
+            (run / "done").write_text(json.dumps({"method": method, "dataset": "embedded", "seed": seed,
+                                                  "metrics": metrics}))
+    markdown, rows = summarize.build_table(summarize.load_runs(tmp_path), published={})
+    assert "| LP | 1 | 80.0 | 60.0 | 0.5000 | 0.5000 |" in markdown.splitlines()
+    assert "| FT | 2 | 80.0 ± 0.0 | 60.0 ± 0.0 | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 |" in markdown.splitlines()
+    by_method = {r["method"]: r for r in rows}
+    assert by_method["lp"]["ID ci90"] == "" and by_method["ft"]["ID ci90"] == 0.0
+    summarize.plot(summarize.load_runs(tmp_path), "embedded", tmp_path)  # draws with and without error bars
+    assert (tmp_path / "embedded_id_ood.png").stat().st_size > 0 and (tmp_path / "embedded_distortion.png").exists()
+
+
 def test_summarize_refuses_to_average_two_runs_of_one_seed(tmp_path):
     """A sweep run beside the recipe's runs would enter the table as one more seed."""
     shutil.copytree(ROOT / "tests" / "data" / "fake_runs", tmp_path / "runs")
@@ -394,9 +412,9 @@ def test_summary_shows_iwildcams_macro_f1_and_fmows_worst_region_accuracy(tmp_pa
         run.mkdir(parents=True)
         (run / "done").write_text(json.dumps({"method": "lp", "dataset": dataset, "seed": 0, "metrics": m}))
     markdown, _ = summarize.build_table(summarize.load_runs(tmp_path), published={})
-    assert "| OOD avg | ID macro-F1 | OOD macro-F1 | distortion ID |" in markdown and "| 40.0 ± 0.0 | 30.0 ± 0.0 |" in markdown
+    assert "| OOD avg | ID macro-F1 | OOD macro-F1 | distortion ID |" in markdown and "| 40.0 | 30.0 |" in markdown
     assert "| OOD avg | ID worst region | OOD worst region | distortion ID |" in markdown
-    assert "| 45.0 ± 0.0 | 35.0 ± 0.0 |" in markdown
+    assert "| 45.0 | 35.0 |" in markdown
     # The ID-vs-OOD picture plots each benchmark's own metric as its papers do (FMoW: average accuracy ID, worst
     # region OOD); accuracy elsewhere
     runs = summarize.load_runs(tmp_path)
