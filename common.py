@@ -462,7 +462,8 @@ def check_backbone(name, weights=None, clip_for=None):
     later checks what the file holds) or, when `clip_for` names what needs a text tower, it has none. (Listing
     ImageNet's 1.3 M files: ~1 s here from a warm page cache, measured on 128,000; more from a cold or network disk.)"""
     if name not in BACKBONES:
-        raise SystemExit(f"error: unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
+        raise SystemExit(f"error: unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)} (one of your own: "
+                         "README, 'Another backbone')")
     if clip_for and name not in CLIP_BACKBONES:
         not_clip(clip_for, name)
     if name in WEIGHTS and not is_hub_tag(name, weights):
@@ -1083,6 +1084,9 @@ def describe(dataset, results, log, recipe=None):
     log(f"{dataset.name} with {dataset.backbone}: " + ", ".join(f"{k} {n:,}" for k, n in sizes.items())
         + (f" ({'; '.join(held)})" if held else "")
         + (" | recipe: " + ", ".join(f"{k} {v}" for k, v in recipe.items()) if recipe else ""))
+    if len(dataset.val) < 10 * len(dataset.classnames):  # one image more or less right moves the choice
+        log(f"note: ID validation holds {len(dataset.val):,} images for {len(dataset.classnames):,} classes: what is "
+            "chosen on it (the epoch, LP's C) rests on few images; give it 10 or more per class")
     if dataset.name == "embedded-tiny":  # its numbers would otherwise look like a result
         log(f"note: embedded-tiny is the tests' smoke world (its CLIP is pretrained for "
             f"{EMBEDDED_BACKBONES['embedded-clip-tiny'].steps} steps): accuracies sit near chance and compare nothing; "

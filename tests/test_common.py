@@ -390,6 +390,20 @@ def test_a_single_seed_shows_no_confidence_interval_and_two_equal_seeds_show_a_m
     assert (tmp_path / "embedded_id_ood.png").stat().st_size > 0 and (tmp_path / "embedded_distortion.png").exists()
 
 
+def test_a_small_id_validation_split_gets_a_note_and_a_full_one_none(tmp_path):
+    """Epochs and C are chosen on ID validation: with 2 images per class (a folder's held-out 10% of a small train/)
+    the run says the choice rests on few images; 10 per class, as the embedded worlds have, says nothing."""
+    notes = {}
+    for per_class in (2, 10):
+        dataset = SimpleNamespace(name="folder", backbone="embedded-clip-tiny", classnames=["cat", "dog"], info={},
+                                  train=[0] * 40, val=[0] * (2 * per_class), test=[0] * 4, ood={"sketch": [0] * 4})
+        lines = []
+        common.describe(dataset, common.Results(tmp_path / str(per_class), "ft", lpft.Args(), torch.device("cpu")),
+                        lines.append)
+        notes[per_class] = [line for line in lines if line.startswith("note: ID validation")]
+    assert notes[10] == [] and len(notes[2]) == 1 and "holds 4 images for 2 classes" in notes[2][0]
+
+
 def test_summarize_refuses_to_average_two_runs_of_one_seed(tmp_path):
     """A sweep run beside the recipe's runs would enter the table as one more seed."""
     shutil.copytree(ROOT / "tests" / "data" / "fake_runs", tmp_path / "runs")
