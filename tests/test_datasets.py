@@ -152,6 +152,15 @@ def test_registry_lists_every_documented_dataset():
         assert f'<a id="{name}"></a>' in doc, f"the errors link to docs/datasets.md#{name}: no such anchor"
 
 
+def test_each_dataset_runs_by_default_with_the_backbone_docs_datasets_md_names():
+    """A run without --backbone uses its dataset's paper's backbone, as the table in docs/datasets.md says (DomainNet:
+    CLIP RN50 in LP-FT; BREEDS and CIFAR-10: MoCo-v2): another one would give numbers that compare with nothing."""
+    rows = re.findall(r"^\| `([a-z0-9]+)` \|.*\| `([a-z0-9-]+)` \|$", (ROOT / DOCS).read_text(), re.MULTILINE)
+    assert sorted(name for name, _ in rows) == sorted(NAMES)
+    for name, backbone in rows:
+        assert data.default_backbone(name) == backbone, name
+
+
 def test_holdout_is_stratified_and_fixed():
     labels = torch.tensor([0] * 1 + [1] * 2 + [2] * 5 + [3] * 10 + [4] * 25 + [5] * 100)
     labels = labels[torch.randperm(143, generator=torch.Generator().manual_seed(0))]
@@ -1666,6 +1675,51 @@ def test_evaluation_preprocessing_is_the_backbone_librarys_own(tmp_path, backbon
     ds = data.load_dataset("folder", data_root=str(tmp_path), backbone=backbone)
     expected = torch.stack([reference(Image.open(p).convert("RGB")) for p in ds.test.items])
     torch.testing.assert_close(read_once(ds.test), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["clip-vit-b16", "clip-rn50", "resnet50", "moco-v2-rn50"])
+def test_training_augmentation_is_the_papers_recipe(backbone):
+    """reference/recipes.md: CLIP (WiSE-FT, FLYP) trains on RandomResizedCrop(224, scale=(0.9, 1.0), bicubic), no
+    flip; the ResNet-50s (LP-FT code) on torchvision's RandomResizedCrop(224) defaults (scale 0.08-1, bilinear) plus a
+    horizontal flip. Each training image comes out at the evaluation's 224 px."""
+    from torchvision.transforms import v2
+
+    clip = backbone.startswith("clip")
+    steps = data.transforms(data.preprocessing(backbone), train=True).transforms
+    crop, default = steps[0], v2.RandomResizedCrop(224)
+    assert isinstance(crop, v2.RandomResizedCrop) and crop.size == (224, 224)
+    assert crop.scale == ((0.9, 1.0) if clip else default.scale)
+    assert crop.interpolation == v2.InterpolationMode("bicubic" if clip else default.interpolation)
+    assert any(isinstance(s, v2.RandomHorizontalFlip) for s in steps) == (not clip)
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (260, 300, 3), dtype=np.uint8))
+    assert data.transforms(data.preprocessing(backbone), train=True)(picture).shape == (3, 224, 224)
+
+
+def test_an_embedded_backbone_sees_a_file_normalised_as_its_pretraining_images(tmp_path):
+    """Real data run with an embedded backbone is normalised with the embedded world's mean and std, the ones its
+    pretraining corpus went through (data.normalize's defaults): the same 32 px picture from a file or from the world
+    is the same input."""
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "x.png")
+    split = data.file_split([tmp_path / "x.png"], [0], data.preprocessing(BACKBONE))
+    (x, _), = list(split.batches(1))
+    expected = data.normalize(torch.from_numpy(pixels).permute(2, 0, 1)[None])
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-6)
+
+
+def test_a_file_split_shuffles_with_each_pass_s_own_generator_and_drop_last():
+    """Loaders are kept per way of iterating: a pass with another generator (another seed's run in the same process)
+    shuffles from that generator, not the first one's, and an evaluation pass after a training pass of the same batch
+    size keeps its partial last batch."""
+    split = data.file_split(list(range(40)), list(range(40)), data.preprocessing(BACKBONE), train=True,
+                            read=lambda i: Image.new("RGB", (8, 8)))
+    for seed in (0, 1):
+        g = torch.Generator().manual_seed(seed)
+        order = torch.cat([y for _, y in split.batches(8, shuffle=True, drop_last=True, generator=g)]).tolist()
+        assert order == torch.randperm(40, generator=torch.Generator().manual_seed(seed)).tolist(), seed
+    g = torch.Generator().manual_seed(0)
+    assert [len(y) for _, y in split.batches(16, shuffle=True, drop_last=True, generator=g)] == [16, 16]
+    assert [len(y) for _, y in split.batches(16, shuffle=True, drop_last=False, generator=g)] == [16, 16, 8]
 
 
 def test_held_out_validation_and_test_images_are_not_augmented(tmp_path):
