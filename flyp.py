@@ -39,7 +39,7 @@ class Args:
     seed: int = 0
     """seed of the ID training draw and of every random choice"""
     device: str = "auto"
-    """'auto' (CUDA if available), 'cpu' or 'cuda'"""
+    """'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'"""
     precision: str = "auto"
     """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32'"""
     compile: str = "auto"
@@ -61,8 +61,9 @@ class Args:
 
 
 # Per-dataset defaults. ImageNet and the WILDS datasets: the FLYP paper's (AdamW, warmup 500, cosine per step); PCam
-# and SST2 take their few-shot lr and weight decay, the other real datasets ImageNet's, unswept (docs/recipes.md). Embedded world: chosen on ID validation accuracy
-# with the lr capped at its pretraining rate (docs/embedded.md).
+# and SST2 take their few-shot lr and weight decay, the other real datasets ImageNet's, unswept (docs/recipes.md).
+# Embedded world: lr chosen on ID validation accuracy, capped at the pretraining rate; 5 epochs for run time
+# (docs/embedded.md).
 RECIPES = {
     "embedded": {"epochs": 5, "batch_size": 128, "lr": 3e-3, "weight_decay": 0.1, "warmup": 10},
     "embedded-tiny": {"epochs": 2, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.1, "warmup": 2},

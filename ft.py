@@ -36,7 +36,7 @@ class Args:
     seed: int = 0
     """seed of the ID training draw and of every random choice"""
     device: str = "auto"
-    """'auto' (CUDA if available), 'cpu' or 'cuda'"""
+    """'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'"""
     precision: str = "auto"
     """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32'"""
     compile: str = "auto"
@@ -62,7 +62,7 @@ class Args:
 
 # Per-dataset defaults. Real datasets: the LP-FT code's recipe (epochs; batch 64, 128 on ImageNet; the learning rate its
 # grid search chose); datasets it never ran (iWildCam, PCam, SST2, your own folder) take Living-17's, unswept
-# (docs/recipes.md). Embedded world: lr and epochs chosen on ID validation accuracy (docs/embedded.md).
+# (docs/recipes.md). Embedded world: lr chosen on ID validation accuracy, 5 epochs for run time (docs/embedded.md).
 RECIPES = {
     "embedded": {"epochs": 5, "lr": 3e-2, "batch_size": 64},
     "embedded-tiny": {"epochs": 2, "lr": 3e-2, "batch_size": 64},

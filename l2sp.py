@@ -37,7 +37,7 @@ class Args:
     seed: int = 0
     """seed of the ID training draw and of every random choice"""
     device: str = "auto"
-    """'auto' (CUDA if available), 'cpu' or 'cuda'"""
+    """'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'"""
     precision: str = "auto"
     """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32'"""
     compile: str = "auto"

@@ -39,7 +39,7 @@ class Args:
     """seed of the ID training draw and of every random choice; default and only choice: the checkpoint's (0 to find
     the default checkpoint)"""
     device: str = "auto"
-    """'auto' (CUDA if available), 'cpu' or 'cuda'"""
+    """'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'"""
     precision: str = "auto"
     """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32'"""
     compile: str = "auto"
