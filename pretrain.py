@@ -73,7 +73,8 @@ def pretrain(cfg, path, device="cpu", log=print):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="embedded-clip", choices=sorted(common.EMBEDDED_BACKBONES))
+    parser.add_argument("--backbone", default="embedded-clip", choices=sorted(common.EMBEDDED_BACKBONES),
+                        help="which embedded CLIP to pretrain (default: embedded-clip)")
     parser.add_argument("--force", action="store_true", help="retrain even if the cache holds this config")
     args = parser.parse_args()
     cfg = common.EMBEDDED_BACKBONES[args.backbone]
