@@ -937,6 +937,7 @@ def test_bench_ratios_and_shares_are_against_the_baseline_of_the_same_run(tmp_pa
         return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
 
     def train_rate(build, res, batch, device, fast, steps, batches=None, profile=None):
+        assert fast or batches is None  # the JPEG rate is our path's
         return (50.0, 0.25) if batches is not None else (200.0 if fast else 100.0, 0.0)
 
     monkeypatch.setattr(bench, "models", lambda device: {"a": (tiny, 8, 4)})
@@ -954,6 +955,8 @@ def test_bench_ratios_and_shares_are_against_the_baseline_of_the_same_run(tmp_pa
     assert train["speedup"] == 2.0 and train["ours_jpeg"]["share_of_synthetic"] == 0.25
     assert train["ours_jpeg"]["data_wait_share"] == 0.25
     assert train["ours"]["mfu"] == pytest.approx(200 * train["train_gflops_per_image"] * 1e9 / 1e12)
+    # a step ~ 3 forward passes; one image's forward: the conv's 4 x 6 x 6 outputs of 27 multiply-adds, the linear's 40
+    assert train["train_gflops_per_image"] == pytest.approx(3 * 2 * (4 * 6 * 6 * 27 + 4 * 10) / 1e9)
     assert report["extract"]["a"] == {"eager_fp32": 100.0, "ours": 400.0}
     assert "| train a 8px b4 (img/s) | 100 | 200 | 2.00× |" in table and "(25% of synthetic, 25% waiting" in table
     assert "| extract a (img/s) | 100 | 400 | 4.00× |" in table and "| FLYP pairs/s | 100 | 300 | 3.00× |" in table
@@ -1184,3 +1187,167 @@ def test_a_cached_embedded_model_made_by_another_pretrain_py_is_loaded_with_a_no
         common.load_embedded_clip("embedded-clip-tiny", log=lines.append)
         notes = [line for line in lines if line.startswith("note: pretrain.py has changed")]
         assert len(notes) == noted and all("python pretrain.py --backbone embedded-clip-tiny --force" in n for n in notes)
+
+
+def test_pretraining_pushed_up_stops_the_temperature_at_exactly_100(tmp_path, monkeypatch):
+    """The clamp's upper end is open_clip's 100, not a lower cap: a loss that rewards a larger scale, at a learning
+    rate of 100, throws the log-temperature up and it lands on log 100 after every step."""
+    seen, loss = [], pretrain.clip_loss
+    monkeypatch.setattr(pretrain, "clip_loss",
+                        lambda i, t, scale: seen.append(scale.item()) or loss(i, t, scale) - 1000 * scale)
+    pretrain.pretrain(dataclasses.replace(MICRO, steps=4, lr=100.0), tmp_path / "micro.pt", log=lambda msg: None)
+    assert seen[1:] == [pytest.approx(math.log(100))] * 3, seen
+
+
+def test_pretraining_pairs_each_normalised_image_with_a_caption_of_its_own_shape_domain_and_colour(tmp_path,
+                                                                                                  monkeypatch):
+    """The contrastive loss is only CLIP's if row i of the image batch and of the caption batch are one corpus object:
+    each image the image tower sees is a corpus image, normalised as the downstream splits are (data.normalize), and
+    the caption drawn beside it names that image's shape, domain and colour."""
+    corpora, generate = [], data.generate
+    monkeypatch.setattr(data, "generate", lambda *a, **k: corpora.append(generate(*a, **k)) or corpora[-1])
+    images, labels = [], []
+    encode_image, caption_tokens = common.EmbeddedCLIP.encode_image, pretrain.caption_tokens
+    monkeypatch.setattr(common.EmbeddedCLIP, "encode_image",
+                        lambda self, x, **k: images.append(x.detach().clone()) or encode_image(self, x, **k))
+    monkeypatch.setattr(pretrain, "caption_tokens",
+                        lambda tok, s, d, c, g, memo: labels.append((s, d, c)) or caption_tokens(tok, s, d, c, g, memo))
+    pretrain.pretrain(dataclasses.replace(MICRO, steps=3), tmp_path / "micro.pt", log=lambda msg: None)
+    (corpus,) = corpora
+    pool = data.normalize(corpus["images"]).flatten(1)
+    assert len(images) == len(labels) == 3
+    for x, (shape, domain, colour) in zip(images, labels):
+        gap, j = torch.cdist(x.flatten(1), pool).min(1)
+        assert gap.max().item() < 1e-4  # a corpus image, normalised
+        assert torch.equal(shape, corpus["shape"][j]) and torch.equal(domain, corpus["domain"][j])
+        assert torch.equal(colour, corpus["colour"][j])
+
+
+def test_embedded_cache_file_is_keyed_by_every_field_of_the_config():
+    """Any field changes the weights pretraining makes, so any field changed must name another cache file (else a
+    config edited by hand loads the old model without a word)."""
+    cfg = common.EMBEDDED_BACKBONES["embedded-clip-tiny"]
+    other = {"name": cfg.name, "n_corpus": cfg.n_corpus + 1, "steps": cfg.steps + 1, "batch_size": cfg.batch_size + 1,
+             "lr": cfg.lr * 2, "weight_decay": cfg.weight_decay * 2, "embed_dim": cfg.embed_dim + 1,
+             "convs": cfg.convs + ((8, 1),), "text_width": cfg.text_width + 1, "context_length": cfg.context_length + 1,
+             "seed": cfg.seed + 1}
+    assert set(other) == {f.name for f in dataclasses.fields(cfg)}
+    path = common.embedded_cache_path(cfg)
+    for field, value in other.items():
+        if field != "name":
+            assert common.embedded_cache_path(dataclasses.replace(cfg, **{field: value})) != path, field
+
+
+def test_embedded_text_tower_averages_the_word_tokens_and_starts_at_clips_temperature():
+    """The text embedding is the projection of the mean of the BPE word tokens' embeddings (no start, end or padding
+    token), and logit_scale starts at log(1 / 0.07), CLIP's initial temperature 0.07."""
+    torch.manual_seed(0)
+    clip = common.EmbeddedCLIP(MICRO)
+    assert clip.logit_scale.exp().item() == pytest.approx(1 / 0.07)
+    caption = "a picture of a red circle."
+    ids = torch.tensor(clip.tokenizer.encode(caption))  # the words' BPE ids, nothing around them
+    with torch.no_grad():
+        expected = clip.text_projection(clip.token_embedding.weight[ids].mean(0))
+        torch.testing.assert_close(clip.encode_text(clip.tokenizer([caption]))[0], expected)
+
+
+def test_conv_tower_is_strided_convs_then_global_average_pooling_then_a_projection():
+    """One conv layer whose 3x3 kernel copies input channels 0 and 1 from its centre tap (stride 2: every other pixel),
+    BatchNorm at its initial statistics (x / sqrt(1 + eps)), ReLU, the mean over all positions, projection."""
+    tower = common.ConvTower(((2, 2),), 3).eval()
+    with torch.no_grad():
+        tower.trunk[0].weight.zero_()
+        tower.trunk[0].weight[0, 0, 1, 1] = tower.trunk[0].weight[1, 1, 1, 1] = 1.0
+        x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        pooled = torch.relu(x[:, :2, ::2, ::2] / math.sqrt(1 + 1e-5)).mean(dim=(2, 3))
+        torch.testing.assert_close(tower(x), pooled @ tower.proj.weight.T + tower.proj.bias)
+
+
+def test_host_records_torchs_thread_count_not_the_cores():
+    """The pretrained model and every result record the thread count torch computes with (sums split by thread)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert common.host()["threads"] == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_bench_extraction_and_flyp_rates_are_images_over_the_timed_steps(monkeypatch):
+    """On a clock the test drives (each forward pass 0.1 s), extraction runs batches of 4 x `batch` images and FLYP
+    128 pairs per step on a CPU: 3 timed steps give 4 * 8 / 0.1 and 128 / 0.1 images/s, warm-up steps excluded."""
+    now = [0.0]
+    monkeypatch.setattr(bench, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def tick(module):
+        module.register_forward_hook(lambda *a: now.__setitem__(0, now[0] + 0.1))
+        return module
+
+    rate = bench.extract_rate(lambda: tick(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))), 8, 8,
+                              torch.device("cpu"), False, 3)
+    assert rate == pytest.approx(4 * 8 / 0.1)
+    build = common.EmbeddedCLIP
+    monkeypatch.setattr(common, "EmbeddedCLIPConfig", lambda: MICRO)
+    monkeypatch.setattr(common, "EmbeddedCLIP", lambda cfg: (lambda clip: tick(clip.visual) and clip)(build(cfg)))
+    assert bench.flyp_rate(torch.device("cpu"), False, 3) == pytest.approx(128 / 0.1)
+
+
+def test_bench_lp_sweep_selects_c_on_validation_and_reports_its_test_accuracy(monkeypatch):
+    """Both solvers stubbed to predict one class per C: C 1 and 2 the class most frequent in validation (a tie, so the
+    earlier C 1 wins), C 3 the one most frequent in test (here 9 of 20 validation labels are class 2, 12 of 20 test
+    labels class 1). The report gives C 1 and the test share of its class."""
+    import sklearn.linear_model
+
+    import lp
+
+    n, classes = 40, 3
+    g = torch.Generator().manual_seed(0)  # bench's draw: class means, then the labels of the 2n points
+    torch.randn(classes, 4, generator=g)
+    y = torch.randint(classes, (2 * n,), generator=g)
+    val, test = y[n:n + n // 2].bincount(minlength=3), y[n + n // 2:].bincount(minlength=3)
+    best_val, best_test = val.argmax().item(), test.argmax().item()
+    assert best_val != best_test  # else nothing would tell which split selected C
+    cs = list(np.logspace(-7, 2, 3))
+    predicts = {float(c): k for c, k in zip(cs, [best_val, best_val, best_test])}
+
+    def fit_logreg(x, labels, k, c, init=None):
+        assert c == 1.0 or torch.equal(labels, y[:n])  # the warm-up, or the training split drawn as above
+        return torch.zeros(k, x.shape[1]), nn.functional.one_hot(torch.tensor(predicts.get(c, 0)), k).float()
+
+    class Stub:
+        def __init__(self, **kwargs):
+            self.c = None
+
+        def set_params(self, C):
+            self.c = C
+            return self
+
+        def fit(self, x, labels):
+            return self
+
+        def predict(self, x):
+            return np.full(len(x), predicts.get(self.c, 0))
+
+    monkeypatch.setattr(lp, "fit_logreg", fit_logreg)
+    monkeypatch.setattr(sklearn.linear_model, "LogisticRegression", Stub)
+    report = bench.lp_sweep(torch.device("cpu"), n, 4, classes, 3)
+    share = 100 * test[best_val].item() / len(y[n + n // 2:])
+    assert report["selected_c_ours"] == report["selected_c_sklearn"] == cs[0]
+    assert report["test_acc_ours"] == report["test_acc_sklearn"] == pytest.approx(share)
+
+
+def test_bench_flops_count_attention_and_mfu_has_a_peak_only_for_known_gpus(monkeypatch):
+    """Attention's two matmuls per head (Q K^T and the weights times V: 2 x 2 L^2 d each for L tokens of d dims) are
+    counted, not dropped with the fused CPU kernel; the MFU's peak is the table's for a known GPU, none (no MFU at
+    all, not an invented one) for any other device."""
+    class Attention(nn.Module):
+        def forward(self, x):
+            return nn.functional.scaled_dot_product_attention(x, x, x)
+
+    heads, tokens, dims = 3, 5, 4
+    assert bench.forward_flops(Attention(), torch.randn(2, heads, tokens, dims)) == 2 * heads * 2 * tokens ** 2 * dims
+    names = {"NVIDIA H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12, "Tesla V100-SXM2-16GB": None}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: device_name)
+    for device_name, peak in names.items():
+        assert bench.peak_flops(torch.device("cuda")) == peak, device_name
+    assert bench.peak_flops(torch.device("cpu")) is None

@@ -1,4 +1,5 @@
 """Each method script end to end on the tiny embedded world, and the method invariants."""
+import copy
 import importlib
 import json
 import math
@@ -438,20 +439,30 @@ def test_feature_map_cli_draws_the_seeds_checkpoints_in_the_pca_plane_of_all_pre
                                                                                                        monkeypatch):
     """--seed picks the run folders, --points caps the arrows of each panel for ID and for OOD (here above the 100 ID
     and 300 OOD test images: all of them), --out names the picture. The plane is the PCA of the pretrained ID and
-    OOD features together: the arrows' starts keep exactly the top two eigenvalues' share of their scatter."""
+    OOD features together: the arrows' starts keep exactly the top two eigenvalues' share of their scatter. Each
+    panel's arrows end at its own checkpoint's features of the same images: FT's checkpoint is a perturbed model,
+    whose distortion the legend gives, LP-FT's the pretrained one (arrows of length 0)."""
     import matplotlib.axes
 
     backbone = common.load_backbone("embedded-clip-tiny")
-    for method in ("ft", "lpft"):  # checkpoints at the pretrained weights: fast, and enough for the starts
+    tuned = copy.deepcopy(backbone.encoder)
+    with torch.no_grad():
+        tuned.proj.weight.mul_(2)  # every feature doubles: distortion ||2f - f||^2 / ||f||^2 = 1
+        tuned.proj.bias.mul_(2)
+    for method, encoder in (("ft", tuned), ("lpft", backbone.encoder)):
         path = tmp_path / method / "embedded-tiny" / "seed3" / "model.pt"
         path.parent.mkdir(parents=True)
-        model = torch.nn.Sequential(backbone.encoder, torch.nn.Linear(backbone.encoder.output_dim, 10))
+        model = torch.nn.Sequential(encoder, torch.nn.Linear(backbone.encoder.output_dim, 10))
         torch.save({"method": method, "args": {"backbone": None, "weights": None}, "state_dict": model.state_dict()},
                    path)
-    starts = []  # the (x, y) starts of the arrows of each quiver call: ID, OOD of each panel
+    starts, moves, labels = [], [], []  # the (x, y) starts and (u, v) of each quiver call: ID, OOD of each panel
     monkeypatch.setattr(matplotlib.axes.Axes, "quiver",
-                        lambda self, x, y, *a, **k: starts.append(torch.stack([torch.as_tensor(x),
-                                                                               torch.as_tensor(y)], 1)))
+                        lambda self, x, y, u, v, *a, **k: starts.append(torch.stack([torch.as_tensor(x),
+                                                                                     torch.as_tensor(y)], 1))
+                        or moves.append(torch.stack([torch.as_tensor(u), torch.as_tensor(v)], 1)))
+    scatter = matplotlib.axes.Axes.scatter
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter",
+                        lambda self, *a, label=None, **k: labels.append(label) or scatter(self, *a, label=label, **k))
     out = tmp_path / "picture.png"
     monkeypatch.setattr(sys, "argv", ["feature_map.py", "--dataset", "embedded-tiny", "--root", str(tmp_path), "--seed",
                                       "3", "--points", "1000", "--out", str(out), "--device", "cpu"])
@@ -466,6 +477,10 @@ def test_feature_map_cli_draws_the_seeds_checkpoints_in_the_pca_plane_of_all_pre
     top2 = torch.linalg.eigvalsh(x.T @ x)[-2:].sum().item()
     for panel in (starts[:2], starts[2:]):
         assert torch.cat(panel).double().pow(2).sum().item() == pytest.approx(top2, rel=1e-4)
+    assert all(m.abs().max().item() > 1e-2 for m in moves[:2])  # FT's panel: its own (perturbed) encoder moved them
+    assert all(m.abs().max().item() < 1e-4 for m in moves[2:])  # LP-FT's: every image stays where it started
+    # FT's feature of each image is twice its pretrained one f: ||2f - f||^2 / ||f||^2 = 1 (over ||2f||^2: 0.25)
+    assert labels == ["ID (distortion 1)", "OOD (distortion 1)", "ID (distortion 0)", "OOD (distortion 0)"], labels
 
 
 @pytest.mark.parametrize("method", sorted(FINE_TUNED) + ["flyp"])
