@@ -315,6 +315,14 @@ def test_git_commit_holds_the_code_that_runs_or_says_it_does_not(tmp_path, monke
     assert common.git_commit() == head + "-dirty"
 
 
+def finished_run(root, method, dataset, seed, metrics, **record):
+    """A fake finished run under `root`, as summarize.py finds it: <method>/<dataset>/seed<seed>/done. Its folder."""
+    (run := Path(root) / method / dataset / f"seed{seed}").mkdir(parents=True)
+    (run / "done").write_text(json.dumps({"method": method, "dataset": dataset, "seed": seed, **record,
+                                          "metrics": metrics}))
+    return run
+
+
 def test_summary_table_rebuilds_the_checked_in_golden_table(tmp_path):
     """Golden test: the fake results under tests/data/fake_runs (fixtures, not measurements) give exactly the
     checked-in table, published numbers beside ours included; the pictures and the CSV get written."""
@@ -377,10 +385,8 @@ def test_a_single_seed_shows_no_confidence_interval_and_two_equal_seeds_show_a_m
     CSV CI is empty and its picture has no error bar. Two seeds that agree do measure a CI of 0."""
     for method, seeds in (("lp", [0]), ("ft", [0, 1])):
         for seed in seeds:
-            (run := tmp_path / method / "embedded" / f"seed{seed}").mkdir(parents=True)
-            metrics = {"acc/id_test": 80.0, "acc/ood_avg": 60.0, "distortion/id_test": 0.5, "distortion/ood_avg": 0.5}
-            (run / "done").write_text(json.dumps({"method": method, "dataset": "embedded", "seed": seed,
-                                                  "metrics": metrics}))
+            finished_run(tmp_path, method, "embedded", seed, {"acc/id_test": 80.0, "acc/ood_avg": 60.0,
+                                                              "distortion/id_test": 0.5, "distortion/ood_avg": 0.5})
     markdown, rows = summarize.build_table(summarize.load_runs(tmp_path), published={})
     assert "| LP | 1 | 80.0 | 60.0 | 0.5000 | 0.5000 |" in markdown.splitlines()
     assert "| FT | 2 | 80.0 ± 0.0 | 60.0 ± 0.0 | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 |" in markdown.splitlines()
@@ -408,9 +414,7 @@ def test_summary_shows_iwildcams_macro_f1_and_fmows_worst_region_accuracy(tmp_pa
                         "worst_region_acc/ood_test": 35.0, "worst_region_acc/ood_avg": 35.0}}
     for dataset, m in metrics.items():
         m.update({"distortion/id_test": 0.0, "distortion/ood_avg": 0.0})  # what every run also logs
-        run = tmp_path / "lp" / dataset / "seed0"
-        run.mkdir(parents=True)
-        (run / "done").write_text(json.dumps({"method": "lp", "dataset": dataset, "seed": 0, "metrics": m}))
+        finished_run(tmp_path, "lp", dataset, 0, m)
     markdown, _ = summarize.build_table(summarize.load_runs(tmp_path), published={})
     assert "| OOD avg | ID macro-F1 | OOD macro-F1 | distortion ID |" in markdown and "| 40.0 | 30.0 |" in markdown
     assert "| OOD avg | ID worst region | OOD worst region | distortion ID |" in markdown
@@ -423,8 +427,7 @@ def test_summary_shows_iwildcams_macro_f1_and_fmows_worst_region_accuracy(tmp_pa
     assert summarize.plotted_axes(summarize.load_runs(ROOT / "tests" / "data" / "fake_runs"), "embedded") == \
         ("acc", "acc")
     for d in ("iwildcam", "fmow"):
-        (run := tmp_path / "wiseft-flyp" / d / "seed0").mkdir(parents=True)
-        (run / "done").write_text(json.dumps({"method": "wiseft-flyp", "dataset": d, "seed": 0, "metrics": metrics[d]}))
+        run = finished_run(tmp_path, "wiseft-flyp", d, 0, metrics[d])
         (run / "results.jsonl").write_text("".join(json.dumps({"alpha": a, "metrics": metrics[d]}) + "\n"
                                                    for a in (0.0, 0.5, 1.0)))
         figures = []  # the pictures, kept open to read what was drawn
@@ -454,10 +457,7 @@ def test_summarize_imports_no_torch(tmp_path):
 
 def test_summarize_draws_no_id_vs_ood_picture_for_a_dataset_without_ood_sets(tmp_path):
     """PCam and SST-2 (FLYP's few-shot benchmarks) have no OOD test set: a table row, and no crash in the plots."""
-    run = tmp_path / "runs" / "flyp-fewshot" / "pcam" / "seed0"
-    run.mkdir(parents=True)
-    (run / "done").write_text(json.dumps({"method": "flyp-fewshot", "dataset": "pcam", "seed": 0, "step": 0,
-                                          "metrics": {"acc/id_val": 60.0, "acc/id_test": 58.0}}))
+    finished_run(tmp_path / "runs", "flyp-fewshot", "pcam", 0, {"acc/id_val": 60.0, "acc/id_test": 58.0}, step=0)
     proc = subprocess.run([sys.executable, str(ROOT / "summarize.py"), str(tmp_path / "runs")], capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -683,9 +683,7 @@ def test_wiseft_curve_of_iwildcams_picture_is_macro_f1_averaged_over_seeds_in_al
                 "distortion/ood_avg": alpha}
 
     for seed in (0, 1):
-        (run := tmp_path / "wiseft-flyp" / "iwildcam" / f"seed{seed}").mkdir(parents=True)
-        (run / "done").write_text(json.dumps({"method": "wiseft-flyp", "dataset": "iwildcam", "seed": seed,
-                                              "metrics": metrics(seed, 0.5)}))
+        run = finished_run(tmp_path, "wiseft-flyp", "iwildcam", seed, metrics(seed, 0.5))
         (run / "results.jsonl").write_text("".join(json.dumps({"alpha": a, "metrics": metrics(seed, a)}) + "\n"
                                                    for a in (1.0, 0.0, 0.5)))  # not in alpha order
     runs = summarize.load_runs(tmp_path)
