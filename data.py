@@ -1169,6 +1169,9 @@ def folder(name, root, pre):
         if meant:
             fail(name, f"{root / d} would be scored as an OOD test set named {d!r}: rename it to {meant}/ if it holds "
                        f"ID {'validation' if meant == 'val' else meant} images, or give the OOD set another name")
+        if d == "avg":  # its acc/ood_avg would be overwritten by the average over the OOD sets
+            fail(name, f"{root / d}: an OOD test set cannot be named 'avg' (acc/ood_avg is the average over all OOD "
+                       "sets); rename the folder")
 
     items, labels = split(root / "train")
     info = {}

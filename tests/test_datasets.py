@@ -1432,6 +1432,16 @@ def test_folder_val_or_test_under_another_name_is_not_silently_an_ood_set(tmp_pa
     check_error(e, f"{root / renamed} would be scored as an OOD test set named {renamed!r}: rename it to {meant}/")
 
 
+def test_folder_ood_set_named_avg_is_refused(tmp_path):
+    """mydata/avg/ was scored as acc/ood_avg, then overwritten by the average over the OOD sets: its own accuracy was
+    lost, silently, and the table had no column for it."""
+    root = tmp_path / "mydata"
+    mini.make_folder(root, ood=(("avg", mini.FOLDER_CLASSES),))
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("folder", data_root=str(root), backbone=BACKBONE)
+    check_error(e, f"{root / 'avg'}: an OOD test set cannot be named 'avg'", "rename the folder")
+
+
 def test_folder_ood_folder_without_class_folders_says_every_other_folder_is_an_ood_set(tmp_path):
     root = tmp_path / "mydata"
     mini.make_folder(root, ood=())
