@@ -135,17 +135,25 @@ def load_embedded_clip(name, log=print):
     made = saved.get("made_with")  # every number depends on these (README, "How fragile these numbers are")
     if made:
         log(f"{name} pretrained with torch {made['torch']}, {made['threads']} thread(s) on {made['cpu']}")
-        recipe = pretrain_source_hash()  # the cache is keyed by the config only: an edited recipe would go unseen
-        if made.get("pretrain.py") and recipe and made["pretrain.py"] != recipe:
-            log(f"note: pretrain.py has changed since {path} was pretrained; the cached model is what loads "
+        changed = [k for k, v in recipe_hashes().items() if made.get(k) not in (None, v)]  # None: not recorded
+        if changed:  # the cache is keyed by the config only: an edited recipe or world would go unseen
+            log(f"note: {' and '.join(changed)} changed since {path} was pretrained; the cached model is what loads "
                 f"(`python pretrain.py --backbone {name} --force` pretrains it again)")
     return model
 
 
-def pretrain_source_hash():
-    """A hash of pretrain.py's source, which a cached embedded model records (None where pretrain.py is absent)."""
-    path = Path(__file__).with_name("pretrain.py")
-    return hashlib.sha1(path.read_bytes()).hexdigest()[:12] if path.exists() else None
+def recipe_hashes(folder=Path(__file__).parent):
+    """Hashes of what makes an embedded model beside its config, which its cache file records: pretrain.py (left out
+    where absent) and the embedded-world section of data.py, which draws the pretraining corpus (all of data.py if its
+    section headers were moved)."""
+    def sha(text):
+        return hashlib.sha1(text).hexdigest()[:12]
+
+    hashes = {"pretrain.py": sha((folder / "pretrain.py").read_bytes())} if (folder / "pretrain.py").exists() else {}
+    text = (folder / "data.py").read_text()
+    world = re.search(r"^# The embedded world$.*?(?=^# -+\n# )", text, re.S | re.M)  # up to the next section header
+    hashes["data.py's embedded world"] = sha((world.group(0) if world else text).encode())
+    return hashes
 
 
 # ---------------------------------------------------------------------------------------------------------------

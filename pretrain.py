@@ -66,8 +66,8 @@ def pretrain(cfg, path, device="cpu", log=print):
         if step % 100 == 0 or step == cfg.steps - 1:
             log(f"step {step:4d}  loss {loss.item():.3f}  logit_scale {model.logit_scale.exp().item():.1f}")
     common.save_atomic({"config": cfg.__dict__, "state_dict": model.state_dict(), "pretrain_seconds": time.time() - start,
-                        "made_with": {**common.host(), "torch": str(torch.__version__),
-                                      "pretrain.py": common.pretrain_source_hash()}}, path)
+                        "made_with": {**common.host(), "torch": str(torch.__version__), **common.recipe_hashes()}},
+                       path)
     return model
 
 

@@ -878,6 +878,7 @@ def test_pretraining_is_seeded_trains_batchnorm_in_train_mode_and_saves_the_trai
     assert all(torch.equal(a["state_dict"][k], v) for k, v in models[0].state_dict().items())
     assert a["config"]["steps"] == 5 and a["config"]["seed"] == cfg.seed
     assert a["made_with"]["pretrain.py"] == hashlib.sha1((ROOT / "pretrain.py").read_bytes()).hexdigest()[:12]
+    assert a["made_with"]["data.py's embedded world"] == common.recipe_hashes()["data.py's embedded world"]
     assert [sorted(set(c["domain"].tolist())) for c in corpora] == [[0, 1, 2, 3]] * 2  # photo, sketch, painting, neon
     fresh = common.EmbeddedCLIP(cfg).state_dict()  # untrained weights, BatchNorm statistics 0 and 1
     assert [k for k in fresh if torch.equal(a["state_dict"][k], fresh[k])] == []
@@ -1171,20 +1172,45 @@ def test_embedded_clip_is_pretrained_once_into_its_cache_file_and_says_what_made
     assert lines.count(said) == 2 and sum(line.startswith("no cached embedded-clip-tiny") for line in lines) == 1
 
 
-def test_a_cached_embedded_model_made_by_another_pretrain_py_is_loaded_with_a_note_saying_so(tmp_path, monkeypatch):
-    """The cache is keyed by the config: a student who edits pretrain.py would otherwise get the old model without a
-    word. Made by this pretrain.py (or by one too old to record it): no note."""
+def test_a_cached_embedded_model_made_by_another_recipe_or_world_is_loaded_with_a_note_saying_so(tmp_path,
+                                                                                                 monkeypatch):
+    """The cache is keyed by the config: a student who edits pretrain.py, or the world in data.py that draws the
+    corpus, would otherwise get the old model without a word. Made by these files (or by a pretrain.py too old to
+    record them): no note."""
     monkeypatch.setenv("RFT_CACHE", str(tmp_path))
     cfg = common.EMBEDDED_BACKBONES["embedded-clip-tiny"]
     this = hashlib.sha1((ROOT / "pretrain.py").read_bytes()).hexdigest()[:12]
-    for recorded, noted in (("0" * 12, True), (this, False), (None, False)):
-        made = {"cpu": "a test CPU", "threads": 1, "torch": "9.9", **({"pretrain.py": recorded} if recorded else {})}
+    world = common.recipe_hashes()["data.py's embedded world"]
+    for recorded, noted in (({"pretrain.py": "0" * 12}, "pretrain.py"),
+                            ({"pretrain.py": this, "data.py's embedded world": "0" * 12}, "data.py's embedded world"),
+                            ({"pretrain.py": "0" * 12, "data.py's embedded world": "0" * 12},
+                             "pretrain.py and data.py's embedded world"),
+                            ({"pretrain.py": this, "data.py's embedded world": world}, None), ({}, None)):
+        made = {"cpu": "a test CPU", "threads": 1, "torch": "9.9", **recorded}
         common.save_atomic({"state_dict": common.EmbeddedCLIP(cfg).state_dict(), "made_with": made},
                            common.embedded_cache_path(cfg))
         lines = []
         common.load_embedded_clip("embedded-clip-tiny", log=lines.append)
-        notes = [line for line in lines if line.startswith("note: pretrain.py has changed")]
-        assert len(notes) == noted and all("python pretrain.py --backbone embedded-clip-tiny --force" in n for n in notes)
+        notes = [line for line in lines if line.startswith("note:")]
+        assert notes == ([f"note: {noted} changed since {common.embedded_cache_path(cfg)} was pretrained; the cached "
+                          "model is what loads (`python pretrain.py --backbone embedded-clip-tiny --force` pretrains "
+                          "it again)"] if noted else []), (recorded, notes)
+
+
+def test_the_world_hash_follows_the_embedded_world_section_of_data_py_only(tmp_path):
+    """An edit of the world (a colour, a shape's outline) changes the hash a cached model is checked against; an
+    edit elsewhere in data.py (a real dataset's loader) does not, so it does not cry wolf."""
+    def world_hash(text):
+        (tmp_path / "data.py").write_text(text)
+        return common.recipe_hashes(tmp_path)
+    text = (ROOT / "data.py").read_text()
+    base = world_hash(text)
+    assert list(base) == ["data.py's embedded world"]  # no pretrain.py in tmp_path: nothing to record for it
+    assert base["data.py's embedded world"] == common.recipe_hashes()["data.py's embedded world"]
+    assert world_hash(text.replace('"red": (0.85, 0.12, 0.10)', '"red": (0.90, 0.12, 0.10)')) != base
+    assert world_hash(text.replace("def caption(", "def caption(  ")) != base
+    assert world_hash(text.replace("def fmow(name, root, pre):", "def fmow(name, root, pre):  # edited")) == base
+    assert world_hash(text.replace("def normalize(", "def normalize(  ")) == base  # the next section
 
 
 def test_pretraining_pushed_up_stops_the_temperature_at_exactly_100(tmp_path, monkeypatch):
