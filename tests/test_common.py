@@ -1358,6 +1358,12 @@ def test_bench_lp_sweep_selects_c_on_validation_and_reports_its_test_accuracy(mo
     share = 100 * test[best_val].item() / len(y[n + n // 2:])
     assert report["selected_c_ours"] == report["selected_c_sklearn"] == cs[0]
     assert report["test_acc_ours"] == report["test_acc_sklearn"] == pytest.approx(share)
+    # scikit-learn ahead (its every C predicts the class most frequent in test): the gap is a distance, not signed
+    monkeypatch.setattr(Stub, "predict", lambda self, x: np.full(len(x), best_test))
+    report = bench.lp_sweep(torch.device("cpu"), n, 4, classes, 3)
+    ahead = 100 * test[best_test].item() / len(y[n + n // 2:])
+    assert report["test_acc_sklearn"] == pytest.approx(ahead) and ahead > share
+    assert report["acc_gap"] == pytest.approx(report["test_acc_sklearn"] - share)
 
 
 def test_bench_flops_count_attention_and_mfu_has_a_peak_only_for_known_gpus(monkeypatch):
