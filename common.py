@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -305,8 +306,6 @@ def _why(e, n):
 def unreadable(path, e, n=200):
     """Why torch.load failed on `path`, in a user's terms where the first bytes tell (torch's own message about
     weights_only is advice for files that are checkpoints), else the error itself."""
-    import zipfile
-
     with open(path, "rb") as f:
         head = f.read(64)
     if not head:
@@ -322,6 +321,15 @@ def unreadable(path, e, n=200):
         return (f"it holds pickled Python objects ({pickled.group(1)}; a whole model saved with torch.save(model)?), "
                 "which are never loaded, as they could run code: save and pass model.state_dict() instead")
     return _why(e, n)
+
+
+def is_torchscript(path):
+    """torch.jit.save's zip archive: the one with a constants.pkl beside data.pkl (torch.load tells them apart so)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.split("/", 1)[-1] == "constants.pkl" for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def read_checkpoint(path, how_to_make):
@@ -343,15 +351,16 @@ def read_weights(path, name):
     """What a weights file holds, read without running pickled code: torch.load(weights_only=True) (a checkpoint, a
     state dict, safetensors), or for a TorchScript archive (OpenAI's CLIP .pt files) torch.jit.load's state dict
     (TorchScript's reader builds TorchScript objects only). A model.pt of our --save is refused: fine-tuned weights."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        if "TorchScript" not in str(e):  # torch refuses TorchScript archives with weights_only, naming them
-            _bad_weights(path, f"not a checkpoint of tensors, torch.load fails ({unreadable(path, e, 300)})", name)
+    if is_torchscript(path):  # which torch.load refuses with weights_only
         try:
             saved = torch.jit.load(path, map_location="cpu").state_dict()
         except Exception as e:
             _bad_weights(path, f"a TorchScript archive torch.jit.load cannot read ({unreadable(path, e, 300)})", name)
+    else:
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            _bad_weights(path, f"not a checkpoint of tensors, torch.load fails ({unreadable(path, e, 300)})", name)
     if isinstance(saved, dict) and {"method", "args", "state_dict"} <= set(saved):
         _bad_weights(path, f"it is a model.pt written by {saved['method']}.py --save, a fine-tuned model (wiseft.py and "
                            "feature_map.py read those); --weights takes the pretrained backbone's file", name)

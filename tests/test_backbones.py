@@ -211,6 +211,40 @@ def test_an_entry_named_constants_pkl_does_not_make_a_file_load_with_its_pickled
     assert not marker.exists()
 
 
+@pytest.mark.filterwarnings("ignore:.*TorchScript:UserWarning", "ignore:.*torch.jit:FutureWarning")
+def test_a_pickle_posing_as_a_torchscript_archive_does_not_run_its_code(tmp_path):
+    """A top-level constants.pkl makes a file a TorchScript archive to us (and to torch.load), so TorchScript's reader
+    opens it: that reader builds TorchScript objects only, and a pickled call makes it fail, not run."""
+    marker, path = tmp_path / "code-ran", tmp_path / "weights.pt"
+    torch.save({"state_dict": {"conv1.weight": RunsCode(marker)}}, path)
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr(archive.namelist()[0].split("/")[0] + "/constants.pkl", b"")
+    assert common.is_torchscript(path)
+    with pytest.raises(SystemExit, match="a TorchScript archive torch.jit.load cannot read"):
+        common.load_backbone("clip-rn50", str(path))
+    assert not marker.exists()
+
+
+@pytest.mark.filterwarnings("ignore:.*TorchScript:UserWarning", "ignore:.*torch.jit:FutureWarning")
+def test_a_torchscript_archive_is_told_by_its_contents_not_by_the_words_of_torchs_error(tmp_path, monkeypatch,
+                                                                                       rn50_clip_state_dict):
+    """OpenAI's CLIP files are TorchScript archives. They were told apart by 'TorchScript' in torch.load's refusal:
+    a torch whose message words it otherwise would have refused every OpenAI file as 'not a checkpoint of tensors'."""
+    save_torchscript_archive(rn50_clip_state_dict, tmp_path / "RN50.pt")
+    torch.save(rn50_clip_state_dict, tmp_path / "state_dict.pt")
+    assert common.is_torchscript(tmp_path / "RN50.pt") and not common.is_torchscript(tmp_path / "state_dict.pt")
+    assert not common.is_torchscript(tmp_path / "missing.pt")
+    load = torch.load
+
+    def reworded(path, *args, **kwargs):  # a future torch: the same refusal, other words
+        if zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):
+            raise RuntimeError("weights_only load of this archive kind is not supported")
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", reworded)
+    assert same_weights(common.load_backbone("clip-rn50", str(tmp_path / "RN50.pt")).clip, rn50_clip_state_dict)
+
+
 @pytest.fixture(scope="module")
 def rn50_clip_state_dict():
     return open_clip.create_model("RN50-quickgelu").state_dict()
