@@ -197,9 +197,17 @@ def caption(shape, domain, colour, g, p_colour=0.3, p_domain=0.3):
 # ---------------------------------------------------------------------------------------------------------------
 def normalize(images_uint8, mean=MEAN, std=STD):
     """uint8 [N, 3, H, W] -> float, normalised. Done on the device: workers ship 4x fewer bytes as uint8."""
-    mean = torch.tensor(mean, device=images_uint8.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=images_uint8.device).view(1, 3, 1, 1)
+    mean, std = channel_constants(tuple(mean), tuple(std), images_uint8.device)
     return (images_uint8.float() / 255 - mean) / std
+
+
+@functools.lru_cache(maxsize=16)
+def channel_constants(mean, std, device):
+    """`mean` and `std` as [1, 3, 1, 1] tensors on `device`, made once per device: on CUDA, torch.tensor(...,
+    device=...) is a blocking copy (the host waits for every kernel queued on the stream), which at every batch would
+    stall the host behind the GPU's previous step. Made outside inference mode, so training may use them too."""
+    with torch.inference_mode(False):
+        return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
 @dataclass

@@ -160,7 +160,8 @@ def main(args):
         for x, y in common.progress(dataset.train.batches(batch_size, device, shuffle=True, drop_last=True,
                                                           generator=g), desc=f"epoch {epoch}/{epochs}"):
             # one random caption per image, drawn for the global batch (this rank's share under torchrun)
-            template = common.shard(torch.randint(captions.shape[1], (batch_size,), generator=g)).to(device)
+            template = common.shard(torch.randint(captions.shape[1], (batch_size,), generator=g))
+            template = template.to(device, non_blocking=True)  # a blocking copy would wait for the GPU's last step
             with common.autocast(device, args.precision):
                 image_features, text_features = towers(x, captions[y, template])
                 # the contrastive batch is the global batch: every rank's features are gathered (open_clip does

@@ -151,7 +151,8 @@ def main(args):
             if step == args.steps:
                 break
             set_train_mode(model)
-            template = torch.randint(captions.shape[1], (len(y),), generator=g).to(device)
+            template = torch.randint(captions.shape[1], (len(y),), generator=g)
+            template = template.to(device, non_blocking=True)  # a blocking copy would wait for the GPU's last step
             with common.autocast(device, args.precision):
                 loss = clip_loss(F.normalize(encode(x), dim=-1), encode_text(captions[y, template], normalize=True),
                                  model.logit_scale)

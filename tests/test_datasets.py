@@ -1851,3 +1851,24 @@ def test_a_training_pass_over_a_file_split_drops_the_partial_last_batch():
     batches = split.batches(16, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0))
     assert len(batches) == 2 and [len(y) for _, y in batches] == [16, 16]
     assert [len(y) for _, y in split.batches(16)] == [16, 16, 8]
+
+
+def test_normalize_makes_its_channel_constants_once_per_device_not_at_every_batch(monkeypatch):
+    """On CUDA, torch.tensor(..., device='cuda') is a blocking copy: the host waits for every kernel queued on the
+    stream. Made at every batch, the mean and std would stall the host behind the GPU's previous training step (and
+    bench.py would count that wait as waiting for data); made once, batches cost no wait. Also once under
+    inference mode (feature extraction) and then in training: the constants serve both."""
+    made = []
+    tensor = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(k.get("device")) or tensor(*a, **k))
+    mean, std = (0.1, 0.2, 0.3), (0.4, 0.5, 0.6)
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    with torch.inference_mode():
+        first = data.normalize(images, mean, std)
+    for _ in range(3):
+        again = data.normalize(images, list(mean), std)
+    assert len(made) <= 2, f"{len(made)} host-to-device constants for 4 batches"
+    assert torch.equal(first, again)
+    weight = torch.ones(1, requires_grad=True)
+    (data.normalize(images, mean, std) * weight).sum().backward()  # usable where autograd records
+
