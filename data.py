@@ -351,6 +351,7 @@ class FileSplit:
         tvio = torchvision_io()
         data, lengths, index = packed
         files = list(data.split(lengths.tolist()))
+        wait_for_queued_work(device)
         try:
             images = tvio.decode_jpeg(files, mode=tvio.ImageReadMode.RGB, device=device)
         except torch.OutOfMemoryError:
@@ -404,6 +405,16 @@ class FileSplit:
                 num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
                 prefetch_factor=4 if workers else None, collate_fn=collate_bytes if self.decode_on_device else None)
         return loaders[key]
+
+
+def wait_for_queued_work(device):
+    """Before nvJPEG decodes on `device`: the host waits for the kernels queued on the current stream. torchvision's
+    CUDA decoder allocates its outputs on the caller's stream but writes them from a private stream that does not
+    wait for the caller's, so it can overwrite memory that the previous training step, still queued, is reading
+    (pytorch/vision#9606). The decoder waits for its own stream anyway: this costs the overlap of decoding with that
+    step, not a second wait."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 def torchvision_io():

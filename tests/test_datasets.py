@@ -1872,3 +1872,27 @@ def test_normalize_makes_its_channel_constants_once_per_device_not_at_every_batc
     weight = torch.ones(1, requires_grad=True)
     (data.normalize(images, mean, std) * weight).sum().backward()  # usable where autograd records
 
+
+def test_decoding_on_a_gpu_waits_for_the_queued_work_of_the_stream_first(monkeypatch):
+    """torchvision's CUDA decode_jpeg writes its outputs from a private stream that does not wait for the caller's
+    (pytorch/vision#9606): memory the previous step's queued kernels still read could be overwritten. The host
+    drains the current stream before each batch is decoded on a GPU (emulated here: the calls are recorded)."""
+    calls = []
+
+    class Stream:
+        def synchronize(self):
+            calls.append("synchronize")
+
+    def decode(files, mode, device):
+        calls.append("decode")
+        return [torch.zeros(3, 8, 8, dtype=torch.uint8) for _ in files]
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", decode)
+    split = data.file_split(["a.jpg", "b.jpg"], [0, 1], data.preprocessing(BACKBONE))
+    packed = (torch.zeros(6, dtype=torch.uint8), torch.tensor([3, 3]), torch.tensor([0, 1]))
+    split._decode(packed, torch.device("cuda"))
+    assert calls == ["synchronize", "decode"]
+    calls.clear()
+    split._decode(packed, torch.device("cpu"))  # nothing to wait for on a CPU
+    assert calls == ["decode"]
