@@ -662,6 +662,11 @@ def get_device(name="auto"):
         raise SystemExit(f"error: unknown --device {name!r}; choose auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {name} requested but no CUDA device is available; use --device cpu")
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise SystemExit(f"error: --device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        torch.cuda.set_device(device)  # else the pin-memory thread and nvJPEG's streams open a context on cuda:0 too
     return device
 
 

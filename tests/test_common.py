@@ -715,6 +715,21 @@ def test_to_device_puts_convolutional_models_channels_last_and_leaves_others_as_
 
 
 @pytest.mark.filterwarnings("ignore:.*CUDA is not available:UserWarning")
+def test_device_cuda_n_becomes_the_current_gpu_and_one_past_the_last_is_refused(monkeypatch):
+    """--device cuda:1 without set_device left cuda:0 the current GPU: the pin-memory thread and the JPEG decoder's
+    streams work on the current one, so every run opened a second context on GPU 0, perhaps someone else's."""
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert common.get_device("cuda:1") == torch.device("cuda", 1) and current == [torch.device("cuda", 1)]
+    assert common.get_device("cuda") == torch.device("cuda") and len(current) == 1  # torch's current GPU stays
+    with pytest.raises(SystemExit) as e:
+        common.get_device("cuda:2")
+    assert str(e.value) == "error: --device cuda:2: this machine has 2 CUDA device(s), cuda:0 to cuda:1"
+    assert len(current) == 1
+
+
 def test_auto_precision_is_bf16_autocast_on_cuda_and_fp32_turns_it_off():
     """'auto' means bf16 autocast on CUDA (the methods' default on a GPU), full fp32 on the CPU; 'fp32' is fp32
     everywhere. (Built, not entered: the context manager says what it would do without a GPU.)"""
