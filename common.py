@@ -670,17 +670,26 @@ def get_device(name="auto"):
     return device
 
 
+def compute_capability(device):
+    """A CUDA device's compute capability, (0, 0) for a CPU. bf16 tensor cores came with 8.0 (A100; older GPUs
+    emulate bf16, slower than fp32); Triton, which generates torch.compile's GPU kernels, needs 7.0 (V100)."""
+    device = torch.device(device)
+    return tuple(torch.cuda.get_device_capability(device)) if device.type == "cuda" else (0, 0)
+
+
 def resolve_precision(device, precision="auto"):
-    """'bf16' or 'fp32': what `precision` ('auto' | 'bf16' | 'fp32') means on `device` ('auto': bf16 on CUDA)."""
+    """'bf16' or 'fp32': what `precision` ('auto' | 'bf16' | 'fp32') means on `device` ('auto': bf16 on a GPU with
+    bf16 tensor cores)."""
     if precision not in CHOICES["precision"]:
         raise SystemExit(f"error: unknown precision {precision!r}; choose {', '.join(CHOICES['precision'])}")
     if precision == "auto":
-        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+        return "bf16" if compute_capability(device) >= (8, 0) else "fp32"
     return precision
 
 
 def autocast(device, precision="auto"):
-    """The one precision context: bf16 autocast on CUDA by default, full fp32 on CPU ('auto' | 'bf16' | 'fp32')."""
+    """The one precision context: bf16 autocast by default on a GPU with bf16 tensor cores, else full fp32
+    ('auto' | 'bf16' | 'fp32')."""
     if resolve_precision(device, precision) == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
@@ -688,11 +697,11 @@ def autocast(device, precision="auto"):
 
 def maybe_compile(model, flag="auto", device="cpu"):
     """torch.compile the model (not the loop), or a model's method such as clip.encode_text, when flag is 'on', or
-    'auto' on CUDA. Keep the unwrapped model for saving: compiled modules prefix their state dict with `_orig_mod.`.
+    'auto' on a GPU that Triton supports. Keep the unwrapped model for saving: compiled modules prefix their state dict with `_orig_mod.`.
     dynamic=False: shapes are static by design (training drops the last partial batch, evaluation pads), so each
     mode gets one graph specialised to its batch; by default the second shape seen (evaluation's batch after
     training's) makes torch.compile build that graph for any batch size, with generic kernels."""
-    if flag == "on" or (flag == "auto" and torch.device(device).type == "cuda"):
+    if flag == "on" or (flag == "auto" and compute_capability(device) >= (7, 0)):
         return torch.compile(model, dynamic=False)
     return model
 
@@ -1137,4 +1146,10 @@ def setup(args, method, clip_for=None):
             tqdm.write(f"[{method}] {msg}")
             sys.stdout.flush()  # one line per evaluation shows up at once, also when stdout is a file
 
+    if device.type == "cuda":  # say what 'auto' turns off on an older GPU
+        major, minor = compute_capability(device)
+        said = ["--precision auto means fp32 (bf16 tensor cores came with 8.0)"] * (args.precision == "auto" and major < 8)
+        said += ["--compile auto means no torch.compile (Triton needs 7.0)"] * (args.compile == "auto" and major < 7)
+        if said:
+            log(f"note: {torch.cuda.get_device_name(device)} has compute capability {major}.{minor}: {'; '.join(said)}")
     return device, results, log

@@ -30,7 +30,7 @@ class Args:
     device: str = "auto"
     """'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'"""
     precision: str = "auto"
-    """'auto' (bf16 autocast on CUDA, fp32 on CPU), 'bf16' or 'fp32'"""
+    """'auto' (bf16 autocast on a GPU with bf16 tensor cores, A100 or newer; else fp32), 'bf16' or 'fp32'"""
     compile: str = "auto"
     """torch.compile the backbone: 'auto' (on CUDA), 'on' or 'off'"""
     out: str = None

@@ -545,6 +545,7 @@ def test_pretrained_features_of_real_data_are_cached_on_disk_and_keyed(tmp_path,
     assert key("id_val", 0) != common.feature_cache(backbone, dataset, "id_val", "cpu", "bf16")
     # keyed by what 'auto' means on the device: a cache shared by a CPU and a GPU machine keeps fp32 and bf16 apart
     assert key("id_val", 0) == common.feature_cache(backbone, dataset, "id_val", "cpu", "fp32")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100
     assert key("id_val", 0) != common.feature_cache(backbone, dataset, "id_val", "cuda", "auto") == \
         common.feature_cache(backbone, dataset, "id_val", "cuda", "bf16")
     assert common.feature_cache(backbone, data.load_dataset("embedded-tiny"), "id_val", "cpu", "auto") is None
@@ -730,13 +731,42 @@ def test_device_cuda_n_becomes_the_current_gpu_and_one_past_the_last_is_refused(
     assert len(current) == 1
 
 
-def test_auto_precision_is_bf16_autocast_on_cuda_and_fp32_turns_it_off():
+def test_auto_precision_is_bf16_autocast_on_cuda_and_fp32_turns_it_off(monkeypatch):
     """'auto' means bf16 autocast on CUDA (the methods' default on a GPU), full fp32 on the CPU; 'fp32' is fp32
     everywhere. (Built, not entered: the context manager says what it would do without a GPU.)"""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100
     for device in ("cuda", "cuda:0", torch.device("cuda")):
         auto = common.autocast(device)
         assert isinstance(auto, torch.autocast) and auto.device == "cuda" and auto.fast_dtype == torch.bfloat16
     assert not isinstance(common.autocast("cuda", "fp32"), torch.autocast)
+
+
+@pytest.mark.parametrize("capability,precision,compiled,said", [
+    ((9, 0), "bf16", True, None),  # H100
+    ((8, 0), "bf16", True, None),  # A100
+    ((7, 0), "fp32", True, "--precision auto means fp32 (bf16 tensor cores came with 8.0)"),  # V100
+    ((6, 0), "fp32", False, "--precision auto means fp32 (bf16 tensor cores came with 8.0); --compile auto means no "
+                            "torch.compile (Triton needs 7.0)")])  # P100
+def test_auto_on_an_older_gpu_turns_off_what_it_lacks_and_says_so(capability, precision, compiled, said, tmp_path,
+                                                                   monkeypatch):
+    """bf16 autocast on a GPU without bf16 tensor cores runs emulated, slower than fp32; torch.compile's Triton
+    kernels need compute capability 7.0. 'auto' turns each off there, with a note; a flag given forces it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a test GPU")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # setup turns it on for CUDA
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: ("compiled", model))
+    assert common.resolve_precision("cuda") == precision and common.resolve_precision("cuda", "bf16") == "bf16"
+    assert (common.maybe_compile("model", "auto", "cuda") == ("compiled", "model")) == compiled
+    assert common.maybe_compile("model", "on", "cuda") == ("compiled", "model")
+    lines = []
+    monkeypatch.setattr(common.tqdm, "write", lines.append)
+    common.setup(ft.Args(dataset="embedded-tiny", device="cuda", out=str(tmp_path)), "ft")
+    assert [line for line in lines if "note" in line] == ([f"[ft] note: a test GPU has compute capability "
+                                                           f"{capability[0]}.{capability[1]}: {said}"] if said else [])
+    lines.clear()
+    common.setup(ft.Args(dataset="embedded-tiny", device="cuda", out=str(tmp_path), precision="bf16", compile="on"), "ft")
+    assert lines == []  # flags given: nothing to say
 
 
 def tiny_val_and_conv_tower():
