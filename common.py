@@ -697,7 +697,8 @@ def autocast(device, precision="auto"):
 
 def maybe_compile(model, flag="auto", device="cpu"):
     """torch.compile the model (not the loop), or a model's method such as clip.encode_text, when flag is 'on', or
-    'auto' on a GPU that Triton supports. Keep the unwrapped model for saving: compiled modules prefix their state dict with `_orig_mod.`.
+    'auto' on a GPU that Triton supports. Keep the unwrapped model for saving: compiled modules prefix their state
+    dict with `_orig_mod.`.
     dynamic=False: shapes are static by design (training drops the last partial batch, evaluation pads), so each
     mode gets one graph specialised to its batch; by default the second shape seen (evaluation's batch after
     training's) makes torch.compile build that graph for any batch size, with generic kernels."""

@@ -41,7 +41,7 @@ class Args:
     precision: str = "auto"
     """'auto' (bf16 autocast on a GPU with bf16 tensor cores, A100 or newer; else fp32), 'bf16' or 'fp32'"""
     compile: str = "auto"
-    """torch.compile the backbone: 'auto' (on CUDA), 'on' or 'off'"""
+    """torch.compile the backbone: 'auto' (on a GPU that Triton supports, V100 or newer), 'on' or 'off'"""
     out: str = None
     """output folder; default runs/<method>/<dataset>/seed<seed>"""
     c_min: float = 1e-7
