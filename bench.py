@@ -74,18 +74,23 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def train_rate(build, res, batch, device, fast, steps, batches=None, profile=None):
-    """Images/s of a cross-entropy training step. fast = our path (channels-last, fused AdamW; bf16 autocast and
-    compile on CUDA); otherwise eager fp32 with a plain AdamW. `batches` = an iterator of real (x, y) batches;
-    None = one synthetic batch reused. `profile`: a file for the profile of a few more steps, after the timed ones.
-    Returns (images/s, share of time waiting for data)."""
+def trainer(build, device, fast):
+    """A model to train, what runs its forward (compiled on our path on CUDA) and its AdamW. fast = our path
+    (channels-last, fused AdamW; bf16 autocast and compile on CUDA); otherwise eager fp32 with a plain AdamW."""
     torch.manual_seed(0)
-    torch.backends.cudnn.benchmark = fast  # ours, as the method scripts on CUDA: shapes are static
     model = build().to(device)
     if fast:
         model = common.to_device(model, device)
-    step_model = common.maybe_compile(model, "auto" if fast else "off", device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fast)
+    return model, common.maybe_compile(model, "auto" if fast else "off", device), torch.optim.AdamW(
+        model.parameters(), lr=1e-5, fused=fast)
+
+
+def train_rate(made, res, batch, device, fast, steps, batches=None, profile=None):
+    """Images/s of a cross-entropy training step of `made` (trainer's model, forward and optimiser). `batches` = an
+    iterator of real (x, y) batches; None = one synthetic batch reused. `profile`: a file for the profile of a few
+    more steps, after the timed ones. Returns (images/s, share of time waiting for data)."""
+    torch.backends.cudnn.benchmark = fast  # ours, as the method scripts on CUDA: shapes are static
+    model, step_model, opt = made
     x = torch.randn(batch, 3, res, res, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
 
@@ -286,9 +291,11 @@ def train_rows(name, build, res, batch, device, steps, peak, cell, profile=None)
                   measure=lambda: 3 * forward_flops(build(), torch.randn(2, 3, res, res)) / 1e9)
     flops = gflops * 1e9 if isinstance(gflops, float) else None
     rates = {}
+    ours = functools.cache(lambda: trainer(build, device, True))  # one compile of ours (a minute of a GPU's time)
     for path, fast in (("eager_fp32", False), ("ours", True)):
         def synthetic_rate(fast=fast):
-            rate, _ = train_rate(build, res, batch, device, fast, steps, profile=profile if fast else None)
+            made = ours() if fast else trainer(build, device, False)
+            rate, _ = train_rate(made, res, batch, device, fast, steps, profile=profile if fast else None)
             return {"images_per_s": rate, "mfu": rate * flops / peak if peak and flops else None}
         rates[path] = cell("train", name, path, measure=synthetic_rate)
     synthetic, eager = rate_of(rates["ours"]), rate_of(rates["eager_fp32"])
@@ -296,7 +303,7 @@ def train_rows(name, build, res, batch, device, steps, peak, cell, profile=None)
     for key, on_device in (("ours_jpeg", False), ("ours_jpeg_decode_on_device", True))[:2 if gpu_decode else 1]:
         def jpeg_rate(on_device=on_device):
             split, batches = jpeg_batches(res, batch, device, on_device)
-            rate, wait = train_rate(build, res, batch, device, True, steps, batches)
+            rate, wait = train_rate(ours(), res, batch, device, True, steps, batches)  # the synthetic cell's model
             return {"images_per_s": rate, "data_wait_share": wait, "share_of_synthetic": ratio(rate, synthetic),
                     "files_decoded_on_cpu_instead": split.cpu_decoded_files}  # 0 unless on_device fell back
         rates[key] = cell("train", name, key, measure=jpeg_rate)
