@@ -393,8 +393,10 @@ class FileSplit:
         return TF.pil_to_tensor(self.read(self.items[i]))
 
     def _loader(self, batch_size, device, shuffle, drop_last, generator):
-        # One loader per way of iterating, kept: persistent workers skip the worker start-up at every epoch. It reads
-        # a copy of the split: the split holding a loader that holds the split would be a reference cycle, and a
+        # One loader per way of iterating, kept. The training loader's workers persist (no start-up at every epoch);
+        # an evaluation loader's end with each pass (a second or two to start them again), or a run would keep a
+        # pool of idle workers per split: ~900 processes over 8 ranks of 16 workers and 7 splits. A loader reads a
+        # copy of the split: the split holding a loader that holds the split would be a reference cycle, and a
         # loader the garbage collector frees waits 5 s for each worker before it kills it (10 s a split, 2 workers).
         key = (batch_size, device.type, shuffle, drop_last, id(generator))
         loaders = self.__dict__.setdefault("_loaders", {})
@@ -402,7 +404,7 @@ class FileSplit:
             workers = num_workers() if len(self) > 2 * batch_size else 0  # tiny splits: workers cost more than they save
             loaders[key] = torch.utils.data.DataLoader(
                 dataclasses.replace(self), batch_sampler=BatchIndices(len(self), batch_size, shuffle, drop_last, generator),
-                num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0 and shuffle,
                 prefetch_factor=4 if workers else None, collate_fn=collate_bytes if self.decode_on_device else None)
         return loaders[key]
 
@@ -433,10 +435,19 @@ def collate_bytes(samples):
 
 
 def num_workers():
-    """Data-loading processes per training process: RFT_WORKERS, else an equal share of the CPU cores among the
-    processes torchrun starts on this machine (LOCAL_WORLD_SIZE), up to 16 each."""
-    share = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    """Data-loading processes per training process: RFT_WORKERS, else an equal share of the CPU cores this process
+    may use among the processes torchrun starts on this machine (LOCAL_WORLD_SIZE), up to 16 each."""
+    share = usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     return int(os.environ.get("RFT_WORKERS", min(16, max(1, share))))
+
+
+def usable_cores():
+    """The CPU cores this process may run on: its affinity mask (a SLURM or cgroup cpuset allocation, taskset), not
+    os.cpu_count(), which counts every core of the machine (128 on a node where a job was given 8)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no affinity masks (macOS, Windows)
+        return os.cpu_count() or 1
 
 
 class UnreadableImage(OSError):

@@ -1817,15 +1817,17 @@ def test_a_device_decoder_that_refuses_every_file_of_the_first_batch_stops_the_r
 
 
 def test_a_file_split_loader_pins_memory_for_cuda_keeps_its_workers_and_one_loader_per_way_of_iterating(monkeypatch):
-    """Batches headed for a GPU come from pinned memory (asynchronous copies); worker processes persist between
-    passes (no start-up at every epoch); an evaluation pass after a shuffled pass of the same batch size is in order
-    (a loader kept for shuffled passes must not serve it)."""
+    """Batches headed for a GPU come from pinned memory (asynchronous copies); the training loader's worker processes
+    persist between passes (no start-up at every epoch), an evaluation loader's do not (else every split kept a pool
+    of idle workers: ~900 processes in a torchrun of 8 ranks); an evaluation pass after a shuffled pass of the same
+    batch size is in order (a loader kept for shuffled passes must not serve it)."""
     monkeypatch.setenv("RFT_WORKERS", "2")
     split = data.file_split(list(range(40)), list(range(40)), data.preprocessing(BACKBONE),
                             read=lambda i: Image.new("RGB", (8, 8)))
     cuda = split._loader(8, torch.device("cuda"), False, False, None)
     cpu = split._loader(8, torch.device("cpu"), False, False, None)
-    assert cuda.pin_memory and not cpu.pin_memory and cpu.num_workers == 2 and cpu.persistent_workers
+    assert cuda.pin_memory and not cpu.pin_memory and cpu.num_workers == 2 and not cpu.persistent_workers
+    assert split._loader(8, torch.device("cpu"), True, True, None).persistent_workers  # training
     assert split._loader(20, torch.device("cpu"), False, False, None).num_workers == 0  # two batches: no workers
     shuffled = torch.cat([y for _, y in split.batches(8, shuffle=True)]).tolist()
     assert sorted(shuffled) == list(range(40)) and shuffled != list(range(40))

@@ -235,6 +235,7 @@ def test_training_batch_that_does_not_split_over_the_processes_is_an_error(monke
 def test_loader_workers_share_the_cores_among_the_local_processes(monkeypatch):
     monkeypatch.delenv("RFT_WORKERS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert data.num_workers() == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "128")
@@ -243,6 +244,18 @@ def test_loader_workers_share_the_cores_among_the_local_processes(monkeypatch):
     assert data.num_workers() == 16
     monkeypatch.setenv("RFT_WORKERS", "3")
     assert data.num_workers() == 3
+
+
+def test_loader_workers_count_the_cores_this_process_may_use_not_the_machines(monkeypatch):
+    """A job given 8 of a node's 128 cores (SLURM, a cgroup cpuset, taskset): os.cpu_count() says 128, and 16
+    workers per loader would share 8 cores."""
+    monkeypatch.delenv("RFT_WORKERS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 128)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert data.num_workers() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert data.num_workers() == 2
 
 
 def fake_process_group(monkeypatch, **env):
