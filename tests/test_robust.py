@@ -382,6 +382,19 @@ def test_fewshot_keeps_the_later_step_of_a_validation_loss_tie_as_the_flyp_code_
     assert record["val_losses"] == [1.0] * 4 and record["selected_step"] == 3
 
 
+def test_fewshot_step_that_runs_out_of_memory_says_it_is_one_batch_of_shots_times_classes(tmp_path, monkeypatch):
+    """Each step trains on all k x classes images at once (16,000 on ImageNet at 16 shots): out of GPU memory, the run
+    says so and what to lower, not a CUDA allocator's traceback."""
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.2 TiB")
+
+    monkeypatch.setattr(flyp_fewshot, "clip_loss", out_of_memory)
+    with pytest.raises(SystemExit) as e:
+        flyp_fewshot.main(flyp_fewshot.Args(dataset="embedded-tiny", out=str(tmp_path), steps=1, draws=1, shots=3))
+    assert str(e.value) == ("error: one full-batch step of 30 images (3 shots x 10 classes) does not fit in cpu's "
+                            "memory; few-shot FLYP is for a few classes (the paper's: 2); pass a smaller --shots")
+
+
 def test_fewshot_schedule_is_a_cosine_to_zero_without_warmup():
     f = flyp_fewshot.cosine_lr(20)
     assert f(0) == 1.0 and f(10) == pytest.approx(0.5) and f(20) == pytest.approx(0.0, abs=1e-12)
