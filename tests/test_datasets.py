@@ -1002,7 +1002,7 @@ def test_an_unreadable_image_stops_the_run_naming_the_file(damage, workers_env, 
     gc.disable()  # what is freed below is freed by reference counting alone
     try:
         with pytest.raises(SystemExit) as e:
-            for _ in split.batches(4):
+            for _ in split.batches(4, shuffle=True):  # a training pass: its workers persist between passes
                 pass
         message = str(e.value)
         workers = set(multiprocessing.active_children()) - before
