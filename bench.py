@@ -81,8 +81,8 @@ def trainer(build, device, fast):
     model = build().to(device)
     if fast:
         model = common.to_device(model, device)
-    return model, common.maybe_compile(model, "auto" if fast else "off", device), torch.optim.AdamW(
-        model.parameters(), lr=1e-5, fused=fast)
+    forward = common.maybe_compile(model, "auto" if fast else "off", device)
+    return model, forward, torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fast)
 
 
 def train_rate(made, res, batch, device, fast, steps, batches=None, profile=None):
