@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -337,6 +338,29 @@ def test_summary_table_rebuilds_the_checked_in_golden_table(tmp_path):
         assert (tmp_path / "runs" / name).stat().st_size > 0, name
     assert (tmp_path / "runs" / "summary.md").read_text() == (data_dir / "golden_summary.md").read_text()
     assert not list((tmp_path / "runs").glob("*.tmp*"))  # written beside, then renamed
+
+
+def test_the_published_table_is_what_summarize_builds_from_the_checked_in_run_records(tmp_path):
+    """docs/results holds the records (`done` markers) of the runs behind the README's table: summarize.py must rebuild
+    its summary.md and summary.csv from them exactly, and every table row quoted in README.md or docs/*.md must be a
+    row of that table (a number edited by hand, a change to the CI formula or a stray run record under docs/results
+    fails here)."""
+    shutil.copytree(ROOT / "docs" / "results", tmp_path / "results", ignore=shutil.ignore_patterns("*.png"))
+    proc = subprocess.run([sys.executable, str(ROOT / "summarize.py"), str(tmp_path / "results"), "--no-plots"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("summary.md", "summary.csv"):
+        assert (tmp_path / "results" / name).read_text() == (ROOT / "docs" / "results" / name).read_text(), name
+    rows = {line for line in (ROOT / "docs" / "results" / "summary.md").read_text().splitlines()
+            if line.startswith("| ") and " ± " in line}
+    assert len(rows) == 7
+    readme = (ROOT / "README.md").read_text().splitlines()
+    assert rows <= set(readme)
+    quoted = re.compile(r"\| [^|]+ \| \d+ \| \d+\.\d ± ")  # method | seeds | ID mean ± CI | ...
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for line in page.read_text().splitlines():
+            if quoted.match(line):
+                assert line in rows, f"{page.name}: {line[:60]}... is not a row of docs/results/summary.md"
 
 
 def test_a_rerun_that_fails_before_its_first_evaluation_leaves_the_finished_run_as_it_was(tmp_path):
