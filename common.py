@@ -1149,8 +1149,11 @@ def setup(args, method, clip_for=None):
 
     if device.type == "cuda":  # say what 'auto' turns off on an older GPU
         major, minor = compute_capability(device)
-        said = ["--precision auto means fp32 (bf16 tensor cores came with 8.0)"] * (args.precision == "auto" and major < 8)
-        said += ["--compile auto means no torch.compile (Triton needs 7.0)"] * (args.compile == "auto" and major < 7)
+        said = []
+        if args.precision == "auto" and major < 8:
+            said.append("--precision auto means fp32 (bf16 tensor cores came with 8.0)")
+        if args.compile == "auto" and major < 7:
+            said.append("--compile auto means no torch.compile (Triton needs 7.0)")
         if said:
             log(f"note: {torch.cuda.get_device_name(device)} has compute capability {major}.{minor}: {'; '.join(said)}")
     return device, results, log
