@@ -28,14 +28,17 @@ import torch.nn.functional as F
 import common
 import data
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peak, FLOP/s
+# Dense bf16 tensor-core peak in FLOP/s (NVIDIA's datasheets halve their sparsity figures), matched against the
+# device name in this order: the PCIe and NVL cards run lower clocks than the SXM ones their names also match.
+PEAK_BF16 = (("H100 PCIe", 756e12), ("NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
 
 
 def peak_flops(device):
+    """The card's dense bf16 peak, or None (so no MFU rather than an invented one) for a card not in the table."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return next((peak for key, peak in PEAK_BF16 if key in name), None)
 
 
 def models(device):

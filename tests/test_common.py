@@ -1451,7 +1451,9 @@ def test_bench_flops_count_attention_and_mfu_has_a_peak_only_for_known_gpus(monk
 
     heads, tokens, dims = 3, 5, 4
     assert bench.forward_flops(Attention(), torch.randn(2, heads, tokens, dims)) == 2 * heads * 2 * tokens ** 2 * dims
-    names = {"NVIDIA H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12, "Tesla V100-SXM2-16GB": None}
+    names = {"NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12,
+             "NVIDIA H100 NVL": 835e12, "NVIDIA H200 NVL": 835e12, "NVIDIA A100-SXM4-80GB": 312e12,
+             "NVIDIA A100 80GB PCIe": 312e12, "Tesla V100-SXM2-16GB": None}
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: device_name)
     for device_name, peak in names.items():
         assert bench.peak_flops(torch.device("cuda")) == peak, device_name
