@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import common
 import data
 
-# Dense bf16 tensor-core peak in FLOP/s (NVIDIA's datasheets halve their sparsity figures), matched against the
+# Dense bf16 tensor-core peak in FLOP/s (half the "with sparsity" figure of NVIDIA's datasheets), matched against the
 # device name in this order: the PCIe and NVL cards run lower clocks than the SXM ones their names also match.
 PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
              ("A100", 312e12))
