@@ -160,6 +160,23 @@ def recipe_hashes(folder=Path(__file__).parent):
 # ---------------------------------------------------------------------------------------------------------------
 # Small utilities
 # ---------------------------------------------------------------------------------------------------------------
+def rng_states(device):
+    """The global random states (torch's on the CPU and on `device`, numpy's, Python's), in types that
+    torch.load(weights_only=True) reads back: what a resumed run puts back."""
+    name, keys, *rest = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), *rest], "python": random.getstate()}
+
+
+def set_rng_states(states, device):
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and device.type == "cuda":  # resumed on the CPU: the GPU's state has no use
+        torch.cuda.set_rng_state(states["cuda"], device)
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(states["python"])
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -912,7 +929,7 @@ class Results:
     def __init__(self, out_dir, method, args, device):
         self.dir = Path(out_dir)
         self.path = self.dir / "results.jsonl"
-        self.writes, self.started = is_main(), False
+        self.writes, self.started, self.device = is_main(), False, device
         self.classnames = None  # set by describe(); kept in model.pt (WiSE-FT checks them)
         # Checked now, not at the first write after an epoch of training: the folder must be one we can create.
         existing = next(p for p in (self.dir.absolute(), *self.dir.absolute().parents) if p.exists())
@@ -925,6 +942,7 @@ class Results:
                              "write to") from None
         if self.writes and self.dir.is_dir():  # else held at the first write, which makes the folder
             hold_folder(self.dir)
+        self.pending = self._find_resume_point(method, args) if vars(args).get("resume") else None
         self.header = {"method": method, "args": dataclasses.asdict(args), "seed": args.seed, "commit": git_commit(),
                        "versions": {"torch": str(torch.__version__), "open_clip": open_clip.__version__,
                                     "python": sys.version.split()[0]},
@@ -941,7 +959,7 @@ class Results:
         self.started = True
         self.dir.mkdir(parents=True, exist_ok=True)
         hold_folder(self.dir)
-        for name in ("results.jsonl", "model.pt"):
+        for name in ("results.jsonl", "model.pt", "resume.pt"):  # resume.pt: an interrupted run's, not resumed
             old = self.dir / name
             if old.exists():
                 kept = list(self.dir.glob(f"{old.stem}.previous*{old.suffix}"))
@@ -952,7 +970,7 @@ class Results:
 
     def log(self, step, metrics, **extra):
         record = {**self.header, "step": step, **extra, "metrics": metrics, "time": time.time()}
-        if self.writes:
+        if self.writes and self.pending is None:  # a resumed run's lines before resume() are in resume.pt already
             self._start()
             old = self.path.read_text() if self.path.exists() else ""
             write_text_atomic(self.path, old + json.dumps(record) + "\n")
@@ -967,6 +985,77 @@ class Results:
             save_atomic({**self.header, **extra, "classnames": self.classnames, "state_dict": state},
                         self.dir / "model.pt")
 
+    # --resume: after each epoch, <out>/resume.pt holds what the loop needs to go on as if never stopped. `training`
+    # names the objects whose state that is: the model, optimizer, scheduler and the data order's generator.
+    def save_for_resume(self, epoch, best, training):
+        """Write <out>/resume.pt: the state after `epoch`, the best epoch so far (val accuracy, epoch, weights), the
+        global RNG states and the results lines written so far (one file, replaced atomically)."""
+        if self.writes:
+            self._start()
+            state = {k: v.get_state() if isinstance(v, torch.Generator) else v.state_dict()
+                     for k, v in training.items()}
+            save_atomic({"method": self.header["method"], "args": self.header["args"], "epoch": epoch, "best": best,
+                         "training": state, "rng": rng_states(self.device), "lines": self.path.read_text()},
+                        self.dir / "resume.pt")
+
+    def resume(self, training):
+        """(best, first epoch) to start the loop with: (None, 1) for a new run; for --resume, the state resume.pt holds
+        is put back into `training` (and the global RNGs), the results file is its lines, and the loop goes on after
+        its epoch. What the run did before this call (LP-FT's probe, say) was redone but not written again."""
+        if self.pending is None:
+            return None, 1
+        ckpt, self.pending = self.pending, None
+        for k, v in training.items():  # a torch.Generator has get/set_state; the others, a state dict
+            if isinstance(v, torch.Generator):
+                v.set_state(ckpt["training"][k])
+            else:
+                v.load_state_dict(ckpt["training"][k])
+        set_rng_states(ckpt["rng"], self.device)
+        if self.writes:
+            self.started = True
+            self.dir.mkdir(parents=True, exist_ok=True)
+            hold_folder(self.dir)
+            write_text_atomic(self.path, ckpt["lines"])
+            print(f"note: resuming {self.dir} after epoch {ckpt['epoch']} (resume.pt)", file=sys.stderr)
+        return ckpt["best"], ckpt["epoch"] + 1
+
+    def _find_resume_point(self, method, args):
+        """For --resume: resume.pt read and checked (the same method and recipe), or None to start from the beginning
+        (there is none yet: the run stopped in its first epoch, or never started)."""
+        path, where = self.dir / "resume.pt", f"--resume: {self.dir}"
+        if not path.is_file():
+            if (self.dir / "done").is_file():
+                raise SystemExit(f"error: {where} holds a finished run (its `done` marker) and nothing to resume; drop "
+                                 "--resume to run it again (its files are kept aside)")
+            if self.writes:
+                print(f"note: {where} holds no resume.pt: starting from the beginning", file=sys.stderr)
+            return None
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # written by another torch, say
+            raise SystemExit(f"error: {where}: could not read resume.pt ({unreadable(path, e)}); drop --resume to "
+                             "start from the beginning") from None
+        if ckpt["method"] != method:
+            raise SystemExit(f"error: {where}: its resume.pt is {ckpt['method']}'s, not {method}'s; pass the --out of "
+                             f"a {method} run, or drop --resume to start from the beginning")
+        def flag(name, value):  # as a command line says it
+            name = name.replace("_", "-")
+            if value is None:
+                return f"no --{name}"
+            if isinstance(value, bool):
+                return f"--{name}" if value else f"--no-{name}"
+            return f"--{name} {value}"
+
+        free = ("resume", "out", "device", "compile", "save", "data_root")  # where it runs, not what it computes
+        now = dataclasses.asdict(args)
+        changed = [f"{flag(k, now.get(k))} (it ran with {flag(k, v)})" for k, v in ckpt["args"].items()
+                   if k not in free and now.get(k) != v]
+        if changed:
+            raise SystemExit(f"error: {where}: its resume.pt comes from a run with other options: "
+                             f"{', '.join(changed)}; resume with the options it was started with, or drop --resume to "
+                             "start from the beginning")
+        return ckpt
+
     def done(self, final):
         """Mark the run finished; the marker holds the selected evaluation (what tables report)."""
         record = {"method": self.header["method"], "dataset": self.header["args"]["dataset"], "seed": self.header["seed"],
@@ -974,6 +1063,7 @@ class Results:
         if self.writes:
             self._start()
             write_text_atomic(self.dir / "done", json.dumps(record) + "\n")
+            (self.dir / "resume.pt").unlink(missing_ok=True)  # a finished run has nothing to resume
             release_folder(self.dir)  # the run is over: the folder is free for the next
 
 

@@ -48,6 +48,8 @@ class Args:
     """output folder; default runs/<method>/<dataset>/seed<seed>"""
     save: bool = False
     """save the selected model to <out>/model.pt (state dict + args; what wiseft.py reads)"""
+    resume: bool = False
+    """go on after the last epoch an interrupted run in <out> finished (its resume.pt); none there: start afresh"""
     epochs: int = None
     """training epochs; default: the dataset's recipe (RECIPES below; FLYP paper: 10 on ImageNet, 20 on WILDS)"""
     batch_size: int = None
@@ -148,13 +150,14 @@ def main(args):
     steps_per_epoch = len(dataset.train) // batch_size
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lr(recipe["warmup"], epochs * steps_per_epoch))
     g = torch.Generator().manual_seed(args.seed)
+    training = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "data_order": g}  # --resume's state
 
     def head():  # the zero-shot head of the current text tower
         return common.zeroshot_head(model, backbone.tokenizer, dataset.classnames, dataset.templates, device,
                                     args.precision)
 
-    best = None  # (ID val accuracy, epoch, weights) of the best epoch so far
-    for epoch in range(1, epochs + 1):
+    best, first = results.resume(training)  # best: (ID val accuracy, epoch, weights) of the best epoch so far
+    for epoch in range(first, epochs + 1):
         set_train_mode(model)
         start, total, n = time.time(), 0.0, 0
         for x, y in common.progress(dataset.train.batches(batch_size, device, shuffle=True, drop_last=True,
@@ -183,6 +186,7 @@ def main(args):
         log(f"epoch {epoch:2d} loss {total / n:.3f} | {common.format_metrics(metrics)}")
         if best is None or metrics["acc/id_val"] > best[0]:
             best = (metrics["acc/id_val"], epoch, copy.deepcopy(model.state_dict()))
+        results.save_for_resume(epoch, best, training)
 
     _, epoch, state = best
     model.load_state_dict(state)

@@ -48,6 +48,8 @@ class Args:
     """output folder; default runs/<method>/<dataset>/seed<seed>"""
     save: bool = False
     """save the selected model to <out>/model.pt (state dict + args; what wiseft.py reads)"""
+    resume: bool = False
+    """go on after the last epoch an interrupted run in <out> finished (its resume.pt); none there: start afresh"""
     epochs: int = None
     """training epochs; default: the dataset's recipe (RECIPES below)"""
     batch_size: int = None
@@ -173,9 +175,10 @@ def main(args):
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)  # stepped per epoch
     g = torch.Generator().manual_seed(args.seed)
+    training = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "data_order": g}  # --resume's state
 
-    best = None  # (ID val accuracy, epoch, weights) of the best epoch so far
-    for epoch in range(1, epochs + 1):
+    best, first = results.resume(training)  # best: (ID val accuracy, epoch, weights) of the best epoch so far
+    for epoch in range(first, epochs + 1):
         set_train_mode(model)
         start, total, n = time.time(), 0.0, 0
         for x, y in common.progress(dataset.train.batches(batch_size, device, shuffle=True, drop_last=True,
@@ -196,6 +199,7 @@ def main(args):
         log(f"epoch {epoch:2d} loss {total / n:.3f} | {common.format_metrics(metrics)}")
         if best is None or metrics["acc/id_val"] > best[0]:
             best = (metrics["acc/id_val"], epoch, copy.deepcopy(model.state_dict()))
+        results.save_for_resume(epoch, best, training)
 
     _, epoch, state = best
     model.load_state_dict(state)

@@ -6,7 +6,8 @@
 #   DATASETS="embedded" SEEDS="0" METHODS="lp ft" JOBS=1 bash run_all.sh
 #
 # A run counts as finished when its script wrote `done` (one whose script changed since is named; delete its `done` to
-# run it again); METHODS may name a method script of your own beside ours.
+# run it again). An unfinished one goes on after its last finished epoch where its script has --resume (FT, LP-FT,
+# L2-SP, FLYP), else starts again; each attempt appends to its log.txt. METHODS may name a script of your own.
 # WiSE-FT interpolates the zero-shot model and each seed's FLYP checkpoint, so it runs after FLYP finished (and again
 # when FLYP was re-run). A failed run is named and the rest go on; the table covers what finished; the exit status is 1.
 set -euo pipefail
@@ -44,6 +45,9 @@ plan() {
           ft|lpft|flyp) line="$method $ROOT/$method/$dataset/seed$seed --save" ;;  # checkpoints: WiSE-FT, pictures
           *) line="$method $ROOT/$method/$dataset/seed$seed" ;;
         esac
+        if grep -qs "results.resume(" "$method.py"; then  # an interrupted run goes on after its last finished epoch
+          line="$line --resume"
+        fi
         read -r _ out _ <<<"$line"
         endpoint="$ROOT/flyp/$dataset/seed$seed/model.pt"
         if [ "$method" = wiseft ] && [ -f "$out/done" ] && [ "$endpoint" -nt "$out/done" ]; then
@@ -63,7 +67,7 @@ FAILED=$(mktemp); trap 'rm -f "$FAILED"' EXIT; export FAILED  # the run folders 
 run() {
   read -r script out extra <<<"$1"
   echo "run  $out"
-  { mkdir -p "$out" && python "$script.py" --out "$out" $extra >"$out/log.txt" 2>&1 && [ -f "$out/done" ]; } ||
+  { mkdir -p "$out" && python "$script.py" --out "$out" $extra >>"$out/log.txt" 2>&1 && [ -f "$out/done" ]; } ||
     { echo "FAILED $out (see $out/log.txt)"; echo "$out" >>"$FAILED"; }
 }
 export -f run

@@ -74,3 +74,21 @@ def record_loss_gradients(monkeypatch, module, also=lambda value: None):
 
     monkeypatch.setattr(module, "clip_loss", spy)
     return seen, before_step
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_at(monkeypatch, where):
+    """The run stops as its progress bar `where` ("epoch 3/3") would start, as a killed or preempted job would."""
+    import common
+
+    progress = common.progress
+
+    def stopping(iterable, desc="", total=None):
+        if desc == where:
+            raise Interrupted(where)
+        return progress(iterable, desc, total)
+
+    monkeypatch.setattr(common, "progress", stopping)

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import common
 import data
-from conftest import read_results
+from conftest import Interrupted, interrupt_at, read_results
 
 load_backbone = common.load_backbone
 
@@ -68,6 +68,35 @@ def test_two_processes_match_one(method, tmp_path, monkeypatch):
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
     assert not (tmp_path / "two" / "results.previous0.jsonl").exists()  # rank 1 wrote nothing of its own
+
+
+def test_a_run_stopped_in_one_process_resumes_in_two(tmp_path, monkeypatch):
+    """resume.pt holds global state (the data order of global batches, one model): every rank reads it, and the run
+    goes on in another number of processes, ending as the one-process run that never stopped (FLYP: its gathered
+    contrastive batch and its captions drawn from the data-order generator too)."""
+    load_backbone("embedded-clip-tiny")
+    argv = ["--dataset", "embedded-tiny", "--device", "cpu", "--compile", "off", "--epochs", "2", "--batch-size", "32",
+            "--save"]
+    monkeypatch.setattr(common, "load_backbone", load_backbone)  # run() patches it; undone after the test
+    torch.set_num_threads(1)
+    run("flyp", argv + ["--out", str(tmp_path / "whole")])
+    with monkeypatch.context() as m:
+        interrupt_at(m, "epoch 2/2")
+        with pytest.raises(Interrupted):
+            run("flyp", argv + ["--out", str(tmp_path / "stopped")])
+    common.release_folder(tmp_path / "stopped")  # as the stopped process's end would
+    mp.spawn(worker, args=(2, free_port(), "flyp", argv + ["--out", str(tmp_path / "stopped"), "--resume"]), nprocs=2)
+
+    whole, resumed = read_results(tmp_path / "whole"), read_results(tmp_path / "stopped")
+    assert [r["step"] for r in whole] == [r["step"] for r in resumed] and [r["processes"] for r in resumed] == [1, 2, 2]
+    for a, b in zip(whole, resumed):
+        assert b.get("train_loss") == pytest.approx(a.get("train_loss"), rel=1e-4)
+        assert b["metrics"]["acc/id_val"] == pytest.approx(a["metrics"]["acc/id_val"], abs=1e-9)
+    w1 = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)["state_dict"]
+    w2 = torch.load(tmp_path / "stopped" / "model.pt", weights_only=True)["state_dict"]
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+    assert sorted(p.name for p in (tmp_path / "stopped").iterdir()) == ["done", "model.pt", "results.jsonl"]
 
 
 ROWS, WEIGHTS = torch.arange(15.0).reshape(5, 3), torch.linspace(-1, 1, 15).reshape(5, 3)  # a batch; a loss's weights
@@ -280,7 +309,7 @@ def test_init_distributed_takes_the_gpu_of_the_local_rank_not_the_global_rank(mo
                      "at_exit": torch.distributed.destroy_process_group}
 
 
-def test_only_rank_0_writes_results_checkpoints_and_the_done_marker(tmp_path, monkeypatch):
+def test_only_rank_0_writes_results_checkpoints_resume_points_and_the_done_marker(tmp_path, monkeypatch):
     """Every rank holds the same metrics; a second writer would race rank 0 (and move its files aside)."""
     import ft
 
@@ -288,6 +317,7 @@ def test_only_rank_0_writes_results_checkpoints_and_the_done_marker(tmp_path, mo
     results = common.Results(tmp_path / "out", "ft", ft.Args(dataset="embedded-tiny"), torch.device("cpu"))
     record = results.log(0, {"acc/id_val": 50.0})
     results.save_model(nn.Linear(2, 2), step=0)
+    results.save_for_resume(1, None, {"model": nn.Linear(2, 2)})
     results.done({"step": 0, "metrics": record["metrics"]})
     assert record["processes"] == 2 and record["metrics"] == {"acc/id_val": 50.0}  # built, just not written
     assert list(tmp_path.iterdir()) == []

@@ -22,7 +22,7 @@ import ft
 import l2sp
 import lp
 import lpft
-from conftest import ROOT, read_results, record_optimizers
+from conftest import ROOT, Interrupted, interrupt_at, read_results, record_optimizers
 
 METHODS = ["zeroshot", "lp", "ft", "lpft", "l2sp", "flyp"]
 
@@ -182,6 +182,65 @@ def test_the_selected_epoch_is_the_one_scored_and_saved_even_when_it_is_not_the_
     assert torch.equal(calls[-1][1], epoch1)  # the final scores are epoch 1's model's
 
 
+def what_was_computed(folder):
+    """A run's results lines and saved model, less what differs between any two runs (time, the command line)."""
+    lines = [{k: v for k, v in r.items() if k not in ("time", "epoch_seconds", "args", "command")}
+             for r in read_results(folder)]
+    return lines, torch.load(folder / "model.pt", weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize("method", sorted(FINE_TUNED) + ["flyp"])
+def test_a_resumed_run_ends_exactly_as_one_never_stopped(method, tmp_path, monkeypatch):
+    """A run stopped in its third epoch and started again with --resume goes on from resume.pt (written after each
+    epoch) and ends bit for bit as the run that never stopped: the same results lines (each epoch's once, LP-FT's
+    probe line once), the same selected epoch, the same saved model. Model, optimizer (momentum, AdamW's moments),
+    schedule, data order (FLYP's captions too), the best epoch so far and the lines written all come back."""
+    module = importlib.import_module(method)
+
+    def run(out, **options):
+        return module.main(module.Args(dataset="embedded-tiny", out=str(tmp_path / out), epochs=3, save=True,
+                                       **FINE_TUNED.get(method, {}), **options))
+
+    run("whole")
+    with monkeypatch.context() as m:
+        interrupt_at(m, "epoch 3/3")
+        with pytest.raises(Interrupted):
+            run("stopped")
+    assert torch.load(tmp_path / "stopped" / "resume.pt", weights_only=True)["epoch"] == 2
+    torch.manual_seed(12345)  # as in a new process: other global random states
+    run("stopped", resume=True)
+    lines, model = what_was_computed(tmp_path / "stopped")
+    whole_lines, whole_model = what_was_computed(tmp_path / "whole")
+    assert lines == whole_lines and [r["step"] for r in lines][-4:] == [1, 2, 3, lines[-1]["step"]]
+    assert model.keys() == whole_model.keys() and all(torch.equal(model[k], whole_model[k]) for k in model)
+    assert sorted(p.name for p in (tmp_path / "stopped").iterdir()) == ["done", "model.pt", "results.jsonl"]
+
+
+def test_resume_refuses_another_recipe_or_method_and_a_finished_run_and_starts_afresh_where_there_is_nothing(
+        tmp_path, monkeypatch):
+    """--resume goes on only from the same method's resume.pt with the same recipe (a changed --lr would make the run
+    half one recipe, half another); a finished run has nothing to resume; a folder without resume.pt (a run stopped
+    in its first epoch) starts from the beginning. A new run without --resume keeps an old resume.pt aside."""
+    out = tmp_path / "ft"
+    with monkeypatch.context() as m:
+        interrupt_at(m, "epoch 2/2")
+        with pytest.raises(Interrupted):
+            ft.main(ft.Args(dataset="embedded-tiny", out=str(out), epochs=2))
+    for module, options, expected in [
+            (ft, {"lr": 0.5}, "its resume.pt comes from a run with other options: --lr 0.5 (it ran with no --lr)"),
+            (ft, {"seed": 1, "epochs": 3}, "--seed 1 (it ran with --seed 0), --epochs 3 (it ran with --epochs 2)"),
+            (l2sp, {}, "its resume.pt is ft's, not l2sp's; pass the --out of a l2sp run")]:
+        with pytest.raises(SystemExit) as e:
+            module.main(module.Args(dataset="embedded-tiny", out=str(out), **{"epochs": 2, "resume": True, **options}))
+        assert expected in str(e.value)
+    ft.main(ft.Args(dataset="embedded-tiny", out=str(out), epochs=2))  # afresh: the old resume.pt is kept aside
+    assert (out / "resume.previous0.pt").is_file() and (out / "done").is_file() and not (out / "resume.pt").exists()
+    with pytest.raises(SystemExit, match="holds a finished run .* drop --resume to run it again"):
+        ft.main(ft.Args(dataset="embedded-tiny", out=str(out), epochs=2, resume=True))
+    fresh = ft.main(ft.Args(dataset="embedded-tiny", out=str(tmp_path / "new"), epochs=2, resume=True))
+    assert fresh["metrics"] == json.loads((out / "done").read_text())["metrics"]  # nothing to resume: a whole run
+
+
 @pytest.mark.parametrize("method", sorted(FINE_TUNED))
 def test_sgd_recipe_is_momentum_0_9_no_weight_decay_cosine_over_epochs_and_full_batches(method, tmp_path, monkeypatch):
     """The LP-FT code's optimiser for FT, L2-SP and LP-FT's stage 2: SGD over every parameter, momentum 0.9, weight
@@ -319,7 +378,8 @@ def test_flyp_with_both_towers_compiled_trains_as_eager(tmp_path):
         if v.is_floating_point():
             assert (v - compiled[k]).norm() <= 0.01 * (v - start[k]).norm(), k
 
-def test_run_all_tiny_builds_table_and_pictures_skips_finished_runs_and_goes_on_past_a_failed_one(tmp_path):
+def test_run_all_tiny_builds_table_and_pictures_skips_finished_runs_and_goes_on_past_a_failed_one(tmp_path,
+                                                                                                   monkeypatch):
     env = {**os.environ, "DATASETS": "embedded-tiny", "SEEDS": "0", "JOBS": "2", "ROOT": str(tmp_path)}
     first = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
@@ -347,12 +407,22 @@ def test_run_all_tiny_builds_table_and_pictures_skips_finished_runs_and_goes_on_
     os.utime(tmp_path / "lpft" / "embedded-tiny" / "seed0" / "model.pt")  # and than the picture
     unfinished = tmp_path / "zeroshot" / "embedded-tiny" / "seed0"  # a run killed midway: its folder, no `done`
     (unfinished / "done").unlink()
+    stopped = tmp_path / "ft" / "embedded-tiny" / "seed0"  # FT run again and stopped in its last epoch: it resumes
+    with monkeypatch.context() as m:
+        interrupt_at(m, "epoch 2/2")
+        with pytest.raises(Interrupted):
+            ft.main(ft.Args(dataset="embedded-tiny", out=str(stopped), save=True))
+    common.release_folder(stopped)  # as its process's end would
     failed = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=600)
     assert failed.returncode == 1 and f"FAILED {blocked}" in failed.stdout, failed.stdout[-2000:] + failed.stderr
     assert "error: 1 step(s) failed" in failed.stderr and f"\n  {blocked}\n" in failed.stderr
     assert f"redo {wiseft} (its FLYP checkpoint is newer)" in failed.stderr and f"run  {wiseft}" in failed.stdout
-    assert (wiseft / "done").stat().st_mtime_ns > before and failed.stderr.count("skip ") == 4
+    assert (wiseft / "done").stat().st_mtime_ns > before and failed.stderr.count("skip ") == 3
     assert f"run  {unfinished}" in failed.stdout and (unfinished / "done").exists()  # only `done` means finished
+    assert f"note: resuming {stopped} after epoch 1" in (stopped / "log.txt").read_text()
+    assert (stopped / "done").exists()
+    steps = [r["step"] for r in read_results(stopped)]
+    assert steps[:2] == [1, 2] and len(steps) == 3  # epoch 1's line once (from resume.pt), epoch 2's, the selected
     assert picture.stat().st_mtime_ns > drawn
     table = (tmp_path / "summary.md").read_text()
     assert "| LP |" not in table and "| WiSE-FT (FLYP, α=0.5) | 1 |" in table
