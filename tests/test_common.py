@@ -109,6 +109,28 @@ def test_results_lines_and_done_marker(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))  # atomic writes leave no temporary files
 
 
+def test_resume_puts_back_the_global_random_states_and_the_lines_of_its_epoch_only(tmp_path):
+    """What a loop does after resume() draws from the global generators (dropout, say) as it would have without the
+    stop; a results line written after the last resume.pt (the run stopped between the two) is dropped, not doubled
+    when its epoch runs again."""
+    args = lpft.Args(dataset="embedded-tiny")
+    results = common.Results(tmp_path, "lpft", args, torch.device("cpu"))
+    model, g = torch.nn.Linear(3, 2), torch.Generator().manual_seed(5)
+    results.log(1, {"acc/id_val": 50.0})
+    results.save_for_resume(1, (50.0, 1, model.state_dict()), {"model": model, "data_order": g})
+    after = torch.rand(3), np.random.rand(), random.random(), torch.rand(2, generator=g)
+    results.log(2, {"acc/id_val": 60.0})  # and the run stops before resume.pt says epoch 2
+
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)  # a new process
+    resumed = common.Results(tmp_path, "lpft", dataclasses.replace(args, resume=True), torch.device("cpu"))
+    other, g = torch.nn.Linear(3, 2), torch.Generator().manual_seed(7)
+    best, first = resumed.resume({"model": other, "data_order": g})
+    assert (best[:2], first) == ((50.0, 1), 2) and torch.equal(other.weight, model.weight)
+    again = torch.rand(3), np.random.rand(), random.random(), torch.rand(2, generator=g)
+    assert torch.equal(again[0], after[0]) and again[1:3] == after[1:3] and torch.equal(again[3], after[3])
+    assert [r["step"] for r in read_results(tmp_path)] == [1]
+
+
 def test_a_failed_checkpoint_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path):
     results = common.Results(tmp_path, "lpft", lpft.Args(dataset="embedded-tiny"), torch.device("cpu"))
     results.save_model(torch.nn.Linear(2, 2), step=1)
