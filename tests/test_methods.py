@@ -191,19 +191,19 @@ def what_was_computed(folder):
 
 @pytest.mark.parametrize("method", sorted(FINE_TUNED) + ["flyp"])
 def test_a_resumed_run_ends_exactly_as_one_never_stopped(method, tmp_path, monkeypatch):
-    """A run stopped in its third epoch and started again with --resume goes on from resume.pt (written after each
-    epoch) and ends bit for bit as the run that never stopped: the same results lines (each epoch's once, LP-FT's
+    """A run of 4 epochs stopped in its third and started again with --resume goes on from resume.pt (written after
+    each epoch) and ends bit for bit as the run that never stopped: the same results lines (each epoch's once, LP-FT's
     probe line once), the same selected epoch, the same saved model. Model, optimizer (momentum, AdamW's moments),
     schedule, data order (FLYP's captions too), the best epoch so far and the lines written all come back."""
     module = importlib.import_module(method)
 
     def run(out, **options):
-        return module.main(module.Args(dataset="embedded-tiny", out=str(tmp_path / out), epochs=3, save=True,
+        return module.main(module.Args(dataset="embedded-tiny", out=str(tmp_path / out), epochs=4, save=True,
                                        **FINE_TUNED.get(method, {}), **options))
 
     run("whole")
     with monkeypatch.context() as m:
-        interrupt_at(m, "epoch 3/3")
+        interrupt_at(m, "epoch 3/4")  # two epochs left: the schedule's next step comes from its resumed state
         with pytest.raises(Interrupted):
             run("stopped")
     assert torch.load(tmp_path / "stopped" / "resume.pt", weights_only=True)["epoch"] == 2
@@ -211,7 +211,7 @@ def test_a_resumed_run_ends_exactly_as_one_never_stopped(method, tmp_path, monke
     run("stopped", resume=True)
     lines, model = what_was_computed(tmp_path / "stopped")
     whole_lines, whole_model = what_was_computed(tmp_path / "whole")
-    assert lines == whole_lines and [r["step"] for r in lines][-4:] == [1, 2, 3, lines[-1]["step"]]
+    assert lines == whole_lines and [r["step"] for r in lines][-5:] == [1, 2, 3, 4, lines[-1]["step"]]
     assert model.keys() == whole_model.keys() and all(torch.equal(model[k], whole_model[k]) for k in model)
     assert sorted(p.name for p in (tmp_path / "stopped").iterdir()) == ["done", "model.pt", "results.jsonl"]
 
