@@ -199,7 +199,7 @@ def main(args):
         log(f"epoch {epoch:2d} loss {total / n:.3f} | {common.format_metrics(metrics)}")
         if best is None or metrics["acc/id_val"] > best[0]:
             best = (metrics["acc/id_val"], epoch, copy.deepcopy(model.state_dict()))
-        results.save_for_resume(epoch, best, training)
+        results.save_for_resume(epoch, best, training)  # <out>/resume.pt: where --resume goes on from
 
     _, epoch, state = best
     model.load_state_dict(state)
