@@ -1038,6 +1038,7 @@ class Results:
         if ckpt["method"] != method:
             raise SystemExit(f"error: {where}: its resume.pt is {ckpt['method']}'s, not {method}'s; pass the --out of "
                              f"a {method} run, or drop --resume to start from the beginning")
+
         def flag(name, value):  # as a command line says it
             name = name.replace("_", "-")
             if value is None:

@@ -220,7 +220,8 @@ def test_resume_refuses_another_recipe_or_method_and_a_finished_run_and_starts_a
         tmp_path, monkeypatch):
     """--resume goes on only from the same method's resume.pt with the same recipe (a changed --lr would make the run
     half one recipe, half another); a finished run has nothing to resume; a folder without resume.pt (a run stopped
-    in its first epoch) starts from the beginning. A new run without --resume keeps an old resume.pt aside."""
+    in its first epoch) starts from the beginning, an unreadable one stops it. A new run without --resume keeps an old
+    resume.pt aside."""
     out = tmp_path / "ft"
     with monkeypatch.context() as m:
         interrupt_at(m, "epoch 2/2")
@@ -239,6 +240,9 @@ def test_resume_refuses_another_recipe_or_method_and_a_finished_run_and_starts_a
         ft.main(ft.Args(dataset="embedded-tiny", out=str(out), epochs=2, resume=True))
     fresh = ft.main(ft.Args(dataset="embedded-tiny", out=str(tmp_path / "new"), epochs=2, resume=True))
     assert fresh["metrics"] == json.loads((out / "done").read_text())["metrics"]  # nothing to resume: a whole run
+    (tmp_path / "new" / "resume.pt").write_text("cut short")
+    with pytest.raises(SystemExit, match="could not read resume.pt .*; drop --resume to start from the beginning"):
+        ft.main(ft.Args(dataset="embedded-tiny", out=str(tmp_path / "new"), epochs=2, resume=True))
 
 
 @pytest.mark.parametrize("method", sorted(FINE_TUNED))
