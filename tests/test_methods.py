@@ -201,6 +201,7 @@ def test_a_resumed_run_ends_exactly_as_one_never_stopped(method, tmp_path, monke
         return module.main(module.Args(dataset="embedded-tiny", out=str(tmp_path / out), epochs=4, save=True,
                                        **FINE_TUNED.get(method, {}), **options))
 
+    common.load_backbone("embedded-clip-tiny")  # pretrained before: the first run's header would say it was not yet
     run("whole")
     with monkeypatch.context() as m:
         interrupt_at(m, "epoch 3/4")  # two epochs left: the schedule's next step comes from its resumed state
