@@ -942,7 +942,6 @@ class Results:
                              "write to") from None
         if self.writes and self.dir.is_dir():  # else held at the first write, which makes the folder
             hold_folder(self.dir)
-        self.pending = self._find_resume_point(method, args) if vars(args).get("resume") else None
         self.header = {"method": method, "args": dataclasses.asdict(args), "seed": args.seed, "commit": git_commit(),
                        "versions": {"torch": str(torch.__version__), "open_clip": open_clip.__version__,
                                     "python": sys.version.split()[0]},
@@ -950,6 +949,7 @@ class Results:
                        "host": host(),
                        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                        "processes": data.rank_and_world()[1]}
+        self.pending = self._find_resume_point(method, args) if vars(args).get("resume") else None
 
     def _start(self):
         """At the first write: a new run in an old folder keeps the old files aside, never mixes them with its own or
@@ -994,9 +994,9 @@ class Results:
             self._start()
             state = {k: v.get_state() if isinstance(v, torch.Generator) else v.state_dict()
                      for k, v in training.items()}
-            save_atomic({"method": self.header["method"], "args": self.header["args"], "epoch": epoch, "best": best,
-                         "training": state, "rng": rng_states(self.device), "lines": self.path.read_text()},
-                        self.dir / "resume.pt")
+            save_atomic({"method": self.header["method"], "args": self.header["args"], "commit": self.header["commit"],
+                         "epoch": epoch, "best": best, "training": state, "rng": rng_states(self.device),
+                         "lines": self.path.read_text()}, self.dir / "resume.pt")
 
     def resume(self, training):
         """(best, first epoch) to start the loop with: (None, 1) for a new run; for --resume, the state resume.pt holds
@@ -1055,6 +1055,9 @@ class Results:
             raise SystemExit(f"error: {where}: its resume.pt comes from a run with other options: "
                              f"{', '.join(changed)}; resume with the options it was started with, or drop --resume to "
                              "start from the beginning")
+        if ckpt["commit"] != self.header["commit"] and self.writes:  # each results line says which code made it
+            print(f"note: {where}: its resume.pt was written at commit {ckpt['commit']}; the code here is at "
+                  f"{self.header['commit']}", file=sys.stderr)
         return ckpt
 
     def done(self, final):

@@ -109,10 +109,10 @@ def test_results_lines_and_done_marker(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))  # atomic writes leave no temporary files
 
 
-def test_resume_puts_back_the_global_random_states_and_the_lines_of_its_epoch_only(tmp_path):
+def test_resume_puts_back_the_global_random_states_and_the_lines_of_its_epoch_only(tmp_path, monkeypatch, capsys):
     """What a loop does after resume() draws from the global generators (dropout, say) as it would have without the
     stop; a results line written after the last resume.pt (the run stopped between the two) is dropped, not doubled
-    when its epoch runs again."""
+    when its epoch runs again. Code changed since resume.pt was written is said."""
     args = lpft.Args(dataset="embedded-tiny")
     results = common.Results(tmp_path, "lpft", args, torch.device("cpu"))
     model, g = torch.nn.Linear(3, 2), torch.Generator().manual_seed(5)
@@ -121,8 +121,10 @@ def test_resume_puts_back_the_global_random_states_and_the_lines_of_its_epoch_on
     after = torch.rand(3), np.random.rand(), random.random(), torch.rand(2, generator=g)
     results.log(2, {"acc/id_val": 60.0})  # and the run stops before resume.pt says epoch 2
 
-    torch.manual_seed(9), np.random.seed(9), random.seed(9)  # a new process
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)  # a new process, on edited code
+    monkeypatch.setattr(common, "git_commit", lambda: "0123abc-dirty")
     resumed = common.Results(tmp_path, "lpft", dataclasses.replace(args, resume=True), torch.device("cpu"))
+    assert "its resume.pt was written at commit " in capsys.readouterr().err
     other, g = torch.nn.Linear(3, 2), torch.Generator().manual_seed(7)
     best, first = resumed.resume({"model": other, "data_order": g})
     assert (best[:2], first) == ((50.0, 1), 2) and torch.equal(other.weight, model.weight)
