@@ -133,6 +133,18 @@ def test_resume_puts_back_the_global_random_states_and_the_lines_of_its_epoch_on
     assert [r["step"] for r in read_results(tmp_path)] == [1]
 
 
+def test_resume_states_carry_the_generator_of_the_runs_gpu_to_the_gpu_it_resumes_on(monkeypatch):
+    """CUDA has a generator per GPU: the run's (cuda:1 here, not the current device 0) is saved, and put back on the
+    GPU the run resumes on; a run resumed on the CPU leaves CUDA alone. (torch.cuda faked: CI has no GPU.)"""
+    put = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.tensor([device.index], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: put.append((state.tolist(), device)))
+    states = common.rng_states(torch.device("cuda", 1))
+    common.set_rng_states(states, torch.device("cpu"))
+    common.set_rng_states(states, torch.device("cuda", 2))
+    assert put == [([1], torch.device("cuda", 2))] and common.rng_states(torch.device("cpu"))["cuda"] is None
+
+
 def test_a_failed_checkpoint_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path):
     results = common.Results(tmp_path, "lpft", lpft.Args(dataset="embedded-tiny"), torch.device("cpu"))
     results.save_model(torch.nn.Linear(2, 2), step=1)
