@@ -217,6 +217,29 @@ def test_a_resumed_run_ends_exactly_as_one_never_stopped(method, tmp_path, monke
     assert sorted(p.name for p in (tmp_path / "stopped").iterdir()) == ["done", "model.pt", "results.jsonl"]
 
 
+def test_a_run_stopped_while_scoring_its_selected_epoch_resumes_to_the_scoring(tmp_path, monkeypatch):
+    """Stopped after its last epoch, in the final scoring of every split (on ImageNet, half a million OOD images): the
+    resumed run trains no more and scores the selected epoch, as the run that never stopped did."""
+    whole = ft.main(ft.Args(dataset="embedded-tiny", out=str(tmp_path / "whole"), epochs=2))
+    evaluate = common.evaluate
+
+    def stopping(features, *rest):
+        if set(features) != {"id_val"}:
+            raise Interrupted("the final scoring")
+        return evaluate(features, *rest)
+
+    with monkeypatch.context() as m:
+        m.setattr(common, "evaluate", stopping)
+        with pytest.raises(Interrupted):
+            ft.main(ft.Args(dataset="embedded-tiny", out=str(tmp_path / "stopped"), epochs=2))
+    progress = common.progress
+    monkeypatch.setattr(common, "progress", lambda iterable, desc="", total=None: pytest.fail(f"{desc} ran again")
+                        if desc.startswith("epoch") else progress(iterable, desc, total))
+    resumed = ft.main(ft.Args(dataset="embedded-tiny", out=str(tmp_path / "stopped"), epochs=2, resume=True))
+    assert resumed["metrics"] == whole["metrics"] and resumed["step"] == whole["step"]
+    assert [r["step"] for r in read_results(tmp_path / "stopped")] == [r["step"] for r in read_results(tmp_path / "whole")]
+
+
 def test_resume_refuses_another_recipe_or_method_and_a_finished_run_and_starts_afresh_where_there_is_nothing(
         tmp_path, monkeypatch):
     """--resume goes on only from the same method's resume.pt with the same recipe (a changed --lr would make the run
