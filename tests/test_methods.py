@@ -237,7 +237,8 @@ def test_a_run_stopped_while_scoring_its_selected_epoch_resumes_to_the_scoring(t
                         if desc.startswith("epoch") else progress(iterable, desc, total))
     resumed = ft.main(ft.Args(dataset="embedded-tiny", out=str(tmp_path / "stopped"), epochs=2, resume=True))
     assert resumed["metrics"] == whole["metrics"] and resumed["step"] == whole["step"]
-    assert [r["step"] for r in read_results(tmp_path / "stopped")] == [r["step"] for r in read_results(tmp_path / "whole")]
+    steps = [[r["step"] for r in read_results(tmp_path / run)] for run in ("stopped", "whole")]
+    assert steps[0] == steps[1]
 
 
 def test_resume_refuses_another_recipe_or_method_and_a_finished_run_and_starts_afresh_where_there_is_nothing(
