@@ -177,6 +177,11 @@ def set_rng_states(states, device):
     random.setstate(states["python"])
 
 
+def key_values(d):
+    """{'epochs': 2, 'lr': 0.03} -> 'epochs 2, lr 0.03' (a recipe or split sizes, in a message)."""
+    return ", ".join(f"{k} {v}" for k, v in d.items()) if d else "none"
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -210,13 +215,15 @@ def _plain_progress(iterable, desc, total):
 
 
 def write_atomic(path, write):
-    """`write(tmp)` to a temporary file in the same folder, then rename: a crash never leaves half a file, and a
-    failed write leaves nothing behind."""
+    """`write(tmp)` to a temporary file in the same folder, on the disk (fsync), then rename: a crash, even of the
+    machine, never leaves half a file, and a failed write leaves nothing behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         write(tmp)
+        with open(tmp, "r+b") as f:  # else a power cut after the rename can leave the new name on empty blocks
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -995,6 +1002,7 @@ class Results:
             state = {k: v.get_state() if isinstance(v, torch.Generator) else v.state_dict()
                      for k, v in training.items()}
             save_atomic({"method": self.header["method"], "args": self.header["args"], "commit": self.header["commit"],
+                         "recipe": self.header.get("recipe"), "sizes": self.header.get("data", {}).get("sizes"),
                          "epoch": epoch, "best": best, "training": state, "rng": rng_states(self.device),
                          "lines": self.path.read_text()}, self.dir / "resume.pt")
 
@@ -1005,6 +1013,15 @@ class Results:
         if self.pending is None:
             return None, 1
         ckpt, self.pending = self.pending, None
+        now = {"recipe": self.header.get("recipe"), "sizes": self.header.get("data", {}).get("sizes")}
+        for key, what in (("recipe", "recipe"), ("sizes", "data (split sizes)")):  # RECIPES edited, another data root
+            if ckpt[key] != now[key]:
+                raise SystemExit(f"error: --resume: {self.dir}: its resume.pt was made with the {what} "
+                                 f"{key_values(ckpt[key])}, this run's is {key_values(now[key])}; resume with the "
+                                 f"code and data it was started with, or move {self.dir / 'resume.pt'} aside to start "
+                                 "from the beginning")
+        acc, epoch, weights = ckpt["best"]
+        best = (acc, epoch, {k: v.clone() for k, v in weights.items()})  # in memory, no longer on the mapped file
         for k, v in training.items():  # a torch.Generator has get/set_state; the others, a state dict
             if isinstance(v, torch.Generator):
                 v.set_state(ckpt["training"][k])
@@ -1017,27 +1034,27 @@ class Results:
             hold_folder(self.dir)
             write_text_atomic(self.path, ckpt["lines"])
             print(f"note: resuming {self.dir} after epoch {ckpt['epoch']} (resume.pt)", file=sys.stderr)
-        return ckpt["best"], ckpt["epoch"] + 1
+        return best, ckpt["epoch"] + 1
 
     def _find_resume_point(self, method, args):
         """For --resume: resume.pt read and checked (the same method and recipe), or None to start from the beginning
         (there is none yet: the run stopped in its first epoch, or never started)."""
         path, where = self.dir / "resume.pt", f"--resume: {self.dir}"
+        if (self.dir / "done").is_file():
+            raise SystemExit(f"error: {where} holds a finished run (its `done` marker) and nothing to resume; drop "
+                             "--resume to run it again (its files are kept aside)")
         if not path.is_file():
-            if (self.dir / "done").is_file():
-                raise SystemExit(f"error: {where} holds a finished run (its `done` marker) and nothing to resume; drop "
-                                 "--resume to run it again (its files are kept aside)")
             if self.writes:
                 print(f"note: {where} holds no resume.pt: starting from the beginning", file=sys.stderr)
             return None
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # mapped, not read: the ranks of one machine share its pages (2.4 GB each for FLYP's ViT-B/16)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # written by another torch, say
-            raise SystemExit(f"error: {where}: could not read resume.pt ({unreadable(path, e)}); drop --resume to "
-                             "start from the beginning") from None
+            raise SystemExit(f"error: {where}: could not read resume.pt ({unreadable(path, e)}); move {path} aside "
+                             "to start from the beginning") from None
         if ckpt["method"] != method:
             raise SystemExit(f"error: {where}: its resume.pt is {ckpt['method']}'s, not {method}'s; pass the --out of "
-                             f"a {method} run, or drop --resume to start from the beginning")
+                             f"a {method} run, or move {path} aside to start from the beginning")
 
         def flag(name, value):  # as a command line says it
             name = name.replace("_", "-")
@@ -1047,14 +1064,15 @@ class Results:
                 return f"--{name}" if value else f"--no-{name}"
             return f"--{name} {value}"
 
-        free = ("resume", "out", "device", "compile", "save", "data_root")  # where it runs, not what it computes
+        # where it runs, not what it computes; and the recipe's flags: resume() compares the recipe they make
+        free = {"resume", "out", "device", "compile", "save", "data_root", *(ckpt["recipe"] or {})}
         now = dataclasses.asdict(args)
         changed = [f"{flag(k, now.get(k))} (it ran with {flag(k, v)})" for k, v in ckpt["args"].items()
                    if k not in free and now.get(k) != v]
         if changed:
             raise SystemExit(f"error: {where}: its resume.pt comes from a run with other options: "
-                             f"{', '.join(changed)}; resume with the options it was started with, or drop --resume to "
-                             "start from the beginning")
+                             f"{', '.join(changed)}; resume with the options it was started with, or move {path} aside "
+                             "to start from the beginning")
         if ckpt["commit"] != self.header["commit"] and self.writes:  # each results line says which code made it
             print(f"note: {where}: its resume.pt was written at commit {ckpt['commit']}; the code here is at "
                   f"{self.header['commit']}", file=sys.stderr)
@@ -1092,6 +1110,8 @@ def hold_folder(path):
         os.close(fd)
         return
     HELD[key] = fd
+    for tmp in Path(path).glob("*.tmp[0-9]*"):  # what a killed run was writing (write_atomic): no one else writes here
+        tmp.unlink(missing_ok=True)
 
 
 def release_folder(path):
@@ -1139,7 +1159,7 @@ def parse_args(cls, argv=None, description=None, recipes=None):
     if recipes:
         width = max(map(len, recipes)) + 2
         epilog = "RECIPES (each dataset's defaults; a flag overrides them):\n" + "\n".join(
-            f"  {name:<{width}}" + ", ".join(f"{k} {v}" for k, v in r.items()) for name, r in recipes.items())
+            f"  {name:<{width}}" + key_values(r) for name, r in recipes.items())
     parser = argparse.ArgumentParser(description=description, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     docs = _field_docs(cls)
@@ -1209,7 +1229,7 @@ def describe(dataset, results, log, recipe=None):
     held = [f"{k}: {v}" for k, v in dataset.info.items() if k in ("val", "test")]
     log(f"{dataset.name} with {dataset.backbone}: " + ", ".join(f"{k} {n:,}" for k, n in sizes.items())
         + (f" ({'; '.join(held)})" if held else "")
-        + (" | recipe: " + ", ".join(f"{k} {v}" for k, v in recipe.items()) if recipe else ""))
+        + (" | recipe: " + key_values(recipe) if recipe else ""))
     if len(dataset.val) < 10 * len(dataset.classnames):  # one image more or less right moves the choice
         log(f"note: ID validation holds {len(dataset.val):,} images for {len(dataset.classnames):,} classes: what is "
             "chosen on it (the epoch, LP's C) rests on few images; give it 10 or more per class")

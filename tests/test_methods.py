@@ -1,5 +1,6 @@
 """Each method script end to end on the tiny embedded world, and the method invariants."""
 import copy
+import dataclasses
 import importlib
 import json
 import math
@@ -241,33 +242,56 @@ def test_a_run_stopped_while_scoring_its_selected_epoch_resumes_to_the_scoring(t
     assert steps[0] == steps[1]
 
 
-def test_resume_refuses_another_recipe_or_method_and_a_finished_run_and_starts_afresh_where_there_is_nothing(
+def test_resume_refuses_another_recipe_method_or_data_and_a_finished_run_and_starts_afresh_where_there_is_nothing(
         tmp_path, monkeypatch):
-    """--resume goes on only from the same method's resume.pt with the same recipe (a changed --lr would make the run
-    half one recipe, half another); a finished run has nothing to resume; a folder without resume.pt (a run stopped
-    in its first epoch) starts from the beginning, an unreadable one stops it. A new run without --resume keeps an old
-    resume.pt aside."""
+    """--resume goes on only from the same method's resume.pt, made with the same recipe (flags, or RECIPES as edited
+    since: the run would be half one recipe, half another) and data; the recipe's own values given as flags are the
+    same recipe. A finished run has nothing to resume; a folder without resume.pt (a run stopped in its first epoch)
+    starts from the beginning, an unreadable one stops it. A new run without --resume keeps an old resume.pt aside;
+    what a killed write left (resume.pt.tmp<pid>) goes when the next run takes the folder."""
     out = tmp_path / "ft"
     with monkeypatch.context() as m:
         interrupt_at(m, "epoch 2/2")
         with pytest.raises(Interrupted):
             ft.main(ft.Args(dataset="embedded-tiny", out=str(out), epochs=2))
-    for module, options, expected in [
-            (ft, {"lr": 0.5}, "its resume.pt comes from a run with other options: --lr 0.5 (it ran with no --lr)"),
-            (ft, {"seed": 1, "epochs": 3}, "--seed 1 (it ran with --seed 0), --epochs 3 (it ran with --epochs 2)"),
-            (l2sp, {}, "its resume.pt is ft's, not l2sp's; pass the --out of a l2sp run")]:
-        with pytest.raises(SystemExit) as e:
+    common.release_folder(out)  # as the stopped process's end would
+    (out / "resume.pt.tmp999999").write_bytes(b"half a file")
+    load = data.load_dataset
+
+    def smaller(*args, **kwargs):  # the same dataset with 10 training images fewer (another --data-root, say)
+        dataset = load(*args, **kwargs)
+        return dataclasses.replace(dataset, train=dataset.train.subset(range(190)))
+
+    recipe = "epochs 2, lr 0.03, batch_size 64"
+    for module, options, patch, expected in [
+            (ft, {"seed": 1}, None, "its resume.pt comes from a run with other options: --seed 1 (it ran with --seed 0)"),
+            (ft, {"lr": 0.5}, None, f"made with the recipe {recipe}, this run's is epochs 2, lr 0.5, batch_size 64"),
+            (ft, {}, (ft.RECIPES["embedded-tiny"], "lr", 0.3), f"recipe {recipe}, this run's is epochs 2, lr 0.3,"),
+            (ft, {}, (data, "load_dataset", smaller), "with the data (split sizes) id_train 200, id_val 100, id_test "
+                                                      "100, ood_sketch 100, ood_painting 100, ood_neon 100, this run's "
+                                                      "is id_train 190,"),
+            (l2sp, {}, None, "its resume.pt is ft's, not l2sp's; pass the --out of a l2sp run")]:
+        with monkeypatch.context() as m, pytest.raises(SystemExit) as e:
+            if patch and isinstance(patch[0], dict):
+                m.setitem(*patch)
+            elif patch:
+                m.setattr(*patch)
             module.main(module.Args(dataset="embedded-tiny", out=str(out), **{"epochs": 2, "resume": True, **options}))
         assert expected in str(e.value)
-    ft.main(ft.Args(dataset="embedded-tiny", out=str(out), epochs=2))  # afresh: the old resume.pt is kept aside
-    assert (out / "resume.previous0.pt").is_file() and (out / "done").is_file() and not (out / "resume.pt").exists()
+    ft.main(ft.Args(dataset="embedded-tiny", out=str(out), epochs=2, lr=0.03, batch_size=64, resume=True))
+    assert sorted(p.name for p in out.iterdir()) == ["done", "results.jsonl"]  # resumed: one set of lines
+    assert [r["step"] for r in read_results(out)][:2] == [1, 2]
+    (out / "resume.pt").write_text("left by a crash between `done` and its removal")
     with pytest.raises(SystemExit, match="holds a finished run .* drop --resume to run it again"):
         ft.main(ft.Args(dataset="embedded-tiny", out=str(out), epochs=2, resume=True))
     fresh = ft.main(ft.Args(dataset="embedded-tiny", out=str(tmp_path / "new"), epochs=2, resume=True))
     assert fresh["metrics"] == json.loads((out / "done").read_text())["metrics"]  # nothing to resume: a whole run
-    (tmp_path / "new" / "resume.pt").write_text("cut short")
-    with pytest.raises(SystemExit, match="could not read resume.pt .*; drop --resume to start from the beginning"):
-        ft.main(ft.Args(dataset="embedded-tiny", out=str(tmp_path / "new"), epochs=2, resume=True))
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "resume.pt").write_text("cut short")
+    with pytest.raises(SystemExit, match="could not read resume.pt .*; move .* aside to start from the beginning"):
+        ft.main(ft.Args(dataset="embedded-tiny", out=str(tmp_path / "cut"), epochs=2, resume=True))
+    ft.main(ft.Args(dataset="embedded-tiny", out=str(tmp_path / "cut"), epochs=2))  # afresh: the old one kept aside
+    assert (tmp_path / "cut" / "resume.previous0.pt").read_text() == "cut short"
 
 
 @pytest.mark.parametrize("method", sorted(FINE_TUNED))
