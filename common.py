@@ -1012,7 +1012,7 @@ class Results:
         its epoch. What the run did before this call (LP-FT's probe, say) was redone but not written again."""
         if self.pending is None:
             return None, 1
-        ckpt, self.pending = self.pending, None
+        ckpt, self.pending = torch.load(self.pending, map_location="cpu", weights_only=True), None
         now = {"recipe": self.header.get("recipe"), "sizes": self.header.get("data", {}).get("sizes")}
         for key, what in (("recipe", "recipe"), ("sizes", "data (split sizes)")):  # RECIPES edited, another data root
             if ckpt[key] != now[key]:
@@ -1020,8 +1020,6 @@ class Results:
                                  f"{key_values(ckpt[key])}, this run's is {key_values(now[key])}; resume with the "
                                  f"code and data it was started with, or move {self.dir / 'resume.pt'} aside to start "
                                  "from the beginning")
-        acc, epoch, weights = ckpt["best"]
-        best = (acc, epoch, {k: v.clone() for k, v in weights.items()})  # in memory, no longer on the mapped file
         for k, v in training.items():  # a torch.Generator has get/set_state; the others, a state dict
             if isinstance(v, torch.Generator):
                 v.set_state(ckpt["training"][k])
@@ -1034,11 +1032,11 @@ class Results:
             hold_folder(self.dir)
             write_text_atomic(self.path, ckpt["lines"])
             print(f"note: resuming {self.dir} after epoch {ckpt['epoch']} (resume.pt)", file=sys.stderr)
-        return best, ckpt["epoch"] + 1
+        return ckpt["best"], ckpt["epoch"] + 1
 
     def _find_resume_point(self, method, args):
-        """For --resume: resume.pt read and checked (the same method and recipe), or None to start from the beginning
-        (there is none yet: the run stopped in its first epoch, or never started)."""
+        """For --resume: the path of resume.pt, checked (the same method and options), or None to start from the
+        beginning (there is none yet: the run stopped in its first epoch, or never started)."""
         path, where = self.dir / "resume.pt", f"--resume: {self.dir}"
         if (self.dir / "done").is_file():
             raise SystemExit(f"error: {where} holds a finished run (its `done` marker) and nothing to resume; drop "
@@ -1047,7 +1045,7 @@ class Results:
             if self.writes:
                 print(f"note: {where} holds no resume.pt: starting from the beginning", file=sys.stderr)
             return None
-        try:  # mapped, not read: the ranks of one machine share its pages (2.4 GB each for FLYP's ViT-B/16)
+        try:  # mapped: its weights (2.4 GB for FLYP's ViT-B/16) are read by resume(), after the data and the model
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # written by another torch, say
             raise SystemExit(f"error: {where}: could not read resume.pt ({unreadable(path, e)}); move {path} aside "
@@ -1076,7 +1074,7 @@ class Results:
         if ckpt["commit"] != self.header["commit"] and self.writes:  # each results line says which code made it
             print(f"note: {where}: its resume.pt was written at commit {ckpt['commit']}; the code here is at "
                   f"{self.header['commit']}", file=sys.stderr)
-        return ckpt
+        return path
 
     def done(self, final):
         """Mark the run finished; the marker holds the selected evaluation (what tables report)."""
