@@ -3,6 +3,7 @@ accuracy and the trained weights equal one process's on the same global batches.
 import importlib
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,17 +58,25 @@ def test_two_processes_match_one(method, tmp_path, monkeypatch):
     run(method, argv + ["--out", str(tmp_path / "one")])
     mp.spawn(worker, args=(2, free_port(), method, argv + ["--out", str(tmp_path / "two")]), nprocs=2)
 
-    one, two = read_results(tmp_path / "one"), read_results(tmp_path / "two")
-    assert [r["step"] for r in one] == [r["step"] for r in two] and two[0]["processes"] == 2
-    for a, b in zip(one, two):
+    two = assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert two[0]["processes"] == 2
+    assert not (tmp_path / "two" / "results.previous0.jsonl").exists()  # rank 1 wrote nothing of its own
+
+
+def assert_same_run(one, two):
+    """Two runs' results lines and saved weights agree to within float rounding; returns the second's lines."""
+    one, two = Path(one), Path(two)
+    lines_one, lines_two = read_results(one), read_results(two)
+    assert [r["step"] for r in lines_one] == [r["step"] for r in lines_two]
+    for a, b in zip(lines_one, lines_two):
         if "train_loss" in a:  # the mean loss over an epoch of steps: equal only if every step's gradient was
             assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
         assert b["metrics"]["acc/id_val"] == pytest.approx(a["metrics"]["acc/id_val"], abs=1e-9)
-    w1 = torch.load(tmp_path / "one" / "model.pt", weights_only=True)["state_dict"]
-    w2 = torch.load(tmp_path / "two" / "model.pt", weights_only=True)["state_dict"]
+    w1 = torch.load(one / "model.pt", weights_only=True)["state_dict"]
+    w2 = torch.load(two / "model.pt", weights_only=True)["state_dict"]
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
-    assert not (tmp_path / "two" / "results.previous0.jsonl").exists()  # rank 1 wrote nothing of its own
+    return lines_two
 
 
 def test_a_run_stopped_in_one_process_resumes_in_two(tmp_path, monkeypatch):
@@ -87,16 +96,8 @@ def test_a_run_stopped_in_one_process_resumes_in_two(tmp_path, monkeypatch):
     common.release_folder(tmp_path / "stopped")  # as the stopped process's end would
     mp.spawn(worker, args=(2, free_port(), "flyp", argv + ["--out", str(tmp_path / "stopped"), "--resume"]), nprocs=2)
 
-    whole, resumed = read_results(tmp_path / "whole"), read_results(tmp_path / "stopped")
-    assert [r["step"] for r in whole] == [r["step"] for r in resumed] and [r["processes"] for r in resumed] == [1, 2, 2]
-    for a, b in zip(whole, resumed):
-        if "train_loss" in a:
-            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
-        assert b["metrics"]["acc/id_val"] == pytest.approx(a["metrics"]["acc/id_val"], abs=1e-9)
-    w1 = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)["state_dict"]
-    w2 = torch.load(tmp_path / "stopped" / "model.pt", weights_only=True)["state_dict"]
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+    resumed = assert_same_run(tmp_path / "whole", tmp_path / "stopped")
+    assert [r["processes"] for r in resumed] == [1, 2, 2]  # epoch 1's line from resume.pt, the rest from two
     assert sorted(p.name for p in (tmp_path / "stopped").iterdir()) == ["done", "model.pt", "results.jsonl"]
 
 
