@@ -218,6 +218,32 @@ def test_a_resumed_run_ends_exactly_as_one_never_stopped(method, tmp_path, monke
     assert sorted(p.name for p in (tmp_path / "stopped").iterdir()) == ["done", "model.pt", "results.jsonl"]
 
 
+def test_a_killed_script_resumes_from_the_command_line(tmp_path):
+    """The real thing: ft.py killed (SIGKILL, no clean-up of any kind) once its first resume.pt is on disk, then the
+    same command with --resume: the run ends as the one that never stopped, each epoch's line once."""
+    import signal
+    import time
+
+    argv = [sys.executable, str(ROOT / "ft.py"), "--dataset", "embedded-tiny", "--epochs", "8", "--save"]
+    run_script("ft", *argv[2:], "--out", str(tmp_path / "whole"))
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen([*argv, "--out", str(stopped)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while not (stopped / "resume.pt").exists() and proc.poll() is None:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL and not (stopped / "done").exists()
+    resumed = run_script("ft", *argv[2:], "--out", str(stopped), "--resume")
+    assert f"note: resuming {stopped} after epoch " in resumed.stderr
+    lines, model = what_was_computed(stopped)
+    whole_lines, whole_model = what_was_computed(tmp_path / "whole")
+    assert lines == whole_lines and [r["step"] for r in lines][:8] == list(range(1, 9))
+    assert all(torch.equal(model[k], whole_model[k]) for k in whole_model)
+
+
 def test_a_run_stopped_while_scoring_its_selected_epoch_resumes_to_the_scoring(tmp_path, monkeypatch):
     """Stopped after its last epoch, in the final scoring of every split (on ImageNet, half a million OOD images): the
     resumed run trains no more and scores the selected epoch, as the run that never stopped did."""
