@@ -10,11 +10,11 @@
 #       the tiny embedded world with the CUDA defaults (bf16 autocast + torch.compile), to check that the default path
 #       runs end to end (speed is bench.py's job), with torch.compile's recompilations and their reasons (expected:
 #       one per compiled tower, training -> evaluation, 'grad_mode'); then ft.py on a folder of JPEGs with
-#       RFT_GPU_DECODE=1 (nvJPEG inside a real run), and ft.py stopped and resumed (--resume) against the run that
-#       never stopped;
+#       RFT_GPU_DECODE=1 (nvJPEG inside a real run);
 #   (3) bench.py's ResNet-50 rows (bench-resnet50.json; the table goes on in bench.txt);
 #   (4) benchmarks/lp_solver.py: LP's solver now (scipy L-BFGS-B, torch's loss and gradient on the GPU) against the
-#       torch.optim.LBFGS it replaced and scikit-learn, with the GPU syncs each makes (lp_solver.txt).
+#       torch.optim.LBFGS it replaced and scikit-learn, with the GPU syncs each makes (lp_solver.txt);
+#   (5) ft.py stopped and resumed (--resume) on CUDA against (2)'s run that never stopped (methods.txt).
 #
 # The device machine has PyTorch, torchvision, scikit-learn, timm and friends but no open_clip and no network. Fetch
 # the missing pure-Python wheels here first (the folder stays out of git), then carry it:
@@ -83,36 +83,6 @@ done
 ckpt="$WORK/runs/ft/embedded-tiny/seed0/model.pt"  # saved on the GPU: its tensors must be on the CPU
 [ -f "$ckpt" ] && "$PY" -c "import sys, torch; sd = torch.load(sys.argv[1], weights_only=True)['state_dict']
 print('== ft model.pt tensors on', sorted({str(v.device) for v in sd.values()}))" "$ckpt" >> "$OUT/methods.txt" 2>&1
-t=$(limit 45)  # --resume on CUDA: ft.py stopped in its last epoch, resumed, against the run above that never stopped
-if [ "$t" -gt 0 ]; then
-  timeout -k 5 "$t" "$PY" - "$WORK/runs" > "$WORK/resume.txt" 2>&1 <<'PY'
-import json, sys, torch
-import common, ft
-runs = sys.argv[1]
-progress, out = common.progress, f"{runs}/ft-resume"
-def stop(iterable, desc="", total=None):
-    if desc == "epoch 2/2":
-        raise KeyboardInterrupt
-    return progress(iterable, desc, total)
-common.progress = stop
-try:
-    ft.main(ft.Args(dataset="embedded-tiny", device="cuda", out=out, save=True))
-except KeyboardInterrupt:
-    pass
-common.progress = progress
-ft.main(ft.Args(dataset="embedded-tiny", device="cuda", out=out, save=True, resume=True))
-def computed(folder):
-    lines = [(r["step"], r["metrics"], r.get("train_loss")) for r in map(json.loads, open(f"{folder}/results.jsonl"))]
-    return lines, torch.load(f"{folder}/model.pt", weights_only=True)["state_dict"]
-(a, wa), (b, wb) = computed(out), computed(f"{runs}/ft/embedded-tiny/seed0")
-print(f"== ft.py stopped and resumed on cuda: results lines equal {a == b}; max |w - w_whole| "
-      f"{max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa):.3g}")
-PY
-  if [ $? -eq 0 ]; then grep "^== " "$WORK/resume.txt"; else echo "== ft.py --resume on cuda failed:"
-    tail -n 5 "$WORK/resume.txt"; fi >> "$OUT/methods.txt"
-else
-  echo "== ft.py --resume on cuda skipped: the budget was spent" >> "$OUT/methods.txt"
-fi
 t=$(limit 40)  # the feature picture, its features computed on the GPU
 if [ "$t" -gt 0 ]; then
   timeout -k 5 "$t" "$PY" feature_map.py --dataset embedded-tiny --root "$WORK/runs" --device cuda \
@@ -164,5 +134,36 @@ if [ "$t" -gt 0 ]; then
     | tee "$OUT/lp_solver.txt"
 else
   echo "skipped: the budget was spent" > "$OUT/lp_solver.txt"
+fi
+# (5) --resume on CUDA: ft.py stopped in its last epoch and resumed, against (2)'s run that never stopped.
+t=$(limit 45)
+if [ "$t" -gt 0 ]; then
+  timeout -k 5 "$t" "$PY" - "$WORK/runs" > "$WORK/resume.txt" 2>&1 <<'PY'
+import json, sys, torch
+import common, ft
+runs = sys.argv[1]
+progress, out = common.progress, f"{runs}/ft-resume"
+def stop(iterable, desc="", total=None):
+    if desc == "epoch 2/2":
+        raise KeyboardInterrupt
+    return progress(iterable, desc, total)
+common.progress = stop
+try:
+    ft.main(ft.Args(dataset="embedded-tiny", device="cuda", out=out, save=True))
+except KeyboardInterrupt:
+    pass
+common.progress = progress
+ft.main(ft.Args(dataset="embedded-tiny", device="cuda", out=out, save=True, resume=True))
+def computed(folder):
+    lines = [(r["step"], r["metrics"], r.get("train_loss")) for r in map(json.loads, open(f"{folder}/results.jsonl"))]
+    return lines, torch.load(f"{folder}/model.pt", weights_only=True)["state_dict"]
+(a, wa), (b, wb) = computed(out), computed(f"{runs}/ft/embedded-tiny/seed0")
+print(f"== ft.py stopped and resumed on cuda: results lines equal {a == b}; max |w - w_whole| "
+      f"{max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa):.3g}")
+PY
+  if [ $? -eq 0 ]; then grep "^== " "$WORK/resume.txt"; else echo "== ft.py --resume on cuda failed:"
+    tail -n 5 "$WORK/resume.txt"; fi | tee -a "$OUT/methods.txt"
+else
+  echo "== ft.py --resume on cuda skipped: the budget was spent" | tee -a "$OUT/methods.txt"
 fi
 echo "gpu_checks.sh: done in $SECONDS s"
