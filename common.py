@@ -958,9 +958,10 @@ class Results:
                        "processes": data.rank_and_world()[1]}
         self.pending = self._find_resume_point(method, args) if vars(args).get("resume") else None
 
-    def _start(self):
+    def _start(self, keep=()):
         """At the first write: a new run in an old folder keeps the old files aside, never mixes them with its own or
-        loses them. Not before: a run that fails before its first evaluation leaves a finished folder as it was."""
+        loses them. Not before: a run that fails before its first evaluation leaves a finished folder as it was.
+        `keep`: the files a resumed run goes on with."""
         if self.started:
             return
         self.started = True
@@ -968,7 +969,7 @@ class Results:
         hold_folder(self.dir)
         for name in ("results.jsonl", "model.pt", "resume.pt"):  # resume.pt: an interrupted run's, not resumed
             old = self.dir / name
-            if old.exists():
+            if old.exists() and name not in keep:
                 kept = list(self.dir.glob(f"{old.stem}.previous*{old.suffix}"))
                 aside = self.dir / f"{old.stem}.previous{len(kept)}{old.suffix}"
                 os.replace(old, aside)
@@ -1002,9 +1003,12 @@ class Results:
             state = {k: v.get_state() if isinstance(v, torch.Generator) else v.state_dict()
                      for k, v in training.items()}
             save_atomic({"method": self.header["method"], "args": self.header["args"], "commit": self.header["commit"],
-                         "recipe": self.header.get("recipe"), "sizes": self.header.get("data", {}).get("sizes"),
-                         "epoch": epoch, "best": best, "training": state, "rng": rng_states(self.device),
-                         "lines": self.path.read_text()}, self.dir / "resume.pt")
+                         **self._made_with(), "epoch": epoch, "best": best, "training": state,
+                         "rng": rng_states(self.device), "lines": self.path.read_text()}, self.dir / "resume.pt")
+
+    def _made_with(self):
+        """The recipe and data sizes describe() recorded: a resumed run must have the same."""
+        return {"recipe": self.header.get("recipe"), "sizes": self.header.get("data", {}).get("sizes")}
 
     def resume(self, training):
         """(best, first epoch) to start the loop with: (None, 1) for a new run; for --resume, the state resume.pt holds
@@ -1013,7 +1017,7 @@ class Results:
         if self.pending is None:
             return None, 1
         ckpt, self.pending = torch.load(self.pending, map_location="cpu", weights_only=True), None
-        now = {"recipe": self.header.get("recipe"), "sizes": self.header.get("data", {}).get("sizes")}
+        now = self._made_with()
         for key, what in (("recipe", "recipe"), ("sizes", "data (split sizes)")):  # RECIPES edited, another data root
             if ckpt[key] != now[key]:
                 raise SystemExit(f"error: --resume: {self.dir}: its resume.pt was made with the {what} "
@@ -1027,9 +1031,7 @@ class Results:
                 v.load_state_dict(ckpt["training"][k])
         set_rng_states(ckpt["rng"], self.device)
         if self.writes:
-            self.started = True
-            self.dir.mkdir(parents=True, exist_ok=True)
-            hold_folder(self.dir)
+            self._start(keep=("results.jsonl", "resume.pt"))
             write_text_atomic(self.path, ckpt["lines"])
             print(f"note: resuming {self.dir} after epoch {ckpt['epoch']} (resume.pt)", file=sys.stderr)
         return ckpt["best"], ckpt["epoch"] + 1
