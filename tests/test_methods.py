@@ -224,10 +224,11 @@ def test_a_killed_script_resumes_from_the_command_line(tmp_path):
     import signal
     import time
 
-    argv = [sys.executable, str(ROOT / "ft.py"), "--dataset", "embedded-tiny", "--epochs", "8", "--save"]
-    run_script("ft", *argv[2:], "--out", str(tmp_path / "whole"))
+    options = ["--dataset", "embedded-tiny", "--epochs", "8", "--save"]
+    run_script("ft", *options, "--out", str(tmp_path / "whole"))
     stopped = tmp_path / "stopped"
-    proc = subprocess.Popen([*argv, "--out", str(stopped)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "ft.py"), *options, "--out", str(stopped)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         while not (stopped / "resume.pt").exists() and proc.poll() is None:
             time.sleep(0.005)
@@ -236,7 +237,7 @@ def test_a_killed_script_resumes_from_the_command_line(tmp_path):
         proc.wait(timeout=60)
         proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL and not (stopped / "done").exists()
-    resumed = run_script("ft", *argv[2:], "--out", str(stopped), "--resume")
+    resumed = run_script("ft", *options, "--out", str(stopped), "--resume")
     assert f"note: resuming {stopped} after epoch " in resumed.stderr
     lines, model = what_was_computed(stopped)
     whole_lines, whole_model = what_was_computed(tmp_path / "whole")
@@ -289,19 +290,19 @@ def test_resume_refuses_another_recipe_method_or_data_and_a_finished_run_and_sta
         return dataclasses.replace(dataset, train=dataset.train.subset(range(190)))
 
     recipe = "epochs 2, lr 0.03, batch_size 64"
-    for module, options, patch, expected in [
-            (ft, {"seed": 1}, None, "its resume.pt comes from a run with other options: --seed 1 (it ran with --seed 0)"),
-            (ft, {"lr": 0.5}, None, f"made with the recipe {recipe}, this run's is epochs 2, lr 0.5, batch_size 64"),
-            (ft, {}, (ft.RECIPES["embedded-tiny"], "lr", 0.3), f"recipe {recipe}, this run's is epochs 2, lr 0.3,"),
-            (ft, {}, (data, "load_dataset", smaller), "with the data (split sizes) id_train 200, id_val 100, id_test "
-                                                      "100, ood_sketch 100, ood_painting 100, ood_neon 100, this run's "
-                                                      "is id_train 190,"),
-            (l2sp, {}, None, "its resume.pt is ft's, not l2sp's; pass the --out of a l2sp run")]:
+    as_is = lambda m: None  # noqa: E731
+    for module, options, change, expected in [
+            (ft, {"seed": 1}, as_is,
+             "its resume.pt comes from a run with other options: --seed 1 (it ran with --seed 0)"),
+            (ft, {"lr": 0.5}, as_is, f"made with the recipe {recipe}, this run's is epochs 2, lr 0.5, batch_size 64"),
+            (ft, {}, lambda m: m.setitem(ft.RECIPES["embedded-tiny"], "lr", 0.3),
+             f"recipe {recipe}, this run's is epochs 2, lr 0.3,"),
+            (ft, {}, lambda m: m.setattr(data, "load_dataset", smaller),
+             "with the data (split sizes) id_train 200, id_val 100, id_test 100, ood_sketch 100, ood_painting 100, "
+             "ood_neon 100, this run's is id_train 190,"),
+            (l2sp, {}, as_is, "its resume.pt is ft's, not l2sp's; pass the --out of a l2sp run")]:
         with monkeypatch.context() as m, pytest.raises(SystemExit) as e:
-            if patch and isinstance(patch[0], dict):
-                m.setitem(*patch)
-            elif patch:
-                m.setattr(*patch)
+            change(m)
             module.main(module.Args(dataset="embedded-tiny", out=str(out), **{"epochs": 2, "resume": True, **options}))
         assert expected in str(e.value)
     ft.main(ft.Args(dataset="embedded-tiny", out=str(out), epochs=2, lr=0.03, batch_size=64, resume=True))
