@@ -557,8 +557,7 @@ def extract_features(encoder, split, device, precision="auto", batch_size=500, c
             torch.distributed.broadcast(buffer, 0)
     if path is None:
         return _extract(encoder, split, device, precision, batch_size, desc)
-    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
-        torch.manual_seed(int(cache, 16))
+    with data.seeded(int(cache, 16), device):
         feats = _extract(encoder, split, device, precision, batch_size, desc)
     if is_main():
         save_atomic(feats, path)

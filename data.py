@@ -9,6 +9,7 @@ size and colour. It provides
     other domain, see `load_dataset`.
 Everything is a deterministic function of a seed; images are generated in memory in a few seconds.
 """
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -297,10 +298,51 @@ class BatchIndices:
 
 
 @dataclass
+class SeededBatchIndices(BatchIndices):
+    """BatchIndices whose batches pair each index with the seed of that example's random draws in this pass (its
+    augmentation, see `FileSplit`). The seeds follow from the generator's state as the pass starts, read without
+    advancing it, so the order is the one BatchIndices draws, and a generator put back (--resume) gives back the
+    crops too. Without a generator they come from torch's global one, which they advance, as an unseeded order does."""
+
+    def __iter__(self):
+        seeds = example_seeds(self.n, self.generator)  # before the order is drawn: its state at the start of the pass
+        for idx in super().__iter__():
+            yield list(zip(idx.tolist(), seeds[idx].tolist()))
+
+
+def example_seeds(n, generator=None):
+    """n seeds, one per example, for one pass (see SeededBatchIndices)."""
+    if generator is None:
+        pass_seed = int(torch.empty((), dtype=torch.int64).random_())
+    else:
+        digest = hashlib.blake2b(generator.get_state().numpy().tobytes(), digest_size=8).digest()
+        pass_seed = int.from_bytes(digest, "little")
+    return torch.randint(2**62, (n,), generator=torch.Generator().manual_seed(pass_seed))
+
+
+@contextlib.contextmanager
+def seeded(seed, device="cpu"):
+    """Within the block torch's random numbers come from `seed` (on the CPU, and on `device` where that is a GPU);
+    after it the random states are as they were."""
+    device = torch.device(device)
+    gpus = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
+        torch.default_generator.manual_seed(seed)
+        if gpus:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+@dataclass
 class FileSplit:
     """A split read on demand: `items[i]` is what `read` turns into a PIL image (a path, or an index into an array),
     `transform` makes it a uint8 [3, H, W] tensor (random for the ID training split, fixed otherwise). Batches come
     from a DataLoader with worker processes, pinned memory and persistent workers. Same interface as `Split`.
+
+    Each image's random draws in a pass (its crop) come from a seed of its own (see `SeededBatchIndices`), not from
+    the loader worker that reads it: a run's crops are the same whatever the number of workers or processes, and a
+    resumed run draws those of the run that never stopped.
 
     With `decode_on_device` (JPEG files only; set by RFT_GPU_DECODE=1), workers only read the files' bytes and each
     batch is decoded where it is headed (nvJPEG on a GPU: torchvision.io.decode_jpeg(device='cuda')), then cropped
@@ -326,10 +368,13 @@ class FileSplit:
         return dataclasses.replace(self, items=[self.items[i] for i in idx.tolist()], labels=self.labels[idx],
                                    groups=None if self.groups is None else self.groups[idx])
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):
+        """split[i]: image i through the split's transform, and its label. split[i, seed]: the transform's random draws
+        (a training crop) from `seed`, as the loader reads (see SeededBatchIndices)."""
+        i, seed = key if isinstance(key, tuple) else (key, None)
         if self.decode_on_device:
-            return (torchvision_io().read_file(self.items[i]), i), self.labels[i]  # the undecoded file
-        return self.transform(self.read(self.items[i])), self.labels[i]
+            return (torchvision_io().read_file(self.items[i]), i, seed), self.labels[i]  # the undecoded file
+        return self._transform(self.read(self.items[i]), seed), self.labels[i]
 
     def batches(self, batch_size, device="cpu", shuffle=False, drop_last=False, generator=None):
         device = torch.device(device)
@@ -349,7 +394,7 @@ class FileSplit:
     def _decode(self, packed, device):
         """A batch of JPEG files (see `collate_bytes`) -> images on `device`, each through the split's transform there."""
         tvio = torchvision_io()
-        data, lengths, index = packed
+        data, lengths, index, seeds = packed
         files = list(data.split(lengths.tolist()))
         wait_for_queued_work(device)
         try:
@@ -360,7 +405,13 @@ class FileSplit:
             images = self._decode_each(files, index.tolist(), device)
         self.device_decoder_works = True
         # float: CUDA resizes no uint8 bicubic; rounded and clamped as the uint8 images of the PIL path are
-        return torch.stack([self.transform(img.float()) for img in images]).round_().clamp_(0, 255)
+        return torch.stack([self._transform(img.float(), seed)
+                            for img, seed in zip(images, seeds.tolist())]).round_().clamp_(0, 255)
+
+    def _transform(self, image, seed):
+        """The split's transform, its random draws (a training crop) from `seed`, else from torch's global generator."""
+        with contextlib.nullcontext() if seed is None else seeded(seed):
+            return self.transform(image)
 
     def _decode_each(self, files, index, device):
         """A refused batch, file by file: on `device` what it takes, on the CPU the rest (only those: a CMYK JPEG
@@ -402,10 +453,13 @@ class FileSplit:
         loaders = self.__dict__.setdefault("_loaders", {})
         if key not in loaders:
             workers = num_workers() if len(self) > 2 * batch_size else 0  # tiny splits: workers cost more than they save
+            sampler = SeededBatchIndices(len(self), batch_size, shuffle, drop_last, generator)
             loaders[key] = torch.utils.data.DataLoader(
-                dataclasses.replace(self), batch_sampler=BatchIndices(len(self), batch_size, shuffle, drop_last, generator),
-                num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0 and shuffle,
-                prefetch_factor=4 if workers else None, collate_fn=collate_bytes if self.decode_on_device else None)
+                dataclasses.replace(self), batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+                persistent_workers=workers > 0 and shuffle, prefetch_factor=4 if workers else None,
+                collate_fn=collate_bytes if self.decode_on_device else None,
+                generator=torch.Generator())  # the workers' base seed, not drawn from the global generator: a resumed
+            # run starts its workers at another point of that stream (and the crops come from the images' seeds)
         return loaders[key]
 
 
@@ -426,12 +480,12 @@ def torchvision_io():
 
 
 def collate_bytes(samples):
-    """A batch of ((file bytes, index), label) -> ((all bytes in one tensor, each file's length, each file's index),
+    """A batch of ((file bytes, index, seed), label) -> ((all bytes in one tensor, each file's length, index and seed),
     labels). One tensor, not one per file: workers hand each tensor over as a file descriptor, and hundreds per batch
-    exhaust them. The indices name a file that fails to decode."""
-    files = [b for (b, _), _ in samples]
-    return ((torch.cat(files), torch.tensor([len(b) for b in files]), torch.tensor([i for (_, i), _ in samples])),
-            torch.stack([torch.as_tensor(y) for _, y in samples]))
+    exhaust them. The indices name a file that fails to decode; the seeds are the images' crops'."""
+    files = [b for (b, _, _), _ in samples]
+    index, seeds = torch.tensor([[i, seed] for (_, i, seed), _ in samples]).unbind(1)
+    return (torch.cat(files), torch.tensor([len(b) for b in files]), index, seeds), torch.stack([y for _, y in samples])
 
 
 def num_workers():

@@ -23,6 +23,15 @@ def read_results(folder):
     return [json.loads(line) for line in (Path(folder) / "results.jsonl").read_text().splitlines()]
 
 
+def what_was_computed(folder):
+    """A run's results lines and saved model, less what differs between any two runs (time, the command line)."""
+    import torch
+
+    lines = [{k: v for k, v in r.items() if k not in ("time", "epoch_seconds", "args", "command")}
+             for r in read_results(folder)]
+    return lines, torch.load(Path(folder) / "model.pt", weights_only=True)["state_dict"]
+
+
 def record_optimizers(monkeypatch, name, before_step=lambda opt: None):
     """Replaces torch.optim.<name> for one test by a subclass that records each optimiser built (the list returned)
     and calls `before_step(opt)` before each step, where a spy reads the learning rate or the gradients."""

@@ -25,7 +25,7 @@ from PIL import Image
 import common
 import data
 import miniatures as mini
-from conftest import ROOT, read_results
+from conftest import ROOT, Interrupted, interrupt_at, read_results, what_was_computed
 
 BACKBONE = "embedded-clip-tiny"  # 32 px: fast
 NAMES = ["living17", "entity30", "cifar10", "imagenet", "domainnet", "fmow", "iwildcam", "pcam", "sst2", "folder"]
@@ -1086,6 +1086,46 @@ def test_a_file_split_shuffles_with_the_generator_it_is_given():
     assert first != second
 
 
+def noise_picture(i):
+    """Image i of a split of noise pictures, where every crop differs."""
+    return Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+
+
+def test_a_file_splits_crops_are_the_runs_whatever_reads_them(monkeypatch):
+    """Each image's training crop in a pass comes from a seed of its own, which follows from the data-order
+    generator: the same crops with or without loader workers and over any number of processes, the next pass's crops
+    again from a generator put back (--resume), and none of the run's global random numbers drawn. With crops drawn
+    by whichever worker read the image, from that worker's own stream, they depended on all of these."""
+    def passes(generator, n=2, workers=0, world=(0, 1)):
+        monkeypatch.setenv("RFT_WORKERS", str(workers))
+        monkeypatch.setattr(data, "rank_and_world", lambda: world)
+        split = data.file_split(list(range(24)), list(range(24)), data.preprocessing(BACKBONE), train=True,
+                                read=noise_picture)
+        out = []
+        for _ in range(n):
+            batches = list(split.batches(8, shuffle=True, drop_last=True, generator=generator))
+            out.append((torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])))
+        return out
+
+    global_state = torch.get_rng_state()
+    (x1, y1), (x2, y2) = passes(torch.Generator().manual_seed(0))
+    assert torch.equal(torch.get_rng_state(), global_state)
+    assert y1.tolist() == torch.randperm(24, generator=torch.Generator().manual_seed(0)).tolist()  # the order as before
+    assert not torch.equal(x1[y1.argsort()], x2[y2.argsort()])  # each image cropped anew at each pass
+
+    for (x, y), (xw, yw) in zip([(x1, y1), (x2, y2)], passes(torch.Generator().manual_seed(0), workers=2)):
+        assert torch.equal(y, yw) and torch.equal(x, xw)  # read by 2 loader workers
+    shares = [passes(torch.Generator().manual_seed(0), n=1, world=(rank, 2))[0] for rank in (0, 1)]
+    x_ranks = torch.cat([torch.cat([a, b]) for a, b in zip(shares[0][0].split(4), shares[1][0].split(4))])
+    assert torch.equal(x_ranks, x1)  # 2 processes' shares of each batch of 8 (4 each), put together
+
+    g = torch.Generator().manual_seed(0)
+    torch.randperm(24, generator=g)  # where the first pass leaves it, as resume.pt holds it
+    torch.manual_seed(12345)  # another global state, as in a new process
+    (xr, yr), = passes(g, n=1, workers=2)
+    assert torch.equal(yr, y2) and torch.equal(xr, x2)
+
+
 @pytest.mark.parametrize("name", PARAMS)
 def test_every_dataset_augments_its_id_training_split_only(minis, name):
     """Each loader gives ID train the random training transform (a random resized crop at every read) and every
@@ -1577,6 +1617,28 @@ def test_a_run_on_real_data_gives_the_same_results_whether_its_features_were_cac
     assert lpft(tmp_path / "3") == cold
 
 
+def test_a_run_on_image_files_resumes_to_the_crops_of_the_run_that_never_stopped(minis, tiny_backbone, tmp_path,
+                                                                                  monkeypatch):
+    """Stopped in its last epoch and resumed, an FT run reading image files through loader workers ends bit for bit as
+    the run that never stopped: the resumed epoch crops each image as that run did (the workers, started anew, drew
+    other crops when the crops came from their own random streams)."""
+    root, _ = minis.build("folder")
+    monkeypatch.setenv("RFT_WORKERS", "2")
+    monkeypatch.setattr(common, "load_backbone", lambda *a, **k: copy.deepcopy(tiny_backbone))  # trained in place
+    args = ["--epochs", "3", "--batch-size", "8", "--save"]
+    run_method("ft", "folder", root, tmp_path / "whole", *args)
+    with monkeypatch.context() as m:
+        interrupt_at(m, "epoch 3/3")
+        with pytest.raises(Interrupted):
+            run_method("ft", "folder", root, tmp_path / "stopped", *args)
+    torch.manual_seed(12345)  # as in a new process: other global random states
+    run_method("ft", "folder", root, tmp_path / "stopped", *args, "--resume")
+    lines, model = what_was_computed(tmp_path / "stopped")
+    whole_lines, whole_model = what_was_computed(tmp_path / "whole")
+    assert lines == whole_lines and [r["step"] for r in lines][-4:] == [1, 2, 3, lines[-1]["step"]]
+    assert all(torch.equal(model[k], whole_model[k]) for k in whole_model)
+
+
 @pytest.mark.parametrize("module_name", ["ft", "lpft", "l2sp", "flyp"])
 def test_a_batch_the_training_split_cannot_fill_stops_the_run_before_the_backbone_loads(minis, tmp_path, monkeypatch,
                                                                                       module_name):
@@ -1606,7 +1668,8 @@ def write_noise_jpegs(folder, n, grey_at=(), formats=None):
 def test_decoding_on_the_device_matches_the_worker_path(tmp_path, monkeypatch, backbone):
     """RFT_GPU_DECODE=1: workers read bytes, batches are decoded and cropped where they go (here the CPU, on a GPU
     nvJPEG); the images equal the PIL path's within two grey levels (two resamplers), including a greyscale JPEG
-    and a PNG and a BMP named .jpg (ImageNet has a PNG), which fall back to the PIL path per image, with a warning."""
+    and a PNG and a BMP named .jpg (ImageNet has a PNG), which fall back to the PIL path per image, with a warning.
+    Training crops too: each image's random draws come from its own seed, whichever path decodes it."""
     for split in ("train", "test"):
         for c in ("cat", "dog"):
             write_noise_jpegs(tmp_path / split / c, 6, grey_at=(0,), formats={1: "PNG", 2: "BMP"})
@@ -1620,10 +1683,16 @@ def test_decoding_on_the_device_matches_the_worker_path(tmp_path, monkeypatch, b
     assert device.test.cpu_decoded_files == 4 and pil.test.cpu_decoded_files == 0  # a PNG and a BMP per class
     grey_levels = (x1 - x2).abs() * torch.tensor(pil.test.std).view(1, 3, 1, 1) * 255
     assert torch.equal(y1, y2) and x2.shape == x1.shape and grey_levels.max() < 2.5 and grey_levels.mean() < 0.3
-    (x, y), = list(device.train.batches(len(device.train), shuffle=True, drop_last=True,
-                                        generator=torch.Generator().manual_seed(0)))
+    def one_pass(split):
+        return next(split.batches(len(split), shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0)))
+
+    x1, y1 = one_pass(pil.train)
+    with pytest.warns(UserWarning, match="decoded on the CPU"):
+        x2, y2 = one_pass(device.train)
     size = device.train.transform.transforms[0].size  # the training crop
-    assert x.shape == (len(device.train), 3, *size) and x.dtype == torch.float32
+    assert x2.shape == (len(device.train), 3, *size) and x2.dtype == torch.float32
+    grey_levels = (x1 - x2).abs() * torch.tensor(pil.train.std).view(1, 3, 1, 1) * 255
+    assert torch.equal(y1, y2) and grey_levels.max() < 2.5  # the same crops: each image's from its own seed
 
 
 def test_miniature_command_writes_a_layout_the_loader_reads(tmp_path):
@@ -1892,7 +1961,7 @@ def test_decoding_on_a_gpu_waits_for_the_queued_work_of_the_stream_first(monkeyp
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
     monkeypatch.setattr(torchvision.io, "decode_jpeg", decode)
     split = data.file_split(["a.jpg", "b.jpg"], [0, 1], data.preprocessing(BACKBONE))
-    packed = (torch.zeros(6, dtype=torch.uint8), torch.tensor([3, 3]), torch.tensor([0, 1]))
+    packed = (torch.zeros(6, dtype=torch.uint8), torch.tensor([3, 3]), torch.tensor([0, 1]), torch.tensor([5, 6]))
     split._decode(packed, torch.device("cuda"))
     assert calls == ["synchronize", "decode"]
     calls.clear()

@@ -23,7 +23,7 @@ import ft
 import l2sp
 import lp
 import lpft
-from conftest import ROOT, Interrupted, interrupt_at, read_results, record_optimizers
+from conftest import ROOT, Interrupted, interrupt_at, read_results, record_optimizers, what_was_computed
 
 METHODS = ["zeroshot", "lp", "ft", "lpft", "l2sp", "flyp"]
 
@@ -181,13 +181,6 @@ def test_the_selected_epoch_is_the_one_scored_and_saved_even_when_it_is_not_the_
     epoch1, epoch2 = [f for selecting, f in calls if selecting]
     assert not torch.equal(epoch1, epoch2)  # the epochs differ, so the check has teeth
     assert torch.equal(calls[-1][1], epoch1)  # the final scores are epoch 1's model's
-
-
-def what_was_computed(folder):
-    """A run's results lines and saved model, less what differs between any two runs (time, the command line)."""
-    lines = [{k: v for k, v in r.items() if k not in ("time", "epoch_seconds", "args", "command")}
-             for r in read_results(folder)]
-    return lines, torch.load(folder / "model.pt", weights_only=True)["state_dict"]
 
 
 @pytest.mark.parametrize("method", sorted(FINE_TUNED) + ["flyp"])
