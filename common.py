@@ -994,15 +994,16 @@ class Results:
 
     # --resume: after each epoch, <out>/resume.pt holds what the loop needs to go on as if never stopped. `training`
     # names the objects whose state that is: the model, optimizer, scheduler and the data order's generator.
-    def save_for_resume(self, epoch, best, training):
-        """Write <out>/resume.pt: the state after `epoch`, the best epoch so far (val accuracy, epoch, weights), the
-        global RNG states and the results lines written so far (one file, replaced atomically)."""
+    def save_for_resume(self, epoch, best, training, unit="epoch"):
+        """Write <out>/resume.pt: the state after `epoch` (the loop's `unit`s finished: few-shot FLYP counts draws),
+        what the loop carries on (`best`: the best epoch so far, val accuracy, epoch and weights; few-shot FLYP: the
+        draws' records), the global RNG states and the results lines written so far (one file, replaced atomically)."""
         if self.writes:
             self._start()
             state = {k: v.get_state() if isinstance(v, torch.Generator) else v.state_dict()
                      for k, v in training.items()}
             save_atomic({"method": self.header["method"], "args": self.header["args"], "commit": self.header["commit"],
-                         **self._made_with(), "epoch": epoch, "best": best, "training": state,
+                         **self._made_with(), "epoch": epoch, "unit": unit, "best": best, "training": state,
                          "rng": rng_states(self.device), "lines": self.path.read_text()}, self.dir / "resume.pt")
 
     def _made_with(self):
@@ -1032,7 +1033,7 @@ class Results:
         if self.writes:
             self._start(keep=("results.jsonl", "resume.pt"))
             write_text_atomic(self.path, ckpt["lines"])
-            print(f"note: resuming {self.dir} after epoch {ckpt['epoch']} (resume.pt)", file=sys.stderr)
+            print(f"note: resuming {self.dir} (resume.pt; {ckpt.get('unit', 'epoch')}s finished: {ckpt['epoch']})", file=sys.stderr)
         return ckpt["best"], ckpt["epoch"] + 1
 
     def _find_resume_point(self, method, args):

@@ -43,6 +43,8 @@ class Args:
     """torch.compile the backbone: 'auto' (on a GPU that Triton supports, V100 or newer), 'on' or 'off'"""
     out: str = None
     """output folder; default runs/<method>/<dataset>/seed<seed>"""
+    resume: bool = False
+    """go on after the last draw an interrupted run in <out> finished (its resume.pt); none there: start afresh"""
 
     shots: int = 16
     """labelled training images per class, k (FLYP paper: 4, 16, 32; its README: 16)"""
@@ -125,13 +127,15 @@ def main(args):
     encode = common.maybe_compile(model.visual, args.compile, device)
     encode_text = common.maybe_compile(model.encode_text, args.compile, device)  # captions: one shape per draw
     g = torch.Generator().manual_seed(args.seed)
+    training = {"draws": g}  # --resume's state: each draw starts from the zero-shot model, so no weights
 
     def head():  # the zero-shot head of the current text tower
         return common.zeroshot_head(model, backbone.tokenizer, dataset.classnames, dataset.templates, device,
                                     args.precision)
 
-    records = []
-    for draw in common.progress(range(recipe["draws"]), desc="draws"):
+    records, first = results.resume(training)  # records: the results lines of the finished draws
+    records = records or []
+    for draw in common.progress(range(first - 1, recipe["draws"]), desc="draws"):
         model.load_state_dict(pretrained)
         train_idx, val_idx = draw_shots(dataset.train.labels, args.shots, g), draw_shots(dataset.val.labels, args.shots, g)
         x, y = next(dataset.train.subset(train_idx).batches(len(train_idx), device))  # one augmented view per image
@@ -172,6 +176,7 @@ def main(args):
                                   device)
         records.append(results.log(draw, metrics, selected_step=step, val_losses=val_losses, shots=args.shots))
         log(f"draw {draw:2d}: step {step:2d} (val loss {val_loss:.3f}) | {common.format_metrics(metrics)}")
+        results.save_for_resume(draw + 1, records, training, unit="draw")  # <out>/resume.pt: where --resume goes on
 
     values = {k: torch.tensor([r["metrics"][k] for r in records], dtype=torch.float64) for k in records[0]["metrics"]}
     mean = {k: v.mean().item() for k, v in values.items()}

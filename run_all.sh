@@ -6,8 +6,9 @@
 #   DATASETS="embedded" SEEDS="0" METHODS="lp ft" JOBS=1 bash run_all.sh
 #
 # A run counts as finished when its script wrote `done` (one whose script changed since is named; delete its `done` to
-# run it again). An unfinished one goes on after its last finished epoch where its script has --resume (FT, LP-FT,
-# L2-SP, FLYP), else starts again; each attempt appends to its log.txt. METHODS may name a script of your own.
+# run it again). An unfinished one goes on after its last finished epoch (or draw) where its script has --resume (FT,
+# LP-FT, L2-SP, FLYP, few-shot FLYP), else starts again; each attempt appends to its log.txt. METHODS may name a
+# script of your own.
 # WiSE-FT interpolates the zero-shot model and each seed's FLYP checkpoint, so it runs after FLYP finished (and again
 # when FLYP was re-run). A failed run is named and the rest go on; the table covers what finished; the exit status is 1.
 set -euo pipefail

@@ -27,9 +27,13 @@ def what_was_computed(folder):
     """A run's results lines and saved model, less what differs between any two runs (time, the command line)."""
     import torch
 
-    lines = [{k: v for k, v in r.items() if k not in ("time", "epoch_seconds", "args", "command")}
-             for r in read_results(folder)]
-    return lines, torch.load(Path(folder) / "model.pt", weights_only=True)["state_dict"]
+    return computed_lines(folder), torch.load(Path(folder) / "model.pt", weights_only=True)["state_dict"]
+
+
+def computed_lines(folder):
+    """A run's results lines less what differs between any two runs (time, the command line)."""
+    return [{k: v for k, v in r.items() if k not in ("time", "epoch_seconds", "args", "command")}
+            for r in read_results(folder)]
 
 
 def record_optimizers(monkeypatch, name, before_step=lambda opt: None):

@@ -23,7 +23,8 @@ import ft
 import l2sp
 import lp
 import lpft
-from conftest import ROOT, Interrupted, interrupt_at, read_results, record_optimizers, what_was_computed
+from conftest import (ROOT, Interrupted, computed_lines, interrupt_at, read_results, record_optimizers,
+                      what_was_computed)
 
 METHODS = ["zeroshot", "lp", "ft", "lpft", "l2sp", "flyp"]
 
@@ -211,6 +212,35 @@ def test_a_resumed_run_ends_exactly_as_one_never_stopped(method, tmp_path, monke
     assert sorted(p.name for p in (tmp_path / "stopped").iterdir()) == ["done", "model.pt", "results.jsonl"]
 
 
+def test_a_resumed_fewshot_run_ends_exactly_as_one_never_stopped(tmp_path, monkeypatch):
+    """Few-shot FLYP stopped in its third draw goes on after the second: the same draws (the generator and the global
+    random states come back; each draw starts from the zero-shot model), each draw's line once, the same mean and
+    standard deviation over all three."""
+    def run(out, **options):
+        return flyp_fewshot.main(flyp_fewshot.Args(dataset="embedded-tiny", out=str(tmp_path / out), draws=3, steps=2,
+                                                   shots=4, **options))
+
+    whole = run("whole")
+    drawn, draw_shots = [], flyp_fewshot.draw_shots
+
+    def stopping(*args):  # two draws of shots per draw (train, validation): the fifth is the third draw's first
+        drawn.append(1)
+        if len(drawn) == 5:
+            raise Interrupted("draw 2")
+        return draw_shots(*args)
+
+    with monkeypatch.context() as m:
+        m.setattr(flyp_fewshot, "draw_shots", stopping)
+        with pytest.raises(Interrupted):
+            run("stopped")
+    assert torch.load(tmp_path / "stopped" / "resume.pt", weights_only=True)["epoch"] == 2
+    torch.manual_seed(12345)  # as in a new process: other global random states
+    assert run("stopped", resume=True) == whole
+    lines = computed_lines(tmp_path / "stopped")
+    assert lines == computed_lines(tmp_path / "whole") and [r["step"] for r in lines] == [0, 1, 2]
+    assert sorted(p.name for p in (tmp_path / "stopped").iterdir()) == ["done", "results.jsonl"]
+
+
 def test_a_killed_script_resumes_from_the_command_line(tmp_path):
     """The real thing: ft.py killed (SIGKILL, no clean-up of any kind) once its first resume.pt is on disk, then the
     same command with --resume: the run ends as the one that never stopped, each epoch's line once."""
@@ -231,7 +261,7 @@ def test_a_killed_script_resumes_from_the_command_line(tmp_path):
         proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL and not (stopped / "done").exists()
     resumed = run_script("ft", *options, "--out", str(stopped), "--resume")
-    assert f"note: resuming {stopped} after epoch " in resumed.stderr
+    assert f"note: resuming {stopped} (resume.pt; epochs finished: " in resumed.stderr
     lines, model = what_was_computed(stopped)
     whole_lines, whole_model = what_was_computed(tmp_path / "whole")
     assert lines == whole_lines and [r["step"] for r in lines][:8] == list(range(1, 9))
@@ -492,7 +522,7 @@ def test_run_all_tiny_builds_table_and_pictures_skips_finished_runs_and_goes_on_
     assert f"redo {wiseft} (its FLYP checkpoint is newer)" in failed.stderr and f"run  {wiseft}" in failed.stdout
     assert (wiseft / "done").stat().st_mtime_ns > before and failed.stderr.count("skip ") == 3
     assert f"run  {unfinished}" in failed.stdout and (unfinished / "done").exists()  # only `done` means finished
-    assert f"note: resuming {stopped} after epoch 1" in (stopped / "log.txt").read_text()
+    assert f"note: resuming {stopped} (resume.pt; epochs finished: 1)" in (stopped / "log.txt").read_text()
     assert (stopped / "done").exists()
     steps = [r["step"] for r in read_results(stopped)]
     assert steps[:2] == [1, 2] and len(steps) == 3  # epoch 1's line once (from resume.pt), epoch 2's, the selected
