@@ -609,6 +609,8 @@ def feature_cache(backbone, dataset, split, device, precision, seed=0):
              seed if split == "id_train" else None]
     if getattr(part, "decode_on_device", False):  # nvJPEG and tensor resizing give other pixels than PIL's
         parts.append("decoded on the device")  # (appended, not always there: the keys of existing caches stay valid)
+    if split == "id_train":  # its crops come from each image's seed (data.SeededBatchIndices), no longer from the
+        parts.append("crops seeded per image")  # loader workers' streams: features cached before are another view
     return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 

@@ -302,7 +302,9 @@ class SeededBatchIndices(BatchIndices):
     """BatchIndices whose batches pair each index with the seed of that example's random draws in this pass (its
     augmentation, see `FileSplit`). The seeds follow from the generator's state as the pass starts, read without
     advancing it, so the order is the one BatchIndices draws, and a generator put back (--resume) gives back the
-    crops too. Without a generator they come from torch's global one, which they advance, as an unseeded order does."""
+    crops too (an unshuffled pass leaves the generator as it was: the next one, unless something else draws from the
+    generator in between, gets the same seeds). Without a generator they come from torch's global one, which they
+    advance, as an unseeded order does."""
 
     def __iter__(self):
         seeds = example_seeds(self.n, self.generator)  # before the order is drawn: its state at the start of the pass
@@ -317,7 +319,8 @@ def example_seeds(n, generator=None):
     else:
         digest = hashlib.blake2b(generator.get_state().numpy().tobytes(), digest_size=8).digest()
         pass_seed = int.from_bytes(digest, "little")
-    return torch.randint(2**62, (n,), generator=torch.Generator().manual_seed(pass_seed))
+    return torch.randint(2**32, (n,), generator=torch.Generator().manual_seed(pass_seed))  # torch's Mersenne Twister
+    # takes 32 bits of a seed: on ImageNet ~190 pairs of images per pass share their random draws, harmlessly
 
 
 @contextlib.contextmanager
@@ -370,7 +373,8 @@ class FileSplit:
 
     def __getitem__(self, key):
         """split[i]: image i through the split's transform, and its label. split[i, seed]: the transform's random draws
-        (a training crop) from `seed`, as the loader reads (see SeededBatchIndices)."""
+        (a training crop) from `seed`, as the loader reads (see SeededBatchIndices). With decode_on_device, the image
+        is the file's undecoded bytes, with i and seed: the loader's collate_bytes packs them, `_decode` decodes."""
         i, seed = key if isinstance(key, tuple) else (key, None)
         if self.decode_on_device:
             return (torchvision_io().read_file(self.items[i]), i, seed), self.labels[i]  # the undecoded file

@@ -138,7 +138,8 @@ def main(args):
     for draw in common.progress(range(first - 1, recipe["draws"]), desc="draws"):
         model.load_state_dict(pretrained)
         train_idx, val_idx = draw_shots(dataset.train.labels, args.shots, g), draw_shots(dataset.val.labels, args.shots, g)
-        x, y = next(dataset.train.subset(train_idx).batches(len(train_idx), device))  # one augmented view per image
+        # one augmented view per image, its crop from a seed that follows from g (data.SeededBatchIndices)
+        x, y = next(dataset.train.subset(train_idx).batches(len(train_idx), device, generator=g))
         val = dataset.val.subset(val_idx)
         optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"],
                                       fused=True)  # one kernel over all parameters: ~9x faster steps, on CPU too

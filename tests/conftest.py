@@ -23,6 +23,18 @@ def read_results(folder):
     return [json.loads(line) for line in (Path(folder) / "results.jsonl").read_text().splitlines()]
 
 
+def write_noise_pngs(folder, sizes, seed):
+    """Random-noise PNGs of the given (width, height): unlike the miniatures' single-colour images, every crop, flip
+    or resampling other than the intended one changes their pixels."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for k, (w, h) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+
+
 def what_was_computed(folder):
     """A run's results lines and saved model, less what differs between any two runs (time, the command line)."""
     import torch

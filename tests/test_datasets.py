@@ -25,7 +25,7 @@ from PIL import Image
 import common
 import data
 import miniatures as mini
-from conftest import ROOT, Interrupted, interrupt_at, read_results, what_was_computed
+from conftest import ROOT, Interrupted, interrupt_at, read_results, what_was_computed, write_noise_pngs
 
 BACKBONE = "embedded-clip-tiny"  # 32 px: fast
 NAMES = ["living17", "entity30", "cifar10", "imagenet", "domainnet", "fmow", "iwildcam", "pcam", "sst2", "folder"]
@@ -1711,15 +1711,6 @@ def test_miniature_command_writes_a_layout_the_loader_reads(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Preprocessing: the backbones' libraries' own, and no augmentation outside ID train
 # ---------------------------------------------------------------------------------------------------------------
-def write_noise_pngs(folder, sizes, seed):
-    """Random-noise PNGs of the given (width, height): unlike the miniatures' single-colour images, every crop, flip
-    or resampling other than the intended one changes their pixels."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for k, (w, h) in enumerate(sizes):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{k}.png")
-
-
 def read_once(split):
     """A split's normalised images, one pass in file order."""
     (x, _), = list(split.batches(len(split)))

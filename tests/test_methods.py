@@ -24,7 +24,7 @@ import l2sp
 import lp
 import lpft
 from conftest import (ROOT, Interrupted, computed_lines, interrupt_at, read_results, record_optimizers,
-                      what_was_computed)
+                      what_was_computed, write_noise_pngs)
 
 METHODS = ["zeroshot", "lp", "ft", "lpft", "l2sp", "flyp"]
 
@@ -212,13 +212,21 @@ def test_a_resumed_run_ends_exactly_as_one_never_stopped(method, tmp_path, monke
     assert sorted(p.name for p in (tmp_path / "stopped").iterdir()) == ["done", "model.pt", "results.jsonl"]
 
 
-def test_a_resumed_fewshot_run_ends_exactly_as_one_never_stopped(tmp_path, monkeypatch):
+@pytest.mark.parametrize("images", ["embedded", "files"])
+def test_a_resumed_fewshot_run_ends_exactly_as_one_never_stopped(images, tmp_path, monkeypatch):
     """Few-shot FLYP stopped in its third draw goes on after the second: the same draws (the generator and the global
     random states come back; each draw starts from the zero-shot model), each draw's line once, the same mean and
-    standard deviation over all three."""
+    standard deviation over all three. From image files, each draw's crops too."""
+    where = {"dataset": "embedded-tiny"}
+    if images == "files":  # noise: every crop differs
+        for j, part in enumerate(("train", "val", "test")):
+            for k, c in enumerate(("cat", "dog")):
+                write_noise_pngs(tmp_path / "data" / part / c, [(40, 48)] * 6, seed=10 * j + k)
+        where = {"dataset": "folder", "data_root": str(tmp_path / "data"), "backbone": "embedded-clip-tiny"}
+
     def run(out, **options):
-        return flyp_fewshot.main(flyp_fewshot.Args(dataset="embedded-tiny", out=str(tmp_path / out), draws=3, steps=2,
-                                                   shots=4, **options))
+        return flyp_fewshot.main(flyp_fewshot.Args(**where, out=str(tmp_path / out), draws=3, steps=2, shots=4,
+                                                   **options))
 
     whole = run("whole")
     drawn, draw_shots = [], flyp_fewshot.draw_shots
