@@ -1,6 +1,7 @@
 """What every method shares and that is not the method: backbones, seeding, device, precision and compile,
 evaluation, feature distortion, the results writer and the dataclass -> argparse helper."""
 import atexit
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -231,6 +232,28 @@ def write_atomic(path, write):
 
 def save_atomic(obj, path):
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+# resume.pt is written by this thread while the next epoch trains (2.4 GB take 5 s to write and flush); it finishes
+# what was queued when the interpreter exits, so a run that fails still leaves its last resume.pt whole
+BACKGROUND = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rft-resume-write")
+
+
+def wait_for_writes():
+    """Wait until the background writes this process queued are on the disk (or failed: their Results raise it)."""
+    concurrent.futures.wait([BACKGROUND.submit(int)])  # the thread takes them in order
+
+
+def cpu_copy(obj):
+    """`obj` with each tensor in it (through dicts, lists and tuples) copied to the CPU: a snapshot that the
+    in-place updates of the steps after it do not reach."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -935,6 +958,9 @@ class Results:
     rank 0 writes (every rank holds the same metrics)."""
 
     def __init__(self, out_dir, method, args, device):
+        wait_for_writes()  # a run this process stopped (in a notebook, say) has its last resume.pt written before
+        # this one looks for it or clears the folder of unfinished writes
+        self.writing = None  # the background write of resume.pt under way, if any
         self.dir = Path(out_dir)
         self.path = self.dir / "results.jsonl"
         self.writes, self.started, self.device = is_main(), False, device
@@ -1002,11 +1028,20 @@ class Results:
         draws' records), the global RNG states and the results lines written so far (one file, replaced atomically)."""
         if self.writes:
             self._start()
+            self._written()  # one write at a time; one that failed stops the run here
             state = {k: v.get_state() if isinstance(v, torch.Generator) else v.state_dict()
                      for k, v in training.items()}
-            save_atomic({"method": self.header["method"], "args": self.header["args"], "commit": self.header["commit"],
-                         **self._made_with(), "epoch": epoch, "unit": unit, "best": best, "training": state,
-                         "rng": rng_states(self.device), "lines": self.path.read_text()}, self.dir / "resume.pt")
+            snapshot = cpu_copy({"method": self.header["method"], "args": self.header["args"],
+                                 "commit": self.header["commit"], **self._made_with(), "epoch": epoch, "unit": unit,
+                                 "best": best, "training": state, "rng": rng_states(self.device),
+                                 "lines": self.path.read_text()})
+            self.writing = BACKGROUND.submit(save_atomic, snapshot, self.dir / "resume.pt")
+
+    def _written(self):
+        """Wait for the background write of resume.pt, if one is under way; raise its error."""
+        writing, self.writing = self.writing, None
+        if writing is not None:
+            writing.result()
 
     def _made_with(self):
         """The recipe and data sizes describe() recorded: a resumed run must have the same."""
@@ -1086,6 +1121,7 @@ class Results:
                   "commit": self.header["commit"], **final}
         if self.writes:
             self._start()
+            self._written()  # before resume.pt goes: else it could be written again after
             write_text_atomic(self.dir / "done", json.dumps(record) + "\n")
             (self.dir / "resume.pt").unlink(missing_ok=True)  # a finished run has nothing to resume
             release_folder(self.dir)  # the run is over: the folder is free for the next

@@ -1,4 +1,5 @@
 """Shared pieces: the embedded model cache, the argument parser, results, selection, distortion, precision."""
+import copy
 import csv
 import dataclasses
 import hashlib
@@ -11,6 +12,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -131,6 +133,71 @@ def test_resume_puts_back_the_global_random_states_and_the_lines_of_its_epoch_on
     again = torch.rand(3), np.random.rand(), random.random(), torch.rand(2, generator=g)
     assert torch.equal(again[0], after[0]) and again[1:3] == after[1:3] and torch.equal(again[3], after[3])
     assert [r["step"] for r in read_results(tmp_path)] == [1]
+
+
+def test_resume_pt_is_written_in_the_background_with_the_state_its_epoch_ended_with(tmp_path, monkeypatch):
+    """save_for_resume returns once it has copied the state (2.4 GB take 5 s to write and flush: the next epoch trains
+    meanwhile); the file holds the state as it was, not what the next step changed in place. A run resumed in the same
+    process (a notebook) finds the last resume.pt written; done() waits for the write before it removes resume.pt,
+    which a late write would leave beside `done`."""
+    release, save_atomic = threading.Event(), common.save_atomic
+
+    def slow_write(obj, path):
+        release.wait(10)
+        save_atomic(obj, path)
+
+    monkeypatch.setattr(common, "save_atomic", slow_write)
+    results = common.Results(tmp_path, "ft", ft.Args(dataset="embedded-tiny"), torch.device("cpu"))
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()  # momentum buffers: the optimizer's state is copied too
+    results.log(1, {"acc/id_val": 50.0})
+    results.save_for_resume(1, (50.0, 1, copy.deepcopy(model.state_dict())), {"model": model, "optimizer": optimizer})
+    assert not (tmp_path / "resume.pt").exists()  # returned before the write
+    weights, momentum = model.weight.clone(), optimizer.state[model.weight]["momentum_buffer"].clone()
+    optimizer.step()  # the next epoch's first step, in place
+    release.set()
+    common.wait_for_writes()
+    saved = torch.load(tmp_path / "resume.pt", weights_only=True)["training"]
+    assert torch.equal(saved["model"]["weight"], weights) and not torch.equal(model.weight, weights)
+    assert torch.equal(saved["optimizer"]["state"][0]["momentum_buffer"], momentum)
+
+    release.clear()
+    results.log(2, {"acc/id_val": 60.0})
+    results.save_for_resume(2, None, {"model": model})  # and the run stops: a notebook resumes it in this process
+    threading.Timer(0.3, release.set).start()  # the write finishes after the resumed run starts
+    resumed = common.Results(tmp_path, "ft", ft.Args(dataset="embedded-tiny", resume=True), torch.device("cpu"))
+    assert resumed.resume({"model": model})[1] == 3
+
+    release.clear()
+    resumed.save_for_resume(3, None, {"model": model})
+    threading.Timer(0.3, release.set).start()  # the write finishes after done() is called
+    resumed.done({"step": 1, "metrics": {}})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done", "results.jsonl"]
+
+
+def test_a_failed_background_write_stops_the_run_at_the_next_epochs_end(tmp_path, monkeypatch):
+    """A resume.pt that could not be written (a full disk, say) is said, not lost silently: the next save_for_resume,
+    or done(), raises its error; the previous resume.pt stays."""
+    results = common.Results(tmp_path, "ft", ft.Args(dataset="embedded-tiny"), torch.device("cpu"))
+    model = torch.nn.Linear(3, 2)
+    results.log(1, {"acc/id_val": 50.0})
+    results.save_for_resume(1, None, {"model": model})
+    common.wait_for_writes()
+    before = (tmp_path / "resume.pt").read_bytes()
+
+    def full_disk(obj, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(common, "save_atomic", full_disk)
+    results.save_for_resume(2, None, {"model": model})
+    with pytest.raises(OSError, match="No space left on device"):
+        results.save_for_resume(3, None, {"model": model})
+    results.save_for_resume(3, None, {"model": model})
+    with pytest.raises(OSError, match="No space left on device"):
+        results.done({"step": 1, "metrics": {}})
+    assert (tmp_path / "resume.pt").read_bytes() == before
 
 
 def test_resume_states_carry_the_generator_of_the_runs_gpu_to_the_gpu_it_resumes_on(monkeypatch):

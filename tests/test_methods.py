@@ -202,6 +202,7 @@ def test_a_resumed_run_ends_exactly_as_one_never_stopped(method, tmp_path, monke
         interrupt_at(m, "epoch 3/4")  # two epochs left: the schedule's next step comes from its resumed state
         with pytest.raises(Interrupted):
             run("stopped")
+    common.wait_for_writes()  # resume.pt is written in the background
     assert torch.load(tmp_path / "stopped" / "resume.pt", weights_only=True)["epoch"] == 2
     torch.manual_seed(12345)  # as in a new process: other global random states
     run("stopped", resume=True)
@@ -241,6 +242,7 @@ def test_a_resumed_fewshot_run_ends_exactly_as_one_never_stopped(images, tmp_pat
         m.setattr(flyp_fewshot, "draw_shots", stopping)
         with pytest.raises(Interrupted):
             run("stopped")
+    common.wait_for_writes()  # resume.pt is written in the background
     assert torch.load(tmp_path / "stopped" / "resume.pt", weights_only=True)["epoch"] == 2
     torch.manual_seed(12345)  # as in a new process: other global random states
     assert run("stopped", resume=True) == whole
