@@ -1,7 +1,6 @@
 """What every method shares and that is not the method: backbones, seeding, device, precision and compile,
 evaluation, feature distortion, the results writer and the dataclass -> argparse helper."""
 import atexit
-import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -16,6 +15,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from dataclasses import dataclass
@@ -234,14 +234,35 @@ def save_atomic(obj, path):
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
-# resume.pt is written by this thread while the next epoch trains (2.4 GB take 5 s to write and flush); it finishes
-# what was queued when the interpreter exits, so a run that fails still leaves its last resume.pt whole
-BACKGROUND = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rft-resume-write")
+class BackgroundWrite(threading.Thread):
+    """`write(*args)` in a thread of its own: resume.pt is written and flushed (2.4 GB: 5 s) while the next epoch
+    trains. Not a daemon: the interpreter waits for it at exit, so a run that fails still leaves its last resume.pt
+    whole. A plain thread, not an executor's: a process forked meanwhile (a loader worker) inherits no pool whose
+    threads it lacks."""
+
+    def __init__(self, write, *args):
+        super().__init__(name="rft-background-write")
+        self.write, self.args, self.error = write, args, None
+        self.start()
+
+    def run(self):
+        try:
+            self.write(*self.args)
+        except BaseException as e:  # raised where the run waits for it: result()
+            self.error = e
+
+    def result(self):
+        """Wait for the write; raise its error."""
+        self.join()
+        if self.error is not None:
+            raise self.error
 
 
 def wait_for_writes():
-    """Wait until the background writes this process queued are on the disk (or failed: their Results raise it)."""
-    concurrent.futures.wait([BACKGROUND.submit(int)])  # the thread takes them in order
+    """Wait until the background writes of this process are on the disk (or failed: their Results raise it)."""
+    for thread in threading.enumerate():
+        if isinstance(thread, BackgroundWrite):
+            thread.join()
 
 
 def cpu_copy(obj):
@@ -1035,7 +1056,7 @@ class Results:
                                  "commit": self.header["commit"], **self._made_with(), "epoch": epoch, "unit": unit,
                                  "best": best, "training": state, "rng": rng_states(self.device),
                                  "lines": self.path.read_text()})
-            self.writing = BACKGROUND.submit(save_atomic, snapshot, self.dir / "resume.pt")
+            self.writing = BackgroundWrite(save_atomic, snapshot, self.dir / "resume.pt")
 
     def _written(self):
         """Wait for the background write of resume.pt, if one is under way; raise its error."""

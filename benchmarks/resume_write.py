@@ -58,7 +58,7 @@ def main(arch="ViT-B-16", repeats=3):
             start = time.perf_counter()
             results.save_for_resume(1, best, training)
             returned.append(time.perf_counter() - start)
-            during.append(matmul_rate(60, stop=results.writing.done))
+            during.append(matmul_rate(60, stop=lambda: not results.writing.is_alive()))
             common.wait_for_writes()
             written.append(time.perf_counter() - start)
             alone.append(matmul_rate(3))

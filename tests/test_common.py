@@ -177,6 +177,36 @@ def test_resume_pt_is_written_in_the_background_with_the_state_its_epoch_ended_w
     assert sorted(p.name for p in tmp_path.iterdir()) == ["done", "results.jsonl"]
 
 
+def test_a_process_forked_during_a_background_write_does_not_wait_for_it(tmp_path, monkeypatch):
+    """A process forked while resume.pt is being written (a loader worker, a run a sweep forks) has no copy of the
+    writing thread: a run there starts at once (an executor's pool, copied without its thread, left it waiting
+    forever), and the parent's write goes on."""
+    import multiprocessing
+
+    release, save_atomic = threading.Event(), common.save_atomic
+
+    def slow_write(obj, path):
+        release.wait(30)
+        save_atomic(obj, path)
+
+    monkeypatch.setattr(common, "save_atomic", slow_write)
+    results = common.Results(tmp_path / "a", "ft", ft.Args(dataset="embedded-tiny"), torch.device("cpu"))
+    results.log(1, {"acc/id_val": 50.0})
+    results.save_for_resume(1, None, {"model": torch.nn.Linear(3, 2)})
+    ctx = multiprocessing.get_context("fork")
+    held, done = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=hold_out_folder, args=(tmp_path / "b", held, done))
+    child.start()
+    try:
+        assert held.wait(20), "the forked run waited for its parent's write"
+    finally:
+        done.set(), release.set()
+        child.join(20)
+        child.kill()
+    common.wait_for_writes()
+    assert torch.load(tmp_path / "a" / "resume.pt", weights_only=True)["epoch"] == 1
+
+
 def test_a_failed_background_write_stops_the_run_at_the_next_epochs_end(tmp_path, monkeypatch):
     """A resume.pt that could not be written (a full disk, say) is said, not lost silently: the next save_for_resume,
     or done(), raises its error; the previous resume.pt stays."""
