@@ -265,15 +265,21 @@ def wait_for_writes():
             thread.join()
 
 
-def cpu_copy(obj):
+def cpu_copy(obj, into=None):
     """`obj` with each tensor in it (through dicts, lists and tuples) copied to the CPU: a snapshot that the
-    in-place updates of the steps after it do not reach."""
+    in-place updates of the steps after it do not reach. `into`, an earlier copy of the same structure, is written
+    over where a tensor's shape and dtype match: fresh memory costs more than the copy (2.4 GB here: 0.6-1.3 s
+    allocated, 0.1 s copied into)."""
     if isinstance(obj, torch.Tensor):
+        if isinstance(into, torch.Tensor) and (into.shape, into.dtype) == (obj.shape, obj.dtype):
+            return into.copy_(obj.detach())
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {k: cpu_copy(v) for k, v in obj.items()}
+        into = into if isinstance(into, dict) else {}
+        return {k: cpu_copy(v, into.get(k)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(cpu_copy(v) for v in obj)
+        into = into if isinstance(into, (list, tuple)) and len(into) == len(obj) else [None] * len(obj)
+        return type(obj)(cpu_copy(v, w) for v, w in zip(obj, into))
     return obj
 
 
@@ -981,7 +987,7 @@ class Results:
     def __init__(self, out_dir, method, args, device):
         wait_for_writes()  # a run this process stopped (in a notebook, say) has its last resume.pt written before
         # this one looks for it or clears the folder of unfinished writes
-        self.writing = None  # the background write of resume.pt under way, if any
+        self.writing, self.snapshot = None, None  # the background write of resume.pt under way, and what it writes
         self.dir = Path(out_dir)
         self.path = self.dir / "results.jsonl"
         self.writes, self.started, self.device = is_main(), False, device
@@ -1049,14 +1055,14 @@ class Results:
         draws' records), the global RNG states and the results lines written so far (one file, replaced atomically)."""
         if self.writes:
             self._start()
-            self._written()  # one write at a time; one that failed stops the run here
+            self._written()  # one write at a time (its copy is then free to reuse); one that failed stops the run here
             state = {k: v.get_state() if isinstance(v, torch.Generator) else v.state_dict()
                      for k, v in training.items()}
-            snapshot = cpu_copy({"method": self.header["method"], "args": self.header["args"],
-                                 "commit": self.header["commit"], **self._made_with(), "epoch": epoch, "unit": unit,
-                                 "best": best, "training": state, "rng": rng_states(self.device),
-                                 "lines": self.path.read_text()})
-            self.writing = BackgroundWrite(save_atomic, snapshot, self.dir / "resume.pt")
+            self.snapshot = cpu_copy({"method": self.header["method"], "args": self.header["args"],
+                                      "commit": self.header["commit"], **self._made_with(), "epoch": epoch,
+                                      "unit": unit, "best": best, "training": state, "rng": rng_states(self.device),
+                                      "lines": self.path.read_text()}, into=self.snapshot)
+            self.writing = BackgroundWrite(save_atomic, self.snapshot, self.dir / "resume.pt")
 
     def _written(self):
         """Wait for the background write of resume.pt, if one is under way; raise its error."""

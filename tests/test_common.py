@@ -168,7 +168,9 @@ def test_resume_pt_is_written_in_the_background_with_the_state_its_epoch_ended_w
     results.save_for_resume(2, None, {"model": model})  # and the run stops: a notebook resumes it in this process
     threading.Timer(0.3, release.set).start()  # the write finishes after the resumed run starts
     resumed = common.Results(tmp_path, "ft", ft.Args(dataset="embedded-tiny", resume=True), torch.device("cpu"))
-    assert resumed.resume({"model": model})[1] == 3
+    other = torch.nn.Linear(3, 2)
+    assert resumed.resume({"model": other})[1] == 3
+    assert torch.equal(other.weight, model.weight)  # epoch 2's weights, in the memory epoch 1's copy was made in
 
     release.clear()
     resumed.save_for_resume(3, None, {"model": model})
