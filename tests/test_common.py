@@ -161,6 +161,7 @@ def test_resume_pt_is_written_in_the_background_with_the_state_its_epoch_ended_w
     common.wait_for_writes()
     saved = torch.load(tmp_path / "resume.pt", weights_only=True)["training"]
     assert torch.equal(saved["model"]["weight"], weights) and not torch.equal(model.weight, weights)
+    assert saved["model"]._metadata == model.state_dict()._metadata  # the module versions load_state_dict reads
     assert torch.equal(saved["optimizer"]["state"][0]["momentum_buffer"], momentum)
 
     release.clear()
@@ -176,6 +177,7 @@ def test_resume_pt_is_written_in_the_background_with_the_state_its_epoch_ended_w
     resumed.save_for_resume(3, None, {"model": model})
     threading.Timer(0.3, release.set).start()  # the write finishes after done() is called
     resumed.done({"step": 1, "metrics": {}})
+    common.wait_for_writes()  # a write done() had not waited for would land now
     assert sorted(p.name for p in tmp_path.iterdir()) == ["done", "results.jsonl"]
 
 
@@ -209,9 +211,34 @@ def test_a_process_forked_during_a_background_write_does_not_wait_for_it(tmp_pat
     assert torch.load(tmp_path / "a" / "resume.pt", weights_only=True)["epoch"] == 1
 
 
-def test_a_failed_background_write_stops_the_run_at_the_next_epochs_end(tmp_path, monkeypatch):
-    """A resume.pt that could not be written (a full disk, say) is said, not lost silently: the next save_for_resume,
-    or done(), raises its error; the previous resume.pt stays."""
+def test_a_background_write_is_done_before_its_memory_takes_the_next_copy(tmp_path, monkeypatch):
+    """The next epoch's state is copied into the memory of the last copy only once that has been written: else a
+    slow write (a busy disk) would put the next epoch's weights into the last epoch's resume.pt."""
+    release, save_atomic, written = threading.Event(), common.save_atomic, []
+
+    def slow_write(obj, path):
+        release.wait(10)
+        written.append(obj["training"]["model"]["weight"].clone())  # what goes to the disk, when it goes
+        save_atomic(obj, path)
+
+    monkeypatch.setattr(common, "save_atomic", slow_write)
+    results = common.Results(tmp_path, "ft", ft.Args(dataset="embedded-tiny"), torch.device("cpu"))
+    model = torch.nn.Linear(3, 2)
+    results.log(1, {"acc/id_val": 50.0})
+    results.save_for_resume(1, None, {"model": model})
+    first = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1)  # epoch 2
+    threading.Timer(0.3, release.set).start()  # epoch 1's write is still waiting when epoch 2 ends
+    results.save_for_resume(2, None, {"model": model})
+    common.wait_for_writes()
+    assert torch.equal(written[0], first) and torch.equal(written[1], model.weight)
+
+
+def test_a_failed_background_write_stops_the_run_at_the_next_epochs_end(tmp_path, monkeypatch, capsys):
+    """A resume.pt that could not be written (a full disk, say) is said, not lost silently: the next save_for_resume
+    raises its error, and the previous resume.pt stays. At done(), the run has finished: a note, and the run is
+    marked done."""
     results = common.Results(tmp_path, "ft", ft.Args(dataset="embedded-tiny"), torch.device("cpu"))
     model = torch.nn.Linear(3, 2)
     results.log(1, {"acc/id_val": 50.0})
@@ -226,10 +253,11 @@ def test_a_failed_background_write_stops_the_run_at_the_next_epochs_end(tmp_path
     results.save_for_resume(2, None, {"model": model})
     with pytest.raises(OSError, match="No space left on device"):
         results.save_for_resume(3, None, {"model": model})
-    results.save_for_resume(3, None, {"model": model})
-    with pytest.raises(OSError, match="No space left on device"):
-        results.done({"step": 1, "metrics": {}})
     assert (tmp_path / "resume.pt").read_bytes() == before
+    results.save_for_resume(3, None, {"model": model})
+    results.done({"step": 1, "metrics": {}})
+    assert "resume.pt of the last epoch was not written ([Errno 28] No space left on device)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done", "results.jsonl"]
 
 
 def test_resume_states_carry_the_generator_of_the_runs_gpu_to_the_gpu_it_resumes_on(monkeypatch):
