@@ -14,7 +14,9 @@
 #   (3) bench.py's ResNet-50 rows (bench-resnet50.json; the table goes on in bench.txt);
 #   (4) benchmarks/lp_solver.py: LP's solver now (scipy L-BFGS-B, torch's loss and gradient on the GPU) against the
 #       torch.optim.LBFGS it replaced and scikit-learn, with the GPU syncs each makes (lp_solver.txt);
-#   (5) ft.py stopped and resumed (--resume) on CUDA against (2)'s run that never stopped (methods.txt).
+#   (5) ft.py stopped and resumed (--resume) on CUDA against (2)'s run that never stopped (methods.txt);
+#   (6) benchmarks/resume_write.py on CUDA: how long the loop waits for resume.pt's device-to-host copy, against
+#       writing it in the loop (resume_write.txt).
 #
 # The device machine has PyTorch, torchvision, scikit-learn, timm and friends but no open_clip and no network. Fetch
 # the missing pure-Python wheels here first (the folder stays out of git), then carry it:
@@ -23,7 +25,7 @@
 #   device run, carry [".whl"], timeout_s 540:  bash benchmarks/gpu_checks.sh "$OUT"
 # Budget: the whole script stops itself within $BUDGET seconds (default 500, under that timeout_s, so every file
 # comes back): each check gets what is left, up to its own cap, and is skipped when under 15 s are left. The machine's
-# start counts against the session's 15 minutes, so plan for one call. $OUT receives at most 9 small files; scratch
+# start counts against the session's 15 minutes, so plan for one call. $OUT receives at most 10 small files; scratch
 # (model cache, runs, JPEGs) stays in $WORK.
 set -uo pipefail
 mkdir -p "${1:-gpu-out}" && OUT=$(cd "${1:-gpu-out}" && pwd)  # absolute: the script changes directory below
@@ -165,5 +167,12 @@ PY
     tail -n 5 "$WORK/resume.txt"; fi | tee -a "$OUT/methods.txt"
 else
   echo "== ft.py --resume on cuda skipped: the budget was spent" | tee -a "$OUT/methods.txt"
+fi
+# (6) resume.pt written in the background from a GPU's state (ViT-B/16 + fused AdamW, 2.4 GB; four epochs' ends).
+t=$(limit 90)
+if [ "$t" -gt 0 ]; then
+  timeout -k 5 "$t" "$PY" benchmarks/resume_write.py ViT-B-16 cuda 2>&1 | grep -v "^WARNING" | tee "$OUT/resume_write.txt"
+else
+  echo "skipped: the budget was spent" > "$OUT/resume_write.txt"
 fi
 echo "gpu_checks.sh: done in $SECONDS s"
