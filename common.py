@@ -1100,7 +1100,8 @@ class Results:
         if self.writes:
             self._start(keep=("results.jsonl", "resume.pt"))
             write_text_atomic(self.path, ckpt["lines"])
-            print(f"note: resuming {self.dir} (resume.pt; {ckpt.get('unit', 'epoch')}s finished: {ckpt['epoch']})", file=sys.stderr)
+            unit = ckpt.get("unit", "epoch")  # a resume.pt from before units were named: epochs
+            print(f"note: resuming {self.dir} (resume.pt; {unit}s finished: {ckpt['epoch']})", file=sys.stderr)
         return ckpt["best"], ckpt["epoch"] + 1
 
     def _find_resume_point(self, method, args):

@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -135,24 +136,40 @@ def test_resume_puts_back_the_global_random_states_and_the_lines_of_its_epoch_on
     assert [r["step"] for r in read_results(tmp_path)] == [1]
 
 
-def test_resume_pt_is_written_in_the_background_with_the_state_its_epoch_ended_with(tmp_path, monkeypatch):
+@pytest.fixture
+def slow_disk(monkeypatch):
+    """resume.pt's background writes wait until `slow_disk.release` is set; `slow_disk.written` holds the model
+    weight each one wrote, as it reached the disk."""
+    disk, save_atomic = types.SimpleNamespace(release=threading.Event(), written=[]), common.save_atomic
+
+    def slow_write(obj, path):
+        disk.release.wait(30)
+        disk.written.append(obj["training"]["model"]["weight"].clone())
+        save_atomic(obj, path)
+
+    monkeypatch.setattr(common, "save_atomic", slow_write)
+    return disk
+
+
+def ft_results(folder, **options):
+    """An FT run's Results on the CPU that has written its first epoch's line (save_for_resume keeps the lines)."""
+    results = common.Results(folder, "ft", ft.Args(dataset="embedded-tiny", **options), torch.device("cpu"))
+    if not options.get("resume"):
+        results.log(1, {"acc/id_val": 50.0})
+    return results
+
+
+def test_resume_pt_is_written_in_the_background_with_the_state_its_epoch_ended_with(tmp_path, slow_disk):
     """save_for_resume returns once it has copied the state (2.4 GB take 5 s to write and flush: the next epoch trains
     meanwhile); the file holds the state as it was, not what the next step changed in place. A run resumed in the same
     process (a notebook) finds the last resume.pt written; done() waits for the write before it removes resume.pt,
     which a late write would leave beside `done`."""
-    release, save_atomic = threading.Event(), common.save_atomic
-
-    def slow_write(obj, path):
-        release.wait(10)
-        save_atomic(obj, path)
-
-    monkeypatch.setattr(common, "save_atomic", slow_write)
-    results = common.Results(tmp_path, "ft", ft.Args(dataset="embedded-tiny"), torch.device("cpu"))
+    release = slow_disk.release
+    results = ft_results(tmp_path)
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.ones(1, 3)).sum().backward()
     optimizer.step()  # momentum buffers: the optimizer's state is copied too
-    results.log(1, {"acc/id_val": 50.0})
     results.save_for_resume(1, (50.0, 1, copy.deepcopy(model.state_dict())), {"model": model, "optimizer": optimizer})
     assert not (tmp_path / "resume.pt").exists()  # returned before the write
     weights, momentum = model.weight.clone(), optimizer.state[model.weight]["momentum_buffer"].clone()
@@ -168,7 +185,7 @@ def test_resume_pt_is_written_in_the_background_with_the_state_its_epoch_ended_w
     results.log(2, {"acc/id_val": 60.0})
     results.save_for_resume(2, None, {"model": model})  # and the run stops: a notebook resumes it in this process
     threading.Timer(0.3, release.set).start()  # the write finishes after the resumed run starts
-    resumed = common.Results(tmp_path, "ft", ft.Args(dataset="embedded-tiny", resume=True), torch.device("cpu"))
+    resumed = ft_results(tmp_path, resume=True)
     other = torch.nn.Linear(3, 2)
     assert resumed.resume({"model": other})[1] == 3
     assert torch.equal(other.weight, model.weight)  # epoch 2's weights, in the memory epoch 1's copy was made in
@@ -181,22 +198,13 @@ def test_resume_pt_is_written_in_the_background_with_the_state_its_epoch_ended_w
     assert sorted(p.name for p in tmp_path.iterdir()) == ["done", "results.jsonl"]
 
 
-def test_a_process_forked_during_a_background_write_does_not_wait_for_it(tmp_path, monkeypatch):
+def test_a_process_forked_during_a_background_write_does_not_wait_for_it(tmp_path, slow_disk):
     """A process forked while resume.pt is being written (a loader worker, a run a sweep forks) has no copy of the
     writing thread: a run there starts at once (an executor's pool, copied without its thread, left it waiting
     forever), and the parent's write goes on."""
     import multiprocessing
 
-    release, save_atomic = threading.Event(), common.save_atomic
-
-    def slow_write(obj, path):
-        release.wait(30)
-        save_atomic(obj, path)
-
-    monkeypatch.setattr(common, "save_atomic", slow_write)
-    results = common.Results(tmp_path / "a", "ft", ft.Args(dataset="embedded-tiny"), torch.device("cpu"))
-    results.log(1, {"acc/id_val": 50.0})
-    results.save_for_resume(1, None, {"model": torch.nn.Linear(3, 2)})
+    ft_results(tmp_path / "a").save_for_resume(1, None, {"model": torch.nn.Linear(3, 2)})
     ctx = multiprocessing.get_context("fork")
     held, done = ctx.Event(), ctx.Event()
     child = ctx.Process(target=hold_out_folder, args=(tmp_path / "b", held, done))
@@ -204,44 +212,32 @@ def test_a_process_forked_during_a_background_write_does_not_wait_for_it(tmp_pat
     try:
         assert held.wait(20), "the forked run waited for its parent's write"
     finally:
-        done.set(), release.set()
+        done.set(), slow_disk.release.set()
         child.join(20)
         child.kill()
     common.wait_for_writes()
     assert torch.load(tmp_path / "a" / "resume.pt", weights_only=True)["epoch"] == 1
 
 
-def test_a_background_write_is_done_before_its_memory_takes_the_next_copy(tmp_path, monkeypatch):
+def test_a_background_write_is_done_before_its_memory_takes_the_next_copy(tmp_path, slow_disk):
     """The next epoch's state is copied into the memory of the last copy only once that has been written: else a
     slow write (a busy disk) would put the next epoch's weights into the last epoch's resume.pt."""
-    release, save_atomic, written = threading.Event(), common.save_atomic, []
-
-    def slow_write(obj, path):
-        release.wait(10)
-        written.append(obj["training"]["model"]["weight"].clone())  # what goes to the disk, when it goes
-        save_atomic(obj, path)
-
-    monkeypatch.setattr(common, "save_atomic", slow_write)
-    results = common.Results(tmp_path, "ft", ft.Args(dataset="embedded-tiny"), torch.device("cpu"))
-    model = torch.nn.Linear(3, 2)
-    results.log(1, {"acc/id_val": 50.0})
+    results, model = ft_results(tmp_path), torch.nn.Linear(3, 2)
     results.save_for_resume(1, None, {"model": model})
     first = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1)  # epoch 2
-    threading.Timer(0.3, release.set).start()  # epoch 1's write is still waiting when epoch 2 ends
+    threading.Timer(0.3, slow_disk.release.set).start()  # epoch 1's write is still waiting when epoch 2 ends
     results.save_for_resume(2, None, {"model": model})
     common.wait_for_writes()
-    assert torch.equal(written[0], first) and torch.equal(written[1], model.weight)
+    assert torch.equal(slow_disk.written[0], first) and torch.equal(slow_disk.written[1], model.weight)
 
 
 def test_a_failed_background_write_stops_the_run_at_the_next_epochs_end(tmp_path, monkeypatch, capsys):
     """A resume.pt that could not be written (a full disk, say) is said, not lost silently: the next save_for_resume
     raises its error, and the previous resume.pt stays. At done(), the run has finished: a note, and the run is
     marked done."""
-    results = common.Results(tmp_path, "ft", ft.Args(dataset="embedded-tiny"), torch.device("cpu"))
-    model = torch.nn.Linear(3, 2)
-    results.log(1, {"acc/id_val": 50.0})
+    results, model = ft_results(tmp_path), torch.nn.Linear(3, 2)
     results.save_for_resume(1, None, {"model": model})
     common.wait_for_writes()
     before = (tmp_path / "resume.pt").read_bytes()

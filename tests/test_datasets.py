@@ -1132,7 +1132,7 @@ def test_every_dataset_augments_its_id_training_split_only(minis, name):
     evaluation split the fixed one; a loader passing train=False for ID train trained without augmentation, silently
     (only the held-out path was checked). Applied here to a noise picture, where every crop differs."""
     ds = minis.load(name)
-    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    picture = noise_picture(0)
 
     def two_reads(split):
         reads = []
