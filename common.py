@@ -1111,15 +1111,16 @@ class Results:
         if (self.dir / "done").is_file():
             raise SystemExit(f"error: {where} holds a finished run (its `done` marker) and nothing to resume; drop "
                              "--resume to run it again (its files are kept aside)")
-        if not path.is_file():
-            if self.writes:
-                print(f"note: {where} holds no resume.pt: starting from the beginning", file=sys.stderr)
-            return None
         try:  # mapped: its weights (2.4 GB for FLYP's ViT-B/16) are read by resume(), after the data and the model
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True) if path.is_file() else None
         except Exception as e:  # written by another torch, say
             raise SystemExit(f"error: {where}: could not read resume.pt ({unreadable(path, e)}); move {path} aside "
                              "to start from the beginning") from None
+        same_resume_point_on_every_rank(path, ckpt)
+        if ckpt is None:
+            if self.writes:
+                print(f"note: {where} holds no resume.pt: starting from the beginning", file=sys.stderr)
+            return None
         if ckpt["method"] != method:
             raise SystemExit(f"error: {where}: its resume.pt is {ckpt['method']}'s, not {method}'s; pass the --out of "
                              f"a {method} run, or move {path} aside to start from the beginning")
@@ -1160,6 +1161,26 @@ class Results:
             write_text_atomic(self.dir / "done", json.dumps(record) + "\n")
             (self.dir / "resume.pt").unlink(missing_ok=True)  # a finished run has nothing to resume
             release_folder(self.dir)  # the run is over: the folder is free for the next
+
+
+def same_resume_point_on_every_rank(path, ckpt):
+    """Under torchrun rank 0 writes resume.pt and every rank reads it. A rank that finds none (--out on a node's own
+    disk) or another one (a stale copy) would go on from elsewhere, and the ranks' collectives would no longer pair up:
+    a hang, or a run that mixes two. Every rank stops instead, saying what each found."""
+    world = data.rank_and_world()[1]
+    if world == 1:
+        return
+    if ckpt is None:
+        found = "no resume.pt"
+    else:  # its results lines: they carry each evaluation's time, so another run's (or epoch's) file differs
+        lines = hashlib.blake2b(ckpt["lines"].encode(), digest_size=4).hexdigest()
+        found = f"resume.pt with {ckpt.get('unit', 'epoch')}s finished: {ckpt['epoch']} (results lines {lines})"
+    views = [None] * world
+    torch.distributed.all_gather_object(views, (platform.node(), found))
+    if len({found for _, found in views}) > 1:
+        seen = "; ".join(f"rank {rank} on {node}: {found}" for rank, (node, found) in enumerate(views))
+        raise SystemExit(f"error: --resume: the ranks found different resume points at {path} ({seen}). Only rank 0 "
+                         "writes it and every rank reads it: pass an --out on a file system that every node shares")
 
 
 HELD = {}  # the --out folders this process holds -> the descriptor that holds each

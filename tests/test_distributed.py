@@ -2,7 +2,9 @@
 accuracy and the trained weights equal one process's on the same global batches."""
 import importlib
 import os
+import platform
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,14 @@ import data
 from conftest import Interrupted, interrupt_at, read_results
 
 load_backbone = common.load_backbone
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    """These tests run one thread per process, as each spawned rank does; the tests after them get the count back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def backbone_without_batchnorm():
@@ -99,6 +109,50 @@ def test_a_run_stopped_in_one_process_resumes_in_two(tmp_path, monkeypatch):
     resumed = assert_same_run(tmp_path / "whole", tmp_path / "stopped")
     assert [r["processes"] for r in resumed] == [1, 2, 2]  # epoch 1's line from resume.pt, the rest from two
     assert sorted(p.name for p in (tmp_path / "stopped").iterdir()) == ["done", "model.pt", "results.jsonl"]
+
+
+def node_worker(rank, world, port, method, argv, tmp_path):
+    """A rank whose --out is its node's own folder, tmp_path / node<rank> (as on a disk of each node's own); what
+    stopped it goes to tmp_path / rank<rank>.txt."""
+    try:
+        worker(rank, world, port, method, argv + ["--out", str(tmp_path / f"node{rank}")])
+    except SystemExit as e:
+        (tmp_path / f"rank{rank}.txt").write_text(str(e))
+
+
+@pytest.mark.parametrize("rank_1_finds", ["nothing", "another run's"])
+def test_ranks_that_find_different_resume_points_all_stop_and_say_what_each_found(rank_1_finds, tmp_path, monkeypatch):
+    """Rank 0 finds the resume.pt of a run stopped in epoch 2; rank 1, none or another run's (stopped there too). Went
+    on from there, they would train different epochs and wait for each other's collectives: the test fails after a
+    minute instead of hanging."""
+    load_backbone("embedded-clip-tiny")
+    argv = ["--dataset", "embedded-tiny", "--device", "cpu", "--compile", "off", "--epochs", "2", "--batch-size", "32"]
+    monkeypatch.setattr(common, "load_backbone", load_backbone)  # run() patches it; undone after the test
+    torch.set_num_threads(1)
+    for node in ["node0", "node1"] if rank_1_finds == "another run's" else ["node0"]:
+        with monkeypatch.context() as m:
+            interrupt_at(m, "epoch 2/2")
+            with pytest.raises(Interrupted):
+                run("ft", argv + ["--out", str(tmp_path / node)])
+        common.release_folder(tmp_path / node)
+    context = mp.start_processes(node_worker, args=(2, free_port(), "ft", argv + ["--resume"], tmp_path), nprocs=2,
+                                 join=False)
+    deadline = time.monotonic() + 60
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the ranks went on from different resume points and hung")
+
+    found = "no resume.pt" if rank_1_finds == "nothing" else "resume.pt with epochs finished: 1"
+    for rank in (0, 1):
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert message.startswith("error: --resume: the ranks found different resume points")
+        assert "rank 0 on " in message and "rank 1 on " in message
+        assert message.count("resume.pt with epochs finished: 1") == 1 + (rank_1_finds == "another run's")
+        assert f"rank 1 on {platform.node()}: {found}" in message
+        assert "file system that every node shares" in message
+    assert (tmp_path / "node0" / "resume.pt").is_file()  # nothing was lost
 
 
 ROWS, WEIGHTS = torch.arange(15.0).reshape(5, 3), torch.linspace(-1, 1, 15).reshape(5, 3)  # a batch; a loss's weights
