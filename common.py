@@ -1108,15 +1108,21 @@ class Results:
         """For --resume: the path of resume.pt, checked (the same method and options), or None to start from the
         beginning (there is none yet: the run stopped in its first epoch, or never started)."""
         path, where = self.dir / "resume.pt", f"--resume: {self.dir}"
+        ckpt, problem, found = None, None, None  # found: what this rank found instead of a resume.pt it could read
         if (self.dir / "done").is_file():
-            raise SystemExit(f"error: {where} holds a finished run (its `done` marker) and nothing to resume; drop "
-                             "--resume to run it again (its files are kept aside)")
-        try:  # mapped: its weights (2.4 GB for FLYP's ViT-B/16) are read by resume(), after the data and the model
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True) if path.is_file() else None
-        except Exception as e:  # written by another torch, say
-            raise SystemExit(f"error: {where}: could not read resume.pt ({unreadable(path, e)}); move {path} aside "
-                             "to start from the beginning") from None
-        same_resume_point_on_every_rank(path, ckpt)
+            problem = (f"error: {where} holds a finished run (its `done` marker) and nothing to resume; drop --resume "
+                       "to run it again (its files are kept aside)")
+            found = "a finished run's `done` marker"
+        elif path.is_file():
+            try:  # mapped: its weights (2.4 GB for FLYP's ViT-B/16) are read by resume(), after the data and the model
+                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # written by another torch, say
+                problem = (f"error: {where}: could not read resume.pt ({unreadable(path, e)}); move {path} aside to "
+                           "start from the beginning")
+                found = "a resume.pt it could not read"
+        same_resume_point_on_every_rank(path, ckpt, found)  # before a rank stops: the others would wait for it
+        if problem:
+            raise SystemExit(problem)
         if ckpt is None:
             if self.writes:
                 print(f"note: {where} holds no resume.pt: starting from the beginning", file=sys.stderr)
@@ -1163,16 +1169,17 @@ class Results:
             release_folder(self.dir)  # the run is over: the folder is free for the next
 
 
-def same_resume_point_on_every_rank(path, ckpt):
+def same_resume_point_on_every_rank(path, ckpt, found=None):
     """Under torchrun rank 0 writes resume.pt and every rank reads it. A rank that finds none (--out on a node's own
     disk) or another one (a stale copy) would go on from elsewhere, and the ranks' collectives would no longer pair up:
-    a hang, or a run that mixes two. Every rank stops instead, saying what each found."""
+    a hang, or a run that mixes two; one that stops alone (a `done` marker on its node: `found`) leaves the others
+    waiting. Every rank stops instead, saying what each found."""
     world = data.rank_and_world()[1]
     if world == 1:
         return
-    if ckpt is None:
+    if found is None and ckpt is None:
         found = "no resume.pt"
-    else:  # its results lines: they carry each evaluation's time, so another run's (or epoch's) file differs
+    elif found is None:  # its results lines carry each evaluation's time: another run's (or epoch's) file differs
         lines = hashlib.blake2b(ckpt["lines"].encode(), digest_size=4).hexdigest()
         found = f"resume.pt with {ckpt.get('unit', 'epoch')}s finished: {ckpt['epoch']} (results lines {lines})"
     views = [None] * world
