@@ -1617,6 +1617,33 @@ def test_a_run_on_real_data_gives_the_same_results_whether_its_features_were_cac
     assert lpft(tmp_path / "3") == cold
 
 
+def test_wiseft_reads_the_pretrained_features_its_fine_tuning_run_cached_and_scores_alike(minis, tiny_backbone,
+                                                                                          tmp_path, monkeypatch):
+    """The pretrained features of the evaluation splits, the origin of feature distortion, are the same for every
+    method on a backbone and dataset: WiSE-FT reads those its fine-tuning run cached (on ImageNet, one pass over 3M
+    images of its 12) and its results equal those of a run that extracted them."""
+    root, _ = minis.build("folder")
+    monkeypatch.setattr(common, "load_backbone", lambda *a, **k: copy.deepcopy(tiny_backbone))  # trained in place
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path / "cache"))
+    run_method("ft", "folder", root, tmp_path / "ft", "--epochs", "1", "--batch-size", "8", "--save")
+    read, extract = [], common.extract_features
+
+    def spy(encoder, split, device, precision="auto", batch_size=500, cache=None, desc=None):
+        if cache and (common.cache_dir() / "features" / f"{cache}.pt").is_file():
+            read.append(desc)
+        return extract(encoder, split, device, precision, batch_size, cache, desc)
+
+    monkeypatch.setattr(common, "extract_features", spy)
+    checkpoint = ["--checkpoint", str(tmp_path / "ft" / "model.pt"), "--alpha-step", "0.5"]
+    run_method("wiseft", "folder", root, tmp_path / "cached", *checkpoint)
+    assert read == ["features id_val", "features id_test", "features ood_night", "features ood_sketches"]
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path / "empty"))
+    run_method("wiseft", "folder", root, tmp_path / "extracted", *checkpoint)
+    cached, extracted = ([(r["alpha"], r["metrics"]) for r in read_results(tmp_path / run)]
+                         for run in ("cached", "extracted"))
+    assert cached == extracted and [alpha for alpha, _ in cached] == [0.0, 0.5, 1.0]
+
+
 def test_a_run_on_image_files_resumes_to_the_crops_of_the_run_that_never_stopped(minis, tiny_backbone, tmp_path,
                                                                                   monkeypatch):
     """Stopped in its last epoch and resumed, an FT run reading image files through loader workers ends bit for bit as
@@ -1749,7 +1776,7 @@ def test_evaluation_preprocessing_is_the_backbone_librarys_own(tmp_path, backbon
 
 @pytest.mark.parametrize("backbone", ["clip-vit-b16", "clip-rn50", "resnet50", "moco-v2-rn50"])
 def test_training_augmentation_is_the_papers_recipe(backbone):
-    """reference/recipes.md: CLIP (WiSE-FT, FLYP) trains on RandomResizedCrop(224, scale=(0.9, 1.0), bicubic), no
+    """docs/datasets.md: CLIP (WiSE-FT, FLYP) trains on RandomResizedCrop(224, scale=(0.9, 1.0), bicubic), no
     flip; the ResNet-50s (LP-FT code) on torchvision's RandomResizedCrop(224) defaults (scale 0.08-1, bilinear) plus a
     horizontal flip. Each training image comes out at the evaluation's 224 px."""
     from torchvision.transforms import v2
