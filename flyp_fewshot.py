@@ -112,7 +112,7 @@ def set_train_mode(model):
 
 
 def main(args):
-    device, results, log = common.setup(args, "flyp-fewshot", clip_for="FLYP")
+    device, results, log = common.setup(args, "flyp_fewshot", clip_for="FLYP")
     if data.rank_and_world()[1] > 1:  # full-batch steps on a few dozen images: nothing to spread over processes
         raise SystemExit("error: flyp_fewshot.py runs in one process; start it with python, not torchrun")
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)

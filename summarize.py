@@ -18,7 +18,7 @@ from pathlib import Path
 TUNED = ["ft", "ft-zeroshot-head", "lpft", "l2sp", "flyp"]  # the methods that can be WiSE-FT endpoints
 METHOD_ORDER = ["zeroshot", "lp", *TUNED] + [f"wiseft-{m}" for m in ["flyp"] + TUNED[:-1]]
 LABELS = {"zeroshot": "zero-shot", "lp": "LP", "ft": "FT", "ft-zeroshot-head": "FT from zero-shot head", "lpft": "LP-FT",
-          "l2sp": "L2-SP", "flyp": "FLYP"}
+          "l2sp": "L2-SP", "flyp": "FLYP", "flyp_fewshot": "FLYP few-shot"}
 LABELS.update({f"wiseft-{m}": f"WiSE-FT ({LABELS[m]}, α=0.5)" for m in TUNED})
 PUBLISHED = Path(__file__).with_name("reference") / "published.json"
 

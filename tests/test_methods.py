@@ -541,6 +541,24 @@ def test_run_all_tiny_builds_table_and_pictures_skips_finished_runs_and_goes_on_
     assert "| LP |" not in table and "| WiSE-FT (FLYP, α=0.5) | 1 |" in table
 
 
+@pytest.mark.parametrize("method", METHODS + ["flyp_fewshot"])
+def test_a_run_made_by_hand_goes_to_the_folder_run_all_gives_it(method, monkeypatch):
+    """run_all.sh names a run's folder after its script, runs/<file>/<dataset>/seed<N>; by hand its default --out is
+    runs/<name>/..., <name> what the script passes to common.setup. They must be one folder: else summarize.py finds
+    the method's seed twice and stops, and run_all.sh redoes what was run by hand."""
+    class Named(Exception):
+        pass
+
+    def setup(args, name, **kwargs):
+        raise Named(name)
+
+    monkeypatch.setattr(common, "setup", setup)
+    module = importlib.import_module(method)
+    with pytest.raises(Named) as named:
+        module.main(module.Args(dataset="embedded-tiny"))
+    assert str(named.value) == method
+
+
 def test_run_all_names_a_finished_run_whose_script_changed_since(tmp_path):
     """Finished runs are skipped, also after an edit to their script (a comment would otherwise redo every seed),
     but the skip says so and how to run it again. Here in a copy of the project, whose zeroshot.py is edited."""
