@@ -326,14 +326,20 @@ def weights_dir():
 
 
 def weights_file(name, weights=None):
-    """The local weights file of a backbone: `weights`, else its official file in weights_dir(); never downloads."""
+    """The local weights file of a backbone: `weights` (a bare file name not in the current folder: in weights_dir()),
+    else its official file in weights_dir(); never downloads."""
     file, url, what = WEIGHTS[name]
     path = Path(weights).expanduser() if weights else weights_dir() / file  # `--weights=~/x.pt`: bash leaves the ~
+    bare = weights and len(path.parts) == 1  # `--weights ViT-B-16.pt`, as the README's commands say it
+    if bare and not path.exists() and (weights_dir() / path).is_file():
+        path = weights_dir() / path
     if path.is_file():
         return path
     tag = " (or an open_clip pretrained tag in your hub cache: --weights openai)" if name in OPEN_CLIP_MODELS else ""
     found = "is a folder, not a file" if path.is_dir() else "not found"
-    if weights and name in OPEN_CLIP_MODELS and not path.suffix and len(path.parts) == 1:  # a tag, of another model?
+    if bare and not path.is_dir():
+        found += f" (in {Path.cwd()}, nor in {weights_dir()})"
+    if bare and name in OPEN_CLIP_MODELS and not path.suffix:  # a tag, of another model?
         found += (f", nor an open_clip pretrained tag of {OPEN_CLIP_MODELS[name]} (its tags: "
                   f"{', '.join(open_clip.list_pretrained_tags_by_model(OPEN_CLIP_MODELS[name]))})")
     problem = f"weights file {path} {found}" if weights else f"{name} needs --weights FILE{tag}: {path} not found"

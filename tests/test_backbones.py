@@ -121,6 +121,25 @@ def test_default_folder_holds_the_official_file(tmp_path, monkeypatch, resnet50_
                         {k: v for k, v in resnet50_state_dict.items() if not k.startswith("fc.")})
 
 
+def test_a_bare_weights_file_name_is_looked_for_here_then_in_the_default_folder(tmp_path, monkeypatch,
+                                                                                resnet50_state_dict):
+    """The README's commands pass the release's file name (`--weights ViT-B-16.pt`): the file in the current folder,
+    else the one in the default folder, where the README says to put it."""
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    common.weights_dir().mkdir(parents=True)
+    kept = {k: v for k, v in resnet50_state_dict.items() if not k.startswith("fc.")}
+    torch.save(resnet50_state_dict, common.weights_dir() / "r50.pth")
+    assert same_weights(common.load_backbone("resnet50", "r50.pth").encoder, kept)
+    here = {k: v + 1 if v.is_floating_point() else v for k, v in resnet50_state_dict.items()}
+    torch.save(here, tmp_path / "r50.pth")
+    assert same_weights(common.load_backbone("resnet50", "r50.pth").encoder,
+                        {k: v for k, v in here.items() if not k.startswith("fc.")})
+    with pytest.raises(SystemExit) as e:
+        common.load_backbone("resnet50", "r18.pth")
+    assert f"weights file r18.pth not found (in {tmp_path}, nor in {common.weights_dir()})" in str(e.value)
+
+
 @pytest.mark.parametrize("name", ["clip-vit-b16", "clip-rn50", "moco-v2-rn50", "resnet50"])
 def test_a_missing_file_names_the_file_the_folder_the_flag_and_the_url(tmp_path, monkeypatch, name):
     monkeypatch.setenv("RFT_CACHE", str(tmp_path))
