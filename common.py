@@ -330,7 +330,7 @@ def weights_file(name, weights=None):
     else its official file in weights_dir(); never downloads."""
     file, url, what = WEIGHTS[name]
     path = Path(weights).expanduser() if weights else weights_dir() / file  # `--weights=~/x.pt`: bash leaves the ~
-    bare = weights and len(path.parts) == 1  # `--weights ViT-B-16.pt`, as the README's commands say it
+    bare = weights and Path(weights).name == weights  # `--weights ViT-B-16.pt`, as the README's commands say it
     if bare and not path.exists() and (weights_dir() / path).is_file():
         path = weights_dir() / path
     if path.is_file():

@@ -138,6 +138,9 @@ def test_a_bare_weights_file_name_is_looked_for_here_then_in_the_default_folder(
     with pytest.raises(SystemExit) as e:
         common.load_backbone("resnet50", "r18.pth")
     assert f"weights file r18.pth not found (in {tmp_path}, nor in {common.weights_dir()})" in str(e.value)
+    (tmp_path / "r50.pth").unlink()
+    with pytest.raises(SystemExit, match=r"weights file r50.pth not found\. "):  # a path says where: no other folder
+        common.load_backbone("resnet50", "./r50.pth")
 
 
 @pytest.mark.parametrize("name", ["clip-vit-b16", "clip-rn50", "moco-v2-rn50", "resnet50"])
