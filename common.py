@@ -1133,7 +1133,7 @@ class Results:
             if self.writes:
                 print(f"note: {where} holds no resume.pt: starting from the beginning", file=sys.stderr)
             return None
-        if ckpt["method"] != method:
+        if {"flyp-fewshot": "flyp_fewshot"}.get(ckpt["method"], ckpt["method"]) != method:  # its name before 822b093
             raise SystemExit(f"error: {where}: its resume.pt is {ckpt['method']}'s, not {method}'s; pass the --out of "
                              f"a {method} run, or move {path} aside to start from the beginning")
 

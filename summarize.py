@@ -20,6 +20,7 @@ METHOD_ORDER = ["zeroshot", "lp", *TUNED] + [f"wiseft-{m}" for m in ["flyp"] + T
 LABELS = {"zeroshot": "zero-shot", "lp": "LP", "ft": "FT", "ft-zeroshot-head": "FT from zero-shot head", "lpft": "LP-FT",
           "l2sp": "L2-SP", "flyp": "FLYP", "flyp_fewshot": "FLYP few-shot"}
 LABELS.update({f"wiseft-{m}": f"WiSE-FT ({LABELS[m]}, α=0.5)" for m in TUNED})
+RENAMED = {"flyp-fewshot": "flyp_fewshot"}  # a method's name in runs made before it became its file's
 PUBLISHED = Path(__file__).with_name("reference") / "published.json"
 
 
@@ -37,6 +38,7 @@ def load_runs(root):
     runs, seen = defaultdict(list), {}
     for marker in sorted(Path(root).rglob("done")):
         record = json.loads(marker.read_text())
+        record["method"] = RENAMED.get(record["method"], record["method"])
         key = (record["dataset"], record["method"], record["seed"])
         if key in seen:  # a sweep or a variant under the same root would be averaged in as another seed
             raise SystemExit(f"error: {seen[key]} and {marker.parent} are both {key[1]} on {key[0]} with seed "
