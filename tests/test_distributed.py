@@ -104,6 +104,7 @@ def test_a_run_stopped_in_one_process_resumes_in_two(tmp_path, monkeypatch):
         with pytest.raises(Interrupted):
             run("flyp", argv + ["--out", str(tmp_path / "stopped")])
     common.release_folder(tmp_path / "stopped")  # as the stopped process's end would
+    common.wait_for_writes()  # and its resume.pt, written in the background
     mp.spawn(worker, args=(2, free_port(), "flyp", argv + ["--out", str(tmp_path / "stopped"), "--resume"]), nprocs=2)
 
     resumed = assert_same_run(tmp_path / "whole", tmp_path / "stopped")
@@ -124,11 +125,12 @@ def node_worker(rank, world, port, method, argv, tmp_path):
     ("nothing", "no resume.pt"),
     ("another run's", "resume.pt with epochs finished: 1"),
     ("a finished run", "a finished run's `done` marker"),
+    ("a broken file", "a resume.pt it could not read"),
 ])
 def test_ranks_that_find_different_resume_points_all_stop_and_say_what_each_found(rank_1_finds, found, tmp_path,
                                                                                   monkeypatch):
-    """Rank 0 finds the resume.pt of a run stopped in epoch 2; rank 1, none, another run's (stopped there too) or a
-    finished run. Went on from there, they would train different epochs and wait for each other's collectives; a
+    """Rank 0 finds the resume.pt of a run stopped in epoch 2; rank 1, none, another run's (stopped there too), a
+    finished run or a broken file. Went on from there, they would train different epochs and wait for each other's collectives; a
     rank that stopped alone would leave the other waiting: the test fails after a minute instead of hanging."""
     load_backbone("embedded-clip-tiny")
     argv = ["--dataset", "embedded-tiny", "--device", "cpu", "--compile", "off", "--epochs", "2", "--batch-size", "32"]
@@ -142,6 +144,10 @@ def test_ranks_that_find_different_resume_points_all_stop_and_say_what_each_foun
         common.release_folder(tmp_path / node)
     if rank_1_finds == "a finished run":
         run("ft", argv + ["--out", str(tmp_path / "node1")])
+    common.wait_for_writes()  # resume.pt is written in the background
+    if rank_1_finds == "a broken file":  # a copy cut short, say
+        (tmp_path / "node1").mkdir()
+        (tmp_path / "node1" / "resume.pt").write_bytes((tmp_path / "node0" / "resume.pt").read_bytes()[:1000])
     context = mp.start_processes(node_worker, args=(2, free_port(), "ft", argv + ["--resume"], tmp_path), nprocs=2,
                                  join=False)
     deadline = time.monotonic() + 60
