@@ -1092,6 +1092,8 @@ def fmow(name, root, pre):
 
     parts = {k: ([], [], []) for k in ("train", "id_val", "id_test", "test")}
     for i, r in enumerate(rows):  # the image of CSV row i is images/rgb_img_<i>.png ('seq' rows included)
+        if r["split"] not in ("train", "val", "test"):  # 'seq': never used, so a time it lacks stops nothing
+            continue
         try:
             t = datetime.datetime.fromisoformat((r["timestamp"] or "").replace("Z", "+00:00"))
         except ValueError:

@@ -671,6 +671,14 @@ def test_fmow_timestamp_without_a_time_zone_is_read_as_utc(tmp_path):
     assert labelled(ds.ood["test"], tmp_path) == truth["ood"]["test"] and len(truth["ood"]["test"]) == 1
 
 
+def test_fmow_reads_no_timestamp_of_the_seq_rows_it_never_uses(tmp_path):
+    """WILDS reads a missing time as NaT and carries on; a 'seq' row's is never needed here, so it stops nothing."""
+    truth = mini.make_fmow(tmp_path)
+    edit_csv(tmp_path / "fmow_v1.1" / "rgb_metadata.csv", set_row(truth["seq_rows"][0], "timestamp", ""))
+    ds = data.load_dataset("fmow", data_root=str(tmp_path), backbone=BACKBONE)
+    assert labelled(ds.train, tmp_path) == truth["train"] and labelled(ds.ood["test"], tmp_path) == truth["ood"]["test"]
+
+
 @pytest.mark.parametrize("name,folder", [("fmow", "fmow_v1.1/images"), ("iwildcam", "iwildcam_v2.0/train")])
 def test_wilds_missing_image_folder_is_an_error_naming_it(tmp_path, name, folder):
     getattr(mini, f"make_{name}")(tmp_path)
