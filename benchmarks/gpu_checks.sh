@@ -10,7 +10,8 @@
 #       the tiny embedded world with the CUDA defaults (bf16 autocast + torch.compile), to check that the default path
 #       runs end to end (speed is bench.py's job), with torch.compile's recompilations and their reasons (expected:
 #       one per compiled tower, training -> evaluation, 'grad_mode'); then ft.py on a folder of JPEGs with
-#       RFT_GPU_DECODE=1 (nvJPEG inside a real run);
+#       RFT_GPU_DECODE=1 (nvJPEG inside a real run, one CMYK JPEG among them; and whether nvJPEG refuses that
+#       file or decodes it, to PIL's colours or not);
 #   (3) bench.py's ResNet-50 rows (bench-resnet50.json; the table goes on in bench.txt);
 #   (4) benchmarks/lp_solver.py: LP's solver now (scipy L-BFGS-B, torch's loss and gradient on the GPU) against the
 #       torch.optim.LBFGS it replaced and scikit-learn, with the GPU syncs each makes (lp_solver.txt);
@@ -95,7 +96,7 @@ else
   echo "== feature_map.py skipped: the budget was spent" >> "$OUT/methods.txt"
 fi
 
-# nvJPEG inside a real run: a small folder dataset of JPEGs, decoded on the GPU.
+# nvJPEG inside a real run: a small folder dataset of JPEGs, decoded on the GPU; one is CMYK, as ~22 of ImageNet's.
 "$PY" - "$WORK/jpegs" <<'PY'
 import sys, numpy as np
 from pathlib import Path
@@ -105,7 +106,22 @@ for split, n in (("train", 40), ("test", 10), ("ood", 10)):
     for c in ("cat", "dog"):
         (Path(sys.argv[1]) / split / c).mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(Path(sys.argv[1]) / split / c / f"{i}.jpg")
+            image = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+            (image.convert("CMYK") if (split, c, i) == ("train", "cat", 0) else image).save(
+                Path(sys.argv[1]) / split / c / f"{i}.jpg")
+PY
+# Does nvJPEG refuse the CMYK JPEG (then data.py decodes it on the CPU), or decode it, and to PIL's colours?
+timeout -k 5 30 "$PY" - "$WORK/jpegs/train/cat/0.jpg" >> "$OUT/methods.txt" 2>&1 <<'PY'
+import sys, numpy as np, torch
+from PIL import Image
+from torchvision import io
+ref = torch.from_numpy(np.array(Image.open(sys.argv[1]).convert("RGB"))).permute(2, 0, 1).int()
+for device in ("cpu", "cuda"):
+    try:
+        image = io.decode_jpeg(io.read_file(sys.argv[1]), mode=io.ImageReadMode.RGB, device=device).cpu().int()
+        print(f"== CMYK JPEG decoded on {device}: max |decoded - PIL| = {(image - ref).abs().max().item()} grey levels")
+    except RuntimeError as e:
+        print(f"== CMYK JPEG refused on {device}: {str(e).splitlines()[0]}")
 PY
 t=$(limit 40)
 if [ "$t" -gt 0 ]; then
