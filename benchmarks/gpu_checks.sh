@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check of issue 5 in one script, for a session lent a GPU (the developers' guide, the device tool). In order of
-# what a time-out may cut last:
+# Every GPU check of issue 5 in one script, for a session lent a GPU (the developers' guide, the device tool). In
+# order of what a time-out may cut last:
 #   (1) bench.py on CUDA, three parts with caps of their own (issue 5's targets): CLIP ViT-B/16 training ours vs
 #       eager fp32 (synthetic, then JPEG with worker and nvJPEG decoding) and feature extraction; the LP sweep vs
 #       scikit-learn; FLYP pairs/s. profile.txt: torch.profiler's table of five more ViT-B/16 steps of our path, the

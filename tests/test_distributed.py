@@ -130,8 +130,8 @@ def node_worker(rank, world, port, method, argv, tmp_path):
 def test_ranks_that_find_different_resume_points_all_stop_and_say_what_each_found(rank_1_finds, found, tmp_path,
                                                                                   monkeypatch):
     """Rank 0 finds the resume.pt of a run stopped in epoch 2; rank 1, none, another run's (stopped there too), a
-    finished run or a broken file. Went on from there, they would train different epochs and wait for each other's collectives; a
-    rank that stopped alone would leave the other waiting: the test fails after a minute instead of hanging."""
+    finished run or a broken file. Went on from there, they would train different epochs and wait for each other's
+    collectives; a rank that stopped alone would leave the other waiting: the test fails after a minute, not hangs."""
     load_backbone("embedded-clip-tiny")
     argv = ["--dataset", "embedded-tiny", "--device", "cpu", "--compile", "off", "--epochs", "2", "--batch-size", "32"]
     monkeypatch.setattr(common, "load_backbone", load_backbone)  # run() patches it; undone after the test
