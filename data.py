@@ -965,6 +965,10 @@ def array_labels(dataset, path, labels, low, high, images, images_in=None):
 STL_TO_CIFAR = [0, 2, 1, 3, 4, 5, 7, -1, 8, 9]
 
 
+# ImageNet-V2's folder as its tarball unpacks it, as recipes name it, as imagenetv2_pytorch renames it: one layout
+V2_FOLDERS = ("imagenetv2-matched-frequency-format-val", "imagenetv2-matched-frequency", "ImageNetV2-matched-frequency")
+
+
 def imagenet(name, root, pre):
     """ImageNet (train/val in wnid folders) -> ImageNet-V2 (matched frequency), -R, -Sketch, -A. V2's folders are
     class indices; -R and -A hold 200 classes and are scored on those 200 logits only. A missing OOD set is skipped
@@ -974,7 +978,7 @@ def imagenet(name, root, pre):
     train, val = train_val(*imagenet_split(name, root, "train", wnids), pre)
     test = file_split(*imagenet_split(name, root, "val", wnids), pre)
     ood, missing = {}, []
-    v2 = root / "imagenetv2-matched-frequency-format-val"
+    v2 = next((root / f for f in V2_FOLDERS if (root / f).is_dir()), root / V2_FOLDERS[0])
     if v2.is_dir():
         ood["v2"] = file_split(*image_folder(name, v2, [str(i) for i in range(1000)]), pre)  # folder i = class i
     else:
