@@ -632,6 +632,9 @@ def _extract(encoder, split, device, precision, batch_size, desc):
     with autocast(device, precision):
         for x, _ in progress(split.batches(batch_size, device), desc or f"features of {len(split):,} images"):
             n, full = len(x), -(-batch_size // data.rank_and_world()[1])
+            if n == 0:  # this rank's share of a last batch smaller than the number of ranks (a ViT refuses 0 rows)
+                feats.append(all_gather(torch.zeros(0, encoder.output_dim, device=x.device)).cpu())
+                continue
             x = torch.cat([x, x.new_zeros((full - n, *x.shape[1:]))]) if static and n < full else x
             feats.append(all_gather(encoder(x)[:n].float()).cpu())
     return torch.cat(feats) if feats else torch.empty(0, encoder.output_dim)

@@ -388,7 +388,7 @@ class FileSplit:
     def _batches(self, loader, device):
         try:
             for x, y in loader:
-                x = self._decode(x, device) if self.decode_on_device else x.to(device, non_blocking=True)
+                x = self._decode(x, device) if self.decode_on_device and len(y) else x.to(device, non_blocking=True)
                 yield normalize(x, self.mean, self.std), y.to(device, non_blocking=True)
         except UnreadableImage as e:  # one line, not a worker's traceback
             e.__traceback__ = None  # torch re-raises a worker's error from a frame that holds it: a cycle that would keep
@@ -461,7 +461,7 @@ class FileSplit:
             loaders[key] = torch.utils.data.DataLoader(
                 dataclasses.replace(self), batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
                 persistent_workers=workers > 0 and shuffle, prefetch_factor=4 if workers else None,
-                collate_fn=collate_bytes if self.decode_on_device else None,
+                collate_fn=functools.partial(collate, on_device=self.decode_on_device),
                 generator=torch.Generator())  # the workers' base seed, not drawn from the global generator: a resumed
             # run starts its workers at another point of that stream (and the crops come from the images' seeds)
         return loaders[key]
@@ -481,6 +481,15 @@ def torchvision_io():
     import torchvision.io
 
     return torchvision.io
+
+
+def collate(samples, on_device=False):
+    """A loader's batch: undecoded files packed for the device (collate_bytes), else torch's default. Under torchrun a
+    last evaluation batch of fewer images than processes leaves some ranks an empty share: no images, no labels (an
+    empty tensor with no pixels to size it by), yet a batch, as the ranks must gather every batch together."""
+    if not samples:
+        return torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
+    return collate_bytes(samples) if on_device else torch.utils.data.default_collate(samples)
 
 
 def collate_bytes(samples):

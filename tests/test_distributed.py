@@ -245,6 +245,51 @@ def test_ranks_that_disagree_about_the_feature_cache_or_batchnorm_extract_the_sa
     torch.testing.assert_close(torch.load(tmp_path / "cache0" / "features" / "0123456789abcdef.pt"), expected)
 
 
+class RefusesEmptyBatches(nn.Module):
+    """Each image's mean colour; like open_clip's ViT, it fails on a batch of no images."""
+    output_dim = 3
+
+    def forward(self, x):
+        if not len(x):
+            raise RuntimeError("cannot reshape tensor of 0 elements")
+        return x.mean((2, 3))
+
+
+def empty_share_worker(rank, world, port, paths, out):
+    """extract_features of 5 image files in batches of 2, decoded by the loader's worker and on the device: the last
+    batch's one image leaves rank 1 an empty share."""
+    os.environ["RFT_WORKERS"] = "1"  # the batches collate in a worker process, as on real data
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    feats = {}
+    for on_device in (False, True):
+        os.environ["RFT_GPU_DECODE"] = str(int(on_device))  # read by file_split
+        split = data.file_split(paths, range(len(paths)), data.preprocessing("embedded-clip-tiny"))
+        assert split.decode_on_device == on_device
+        feats[on_device] = common.extract_features(RefusesEmptyBatches(), split, "cpu", batch_size=2)
+    torch.save(feats, out / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_a_rank_with_no_image_in_the_last_evaluation_batch_still_gathers_every_feature(tmp_path):
+    """A split of 5 images in batches of 2 over 2 ranks: rank 1's share of the last batch is empty. It must still
+    join the gather, without collating or encoding nothing (which crashed every torchrun evaluation of a real split
+    whose size was 1 over a multiple of the batch), and every rank gets the features one process extracts."""
+    from PIL import Image
+
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.jpg")
+        Image.new("RGB", (40, 40), (50 * i, 10, 200 - 30 * i)).save(paths[-1])
+    expected = common.extract_features(RefusesEmptyBatches(), data.file_split(
+        paths, range(5), data.preprocessing("embedded-clip-tiny")), "cpu", batch_size=2)
+    assert expected.shape == (5, 3)
+    mp.spawn(empty_share_worker, args=(2, free_port(), paths, tmp_path), nprocs=2)
+    for rank in range(2):
+        feats = torch.load(tmp_path / f"rank{rank}.pt")
+        for on_device in (False, True):
+            torch.testing.assert_close(feats[on_device], expected, atol=3 / 255, rtol=0)  # nvJPEG: within 2 levels
+
+
 def compile_worker(rank, world, port, out):
     """FT's layout (the encoder compiled, then encoder and head wrapped in DDP) with 1 MB gradient buckets: how many
     graphs Dynamo compiled for the encoder, without and with DDP around it, and the gradients of one step."""
