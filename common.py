@@ -1036,8 +1036,10 @@ class Results:
         for name in ("results.jsonl", "model.pt", "resume.pt"):  # resume.pt: an interrupted run's, not resumed
             old = self.dir / name
             if old.exists() and name not in keep:
-                kept = list(self.dir.glob(f"{old.stem}.previous*{old.suffix}"))
-                aside = self.dir / f"{old.stem}.previous{len(kept)}{old.suffix}"
+                kept = (re.fullmatch(rf"{old.stem}\.previous(\d+){re.escape(old.suffix)}", p.name)
+                        for p in self.dir.iterdir())
+                n = 1 + max((int(m[1]) for m in kept if m), default=-1)  # after the last: one removed leaves a gap
+                aside = self.dir / f"{old.stem}.previous{n}{old.suffix}"
                 os.replace(old, aside)
                 print(f"note: {old} of an earlier run is kept as {aside.name}", file=sys.stderr)
         (self.dir / "done").unlink(missing_ok=True)

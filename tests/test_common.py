@@ -442,6 +442,19 @@ def test_every_rerun_keeps_each_earlier_run_aside(tmp_path):
             ("model.previous0.pt", "model.previous1.pt", "model.pt")] == [1, 2, 3]
 
 
+def test_a_rerun_after_an_earlier_run_was_deleted_by_hand_overwrites_none_kept(tmp_path):
+    """Earlier runs' files numbered 1 and 2 (0 deleted by hand): the next ones go to 3 and 4. Counting the files
+    kept would name the next previous2, over the run kept there."""
+    args = lpft.Args(dataset="embedded-tiny")
+    for n in (1, 2):
+        (tmp_path / f"results.previous{n}.jsonl").write_text(f"run {n}\n")
+    for value in (1.0, 2.0, 3.0):
+        common.Results(tmp_path, "lpft", args, torch.device("cpu")).log(0, {"acc/id_val": value})
+    assert [(tmp_path / f"results.previous{n}.jsonl").read_text() for n in (1, 2)] == ["run 1\n", "run 2\n"]
+    assert [json.loads((tmp_path / name).read_text())["metrics"]["acc/id_val"] for name in
+            ("results.previous3.jsonl", "results.previous4.jsonl", "results.jsonl")] == [1.0, 2.0, 3.0]
+
+
 def test_git_commit_holds_the_code_that_runs_or_says_it_does_not(tmp_path, monkeypatch):
     """HEAD for a clean checkout; "-dirty" for a new, untracked method script beside common.py; None for a copy of
     common.py inside another project's repository (its commits do not hold our code)."""
