@@ -660,8 +660,8 @@ def data_fingerprint(split):
 def feature_cache(backbone, dataset, split, device, precision, seed=0):
     """The cache key of a real dataset's split under a pretrained backbone, or None (the embedded world's features
     take seconds). It covers the weights, the split's images and labels (data_fingerprint), the preprocessing, where
-    JPEGs are decoded (RFT_GPU_DECODE) and the precision on `device` (a cache shared by a CPU and a GPU machine keeps
-    their 'auto' apart); the ID training split's features depend on the seed too (one random augmented view per
+    JPEGs are decoded (RFT_GPU_DECODE), the precision on `device` (a cache shared by a CPU and a GPU machine keeps
+    their 'auto' apart) and the kind of device (their fp32 differs too); the ID training split's features depend on the seed too (one random augmented view per
     image, as the LP-FT code takes)."""
     if dataset.name in data.WORLDS or backbone.key is None:
         return None
@@ -669,6 +669,8 @@ def feature_cache(backbone, dataset, split, device, precision, seed=0):
     parts = [backbone.key, dataset.name, dataset.info.get("root"), split, len(part), data_fingerprint(part),
              repr(data.preprocessing(dataset.backbone)), resolve_precision(device, precision),
              seed if split == "id_train" else None]
+    if torch.device(device).type != "cpu":  # a GPU's fp32 is not a CPU's: cuDNN convolves in TF32 by default
+        parts.append(torch.device(device).type)  # (appended, not always there: the CPU caches' keys stay valid)
     if getattr(part, "decode_on_device", False):  # nvJPEG and tensor resizing give other pixels than PIL's
         parts.append("decoded on the device")  # (appended, not always there: the keys of existing caches stay valid)
     if split == "id_train":  # its crops come from each image's seed (data.SeededBatchIndices), no longer from the

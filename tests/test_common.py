@@ -757,6 +757,8 @@ def test_pretrained_features_of_real_data_are_cached_on_disk_and_keyed(tmp_path,
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100
     assert key("id_val", 0) != common.feature_cache(backbone, dataset, "id_val", "cuda", "auto") == \
         common.feature_cache(backbone, dataset, "id_val", "cuda", "bf16")
+    # and by the kind of device: a GPU's fp32 convolutions run in TF32 (cuDNN's default), a CPU's do not
+    assert key("id_val", 0) != common.feature_cache(backbone, dataset, "id_val", "cuda", "fp32")
     assert common.feature_cache(backbone, data.load_dataset("embedded-tiny"), "id_val", "cpu", "auto") is None
     before = {k: key(k, 0) for k in ("id_test", "ood_night")}
     (tmp_path / "d" / "test" / "cat").rename(tmp_path / "d" / "test" / "tmp")  # relabelled: same names and count
