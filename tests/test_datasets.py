@@ -396,6 +396,25 @@ def test_imagenet_missing_ood_folders_are_skipped(minis, tmp_path, capsys):
             f"{len(ds.test):,} (released: 50,000), sketch {len(ds.ood['sketch']):,} (released: 50,889)\n") in said
 
 
+@needs_h5py
+def test_every_published_number_names_a_method_and_a_column_of_the_tables_our_runs_of_its_dataset_make(minis):
+    """reference/published.json's numbers stand beside ours only where summarize.py's table has their (dataset,
+    method, column): a column misnamed (`OOD macro-f1`, `OOD worst-region`) or a method our scripts do not write would
+    hide a number without a word. The columns come from common.evaluate's keys on each dataset's miniature."""
+    import summarize
+
+    entries = json.loads((ROOT / "reference" / "published.json").read_text())["entries"]
+    assert {e["method"] for e in entries} <= set(summarize.METHOD_ORDER) | {"flyp_fewshot"}
+    for name in sorted({e["dataset"] for e in entries}):
+        ds, g = minis.load(name), torch.Generator().manual_seed(0)
+        logits = {k: torch.randn(len(s), len(ds.classnames), generator=g) for k, s in common.eval_splits(ds).items()}
+        metrics = common.evaluate(logits, lambda f: f, ds, logits, "cpu")
+        names = [c for c, _ in summarize.columns({(name, "any"): [{"metrics": metrics}]}, name)]
+        for e in entries:
+            if e["dataset"] == name:
+                assert e["column"] in names, (e, names)
+
+
 def test_imagenet_released_sizes_are_the_documented_ones(minis, capsys):
     """The note on test sets of other than their released size uses docs/datasets.md's image counts for every OOD
     set (a wrong one would call the real, complete set cut short, or stay silent on one that is)."""
