@@ -880,6 +880,15 @@ def all_reduce_sum(*values):
     return tuple(t.tolist())
 
 
+def check_training_loss(loss, epoch, lr):
+    """Stop a run whose epoch's training loss is no longer a number: it diverged, every later epoch would train NaN
+    weights, and a finished run would be filed (its `done` marker) as a result of the recipe. What came before stays:
+    the earlier epochs' results lines and resume point."""
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: the training loss of epoch {epoch} is {loss}: the run diverged; train with a lower "
+                         f"--lr than {lr:g}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation and feature distortion
 # ---------------------------------------------------------------------------------------------------------------

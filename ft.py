@@ -136,6 +136,7 @@ def main(args):
             optimizer.step()
             total, n = total + loss.detach() * len(y), n + len(y)  # on the device: no wait for the GPU every step
         total, n = common.all_reduce_sum(float(total), n)  # over every rank's share of the batches
+        common.check_training_loss(total / n, epoch, lr)  # a diverged run stops here
         scheduler.step()
 
         # Model selection sees ID validation only; test and OOD splits are scored once, for the selected epoch.

@@ -5,6 +5,7 @@ import importlib
 import json
 import math
 import os
+import re
 import runpy
 import shutil
 import subprocess
@@ -53,6 +54,24 @@ def test_script_end_to_end(method, tmp_path):
     candidates = [r for r in lines if r.get("stage") != "lp"]
     assert method == "zeroshot" or len(candidates) >= 2
     assert done["metrics"]["acc/id_val"] == max(r["metrics"]["acc/id_val"] for r in candidates)
+
+
+@pytest.mark.parametrize("method, lr", [("ft", "1e6"), ("lpft", "1e6"), ("l2sp", "1e6"), ("flyp", "1e3")])
+def test_a_run_whose_training_loss_turns_nan_stops_with_an_error_and_is_not_filed_as_finished(method, lr, tmp_path):
+    """A diverged run (far too high an lr) stops at the epoch whose loss is NaN, naming it and the lr, and writes no
+    `done` marker: summarize.py would put its numbers in the table as a result of the recipe. The epochs before it
+    keep their results lines."""
+    module = importlib.import_module(method)
+    argv = ["--dataset", "embedded-tiny", "--epochs", "3", "--lr", lr, "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as stop:
+        module.main(common.parse_args(module.Args, argv))
+    said = re.fullmatch(r"error: the training loss of epoch (\d) is nan: the run diverged; train with a lower --lr "
+                        r"than (\S+)", str(stop.value))
+    assert said and float(said[2]) == float(lr), stop.value
+    assert not (tmp_path / "done").exists()
+    lines = read_results(tmp_path) if (tmp_path / "results.jsonl").exists() else []
+    assert [r["step"] for r in lines if "train_loss" in r] == list(range(1, int(said[1])))
+    assert all(math.isfinite(r["train_loss"]) for r in lines if "train_loss" in r)
 
 
 @pytest.mark.parametrize("method", METHODS)
