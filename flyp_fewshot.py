@@ -46,8 +46,8 @@ class Args:
     resume: bool = False
     """go on after the last draw an interrupted run in <out> finished (its resume.pt); none there: start afresh"""
 
-    shots: int = 16
-    """labelled training images per class, k (FLYP paper: 4, 16, 32; its README: 16)"""
+    shots: int = None
+    """labelled training images per class, k; default: the dataset's recipe (FLYP paper: 4, 16, 32; its README: 16)"""
     draws: int = None
     """random draws of the k-shot train/validation sets; default: the dataset's recipe (FLYP paper: 50)"""
     steps: int = 20
@@ -60,13 +60,15 @@ class Args:
 
 
 # Per-dataset defaults. PatchCamelyon and SST2: the FLYP paper's (50 draws); the other datasets take SST2's, unswept.
-# Embedded world: flyp.py's learning rate scale, 10 draws to keep a run near 2 minutes.
+# Embedded world: flyp.py's learning rate scale, 10 draws to keep a run near 2 minutes (embedded-tiny's validation
+# split holds 10 images a class: 4 shots).
 RECIPES = {
-    "embedded": {"draws": 10, "lr": 3e-4, "weight_decay": 0.1},
-    "embedded-tiny": {"draws": 2, "lr": 1e-3, "weight_decay": 0.1},
-    "pcam": {"draws": 50, "lr": 1e-6, "weight_decay": 0.0},
-    "sst2": {"draws": 50, "lr": 1e-5, "weight_decay": 0.2},
-    **{name: {"draws": 50, "lr": 1e-5, "weight_decay": 0.2} for name in data.REAL if name not in ("pcam", "sst2")},
+    "embedded": {"shots": 16, "draws": 10, "lr": 3e-4, "weight_decay": 0.1},
+    "embedded-tiny": {"shots": 4, "draws": 2, "lr": 1e-3, "weight_decay": 0.1},
+    "pcam": {"shots": 16, "draws": 50, "lr": 1e-6, "weight_decay": 0.0},
+    "sst2": {"shots": 16, "draws": 50, "lr": 1e-5, "weight_decay": 0.2},
+    **{name: {"shots": 16, "draws": 50, "lr": 1e-5, "weight_decay": 0.2} for name in data.REAL
+       if name not in ("pcam", "sst2")},
 }
 
 
@@ -118,7 +120,8 @@ def main(args):
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
     recipe = common.recipe(args, RECIPES[dataset.name])  # flags override the dataset's recipe
     common.describe(dataset, results, log, recipe)
-    check_shots(dataset, args.shots)
+    shots = recipe["shots"]
+    check_shots(dataset, shots)
     backbone = common.load_backbone(dataset.backbone, args.weights, log=log)
     model = common.to_device(backbone.clip, device)
     pretrained = copy.deepcopy(model.state_dict())  # every draw starts from the zero-shot model
@@ -137,7 +140,7 @@ def main(args):
     records = records or []
     for draw in common.progress(range(first - 1, recipe["draws"]), desc="draws"):
         model.load_state_dict(pretrained)
-        train_idx, val_idx = draw_shots(dataset.train.labels, args.shots, g), draw_shots(dataset.val.labels, args.shots, g)
+        train_idx, val_idx = draw_shots(dataset.train.labels, shots, g), draw_shots(dataset.val.labels, shots, g)
         # one augmented view per image, its crop from a seed that follows from g (data.SeededBatchIndices)
         x, y = next(dataset.train.subset(train_idx).batches(len(train_idx), device, generator=g))
         val = dataset.val.subset(val_idx)
@@ -165,7 +168,7 @@ def main(args):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             except torch.OutOfMemoryError:
-                raise SystemExit(f"error: one full-batch step of {len(y):,} images ({args.shots} shots x "
+                raise SystemExit(f"error: one full-batch step of {len(y):,} images ({shots} shots x "
                                  f"{len(dataset.classnames):,} classes) does not fit in {device}'s memory; few-shot "
                                  "FLYP is for a few classes (the paper's: 2); pass a smaller --shots") from None
             optimizer.step()
@@ -175,16 +178,16 @@ def main(args):
         model.load_state_dict(state)
         metrics = common.evaluate(common.split_features(encode, dataset, device, args.precision), head(), dataset, ref,
                                   device)
-        records.append(results.log(draw, metrics, selected_step=step, val_losses=val_losses, shots=args.shots))
+        records.append(results.log(draw, metrics, selected_step=step, val_losses=val_losses, shots=shots))
         log(f"draw {draw:2d}: step {step:2d} (val loss {val_loss:.3f}) | {common.format_metrics(metrics)}")
         results.save_for_resume(draw + 1, records, training, unit="draw")  # <out>/resume.pt: where --resume goes on
 
     values = {k: torch.tensor([r["metrics"][k] for r in records], dtype=torch.float64) for k in records[0]["metrics"]}
     mean = {k: v.mean().item() for k, v in values.items()}
     std = {k: v.std().item() if len(v) > 1 else 0.0 for k, v in values.items()}  # sample std over draws
-    log(f"{args.shots}-shot, {len(records)} draws, mean | {common.format_metrics(mean)}")
+    log(f"{shots}-shot, {len(records)} draws, mean | {common.format_metrics(mean)}")
     log("std over draws | " + " ".join(f"{k[4:]} {v:.1f}" for k, v in std.items() if k.startswith("acc/")))
-    results.done({"step": len(records) - 1, "metrics": mean, "std": std, "draws": len(records), "shots": args.shots})
+    results.done({"step": len(records) - 1, "metrics": mean, "std": std, "draws": len(records), "shots": shots})
     return mean, std
 
 

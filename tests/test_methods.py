@@ -656,6 +656,13 @@ def test_every_method_has_a_recipe_for_every_dataset_and_docs_list_them(capsys):
         assert "RECIPES (each dataset's defaults" in out and "\n  imagenet " in out, module.__name__
 
 
+def test_few_shot_flyps_default_shots_fit_the_classes_of_each_embedded_world():
+    """`python flyp_fewshot.py --dataset embedded-tiny` with its defaults: embedded-tiny's validation split holds 10
+    images a class, so a default of 16 shots stopped it before its first draw."""
+    for name in data.WORLDS:
+        flyp_fewshot.check_shots(data.load_dataset(name), flyp_fewshot.RECIPES[name]["shots"])
+
+
 def test_results_record_the_recipe_actually_used(tmp_path):
     """Flags override the dataset's recipe, the rest comes from RECIPES; every results line records what was used."""
     proc = run_script("ft", "--dataset", "embedded-tiny", "--out", str(tmp_path), "--epochs", "1", "--lr", "0.01")
