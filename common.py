@@ -1178,7 +1178,8 @@ class Results:
     def done(self, final):
         """Mark the run finished; the marker holds the selected evaluation (what tables report)."""
         record = {"method": self.header["method"], "dataset": self.header["args"]["dataset"], "seed": self.header["seed"],
-                  "commit": self.header["commit"], **final}
+                  "commit": self.header["commit"], "backbone": self.header.get("data", {}).get("backbone"),
+                  "recipe": self.header.get("recipe"), **final}  # backbone, recipe: what summarize.py may average
         if self.writes:
             self._start()
             try:

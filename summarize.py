@@ -1,7 +1,8 @@
 """Build the ID/OOD summary table and pictures from finished runs: mean ± 90% CI over seeds (1.645 std / sqrt(n), as
 in the LP-FT paper; one seed shows its mean alone) of the evaluation each run selected on ID validation (its `done`
-marker). For real datasets the paper's number stands beside ours where reference/published.json has one, with its
-provenance tag.
+marker). For real datasets the paper's number stands beside ours where reference/published.json has one and our
+runs used the paper's backbone, with its provenance tag. Seeds of one method on other backbones or recipes are not
+averaged: an error.
 
     python summarize.py runs       # prints the table; writes runs/summary.md, runs/summary.csv and, per dataset,
                                    # runs/<dataset>_id_ood.png and runs/<dataset>_distortion.png
@@ -47,6 +48,16 @@ def load_runs(root):
                              "summarize each folder on its own")
         seen[key] = marker.parent
         runs[(record["dataset"], record["method"])].append({**record, "results": str(marker.with_name("results.jsonl"))})
+    for (dataset, method), records in runs.items():
+        for field in ("backbone", "recipe"):  # in `done` markers since 2026-12-05
+            values = {json.dumps(r.get(field), sort_keys=True) for r in records if r.get(field) is not None}
+            if len(values) > 1:
+                runs_of = "; ".join(f"{Path(r['results']).parent}: {json.dumps(r.get(field), sort_keys=True)}"
+                                    for r in records)
+                raise SystemExit(f"error: the {method} runs on {dataset} under {root} differ in their {field} "
+                                 f"({runs_of}); a table row averages seeds of one recipe on one backbone: summarize "
+                                 "each folder on its own, or give a variant of a method its own name (common.setup(args, "
+                                 "\"<name>\") in its script)")
     return runs
 
 
@@ -96,6 +107,8 @@ def build_table(runs, published=None):
                 cell = f"{mean:.{digits}f}" + ("" if ci is None else f" ± {ci:.{digits}f}")  # one seed: no CI
                 row[f"{name} mean"], row[f"{name} ci90"] = round(mean, 6), "" if ci is None else round(ci, 6)
                 paper = published.get((dataset, method, name))
+                if paper and {r.get("backbone") for r in records} - {None, paper.get("backbone")} and "backbone" in paper:
+                    paper = None  # the paper's number is for its backbone, not one of ours (the miniature's tiny one)
                 if paper:
                     cell += f" (paper {paper['value']:.1f}" + (f" ± {paper['ci']:.1f}" if "ci" in paper else "") + \
                             f" [{paper['tag']}])"

@@ -601,6 +601,32 @@ def test_summarize_refuses_to_average_two_runs_of_one_seed(tmp_path):
     assert "its own name" in str(e.value) and f"move one run out of {tmp_path / 'runs'}," in str(e.value)
 
 
+@pytest.mark.parametrize("field, values", [("backbone", ["embedded-clip", "embedded-clip-tiny"]),
+                                           ("recipe", [{"lr": 0.03}, {"lr": 0.01}])])
+def test_summarize_refuses_to_average_seeds_run_on_other_backbones_or_recipes(field, values, tmp_path):
+    """Seeds 0 and 1 of one method, one on another backbone (or lr): the row would average 17.0 and 81.0 as two seeds
+    of one recipe. A marker written before `done` recorded them (no field) pools with either."""
+    metrics = {"acc/id_test": 50.0, "acc/ood_avg": 40.0}
+    for seed, value in enumerate(values):
+        finished_run(tmp_path / "two", "lp", "embedded", seed, metrics, **{field: value})
+        finished_run(tmp_path / "old", "lp", "embedded", seed, metrics, **({field: value} if seed == 0 else {}))
+    with pytest.raises(SystemExit, match=f"the lp runs on embedded under {tmp_path / 'two'} differ in their {field} ") \
+            as e:
+        summarize.load_runs(tmp_path / "two")
+    assert all(json.dumps(v, sort_keys=True) in str(e.value) for v in values)
+    assert len(summarize.load_runs(tmp_path / "old")[("embedded", "lp")]) == 2
+
+
+def test_the_papers_number_stands_beside_runs_on_the_papers_backbone_only(tmp_path):
+    """The docs' miniature command runs living17 on the tiny embedded CLIP: the LP-FT paper's 96.5 (MoCo-v2) beside
+    its 5.9 would read as a comparison. Beside a MoCo-v2 run, or a marker that predates the field, it stands."""
+    for folder, backbone in (("tiny", "embedded-clip-tiny"), ("moco", "moco-v2-rn50"), ("old", None)):
+        finished_run(tmp_path / folder, "lp", "living17", 0, {"acc/id_test": 5.9, "acc/ood_avg": 4.0},
+                     **({"backbone": backbone} if backbone else {}))
+        markdown, _ = summarize.build_table(summarize.load_runs(tmp_path / folder))
+        assert ("(paper 96.5 ± 0.2 [paper])" in markdown) == (folder != "tiny"), markdown
+
+
 def test_summary_shows_iwildcams_macro_f1_and_fmows_worst_region_accuracy(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 

@@ -50,6 +50,8 @@ def test_script_end_to_end(method, tmp_path):
     keys = {"acc/id_val", "acc/id_test", "acc/ood_sketch", "acc/ood_painting", "acc/ood_neon", "acc/ood_avg",
             "distortion/id_test", "distortion/ood_avg"}
     assert keys <= set(done["metrics"])
+    # what summarize.py checks before it averages seeds: the backbone, and the recipe of the methods that have one
+    assert done["backbone"] == "embedded-clip-tiny" and (done["recipe"] is None) == (method in ("zeroshot", "lp"))
     # The reported evaluation is the one with the best ID validation accuracy among the logged ones.
     candidates = [r for r in lines if r.get("stage") != "lp"]
     assert method == "zeroshot" or len(candidates) >= 2
