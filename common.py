@@ -1305,6 +1305,7 @@ def parse_args(cls, argv=None, description=None, recipes=None):
 
 COUNTS = ("epochs", "batch_size", "num_c", "max_iter", "shots", "draws")  # at least 1 (few-shot --steps 0 = zero-shot)
 POSITIVE = ("c_min", "c_max")  # above 0; every other number of an Args may be 0, none negative
+BELOW_1 = ("momentum",)  # 0 or more, below 1: SGD with momentum 1 or more never forgets a gradient and grows
 
 
 def check_args(args):
@@ -1324,9 +1325,13 @@ def check_args(args):
             ok, what = value > 0, "above 0"
         elif f.name == "seed":
             ok, what = 0 <= value < 2 ** 32, "from 0 to 2**32 - 1 (numpy's range)"
+        elif f.name in BELOW_1:
+            ok, what = 0 <= value < 1, "0 or more and below 1"
         else:
             ok, what = value >= 0, "0 or more"
-        if not ok or not math.isfinite(value):
+        if not math.isfinite(value):
+            raise SystemExit(f"error: {flag} {value}: must be a finite number, {what}")
+        if not ok:
             raise SystemExit(f"error: {flag} {value}: must be {what}")
     if getattr(args, "c_min", 0) > getattr(args, "c_max", 1):  # would sweep the same grid, but backwards
         raise SystemExit(f"error: --c-min {args.c_min} is above --c-max {args.c_max}: the sweep runs from min to max")

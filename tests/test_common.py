@@ -1181,9 +1181,9 @@ def test_features_are_extracted_in_eval_mode_whatever_mode_the_encoder_was_left_
     torch.testing.assert_close(feats[:3], one, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("field,expected", [("lr", "--lr inf: must be 0 or more"),
-                                            ("epochs", "--epochs inf: must be at least 1"),
-                                            ("c_max", "--c-max inf: must be above 0")])
+@pytest.mark.parametrize("field,expected", [("lr", "--lr inf: must be a finite number, 0 or more"),
+                                            ("epochs", "--epochs inf: must be a finite number, at least 1"),
+                                            ("c_max", "--c-max inf: must be a finite number, above 0")])
 def test_an_infinite_number_is_refused_like_a_negative_one(field, expected):
     """`--lr inf` passes every comparison with 0: only the finiteness check stops it (a NaN fails the comparison)."""
     with pytest.raises(SystemExit) as e:
