@@ -111,6 +111,26 @@ def cache_dir():
     return Path(os.environ.get("RFT_CACHE", Path.home() / ".cache" / "robust-finetuning"))
 
 
+def check_environment():
+    """Refuse a malformed RFT_* variable before anything runs: RFT_WORKERS=abc stopped the first batch with a
+    ValueError, and an RFT_CACHE that names a file stopped the run only when the pretrained model was written."""
+    workers = os.environ.get("RFT_WORKERS")
+    if workers is not None and not workers.strip().isdigit():
+        raise SystemExit(f"error: RFT_WORKERS={workers!r}: expected a whole number, 0 or more, of data-loading processes "
+                         "per training process (0: load in the training process); unset, a share of the cores")
+    decode = os.environ.get("RFT_GPU_DECODE")
+    if decode not in (None, "", "0", "1"):
+        raise SystemExit(f"error: RFT_GPU_DECODE={decode!r}: expected 1 (decode JPEGs on the GPU) or 0 (in the loader "
+                         "workers)")
+    try:
+        cache_dir().mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        which = "RFT_CACHE" if "RFT_CACHE" in os.environ else "the default; RFT_CACHE sets another"
+        why = "it is a file" if cache_dir().is_file() else e.strerror
+        raise SystemExit(f"error: the cache folder {cache_dir()} ({which}) cannot be made: {why}; it holds the "
+                         "embedded models and cached features: point RFT_CACHE at a folder you can write") from None
+
+
 def embedded_cache_path(cfg):
     key = hashlib.sha1(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
     return cache_dir() / f"{cfg.name}-{key}.pt"
@@ -1373,6 +1393,7 @@ def setup(args, method, clip_for=None):
     needs one); seed, device (deterministic algorithms on CPU, cuDNN autotuning on CUDA), the results writer and a
     log function."""
     check_args(args)
+    check_environment()
     backbone = args.backbone or data.default_backbone(args.dataset)
     check_backbone(backbone, args.weights, clip_for)
     seed_everything(args.seed)

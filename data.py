@@ -1343,7 +1343,7 @@ def load_dataset(name, seed=0, data_root=None, backbone=None):
         fail(name, "no data root: pass --data-root DIR or set RFT_DATA")
     root = os.path.expanduser(root)  # `--data-root=~/data`: bash leaves the ~
     if not os.path.isdir(root):
-        fail(name, f"data root {root} is not a folder")
+        fail(name, f"data root {root}{'' if data_root else ' (from $RFT_DATA)'} is not a folder")
     parts = loader(name, Path(root), preprocessing(backbone))
     parts["info"] = {**parts.get("info", {}), "root": str(Path(root).resolve())}  # where the data came from
     return Dataset(name=name, backbone=backbone, **parts)

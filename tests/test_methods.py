@@ -156,6 +156,33 @@ def test_impossible_options_stop_the_run_before_it_starts(method, option, expect
     assert expected in str(e.value) and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("env, expected", [
+    ({"RFT_WORKERS": "abc"}, "RFT_WORKERS='abc': expected a whole number, 0 or more"),  # was a ValueError
+    ({"RFT_WORKERS": "-2"}, "RFT_WORKERS='-2': expected a whole number, 0 or more"),
+    ({"RFT_GPU_DECODE": "yes"}, "RFT_GPU_DECODE='yes': expected 1"),  # was silently off
+    ({"RFT_CACHE": "{file}"}, "the cache folder {file} (RFT_CACHE) cannot be made: it is a file"),
+    ({"RFT_CACHE": "{file}/sub"}, "the cache folder {file}/sub (RFT_CACHE) cannot be made"),
+])
+def test_a_malformed_environment_variable_stops_the_run_before_it_starts(env, expected, tmp_path, monkeypatch):
+    """An RFT_CACHE that names a file failed only when the pretrained model was written, after its pretraining."""
+    (tmp_path / "file").write_text("")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v.format(file=tmp_path / "file"))
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("the dataset was read first"))
+    monkeypatch.setattr(common, "load_backbone", lambda *a, **k: pytest.fail("the backbone was loaded first"))
+    with pytest.raises(SystemExit) as e:
+        lp.main(lp.Args(dataset="embedded-tiny", out=str(tmp_path / "out")))
+    assert expected.format(file=tmp_path / "file") in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_a_data_root_from_rft_data_that_is_not_a_folder_says_where_it_came_from(tmp_path, monkeypatch):
+    monkeypatch.setenv("RFT_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit, match=rf"data root {re.escape(str(tmp_path / 'nowhere'))} \(from \$RFT_DATA\) is "):
+        data.load_dataset("living17", backbone="embedded-clip-tiny")
+    with pytest.raises(SystemExit, match=r"nowhere is not a folder"):  # --data-root: the user named it
+        data.load_dataset("living17", data_root=str(tmp_path / "nowhere"), backbone="embedded-clip-tiny")
+
+
 def test_same_seed_same_result(tmp_path):
     a = ft.main(ft.Args(dataset="embedded-tiny", out=str(tmp_path / "a"), seed=3))
     b = ft.main(ft.Args(dataset="embedded-tiny", out=str(tmp_path / "b"), seed=3))
