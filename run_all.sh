@@ -18,9 +18,16 @@ SEEDS=${SEEDS:-"0 1 2"}
 METHODS=${METHODS:-"zeroshot lp ft lpft l2sp flyp wiseft"}
 JOBS=${JOBS:-2}   # parallel runs; each gets an equal share of the cores
 ROOT=${ROOT:-runs}
+# A typo in JOBS, SEEDS, DATASETS or METHODS stops here, not as one failed run per method and seed (JOBS=0 would
+# start every run at once).
+if ! [[ "$JOBS" =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: JOBS has '$JOBS'; expected how many runs at a time, 1 or more" >&2; exit 2
+fi
+for seed in $SEEDS; do
+  [[ "$seed" =~ ^[0-9]+$ ]] || { echo "error: SEEDS has '$seed'; expected whole numbers, such as SEEDS=\"0 1 2\"" >&2; exit 2; }
+done
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 
-# A typo in DATASETS or METHODS stops here, not as one failed run per method and seed.
 KNOWN="zeroshot lp ft lpft l2sp flyp flyp_fewshot wiseft"
 for method in $METHODS; do  # ours, or a method script of your own beside them (a copy of ft.py, say)
   case " $KNOWN " in *" $method "*) ;; *) grep -qs "= common.setup(" "$method.py" ||
@@ -28,7 +35,8 @@ for method in $METHODS; do  # ours, or a method script of your own beside them (
 done
 # Then an embedded world's model is pretrained once, before runs start in parallel (one python: imports take seconds).
 python -c "import sys, data; bad = [d for d in sys.argv[1:] if d not in data.DATASETS]
-bad and sys.exit(f'error: DATASETS has {bad[0]!r}; choose from: {\", \".join(data.DATASETS)}')
+bad and print(f'error: DATASETS has {bad[0]!r}; choose from: {\", \".join(data.DATASETS)}', file=sys.stderr)
+bad and sys.exit(2)
 import common
 for d in sys.argv[1:]:
     d in data.WORLDS and common.load_backbone(data.WORLDS[d][1])" $DATASETS

@@ -655,12 +655,17 @@ def test_feature_map_refuses_checkpoints_it_cannot_draw_before_loading_data(tmp_
     assert expected in str(e.value.code), e.value.code
 
 
-@pytest.mark.parametrize("var,value", [("DATASETS", "embedded-tiny living71"), ("METHODS", "lp lpf"),
-                                       ("METHODS", "lp common")])  # a script, but not a method
-def test_run_all_refuses_a_typo_before_any_run(var, value, tmp_path):
+@pytest.mark.parametrize("var,value,expected", [
+    ("DATASETS", "embedded-tiny living71", "choose from:"), ("METHODS", "lp lpf", "choose from:"),
+    ("METHODS", "lp common", "choose from:"),  # a script, but not a method
+    ("SEEDS", "0 x", "expected whole numbers"), ("SEEDS", "0 -1", "expected whole numbers"),
+    ("JOBS", "0", "expected how many runs at a time, 1 or more"),  # 0: every run at once (xargs -P 0)
+    ("JOBS", "abc", "expected how many runs at a time, 1 or more")])
+def test_run_all_refuses_a_typo_before_any_run(var, value, expected, tmp_path):
     env = {**os.environ, "DATASETS": "embedded-tiny", "SEEDS": "0", "ROOT": str(tmp_path / "runs"), var: value}
+    env.pop("OMP_NUM_THREADS", None)  # else set, run_all.sh does not divide the cores by JOBS
     proc = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode != 0 and f"error: {var} has '{value.split()[1]}'; choose from:" in proc.stderr
+    assert proc.returncode == 2 and f"error: {var} has '{value.split()[-1]}'; {expected}" in proc.stderr, proc.stderr
     assert not (tmp_path / "runs").exists()
 
 
