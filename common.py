@@ -438,6 +438,11 @@ def is_torchscript(path):
 def read_checkpoint(path, how_to_make):
     """A model.pt written by a method script's --save (method, args, state_dict; on the CPU), or a one-line error
     saying what is wrong; `how_to_make` says how to get one when there is no file."""
+    if Path(path).is_dir():  # a run's folder
+        inside = Path(path) / "model.pt"
+        raise SystemExit(f"error: {str(path)!r} is a folder; pass its checkpoint, {str(inside)!r}" if inside.is_file()
+                         else f"error: {str(path)!r} is a folder that holds no model.pt (a run without --save); "
+                              f"{how_to_make}")
     if not Path(path).is_file():
         raise SystemExit(f"error: no fine-tuned checkpoint at {str(path)!r}; {how_to_make}")
     try:

@@ -112,6 +112,9 @@ def endpoint_args(args, ckpt, path):
     if args.seed not in (None, ckpt["args"]["seed"]):
         raise SystemExit(f"error: {path!r} was fine-tuned with --seed {ckpt['args']['seed']}, not {args.seed}; drop "
                          "--seed (its evaluation uses the checkpoint's, and is filed under it)")
+    if args.weights and trained not in common.WEIGHTS:  # check_backbone's advice, another --backbone, is no way here
+        raise SystemExit(f"error: --weights {args.weights}: {path!r} was fine-tuned from {trained}, which has no "
+                         "weights file (this project pretrains it); drop --weights")
     args.seed, args.backbone = ckpt["args"]["seed"], trained
     args.weights, args.data_root = args.weights or ckpt["args"]["weights"], args.data_root or ckpt["args"]["data_root"]
 
@@ -132,7 +135,9 @@ def main(args):
     alphas = alpha_grid(args.alpha_step, args.report_alpha)
     name = args.dataset or "embedded"
     path = args.checkpoint or str(Path("runs", "flyp", name, f"seed{args.seed or 0}", "model.pt"))
-    ckpt = common.read_checkpoint(path, f"make one with `python flyp.py --dataset {name} --save` (or ft.py "
+    clip = args.backbone or ("" if data.default_backbone(name) in common.CLIP_BACKBONES else "clip-vit-b16")  # FLYP's
+    where = (f" --backbone {clip}" if clip else "") + (f" --data-root {args.data_root}" if args.data_root else "")
+    ckpt = common.read_checkpoint(path, f"make one with `python flyp.py --dataset {name}{where} --save` (or ft.py "
                                         "--head-init zeroshot --save) and pass it with --checkpoint")
     # The zero-shot endpoint is the pretrained backbone the checkpoint was fine-tuned from, on the same data.
     endpoint_args(args, ckpt, path)

@@ -1375,8 +1375,10 @@ def test_read_checkpoint_takes_a_saved_model_and_refuses_a_folder_or_missing_key
     ckpt = common.read_checkpoint(tmp_path / "model.pt", "run ft.py --save")
     assert ckpt["method"] == "ft" and ckpt["step"] == 3 and set(ckpt["state_dict"]) == {"weight", "bias"}
     (tmp_path / "folder.pt").mkdir()
-    with pytest.raises(SystemExit, match="no fine-tuned checkpoint at .*folder.pt'; run ft.py --save"):
+    with pytest.raises(SystemExit, match="folder.pt' is a folder that holds no model.pt .*; run ft.py --save"):
         common.read_checkpoint(tmp_path / "folder.pt", "run ft.py --save")
+    with pytest.raises(SystemExit, match=f"is a folder; pass its checkpoint, '{tmp_path / 'model.pt'}'$"):
+        common.read_checkpoint(tmp_path, "run ft.py --save")  # the run's folder, as it is easy to pass
     torch.save({"method": "ft", "state_dict": {}}, tmp_path / "partial.pt")
     with pytest.raises(SystemExit, match="is not a model.pt written by a method script's --save"):
         common.read_checkpoint(tmp_path / "partial.pt", "run ft.py --save")

@@ -286,6 +286,27 @@ def test_wiseft_bad_checkpoint_gives_a_clear_error(tmp_path, content, expected):
         wiseft.main(wiseft.Args(dataset="embedded-tiny", checkpoint=str(path), out=str(tmp_path / "out")))
 
 
+def test_wiseft_says_how_to_make_the_missing_checkpoint_with_a_command_that_works(tmp_path):
+    """Living-17's default backbone is MoCo-v2, which FLYP refuses: the command must name a CLIP backbone, and the
+    data root the user gave."""
+    with pytest.raises(SystemExit) as e:
+        wiseft.main(wiseft.Args(dataset="living17", data_root=str(tmp_path), out=str(tmp_path / "out")))
+    assert (f"make one with `python flyp.py --dataset living17 --backbone clip-vit-b16 --data-root {tmp_path} --save`"
+            in str(e.value))
+    with pytest.raises(SystemExit) as e:
+        wiseft.main(wiseft.Args(dataset="embedded-tiny", out=str(tmp_path / "out")))
+    assert "make one with `python flyp.py --dataset embedded-tiny --save`" in str(e.value)
+
+
+def test_wiseft_refuses_weights_for_a_checkpoint_of_a_backbone_that_has_none(tmp_path):
+    """Not check_backbone's advice (pass another --backbone), which WiSE-FT cannot take: the checkpoint fixes it."""
+    results = common.Results(tmp_path, "flyp", flyp.Args(dataset="embedded-tiny"), torch.device("cpu"))
+    results.save_model(torch.nn.Linear(2, 1), step=1)
+    with pytest.raises(SystemExit, match=r"^error: --weights x.pt: .* was fine-tuned from embedded-clip-tiny, which has "
+                                         r"no weights file \(this project pretrains it\); drop --weights$"):
+        wiseft.main(wiseft.Args(checkpoint=str(tmp_path / "model.pt"), weights="x.pt", out=str(tmp_path / "out")))
+
+
 def test_wiseft_interpolates_every_float_tensor_batchnorm_statistics_included():
     bn = torch.nn.BatchNorm1d(3)
     theta0 = {k: v.clone() for k, v in bn.state_dict().items()}
