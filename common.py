@@ -403,7 +403,8 @@ def strip_prefix(sd, prefix="module."):
 
 def _why(e, n):
     text = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(e).split()))  # torch colours parts of its messages
-    return f"{type(e).__name__}: {text}"[:n]
+    text = f"{type(e).__name__}: {text}"
+    return text if len(text) <= n else text[:n - 6].rsplit(" ", 1)[0] + " [...]"  # cut at a word, and said to be
 
 
 def unreadable(path, e, n=200):
@@ -534,9 +535,10 @@ def load_open_clip(name, weights=None):
         except Exception as e:
             file, url, _ = WEIGHTS[name]
             raise SystemExit(f"error: open_clip's {weights!r} weights for {arch} did not load from the local hub cache "
-                             f"(nothing is downloaded): {_why(e, 200)}. Copy its hub cache here, or use OpenAI's "
-                             f"weights: download {file} from {url}, then put it in {weights_dir()} or pass its path "
-                             "with --weights")
+                             f"(nothing is downloaded): {_why(e, 200)}. Copy its hub cache into "
+                             f"{huggingface_hub.constants.HF_HUB_CACHE} (HF_HOME or HF_HUB_CACHE set another), or use "
+                             f"OpenAI's weights: download {file} from {url}, then put it in {weights_dir()} or pass its "
+                             "path with --weights")
     path = weights_file(name, weights)
     saved = read_weights(path, name)
     state_dict = saved.get("state_dict", saved) if isinstance(saved, dict) else saved  # open_clip's checkpoints

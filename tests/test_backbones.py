@@ -156,10 +156,17 @@ def test_a_missing_file_names_the_file_the_folder_the_flag_and_the_url(tmp_path,
         assert all(s in str(e.value) for s in (file, str(tmp_path / "weights"), "--weights", url)), e.value
 
 
-def test_an_uncached_open_clip_tag_is_a_clear_error_without_network(caplog):
-    with pytest.raises(SystemExit, match="did not load from the local hub cache"):
+def test_an_uncached_open_clip_tag_is_a_clear_error_without_network(caplog, tmp_path, monkeypatch):
+    """It names the hub cache folder to copy the weights into (not "here"), and a cause cut short says so."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(SystemExit, match="did not load from the local hub cache") as e:
         common.load_backbone("clip-rn50", "cc12m")
     assert not caplog.records  # open_clip's own "Failed to download" line came first, as if something had been tried
+    assert f"Copy its hub cache into {tmp_path / 'hub'} (HF_HOME or HF_HUB_CACHE set another)" in str(e.value)
+    cause = str(e.value).split("(nothing is downloaded): ")[1].split(". Copy its")[0]
+    assert len(cause) <= 200 and (cause.endswith(" [...]") or len(cause) < 194), cause
 
 
 def test_malformed_files_say_what_is_wrong(tmp_path, resnet50_state_dict):
