@@ -371,8 +371,9 @@ def _bad_weights(path, problem, name, saved=None):
     """A one-line error; where the file's keys are those of another backbone, it names that one."""
     fits = looks_like(saved)
     hint = f"; its keys are those of {fits} weights: pass --backbone {fits}" if fits not in (None, name) else ""
+    file, url, what = WEIGHTS[name]
     raise SystemExit(f"error: {path} is not usable as {name} weights: {problem.rstrip('.')}{hint}. "
-                     f"Expected: {WEIGHTS[name][2]}")
+                     f"Expected: {what}, released as {file}: download it from {url}")
 
 
 def looks_like(saved):
