@@ -1194,6 +1194,8 @@ class Results:
         now = dataclasses.asdict(args)
         changed = [f"{flag(k, now.get(k))} (it ran with {flag(k, v)})" for k, v in ckpt["args"].items()
                    if k not in free and now.get(k) != v]
+        changed += [f"{flag(k, now[k])} (it ran with {flag(k, v)})" for k, v in (ckpt["recipe"] or {}).items()
+                    if now.get(k) is not None and now[k] != v]  # a recipe flag given: said now, not after the data
         if changed:
             raise SystemExit(f"error: {where}: its resume.pt comes from a run with other options: "
                              f"{', '.join(changed)}; resume with the options it was started with, or move {path} aside "
