@@ -342,6 +342,11 @@ def main():
                         help="measure only these parts, in the usual order: the first model, flyp, lp, the other "
                              "model (models: clip-vit-b16 resnet50 on CUDA, embedded-clip resnet18 on a CPU)")
     args = parser.parse_args()
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit(f"error: --steps {args.steps}: must be at least 1")
+    for flag, path in (("--out", args.out), ("--profile", args.profile)):  # before minutes of measuring, not after
+        if path and not Path(path).absolute().parent.is_dir():
+            raise SystemExit(f"error: {flag} {path}: {Path(path).absolute().parent} is not a folder")
     device = common.get_device(args.device)
     specs = models(device)
     (first, spec), *rest = specs.items()  # the first model, FLYP and LP before the other model
@@ -353,7 +358,7 @@ def main():
     if args.profile and profiled is None:
         raise SystemExit(f"error: --profile profiles a model's training step, and --only names none: add one of "
                          f"{', '.join(specs)}")
-    steps = args.steps or (30 if device.type == "cuda" else 5)
+    steps = args.steps or (30 if device.type == "cuda" else 5)  # (not 0: refused above)
     peak = peak_flops(device)
     report = {"device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
               "torch": str(torch.__version__), "threads": torch.get_num_threads(), "steps": steps,

@@ -41,6 +41,10 @@ def main():
                         "cuda, cuda:N (every ID and OOD test image, three times: hours on a CPU for ImageNet)")
     parser.add_argument("--out", default=None, help="PNG path; default <root>/<dataset>_seed<seed>_feature_map.png")
     args = parser.parse_args()
+    if args.points < 1:
+        raise SystemExit(f"error: --points {args.points}: must be at least 1")
+    if args.out and not Path(args.out).absolute().parent.is_dir():  # before the features, not after
+        raise SystemExit(f"error: --out {args.out}: {Path(args.out).absolute().parent} is not a folder")
     device = common.get_device(args.device)
     default = data.default_backbone(args.dataset)  # (a typo in --dataset stops here)
 
@@ -88,8 +92,9 @@ def main():
             p0, p1 = project(before[name][picked[name]]), project(after[name][picked[name]])
             ax.quiver(p0[:, 0], p0[:, 1], p1[:, 0] - p0[:, 0], p1[:, 1] - p0[:, 1], angles="xy", scale_units="xy",
                       scale=1, color=colour, alpha=0.35, width=0.003)
+            pooled = ", its splits pooled" if name == "OOD" and len(ood) > 1 else ""  # the runs' ood_avg: their mean
             ax.scatter(p1[:, 0], p1[:, 1], s=8, color=colour, label=f"{name} (distortion "
-                       f"{common.distortion(after[name], before[name]):.3g})")
+                       f"{common.distortion(after[name], before[name]):.3g}{pooled})")
         ax.set_title(f"{LABELS.get(method, method)}: pretrained → fine-tuned features")
         ax.set_xlabel("PC 1 of the pretrained features")
         ax.set_ylabel("PC 2")

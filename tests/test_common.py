@@ -8,6 +8,7 @@ import math
 import os
 import random
 import re
+import runpy
 import shutil
 import statistics
 import subprocess
@@ -698,6 +699,24 @@ def test_summarize_files_a_run_made_before_its_method_was_renamed_under_the_new_
                  step=0)
     with pytest.raises(SystemExit, match="are both flyp_fewshot on pcam with seed 0"):
         summarize.load_runs(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("script, argv, expected", [
+    ("bench.py", ["--steps", "0"], "--steps 0: must be at least 1"),  # was the default, 5, in silence
+    ("bench.py", ["--steps", "-3"], "--steps -3: must be at least 1"),  # every cell failed, after minutes
+    ("bench.py", ["--out", "{file}/x.json"], "--out {file}/x.json: {file} is not a folder"),  # after the first cell
+    ("feature_map.py", ["--points", "0"], "--points 0: must be at least 1"),  # an empty picture
+    ("feature_map.py", ["--points", "-5"], "--points -5: must be at least 1"),  # all but 5 points
+    ("feature_map.py", ["--out", "{file}/x.png"], "--out {file}/x.png: {file} is not a folder")])
+def test_bench_and_feature_map_refuse_an_impossible_option_before_they_work(script, argv, expected, tmp_path,
+                                                                            monkeypatch):
+    file = tmp_path / "file"
+    file.write_text("")
+    monkeypatch.setattr(sys, "argv", [script, *(a.format(file=file) for a in argv)])
+    monkeypatch.setattr(common, "get_device", lambda *a: pytest.fail("it went on"))
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    assert str(e.value) == "error: " + expected.format(file=file)
 
 
 def test_bench_cpu_writes_its_table_and_json(tmp_path):
