@@ -1400,6 +1400,7 @@ if __name__ == "__main__":
     elif sys.argv[1:2] in (["-h"], ["--help"]):
         print(usage)
     elif len(sys.argv) <= 2 and sys.argv[1:2] != ["prepare-imagenet-val"] and not sys.argv[-1].startswith("-"):
-        save_samples(sys.argv[1] if len(sys.argv) > 1 else "docs/world.png")
+        save_samples(out := sys.argv[1] if len(sys.argv) > 1 else "docs/world.png")
+        print(f"wrote {out}")
     else:
         raise SystemExit(usage)

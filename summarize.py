@@ -210,6 +210,9 @@ def main():
     parser.add_argument("root", nargs="?", default="runs", help="folder holding the run folders (default: runs)")
     parser.add_argument("--no-plots", action="store_true", help="write the table and CSV only")
     args = parser.parse_args()
+    if not Path(args.root).is_dir():
+        raise SystemExit(f"error: {args.root!r} is not a folder; pass the folder that holds the run folders (run_all.sh "
+                         "writes them to runs/)")
     runs = load_runs(args.root)
     if not runs:
         raise SystemExit(f"error: no finished runs (no 'done' markers) under {args.root!r}; run lp.py, ft.py, ... first")

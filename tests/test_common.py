@@ -593,6 +593,13 @@ def test_a_single_seed_shows_no_confidence_interval_and_two_equal_seeds_show_a_m
     assert (tmp_path / "embedded_id_ood.png").stat().st_size > 0 and (tmp_path / "embedded_distortion.png").exists()
 
 
+def test_summarize_says_a_root_that_is_not_a_folder_is_not_one(tmp_path, monkeypatch):
+    """Not "no finished runs under it", which sends the user to run the methods again."""
+    monkeypatch.setattr(sys, "argv", ["summarize.py", str(tmp_path / "runz")])
+    with pytest.raises(SystemExit, match=f"^error: '{tmp_path / 'runz'}' is not a folder; pass the folder that holds"):
+        summarize.main()
+
+
 def test_summarize_refuses_to_average_two_runs_of_one_seed(tmp_path):
     """A sweep run beside the recipe's runs would enter the table as one more seed."""
     shutil.copytree(ROOT / "tests" / "data" / "fake_runs", tmp_path / "runs")
