@@ -1133,7 +1133,7 @@ class Results:
         its epoch. What the run did before this call (LP-FT's probe, say) was redone but not written again."""
         if self.pending is None:
             return None, 1
-        ckpt, self.pending = torch.load(self.pending, map_location="cpu", weights_only=True), None
+        ckpt, self.pending = in_todays_terms(torch.load(self.pending, map_location="cpu", weights_only=True)), None
         now = self._made_with()
         for key, what in (("recipe", "recipe"), ("sizes", "data (split sizes)")):  # RECIPES edited, another data root
             if ckpt[key] != now[key]:
@@ -1165,7 +1165,7 @@ class Results:
             found = "a finished run's `done` marker"
         elif path.is_file():
             try:  # mapped: its weights (2.4 GB for FLYP's ViT-B/16) are read by resume(), after the data and the model
-                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                ckpt = in_todays_terms(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
             except Exception as e:  # written by another torch, say
                 problem = (f"error: {where}: could not read resume.pt ({unreadable(path, e)}); move {path} aside to "
                            "start from the beginning")
@@ -1177,7 +1177,7 @@ class Results:
             if self.writes:
                 print(f"note: {where} holds no resume.pt: starting from the beginning", file=sys.stderr)
             return None
-        if {"flyp-fewshot": "flyp_fewshot"}.get(ckpt["method"], ckpt["method"]) != method:  # its name before 822b093
+        if ckpt["method"] != method:
             raise SystemExit(f"error: {where}: its resume.pt is {ckpt['method']}'s, not {method}'s; pass the --out of "
                              f"a {method} run, or move {path} aside to start from the beginning")
 
@@ -1220,6 +1220,16 @@ class Results:
             write_text_atomic(self.dir / "done", json.dumps(record) + "\n")
             (self.dir / "resume.pt").unlink(missing_ok=True)  # a finished run has nothing to resume
             release_folder(self.dir)  # the run is over: the folder is free for the next
+
+
+def in_todays_terms(ckpt):
+    """A resume.pt of older code as today's code writes it: few-shot FLYP was `flyp-fewshot` before 822b093, and its
+    --shots a flag outside its recipe before 6c6679a (an interrupted run of either goes on)."""
+    method = {"flyp-fewshot": "flyp_fewshot"}.get(ckpt.get("method"), ckpt.get("method"))
+    if method == "flyp_fewshot" and ckpt.get("recipe") is not None and "shots" not in ckpt["recipe"]:
+        ckpt = {**ckpt, "recipe": {"shots": ckpt["args"]["shots"], **ckpt["recipe"]},
+                "args": {**ckpt["args"], "shots": None}}
+    return {**ckpt, "method": method}
 
 
 def same_resume_point_on_every_rank(path, ckpt, found=None):

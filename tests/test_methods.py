@@ -277,8 +277,8 @@ def test_a_resumed_fewshot_run_ends_exactly_as_one_never_stopped(images, tmp_pat
         where = {"dataset": "folder", "data_root": str(tmp_path / "data"), "backbone": "embedded-clip-tiny"}
 
     def run(out, **options):
-        return flyp_fewshot.main(flyp_fewshot.Args(**where, out=str(tmp_path / out), draws=3, steps=2, shots=4,
-                                                   **options))
+        return flyp_fewshot.main(flyp_fewshot.Args(**{**where, "draws": 3, "steps": 2, "shots": 4, **options},
+                                                   out=str(tmp_path / out)))
 
     whole = run("whole")
     drawn, draw_shots = [], flyp_fewshot.draw_shots
@@ -296,10 +296,13 @@ def test_a_resumed_fewshot_run_ends_exactly_as_one_never_stopped(images, tmp_pat
     common.wait_for_writes()  # resume.pt is written in the background
     saved = torch.load(tmp_path / "stopped" / "resume.pt", weights_only=True)
     assert saved["epoch"] == 2
-    if images == "embedded":  # one written before the script took its file's name resumes too
-        torch.save({**saved, "method": "flyp-fewshot"}, tmp_path / "stopped" / "resume.pt")
+    resumed = {"resume": True}
+    if images == "embedded":  # one written before the script took its file's name, and --shots its recipe's, resumes
+        recipe = {k: v for k, v in saved["recipe"].items() if k != "shots"}  # too, with or without --shots
+        torch.save({**saved, "method": "flyp-fewshot", "recipe": recipe}, tmp_path / "stopped" / "resume.pt")
+        resumed["shots"] = None  # embedded-tiny's recipe: 4
     torch.manual_seed(12345)  # as in a new process: other global random states
-    assert run("stopped", resume=True) == whole
+    assert run("stopped", **resumed) == whole
     lines = computed_lines(tmp_path / "stopped")
     assert lines == computed_lines(tmp_path / "whole") and [r["step"] for r in lines] == [0, 1, 2]
     assert sorted(p.name for p in (tmp_path / "stopped").iterdir()) == ["done", "results.jsonl"]
