@@ -347,6 +347,7 @@ def main():
     for flag, path in (("--out", args.out), ("--profile", args.profile)):  # before minutes of measuring, not after
         if path and not Path(path).absolute().parent.is_dir():
             raise SystemExit(f"error: {flag} {path}: {Path(path).absolute().parent} is not a folder")
+    common.check_environment()
     device = common.get_device(args.device)
     specs = models(device)
     (first, spec), *rest = specs.items()  # the first model, FLYP and LP before the other model

@@ -45,6 +45,7 @@ def main():
         raise SystemExit(f"error: --points {args.points}: must be at least 1")
     if args.out and not Path(args.out).absolute().parent.is_dir():  # before the features, not after
         raise SystemExit(f"error: --out {args.out}: {Path(args.out).absolute().parent} is not a folder")
+    common.check_environment()
     device = common.get_device(args.device)
     default = data.default_backbone(args.dataset)  # (a typo in --dataset stops here)
 

@@ -38,6 +38,11 @@ python -c "import sys, data; bad = [d for d in sys.argv[1:] if d not in data.DAT
 bad and print(f'error: DATASETS has {bad[0]!r}; choose from: {\", \".join(data.DATASETS)}', file=sys.stderr)
 bad and sys.exit(2)
 import common
+try:  # RFT_CACHE, RFT_WORKERS: said once, before the pretraining, not once per run
+    common.check_environment()
+except SystemExit as e:
+    print(e, file=sys.stderr)
+    sys.exit(2)
 for d in sys.argv[1:]:
     d in data.WORLDS and common.load_backbone(data.WORLDS[d][1])" $DATASETS
 

@@ -673,6 +673,16 @@ def test_run_all_refuses_a_typo_before_any_run(var, value, expected, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_run_all_checks_the_environment_once_before_pretraining(tmp_path):
+    """An RFT_CACHE naming a file failed after the embedded model's pretraining, with a traceback."""
+    (tmp_path / "file").write_text("")
+    env = {**os.environ, "DATASETS": "embedded-tiny", "ROOT": str(tmp_path / "runs"), "RFT_CACHE": str(tmp_path / "file")}
+    proc = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: the cache folder {tmp_path / 'file'} (RFT_CACHE) "
+                                                           "cannot be made: it is a file;"), proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def test_every_method_has_a_recipe_for_every_dataset_and_docs_list_them(capsys):
     """`python <method>.py --dataset NAME` needs no more flags for any dataset; docs/recipes.md and --help show the
     same values."""
