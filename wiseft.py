@@ -136,7 +136,8 @@ def main(args):
     name = args.dataset or "embedded"
     path = args.checkpoint or str(Path("runs", "flyp", name, f"seed{args.seed or 0}", "model.pt"))
     clip = args.backbone or ("" if data.default_backbone(name) in common.CLIP_BACKBONES else "clip-vit-b16")  # FLYP's
-    where = (f" --backbone {clip}" if clip else "") + (f" --data-root {args.data_root}" if args.data_root else "")
+    where = (f" --backbone {clip}" if clip else "") + (f" --data-root {args.data_root}" if args.data_root else "") + (
+        f" --seed {args.seed}" if args.seed else "")  # where it looks: runs/flyp/<dataset>/seed<seed>
     ckpt = common.read_checkpoint(path, f"make one with `python flyp.py --dataset {name}{where} --save` (or ft.py "
                                         "--head-init zeroshot --save) and pass it with --checkpoint")
     # The zero-shot endpoint is the pretrained backbone the checkpoint was fine-tuned from, on the same data.

@@ -286,9 +286,10 @@ def test_wiseft_bad_checkpoint_gives_a_clear_error(tmp_path, content, expected):
         wiseft.main(wiseft.Args(dataset="embedded-tiny", checkpoint=str(path), out=str(tmp_path / "out")))
 
 
-def test_wiseft_says_how_to_make_the_missing_checkpoint_with_a_command_that_works(tmp_path):
+def test_wiseft_says_how_to_make_the_missing_checkpoint_with_a_command_that_works(tmp_path, monkeypatch):
     """Living-17's default backbone is MoCo-v2, which FLYP refuses: the command must name a CLIP backbone, and the
     data root the user gave."""
+    monkeypatch.chdir(tmp_path)  # no runs/flyp/... here
     with pytest.raises(SystemExit) as e:
         wiseft.main(wiseft.Args(dataset="living17", data_root=str(tmp_path), out=str(tmp_path / "out")))
     assert (f"make one with `python flyp.py --dataset living17 --backbone clip-vit-b16 --data-root {tmp_path} --save`"
@@ -296,6 +297,10 @@ def test_wiseft_says_how_to_make_the_missing_checkpoint_with_a_command_that_work
     with pytest.raises(SystemExit) as e:
         wiseft.main(wiseft.Args(dataset="embedded-tiny", out=str(tmp_path / "out")))
     assert "make one with `python flyp.py --dataset embedded-tiny --save`" in str(e.value)
+    with pytest.raises(SystemExit) as e:  # it looks in seed1's folder: the command must write there
+        wiseft.main(wiseft.Args(dataset="embedded-tiny", seed=1, out=str(tmp_path / "out")))
+    assert "runs/flyp/embedded-tiny/seed1/model.pt'; make one with `python flyp.py --dataset embedded-tiny --seed 1 " \
+        "--save`" in str(e.value)
 
 
 def test_wiseft_refuses_weights_for_a_checkpoint_of_a_backbone_that_has_none(tmp_path):
