@@ -348,7 +348,7 @@ def weights_dir():
 def weights_file(name, weights=None):
     """The local weights file of a backbone: `weights` (a bare file name not in the current folder: in weights_dir()),
     else its official file in weights_dir(); never downloads."""
-    file, url, what = WEIGHTS[name]
+    file, _, what = WEIGHTS[name]
     path = Path(weights).expanduser() if weights else weights_dir() / file  # `--weights=~/x.pt`: bash leaves the ~
     bare = weights and Path(weights).name == weights  # `--weights ViT-B-16.pt`, as the README's commands say it
     if bare and not path.exists() and (weights_dir() / path).is_file():
@@ -363,17 +363,21 @@ def weights_file(name, weights=None):
         found += (f", nor an open_clip pretrained tag of {OPEN_CLIP_MODELS[name]} (its tags: "
                   f"{', '.join(open_clip.list_pretrained_tags_by_model(OPEN_CLIP_MODELS[name]))})")
     problem = f"weights file {path} {found}" if weights else f"{name} needs --weights FILE{tag}: {path} not found"
-    raise SystemExit(f"error: {problem}. {name} expects {what}, released as {file}: download it from {url}, then put "
-                     f"it in {weights_dir()} or pass its path with --weights")
+    raise SystemExit(f"error: {problem}. {name} expects {what}, {where_to_get(name)}")
+
+
+def where_to_get(name):
+    """Where a backbone's official weights file comes from, and where to put it."""
+    file, url, _ = WEIGHTS[name]
+    return f"released as {file}: download it from {url}, then put it in {weights_dir()} or pass its path with --weights"
 
 
 def _bad_weights(path, problem, name, saved=None):
     """A one-line error; where the file's keys are those of another backbone, it names that one."""
     fits = looks_like(saved)
     hint = f"; its keys are those of {fits} weights: pass --backbone {fits}" if fits not in (None, name) else ""
-    file, url, what = WEIGHTS[name]
     raise SystemExit(f"error: {path} is not usable as {name} weights: {problem.rstrip('.')}{hint}. "
-                     f"Expected: {what}, released as {file}: download it from {url}")
+                     f"Expected: {WEIGHTS[name][2]}, {where_to_get(name)}")
 
 
 def looks_like(saved):
@@ -534,12 +538,10 @@ def load_open_clip(name, weights=None):
             with quiet_logging():  # its own "Failed to download" line, before the error below says it all
                 return open_clip.create_model(arch, pretrained=weights)
         except Exception as e:
-            file, url, _ = WEIGHTS[name]
             raise SystemExit(f"error: open_clip's {weights!r} weights for {arch} did not load from the local hub cache "
                              f"(nothing is downloaded): {_why(e, 200)}. Copy its hub cache into "
                              f"{huggingface_hub.constants.HF_HUB_CACHE} (HF_HOME or HF_HUB_CACHE set another), or use "
-                             f"OpenAI's weights: download {file} from {url}, then put it in {weights_dir()} or pass its "
-                             "path with --weights")
+                             f"OpenAI's weights, {where_to_get(name)}")
     path = weights_file(name, weights)
     saved = read_weights(path, name)
     state_dict = saved.get("state_dict", saved) if isinstance(saved, dict) else saved  # open_clip's checkpoints

@@ -674,8 +674,10 @@ def fail(dataset, message):
     raise SystemExit(f"error: {dataset}: {message}\n       expected layout and downloads: docs/datasets.md#{dataset}")
 
 
+# ImageNet-V2's folder as its tarball unpacks it, as recipes name it, as imagenetv2_pytorch renames it: one layout
+V2_FOLDERS = ("imagenetv2-matched-frequency-format-val", "imagenetv2-matched-frequency", "ImageNetV2-matched-frequency")
 # Names other tools give a folder we read (imagenetv2_pytorch, Kaggle, WiSE-FT's docs), or its download, for the hint
-ALSO_CALLED = {"imagenetv2-matched-frequency-format-val": ("imagenetv2-matched-frequency",),
+ALSO_CALLED = {V2_FOLDERS[0]: V2_FOLDERS[1:],  # V2 is read under these names too: the hint is for their archives
                "sketch": ("imagenet-sketch",), "cifar-10-batches-py": ("cifar-10-python",),
                "train": ("ILSVRC2012_img_train",), "val": ("ILSVRC2012_img_val",)}
 ARCHIVE = re.compile(r"\.(tar|tar\.gz|tar\.xz|tar\.bz2|tgz|zip|7z|gz)$", re.IGNORECASE)
@@ -972,10 +974,6 @@ def array_labels(dataset, path, labels, low, high, images, images_in=None):
 
 # STL-10 class i (airplane, bird, car, cat, deer, dog, horse, monkey, ship, truck) -> CIFAR-10 class; -1 = no match
 STL_TO_CIFAR = [0, 2, 1, 3, 4, 5, 7, -1, 8, 9]
-
-
-# ImageNet-V2's folder as its tarball unpacks it, as recipes name it, as imagenetv2_pytorch renames it: one layout
-V2_FOLDERS = ("imagenetv2-matched-frequency-format-val", "imagenetv2-matched-frequency", "ImageNetV2-matched-frequency")
 
 
 def imagenet(name, root, pre):

@@ -182,8 +182,8 @@ def test_malformed_files_say_what_is_wrong(tmp_path, resnet50_state_dict):
 
     for name in ("resnet50", "moco-v2-rn50", "clip-rn50"):
         file, url, _ = common.WEIGHTS[name]  # and where to get the right file
-        assert f"Expected: {common.WEIGHTS[name][2]}, released as {file}: download it from {url}" in error(
-            name, "not a checkpoint\n")
+        assert f"Expected: {common.WEIGHTS[name][2]}, released as {file}: download it from {url}, then put it in " \
+            in error(name, "not a checkpoint\n")
         # what the file is, not torch's advice to retry with weights_only=False
         assert "not a PyTorch file: it starts with b'<!DOCTYPE html>" in error(name, "<!DOCTYPE html><html>Sign in")
         assert "the file is empty" in error(name, "")
