@@ -115,7 +115,7 @@ def check_environment():
     """Refuse a malformed RFT_* variable before anything runs: RFT_WORKERS=abc stopped the first batch with a
     ValueError, and an RFT_CACHE that names a file stopped the run only when the pretrained model was written."""
     workers = os.environ.get("RFT_WORKERS")
-    if workers is not None and not workers.strip().isdigit():
+    if workers is not None and not re.fullmatch(r"\s*[0-9]+\s*", workers):
         raise SystemExit(f"error: RFT_WORKERS={workers!r}: expected a whole number, 0 or more, of data-loading processes "
                          "per training process (0: load in the training process); unset, a share of the cores")
     decode = os.environ.get("RFT_GPU_DECODE")
@@ -1346,8 +1346,8 @@ def parse_args(cls, argv=None, description=None, recipes=None):
 
 
 COUNTS = ("epochs", "batch_size", "num_c", "max_iter", "shots", "draws")  # at least 1 (few-shot --steps 0 = zero-shot)
-POSITIVE = ("c_min", "c_max")  # above 0; every other number of an Args may be 0, none negative
-BELOW_1 = ("momentum",)  # 0 or more, below 1: SGD with momentum 1 or more never forgets a gradient and grows
+POSITIVE = ("c_min", "c_max")  # above 0; every other number of an Args may be 0, none negative (nor inf, nor NaN)
+BELOW_1 = ("momentum",)  # and below 1: SGD with momentum 1 or more never forgets a gradient and grows
 
 
 def check_args(args):

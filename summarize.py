@@ -49,9 +49,9 @@ def load_runs(root):
         seen[key] = marker.parent
         runs[(record["dataset"], record["method"])].append({**record, "results": str(marker.with_name("results.jsonl"))})
     for (dataset, method), records in runs.items():
-        for field in ("backbone", "recipe"):  # in `done` markers since 2026-12-05
-            values = {json.dumps(r.get(field), sort_keys=True) for r in records if r.get(field) is not None}
-            if len(values) > 1:
+        for field in ("backbone", "recipe"):  # in `done` markers since 2026-12-05 (not the other options: LP's C grid,
+            values = [r[field] for r in records if r.get(field) is not None]  # --weights, --precision are not compared)
+            if any(v != values[0] for v in values):  # by value: lr 1 (int, set in code) is --lr 1.0
                 runs_of = "; ".join(f"{Path(r['results']).parent}: {json.dumps(r.get(field), sort_keys=True)}"
                                     for r in records)
                 raise SystemExit(f"error: the {method} runs on {dataset} under {root} differ in their {field} "

@@ -623,6 +623,9 @@ def test_summarize_refuses_to_average_seeds_run_on_other_backbones_or_recipes(fi
         summarize.load_runs(tmp_path / "two")
     assert all(json.dumps(v, sort_keys=True) in str(e.value) for v in values)
     assert len(summarize.load_runs(tmp_path / "old")[("embedded", "lp")]) == 2
+    for seed, lr in enumerate((1, 1.0)):  # one value: an int set in code, a float from the command line
+        finished_run(tmp_path / "same", "lp", "embedded", seed, metrics, recipe={"lr": lr})
+    assert len(summarize.load_runs(tmp_path / "same")[("embedded", "lp")]) == 2
 
 
 def test_the_papers_number_stands_beside_runs_on_the_papers_backbone_only(tmp_path):
