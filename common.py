@@ -116,8 +116,9 @@ def check_environment():
     ValueError, and an RFT_CACHE that names a file stopped the run only when the pretrained model was written."""
     workers = os.environ.get("RFT_WORKERS")
     if workers is not None and not re.fullmatch(r"\s*[0-9]+\s*", workers):
-        raise SystemExit(f"error: RFT_WORKERS={workers!r}: expected a whole number, 0 or more, of data-loading processes "
-                         "per training process (0: load in the training process); unset, a share of the cores")
+        raise SystemExit(f"error: RFT_WORKERS={workers!r}: expected a whole number, 0 or more, of data-loading "
+                         "processes per training process (0: load in the training process; unset: a share of the "
+                         "cores)")
     decode = os.environ.get("RFT_GPU_DECODE")
     if decode not in (None, "", "0", "1"):
         raise SystemExit(f"error: RFT_GPU_DECODE={decode!r}: expected 1 (decode JPEGs on the GPU) or 0 (in the loader "
@@ -691,8 +692,8 @@ def feature_cache(backbone, dataset, split, device, precision, seed=0):
     """The cache key of a real dataset's split under a pretrained backbone, or None (the embedded world's features
     take seconds). It covers the weights, the split's images and labels (data_fingerprint), the preprocessing, where
     JPEGs are decoded (RFT_GPU_DECODE), the precision on `device` (a cache shared by a CPU and a GPU machine keeps
-    their 'auto' apart) and the kind of device (their fp32 differs too); the ID training split's features depend on the seed too (one random augmented view per
-    image, as the LP-FT code takes)."""
+    their 'auto' apart) and the kind of device (their fp32 differs too); the ID training split's features depend on
+    the seed too (one random augmented view per image, as the LP-FT code takes)."""
     if dataset.name in data.WORLDS or backbone.key is None:
         return None
     part = {"id_train": dataset.train, **eval_splits(dataset)}[split]

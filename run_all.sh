@@ -24,7 +24,9 @@ if ! [[ "$JOBS" =~ ^[1-9][0-9]*$ ]]; then
   echo "error: JOBS has '$JOBS'; expected how many runs at a time, 1 or more" >&2; exit 2
 fi
 for seed in $SEEDS; do
-  [[ "$seed" =~ ^[0-9]+$ ]] || { echo "error: SEEDS has '$seed'; expected whole numbers, such as SEEDS=\"0 1 2\"" >&2; exit 2; }
+  if ! [[ "$seed" =~ ^[0-9]+$ ]]; then
+    echo "error: SEEDS has '$seed'; expected whole numbers, such as SEEDS=\"0 1 2\"" >&2; exit 2
+  fi
 done
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 

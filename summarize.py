@@ -56,8 +56,8 @@ def load_runs(root):
                                     for r in records)
                 raise SystemExit(f"error: the {method} runs on {dataset} under {root} differ in their {field} "
                                  f"({runs_of}); a table row averages seeds of one recipe on one backbone: summarize "
-                                 "each folder on its own, or give a variant of a method its own name (common.setup(args, "
-                                 "\"<name>\") in its script)")
+                                 "each folder on its own, or give a variant of a method its own name "
+                                 "(common.setup(args, \"<name>\") in its script)")
     return runs
 
 
@@ -107,7 +107,8 @@ def build_table(runs, published=None):
                 cell = f"{mean:.{digits}f}" + ("" if ci is None else f" ± {ci:.{digits}f}")  # one seed: no CI
                 row[f"{name} mean"], row[f"{name} ci90"] = round(mean, 6), "" if ci is None else round(ci, 6)
                 paper = published.get((dataset, method, name))
-                if paper and {r.get("backbone") for r in records} - {None, paper.get("backbone")} and "backbone" in paper:
+                others = {r.get("backbone") for r in records} - {None, paper and paper.get("backbone")}
+                if paper and "backbone" in paper and others:
                     paper = None  # the paper's number is for its backbone, not one of ours (the miniature's tiny one)
                 if paper:
                     cell += f" (paper {paper['value']:.1f}" + (f" ± {paper['ci']:.1f}" if "ci" in paper else "") + \
@@ -211,8 +212,8 @@ def main():
     parser.add_argument("--no-plots", action="store_true", help="write the table and CSV only")
     args = parser.parse_args()
     if not Path(args.root).is_dir():
-        raise SystemExit(f"error: {args.root!r} is not a folder; pass the folder that holds the run folders (run_all.sh "
-                         "writes them to runs/)")
+        raise SystemExit(f"error: {args.root!r} is not a folder; pass the folder that holds the run folders "
+                         "(run_all.sh writes them to runs/)")
     runs = load_runs(args.root)
     if not runs:
         raise SystemExit(f"error: no finished runs (no 'done' markers) under {args.root!r}; run lp.py, ft.py, ... first")

@@ -676,7 +676,8 @@ def test_run_all_refuses_a_typo_before_any_run(var, value, expected, tmp_path):
 def test_run_all_checks_the_environment_once_before_pretraining(tmp_path):
     """An RFT_CACHE naming a file failed after the embedded model's pretraining, with a traceback."""
     (tmp_path / "file").write_text("")
-    env = {**os.environ, "DATASETS": "embedded-tiny", "ROOT": str(tmp_path / "runs"), "RFT_CACHE": str(tmp_path / "file")}
+    env = {**os.environ, "DATASETS": "embedded-tiny", "ROOT": str(tmp_path / "runs"),
+           "RFT_CACHE": str(tmp_path / "file")}
     proc = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: the cache folder {tmp_path / 'file'} (RFT_CACHE) "
                                                            "cannot be made: it is a file;"), proc.stderr

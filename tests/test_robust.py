@@ -307,8 +307,8 @@ def test_wiseft_refuses_weights_for_a_checkpoint_of_a_backbone_that_has_none(tmp
     """Not check_backbone's advice (pass another --backbone), which WiSE-FT cannot take: the checkpoint fixes it."""
     results = common.Results(tmp_path, "flyp", flyp.Args(dataset="embedded-tiny"), torch.device("cpu"))
     results.save_model(torch.nn.Linear(2, 1), step=1)
-    with pytest.raises(SystemExit, match=r"^error: --weights x.pt: .* was fine-tuned from embedded-clip-tiny, which has "
-                                         r"no weights file \(this project pretrains it\); drop --weights$"):
+    with pytest.raises(SystemExit, match=r"^error: --weights x.pt: .* was fine-tuned from embedded-clip-tiny, which "
+                                         r"has no weights file \(this project pretrains it\); drop --weights$"):
         wiseft.main(wiseft.Args(checkpoint=str(tmp_path / "model.pt"), weights="x.pt", out=str(tmp_path / "out")))
 
 
