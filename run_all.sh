@@ -40,7 +40,7 @@ python -c "import sys, data; bad = [d for d in sys.argv[1:] if d not in data.DAT
 bad and print(f'error: DATASETS has {bad[0]!r}; choose from: {\", \".join(data.DATASETS)}', file=sys.stderr)
 bad and sys.exit(2)
 import common
-try:  # RFT_CACHE, RFT_WORKERS: said once, before the pretraining, not once per run
+try:  # RFT_CACHE, RFT_WORKERS, RFT_GPU_DECODE: said once, before the pretraining, not once per run
     common.check_environment()
 except SystemExit as e:
     print(e, file=sys.stderr)

@@ -694,7 +694,7 @@ def test_every_method_has_a_recipe_for_every_dataset_and_docs_list_them(capsys):
         f, s, fs = ft.RECIPES[name], flyp.RECIPES[name], flyp_fewshot.RECIPES[name]
         row = (f"| `{name}` | `{data.REAL[name][1]}` | {f['epochs']}, {f['batch_size']}, {f['lr']:g} | "
                f"{lpft.RECIPES[name]['lr']:g} | {s['epochs']}, {s['batch_size']}, {s['lr']:g}, {s['weight_decay']:g}, "
-               f"{s['warmup']} | {fs['draws']}, {fs['lr']:g}, {fs['weight_decay']:g} |")
+               f"{s['warmup']} | {fs['shots']}, {fs['draws']}, {fs['lr']:g}, {fs['weight_decay']:g} |")
         assert row in doc, row
         assert l2sp.RECIPES[name] == f and (lpft.RECIPES[name]["epochs"], lpft.RECIPES[name]["batch_size"]) == \
             (f["epochs"], f["batch_size"])
