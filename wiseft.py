@@ -13,6 +13,7 @@ encoder and head; any other checkpoint (a random or LP head) interpolates the en
         python wiseft.py --checkpoint runs/ft-zeroshot-head/embedded/seed0/model.pt
     python wiseft.py --checkpoint runs/lpft/living17/seed0/model.pt   # dataset, seed, backbone: the checkpoint's
 """
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +120,24 @@ def endpoint_args(args, ckpt, path):
     args.weights, args.data_root = args.weights or ckpt["args"]["weights"], args.data_root or ckpt["args"]["data_root"]
 
 
+def check_start(ckpt, args, path):
+    """The pretrained weights loaded here must be those the checkpoint was fine-tuned from (model.pt records their
+    file's size and time, or the hub tag): interpolating with other ones (a LAION tag for OpenAI's file, say) gives
+    numbers for neither. Another size or tag is an error; the same size with another path or time (a copy) a note."""
+    then, now = ckpt.get("weights"), common.weights_record(args.backbone, args.weights)  # absent before 2026-12-03
+
+    def said(r):
+        return f"the tag {r['tag']!r}" if "tag" in r else r["file"] + (f" ({r['bytes']:,} bytes)" if "bytes" in r else "")
+    if not then or not ("tag" in then or "tag" in now or {"bytes"} <= then.keys() & now.keys()):
+        return
+    if then.get("tag") != now.get("tag") or then.get("bytes") != now.get("bytes"):
+        raise SystemExit(f"error: {path!r} was fine-tuned from {said(then)}, but this run loads {said(now)}; WiSE-FT "
+                         "interpolates a checkpoint with the weights it started from: pass those with --weights")
+    if then != now:
+        print(f"note: {path!r} was fine-tuned from {then['file']} of the same size; this run loads {now['file']} "
+              "(a copy, or the file written again)", file=sys.stderr)
+
+
 def check_classes(ckpt, dataset, path):
     """The checkpoint's classes must be the dataset's, in order: a folder dataset is whatever --data-root holds, and
     another dataset's names are data.py's (which named BREEDS' classes otherwise before 2026-12-03)."""
@@ -142,6 +161,7 @@ def main(args):
                                         "--head-init zeroshot --save) and pass it with --checkpoint")
     # The zero-shot endpoint is the pretrained backbone the checkpoint was fine-tuned from, on the same data.
     endpoint_args(args, ckpt, path)
+    check_start(ckpt, args, path)
     device, results, log = common.setup(args, f"wiseft-{ckpt['method']}")
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
     check_classes(ckpt, dataset, path)
