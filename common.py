@@ -606,15 +606,17 @@ def check_backbone(name, weights=None, clip_for=None):
 
 def weights_record(name, weights):
     """Which weights a backbone loads: its file (resolved path, size, modification time), its hub tag, or for an
-    embedded backbone its cached model. Every results line carries it; the feature cache is keyed by it."""
+    embedded backbone its cached model, with a hash of its bytes (a few MB: pretrained again, it keeps its path and
+    size). Every results line carries it; the feature cache is keyed by it."""
     if is_hub_tag(name, weights):
         return {"tag": weights}
     embedded = name in EMBEDDED_BACKBONES
     path = embedded_cache_path(EMBEDDED_BACKBONES[name]) if embedded else weights_file(name, weights).resolve()
-    if not path.exists():  # an embedded model is made on first use (pretrained again, its size and time change)
+    if not path.exists():  # an embedded model is made on first use
         return {"file": str(path)}
     st = path.stat()
-    return {"file": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    sha1 = {"sha1": hashlib.sha1(path.read_bytes()).hexdigest()} if embedded else {}
+    return {"file": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, **sha1}
 
 
 def weights_key(name, weights):
@@ -1140,10 +1142,13 @@ class Results:
         now = self._made_with()
         for key, what in (("recipe", "recipe"), ("sizes", "data (split sizes)")):  # RECIPES edited, another data root
             if ckpt[key] != now[key]:
+                then, here = ckpt[key] or {}, now[key] or {}  # a recipe flag left out, or RECIPES edited: pass it
+                flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in then.items() if here.get(k) != v)
+                fix = (f"pass {flags}, as it ran" if key == "recipe" and flags
+                       else "resume with the code and data it was started with")
                 raise SystemExit(f"error: --resume: {self.dir}: its resume.pt was made with the {what} "
-                                 f"{key_values(ckpt[key])}, this run's is {key_values(now[key])}; resume with the "
-                                 f"code and data it was started with, or move {self.dir / 'resume.pt'} aside to start "
-                                 "from the beginning")
+                                 f"{key_values(ckpt[key])}, this run's is {key_values(now[key])}; {fix}, or move "
+                                 f"{self.dir / 'resume.pt'} aside to start from the beginning")
         for k, v in training.items():  # a torch.Generator has get/set_state; the others, a state dict
             if isinstance(v, torch.Generator):
                 v.set_state(ckpt["training"][k])

@@ -13,7 +13,6 @@ encoder and head; any other checkpoint (a random or LP head) interpolates the en
         python wiseft.py --checkpoint runs/ft-zeroshot-head/embedded/seed0/model.pt
     python wiseft.py --checkpoint runs/lpft/living17/seed0/model.pt   # dataset, seed, backbone: the checkpoint's
 """
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,22 +119,38 @@ def endpoint_args(args, ckpt, path):
     args.weights, args.data_root = args.weights or ckpt["args"]["weights"], args.data_root or ckpt["args"]["data_root"]
 
 
-def check_start(ckpt, args, path):
+def check_start(ckpt, args, path, log):
     """The pretrained weights loaded here must be those the checkpoint was fine-tuned from (model.pt records their
-    file's size and time, or the hub tag): interpolating with other ones (a LAION tag for OpenAI's file, say) gives
-    numbers for neither. Another size or tag is an error; the same size with another path or time (a copy) a note."""
-    then, now = ckpt.get("weights"), common.weights_record(args.backbone, args.weights)  # absent before 2026-12-03
-
-    def said(r):
-        return f"the tag {r['tag']!r}" if "tag" in r else r["file"] + (f" ({r['bytes']:,} bytes)" if "bytes" in r else "")
-    if not then or not ("tag" in then or "tag" in now or {"bytes"} <= then.keys() & now.keys()):
+    hub tag, or file size and time, and an embedded model's hash): interpolating with other ones (a LAION tag for
+    OpenAI's file, an embedded model pretrained again) gives numbers for neither. The same size elsewhere or written
+    again is a note: a copy."""
+    then, now = ckpt.get("weights"), common.weights_record(args.backbone, args.weights)
+    if not then:  # a model.pt from before 2026-12-03
         return
-    if then.get("tag") != now.get("tag") or then.get("bytes") != now.get("bytes"):
-        raise SystemExit(f"error: {path!r} was fine-tuned from {said(then)}, but this run loads {said(now)}; WiSE-FT "
-                         "interpolates a checkpoint with the weights it started from: pass those with --weights")
+    if "sha1" in then and "sha1" in now:  # an embedded model (since 2026-12-05)
+        if then["sha1"] != now["sha1"]:
+            raise SystemExit(f"error: {path!r} was fine-tuned from another {args.backbone} than the one cached at "
+                             f"{now['file']}: it was pretrained again since; point RFT_CACHE at the cache the run "
+                             "used, or fine-tune again")
+        return
+    if "tag" in then or "tag" in now:
+        if then.get("tag") != now.get("tag"):
+            was, fix = ((f"the tag {then['tag']!r}", f"--weights {then['tag']}") if "tag" in then else
+                        (then["file"], f"{then['file']} with --weights"))
+            loads = f"the tag {now['tag']!r}" if "tag" in now else now["file"]
+            raise SystemExit(f"error: {path!r} was fine-tuned from {was}, but this run loads {loads}; WiSE-FT "
+                             f"interpolates a checkpoint with the weights it started from: pass {fix}")
+        return
+    if "bytes" not in then or "bytes" not in now:
+        return
+    if then["bytes"] != now["bytes"]:
+        raise SystemExit(f"error: {path!r} was fine-tuned from {then['file']} ({then['bytes']:,} bytes), but this run "
+                         f"loads {now['file']} ({now['bytes']:,} bytes); WiSE-FT interpolates a checkpoint with the "
+                         "weights it started from: pass that file with --weights")
     if then != now:
-        print(f"note: {path!r} was fine-tuned from {then['file']} of the same size; this run loads {now['file']} "
-              "(a copy, or the file written again)", file=sys.stderr)
+        same = then["file"] == now["file"]
+        log(f"note: {path!r} was fine-tuned from {then['file']}, " + ("written again since (the same size)" if same
+            else f"and this run loads {now['file']}, of the same size: a copy"))
 
 
 def check_classes(ckpt, dataset, path):
@@ -161,8 +176,8 @@ def main(args):
                                         "--head-init zeroshot --save) and pass it with --checkpoint")
     # The zero-shot endpoint is the pretrained backbone the checkpoint was fine-tuned from, on the same data.
     endpoint_args(args, ckpt, path)
-    check_start(ckpt, args, path)
     device, results, log = common.setup(args, f"wiseft-{ckpt['method']}")
+    check_start(ckpt, args, path, log)
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
     check_classes(ckpt, dataset, path)
     common.describe(dataset, results, log)

@@ -387,7 +387,7 @@ def test_resume_refuses_another_recipe_method_or_data_and_a_finished_run_and_sta
             (ft, {"lr": 0.5}, lambda m: m.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("data read")),
              "its resume.pt comes from a run with other options: --lr 0.5 (it ran with --lr 0.03)"),  # before the data
             (ft, {}, lambda m: m.setitem(ft.RECIPES["embedded-tiny"], "lr", 0.3),
-             f"recipe {recipe}, this run's is epochs 2, lr 0.3,"),
+             f"recipe {recipe}, this run's is epochs 2, lr 0.3, batch_size 64; pass --lr 0.03, as it ran, or move"),
             (ft, {}, lambda m: m.setattr(data, "load_dataset", smaller),
              "with the data (split sizes) id_train 200, id_val 100, id_test 100, ood_sketch 100, ood_painting 100, "
              "ood_neon 100, this run's is id_train 190,"),

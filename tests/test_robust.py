@@ -313,29 +313,33 @@ def test_wiseft_refuses_weights_for_a_checkpoint_of_a_backbone_that_has_none(tmp
 
 
 def test_wiseft_refuses_pretrained_weights_other_than_those_its_checkpoint_started_from(tmp_path, monkeypatch, capsys):
-    """model.pt records the weights it was fine-tuned from; WiSE-FT interpolating with others (a file of another size,
-    a hub tag for a file) would give numbers for neither. The same size elsewhere or rewritten: a copy, said."""
+    """model.pt records the weights it was fine-tuned from; WiSE-FT interpolating with others (an embedded model
+    pretrained again: same path and size, another hash; a file of another size; a hub tag for a file) would give
+    numbers for neither. The same size elsewhere: a copy, said. A model.pt without the record: not checked."""
     results = common.Results(tmp_path, "flyp", flyp.Args(dataset="embedded-tiny"), torch.device("cpu"))
     results.save_model(torch.nn.Linear(2, 1), step=1)
     saved = torch.load(tmp_path / "model.pt", weights_only=True)
     now = common.weights_record("embedded-clip-tiny", None)
-    assert "bytes" in now  # made at session start (conftest)
+    assert "bytes" in now and "sha1" in now  # made at session start (conftest)
+    unhashed = {k: v for k, v in now.items() if k != "sha1"}  # as recorded before the hash was
 
     class Checked(Exception):
         pass
 
     monkeypatch.setattr(data, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(Checked()))
-    for then, expected in [({**now, "bytes": now["bytes"] + 1}, f"was fine-tuned from {now['file']} "
-                                                                 f"({now['bytes'] + 1:,} bytes), but this run loads"),
-                           ({"tag": "openai"}, "was fine-tuned from the tag 'openai', but this run loads"),
-                           ({**now, "file": "/elsewhere/x.pt", "mtime_ns": 1}, None), (now, None), (None, None)]:
+    for then, expected in [
+            ({**now, "sha1": "0" * 40}, f"than the one cached at {now['file']}: it was pretrained again since"),
+            ({**unhashed, "bytes": now["bytes"] + 1},
+             f"was fine-tuned from {now['file']} ({now['bytes'] + 1:,} bytes), but this run loads"),
+            ({"tag": "openai"}, "was fine-tuned from the tag 'openai', but this run loads"),
+            ({**unhashed, "file": "/elsewhere/x.pt", "mtime_ns": 1}, None), (now, None), (None, None)]:
         torch.save({**saved, "weights": then}, tmp_path / "model.pt")
         with pytest.raises(SystemExit if expected else Checked) as e:
             wiseft.main(wiseft.Args(checkpoint=str(tmp_path / "model.pt"), out=str(tmp_path / "out")))
         assert expected is None or expected in str(e.value), e.value
-        said = capsys.readouterr().err
-        assert ("was fine-tuned from /elsewhere/x.pt of the same size" in said) == (then is not None and
-                                                                                 then.get("mtime_ns") == 1), said
+        said = capsys.readouterr()
+        copy = f"was fine-tuned from /elsewhere/x.pt, and this run loads {now['file']}, of the same size: a copy"
+        assert (copy in said.out + said.err) == (then is not None and then.get("mtime_ns") == 1), said
 
 
 def test_wiseft_interpolates_every_float_tensor_batchnorm_statistics_included():
