@@ -1048,6 +1048,7 @@ class Results:
         self.path = self.dir / "results.jsonl"
         self.writes, self.started, self.device = is_main(), False, device
         self.classnames = None  # set by describe(); kept in model.pt (WiSE-FT checks them)
+        self.weights_of = None  # (backbone, --weights), set by setup(): the header's `weights` says which file
         # Checked now, not at the first write after an epoch of training: the folder must be one we can create.
         existing = next(p for p in (self.dir.absolute(), *self.dir.absolute().parents) if p.exists())
         if not existing.is_dir():
@@ -1075,6 +1076,8 @@ class Results:
         if self.started:
             return
         self.started = True
+        if self.weights_of and self.header.get("weights", {}).keys() == {"file"}:  # an embedded model this run made
+            self.header["weights"] = weights_record(*self.weights_of)  # (setup ran before it existed): its size, hash
         self.dir.mkdir(parents=True, exist_ok=True)
         hold_folder(self.dir)
         for name in ("results.jsonl", "model.pt", "resume.pt"):  # resume.pt: an interrupted run's, not resumed
@@ -1089,9 +1092,11 @@ class Results:
         (self.dir / "done").unlink(missing_ok=True)
 
     def log(self, step, metrics, **extra):
+        writes = self.writes and self.pending is None  # a resumed run's lines before resume() are in resume.pt already
+        if writes:
+            self._start()  # first: it completes the header
         record = {**self.header, "step": step, **extra, "metrics": metrics, "time": time.time()}
-        if self.writes and self.pending is None:  # a resumed run's lines before resume() are in resume.pt already
-            self._start()
+        if writes:
             old = self.path.read_text() if self.path.exists() else ""
             write_text_atomic(self.path, old + json.dumps(record) + "\n")
         return record
@@ -1432,6 +1437,7 @@ def setup(args, method, clip_for=None):
         torch.backends.cudnn.benchmark = True
     out = args.out or os.path.join("runs", method, args.dataset, f"seed{args.seed}")
     results = Results(out, method, args, device)
+    results.weights_of = (backbone, args.weights)
     results.header["weights"] = weights_record(backbone, args.weights)  # the file a default or relative path meant
 
     def log(msg):

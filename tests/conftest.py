@@ -17,8 +17,7 @@ def model_cache(tmp_path_factory):
     os.environ["RFT_CACHE"] = path
     import common
 
-    # Made before any test: a run that makes it records its path only, not its size and time, so its lines would
-    # differ from those of the run a test compares it with.
+    # Made before any test: the first test to need it would otherwise spend its pretraining (and time it).
     common.load_backbone("embedded-clip-tiny", log=lambda msg: None)
     return Path(path)
 

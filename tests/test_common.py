@@ -29,6 +29,7 @@ import common
 import data
 import ft
 import l2sp
+import lp
 import lpft
 import pretrain
 import summarize
@@ -454,6 +455,16 @@ def test_a_rerun_after_an_earlier_run_was_deleted_by_hand_overwrites_none_kept(t
     assert [(tmp_path / f"results.previous{n}.jsonl").read_text() for n in (1, 2)] == ["run 1\n", "run 2\n"]
     assert [json.loads((tmp_path / name).read_text())["metrics"]["acc/id_val"] for name in
             ("results.previous3.jsonl", "results.previous4.jsonl", "results.jsonl")] == [1.0, 2.0, 3.0]
+
+
+def test_a_run_that_makes_its_embedded_model_records_its_size_and_hash_as_later_runs_do(tmp_path, monkeypatch):
+    """setup() runs before the model is pretrained, when its record is a path alone; the first write records what was
+    made, as the next run's lines do (WiSE-FT checks a checkpoint's record against the model it loads)."""
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path / "cache"))
+    lp.main(lp.Args(dataset="embedded-tiny", num_c=2, out=str(tmp_path / "made")))
+    lp.main(lp.Args(dataset="embedded-tiny", num_c=2, out=str(tmp_path / "found")))
+    made, found = (read_results(tmp_path / out)[0]["weights"] for out in ("made", "found"))
+    assert made == found and {"bytes", "sha1"} <= made.keys() and made["file"].startswith(str(tmp_path / "cache"))
 
 
 def test_git_commit_holds_the_code_that_runs_or_says_it_does_not(tmp_path, monkeypatch):
