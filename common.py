@@ -1222,7 +1222,8 @@ class Results:
         """Mark the run finished; the marker holds the selected evaluation (what tables report)."""
         record = {"method": self.header["method"], "dataset": self.header["args"]["dataset"], "seed": self.header["seed"],
                   "commit": self.header["commit"], "backbone": self.header.get("data", {}).get("backbone"),
-                  "recipe": self.header.get("recipe"), **final}  # backbone, recipe: what summarize.py may average
+                  "weights": self.header.get("weights"), "recipe": self.header.get("recipe"),
+                  **final}  # backbone, weights, recipe: what summarize.py checks before it averages seeds
         if self.writes:
             self._start()
             try:

@@ -1,8 +1,8 @@
 """Build the ID/OOD summary table and pictures from finished runs: mean ± 90% CI over seeds (1.645 std / sqrt(n), as
 in the LP-FT paper; one seed shows its mean alone) of the evaluation each run selected on ID validation (its `done`
 marker). For real datasets the paper's number stands beside ours where reference/published.json has one and our
-runs used the paper's backbone, with its provenance tag. Seeds of one method on other backbones or recipes are not
-averaged: an error.
+runs used the paper's backbone (and OpenAI's CLIP weights), with its provenance tag. Seeds of one method on other
+backbones, pretrained weights or recipes are not averaged: an error.
 
     python summarize.py runs       # prints the table; writes runs/summary.md, runs/summary.csv and, per dataset,
                                    # runs/<dataset>_id_ood.png and runs/<dataset>_distortion.png
@@ -49,16 +49,25 @@ def load_runs(root):
         seen[key] = marker.parent
         runs[(record["dataset"], record["method"])].append({**record, "results": str(marker.with_name("results.jsonl"))})
     for (dataset, method), records in runs.items():
-        for field in ("backbone", "recipe"):  # in `done` markers since 2026-12-05 (not the other options: LP's C grid,
-            values = [r[field] for r in records if r.get(field) is not None]  # --weights, --precision are not compared)
-            if any(v != values[0] for v in values):  # by value: lr 1 (int, set in code) is --lr 1.0
-                runs_of = "; ".join(f"{Path(r['results']).parent}: {json.dumps(r.get(field), sort_keys=True)}"
-                                    for r in records)
+        for field in ("backbone", "weights", "recipe"):  # in `done` markers since 2026-12-05 (not the other options:
+            values = [same(field, r.get(field)) for r in records]  # LP's C grid, --precision are not compared)
+            known = [v for v in values if v is not None]
+            if any(v != known[0] for v in known):  # by value: lr 1 (int, set in code) is --lr 1.0
+                runs_of = "; ".join(f"{Path(r['results']).parent}: {json.dumps(v, sort_keys=True)}"
+                                    for r, v in zip(records, values))
                 raise SystemExit(f"error: the {method} runs on {dataset} under {root} differ in their {field} "
                                  f"({runs_of}); a table row averages seeds of one recipe on one backbone: summarize "
                                  "each folder on its own, or give a variant of a method its own name "
                                  "(common.setup(args, \"<name>\") in its script)")
     return runs
+
+
+def same(field, value):
+    """What must be the same in every seed of a table row: the value, or for `weights` which pretrained weights,
+    wherever their file lay (its hub tag, an embedded model's hash, or the file's name and size). None: unrecorded."""
+    if field != "weights" or not value:
+        return value or None
+    return value.get("tag") or value.get("sha1") or f"{Path(value['file']).name}, {value.get('bytes')} bytes"
 
 
 def load_published(path=PUBLISHED):
@@ -108,8 +117,10 @@ def build_table(runs, published=None):
                 row[f"{name} mean"], row[f"{name} ci90"] = round(mean, 6), "" if ci is None else round(ci, 6)
                 paper = published.get((dataset, method, name))
                 others = {r.get("backbone") for r in records} - {None, paper and paper.get("backbone")}
-                if paper and "backbone" in paper and others:
-                    paper = None  # the paper's number is for its backbone, not one of ours (the miniature's tiny one)
+                tags = {(r.get("weights") or {}).get("tag") for r in records} - {None, "openai"}
+                if paper and ("backbone" in paper and others or tags):
+                    paper = None  # the paper's number is for its backbone and OpenAI's CLIP weights, not a tiny
+                    # backbone of ours, nor CLIP trained on LAION
                 if paper:
                     cell += f" (paper {paper['value']:.1f}" + (f" ± {paper['ci']:.1f}" if "ci" in paper else "") + \
                             f" [{paper['tag']}])"

@@ -621,7 +621,12 @@ def test_summarize_refuses_to_average_two_runs_of_one_seed(tmp_path):
 
 
 @pytest.mark.parametrize("field, values", [("backbone", ["embedded-clip", "embedded-clip-tiny"]),
-                                           ("recipe", [{"lr": 0.03}, {"lr": 0.01}])])
+                                           ("recipe", [{"lr": 0.03}, {"lr": 0.01}]),
+                                           ("weights", [{"tag": "openai"}, {"tag": "laion2b_s34b_b88k"}]),
+                                           ("weights", [{"file": "/a/x.pt", "bytes": 1, "sha1": "0" * 40},
+                                                        {"file": "/a/x.pt", "bytes": 1, "sha1": "1" * 40}]),
+                                           ("weights", [{"file": "/a/ViT-B-16.pt", "bytes": 1},
+                                                        {"file": "/b/ViT-B-16.pt", "bytes": 2}])])
 def test_summarize_refuses_to_average_seeds_run_on_other_backbones_or_recipes(field, values, tmp_path):
     """Seeds 0 and 1 of one method, one on another backbone (or lr): the row would average 17.0 and 81.0 as two seeds
     of one recipe. A marker written before `done` recorded them (no field) pools with either."""
@@ -632,8 +637,13 @@ def test_summarize_refuses_to_average_seeds_run_on_other_backbones_or_recipes(fi
     with pytest.raises(SystemExit, match=f"the lp runs on embedded under {tmp_path / 'two'} differ in their {field} ") \
             as e:
         summarize.load_runs(tmp_path / "two")
-    assert all(json.dumps(v, sort_keys=True) in str(e.value) for v in values)
+    assert all(json.dumps(summarize.same(field, v), sort_keys=True) in str(e.value) for v in values)
     assert len(summarize.load_runs(tmp_path / "old")[("embedded", "lp")]) == 2
+    if field == "weights":  # the same weights in another folder, or written again: one row
+        for seed, where in enumerate(("/a", "/b")):
+            moved = {**values[0], "file": values[0].get("file", "x").replace("/a", where), "mtime_ns": seed}
+            finished_run(tmp_path / "moved", "lp", "embedded", seed, metrics, weights=moved)
+        assert len(summarize.load_runs(tmp_path / "moved")[("embedded", "lp")]) == 2
     for seed, lr in enumerate((1, 1.0)):  # one value: an int set in code, a float from the command line
         finished_run(tmp_path / "same", "lp", "embedded", seed, metrics, recipe={"lr": lr})
     assert len(summarize.load_runs(tmp_path / "same")[("embedded", "lp")]) == 2
@@ -647,6 +657,11 @@ def test_the_papers_number_stands_beside_runs_on_the_papers_backbone_only(tmp_pa
                      **({"backbone": backbone} if backbone else {}))
         markdown, _ = summarize.build_table(summarize.load_runs(tmp_path / folder))
         assert ("(paper 96.5 ± 0.2 [paper])" in markdown) == (folder != "tiny"), markdown
+    for tag in ("openai", "laion2b_s34b_b88k"):  # the papers fine-tuned OpenAI's CLIP, not one trained on LAION
+        finished_run(tmp_path / tag, "zeroshot", "imagenet", 0, {"acc/id_test": 68.0, "acc/ood_avg": 55.0},
+                     backbone="clip-vit-b16", weights={"tag": tag})
+        markdown, _ = summarize.build_table(summarize.load_runs(tmp_path / tag))
+        assert ("(paper 68.3 [paper])" in markdown) == (tag == "openai"), markdown
 
 
 def test_summary_shows_iwildcams_macro_f1_and_fmows_worst_region_accuracy(tmp_path, monkeypatch):
