@@ -52,6 +52,7 @@ def test_script_end_to_end(method, tmp_path):
     assert keys <= set(done["metrics"])
     # what summarize.py checks before it averages seeds: the backbone, and the recipe of the methods that have one
     assert done["backbone"] == "embedded-clip-tiny" and (done["recipe"] is None) == (method in ("zeroshot", "lp"))
+    assert {"file", "bytes", "sha1"} <= done["weights"].keys()  # which embedded model: its hash
     # The reported evaluation is the one with the best ID validation accuracy among the logged ones.
     candidates = [r for r in lines if r.get("stage") != "lp"]
     assert method == "zeroshot" or len(candidates) >= 2
