@@ -1076,8 +1076,8 @@ class Results:
         if self.started:
             return
         self.started = True
-        if self.weights_of and self.header.get("weights", {}).keys() == {"file"}:  # an embedded model this run made
-            self.header["weights"] = weights_record(*self.weights_of)  # (setup ran before it existed): its size, hash
+        if self.weights_of:  # taken again: an embedded model the run pretrained after setup() exists by now
+            self.header["weights"] = weights_record(*self.weights_of)
         self.dir.mkdir(parents=True, exist_ok=True)
         hold_folder(self.dir)
         for name in ("results.jsonl", "model.pt", "resume.pt"):  # resume.pt: an interrupted run's, not resumed

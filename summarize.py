@@ -70,6 +70,15 @@ def same(field, value):
     return value.get("tag") or value.get("sha1") or f"{Path(value['file']).name}, {value.get('bytes')} bytes"
 
 
+def comparable(paper, records):
+    """Whether a paper's number compares with these runs: none records another backbone than the paper's (a tiny one
+    of ours), nor a CLIP hub tag other than OpenAI's (LAION's), which the papers fine-tuned. Markers before 2026-12-05
+    record neither."""
+    backbones = {r.get("backbone") for r in records} - {None}
+    tags = {(r.get("weights") or {}).get("tag") for r in records} - {None, "openai"}
+    return not tags and ("backbone" not in paper or backbones <= {paper["backbone"]})
+
+
 def load_published(path=PUBLISHED):
     """(dataset, method, column) -> published entry."""
     entries = json.loads(Path(path).read_text())["entries"] if Path(path).exists() else []
@@ -116,12 +125,7 @@ def build_table(runs, published=None):
                 cell = f"{mean:.{digits}f}" + ("" if ci is None else f" ± {ci:.{digits}f}")  # one seed: no CI
                 row[f"{name} mean"], row[f"{name} ci90"] = round(mean, 6), "" if ci is None else round(ci, 6)
                 paper = published.get((dataset, method, name))
-                others = {r.get("backbone") for r in records} - {None, paper and paper.get("backbone")}
-                tags = {(r.get("weights") or {}).get("tag") for r in records} - {None, "openai"}
-                if paper and ("backbone" in paper and others or tags):
-                    paper = None  # the paper's number is for its backbone and OpenAI's CLIP weights, not a tiny
-                    # backbone of ours, nor CLIP trained on LAION
-                if paper:
+                if paper and comparable(paper, records):
                     cell += f" (paper {paper['value']:.1f}" + (f" ± {paper['ci']:.1f}" if "ci" in paper else "") + \
                             f" [{paper['tag']}])"
                     row[f"{name} paper"], row[f"{name} paper source"] = paper["value"], f"{paper['source']} [{paper['tag']}]"

@@ -119,17 +119,17 @@ def endpoint_args(args, ckpt, path):
     args.weights, args.data_root = args.weights or ckpt["args"]["weights"], args.data_root or ckpt["args"]["data_root"]
 
 
-def check_start(ckpt, args, path, log):
+def check_start(ckpt, now, backbone, path, log):
     """The pretrained weights loaded here must be those the checkpoint was fine-tuned from (model.pt records their
     hub tag, or file size and time, and an embedded model's hash): interpolating with other ones (a LAION tag for
     OpenAI's file, an embedded model pretrained again) gives numbers for neither. The same size elsewhere or written
-    again is a note: a copy."""
-    then, now = ckpt.get("weights"), common.weights_record(args.backbone, args.weights)
+    again is a note: a copy. `now`: the record of the weights this run loads (its results header's)."""
+    then = ckpt.get("weights")
     if not then:  # a model.pt from before 2026-12-03
         return
     if "sha1" in then and "sha1" in now:  # an embedded model (since 2026-12-05)
         if then["sha1"] != now["sha1"]:
-            raise SystemExit(f"error: {path!r} was fine-tuned from another {args.backbone} than the one cached at "
+            raise SystemExit(f"error: {path!r} was fine-tuned from another {backbone} than the one cached at "
                              f"{now['file']}: it was pretrained again since; point RFT_CACHE at the cache the run "
                              "used, or fine-tune again")
         return
@@ -177,7 +177,7 @@ def main(args):
     # The zero-shot endpoint is the pretrained backbone the checkpoint was fine-tuned from, on the same data.
     endpoint_args(args, ckpt, path)
     device, results, log = common.setup(args, f"wiseft-{ckpt['method']}")
-    check_start(ckpt, args, path, log)
+    check_start(ckpt, results.header["weights"], args.backbone, path, log)
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
     check_classes(ckpt, dataset, path)
     common.describe(dataset, results, log)
