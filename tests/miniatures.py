@@ -517,8 +517,12 @@ MAKERS = {"living17": make_breeds, "entity30": make_breeds, "cifar10": make_cifa
 if __name__ == "__main__":  # a miniature to try a dataset's whole path on before the real one is on disk
     import sys
 
+    usage = f"usage: python tests/miniatures.py DATASET DIR   (DATASET: {', '.join(MAKERS)})"
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print(usage)
+        raise SystemExit(0)
     if len(sys.argv) != 3 or sys.argv[1] not in MAKERS:
-        raise SystemExit(f"usage: python tests/miniatures.py DATASET DIR   (DATASET: {', '.join(MAKERS)})")
+        raise SystemExit(usage)
     name, out = sys.argv[1], Path(sys.argv[2])
     MAKERS[name](out)
     print(f"wrote a miniature {name} under {out}; try:\n  python lpft.py --dataset {name} --data-root {out} "

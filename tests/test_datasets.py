@@ -1774,6 +1774,8 @@ def test_miniature_command_writes_a_layout_the_loader_reads(tmp_path):
     assert len(loaded.train) and len(loaded.val) and len(loaded.test)
     proc = subprocess.run([sys.executable, str(script), "mnist", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode != 0 and "living17" in proc.stderr
+    proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "usage" in proc.stdout and "living17" in proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------------------------
