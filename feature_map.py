@@ -34,7 +34,8 @@ def main():
     parser.add_argument("--data-root", default=None, help="root folder of real datasets")
     parser.add_argument("--seed", type=int, default=0, help="which seed's checkpoints to draw")
     parser.add_argument("--root", default="runs", help="folder holding the run folders (default: runs)")
-    parser.add_argument("--methods", nargs="+", default=["ft", "lpft"], help="methods to draw (default: ft lpft)")
+    parser.add_argument("--methods", nargs="+", default=["ft", "lpft"], choices=list(LABELS),
+                        help="methods to draw (default: ft lpft; LP is not one: it leaves the features as they were)")
     parser.add_argument("--points", type=int, default=120,
                         help="arrows per panel for ID and for OOD images (default: 120)")
     parser.add_argument("--device", default="auto", help="where features are computed: auto (CUDA if available), cpu, "

@@ -755,6 +755,15 @@ def test_bench_and_feature_map_refuse_an_impossible_option_before_they_work(scri
     assert str(e.value) == "error: " + expected.format(file=file)
 
 
+def test_feature_map_names_the_methods_it_draws():
+    """A method it cannot draw (a typo, or LP, whose features are the pretrained ones) is named with the choices
+    (it was "no model.pt: rerun foo.py with --save")."""
+    for method in ("foo", "lp"):
+        proc = subprocess.run([sys.executable, str(ROOT / "feature_map.py"), "--methods", "ft", method],
+                              capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 2 and f"invalid choice: '{method}'" in proc.stderr and "'lpft'" in proc.stderr
+
+
 def test_bench_cpu_writes_its_table_and_json(tmp_path):
     """bench.py --device cpu runs end to end (1 timed step per cell) and its LP solver matches scikit-learn."""
     proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--device", "cpu", "--steps", "1", "--out",
