@@ -744,6 +744,7 @@ def zeroshot_weights(clip, tokenizer, classnames, templates, device, precision="
     """One embedding per class: every template filled with the class name, embedded by the text tower,
     L2-normalised, averaged over templates and normalised again (CLIP's recipe). Returns [classes, dim] float32."""
     texts = tuple(t.format(c) for c in classnames for t in templates)
+    clip.eval()  # as _extract: no dropout in the head (FLYP rebuilds it mid-training; the loops set train mode again)
     with autocast(device, precision):
         emb = torch.cat([F.normalize(clip.encode_text(tokens.to(device)).float(), dim=-1)
                          for tokens in tokenize(tokenizer, texts).split(TEXT_BATCH)])

@@ -224,6 +224,17 @@ def test_zeroshot_head_averages_normalised_template_embeddings():
     assert torch.allclose(head(f), expected, atol=1e-4)
 
 
+def test_zeroshot_head_is_built_in_eval_mode(monkeypatch):
+    """FLYP builds the head from a text tower that is training: a tower with dropout gives the eval-mode head."""
+    backbone = common.load_backbone("embedded-clip-tiny")
+    clip, names, templates = backbone.clip, ["circle", "star"], ["a {}.", "a drawing of a {}."]
+    expected = common.zeroshot_weights(clip, backbone.tokenizer, names, templates, "cpu")
+    encode_text = clip.encode_text
+    monkeypatch.setattr(clip, "encode_text", lambda t: torch.nn.functional.dropout(encode_text(t), 0.5, clip.training))
+    clip.train()
+    assert torch.equal(common.zeroshot_weights(clip, backbone.tokenizer, names, templates, "cpu"), expected)
+
+
 def test_zeroshot_head_calls_the_text_tower_on_bounded_batches(monkeypatch):
     """ImageNet's head embeds 80,000 captions; the text tower sees at most common.TEXT_BATCH of them per call (one call
     held ~2.3 MiB per caption of ViT-B/16 activations: benchmarks/zeroshot_memory.py), with the same result."""
