@@ -172,8 +172,9 @@ def main(args):
     clip = args.backbone or ("" if data.default_backbone(name) in common.CLIP_BACKBONES else "clip-vit-b16")  # FLYP's
     where = (f" --backbone {clip}" if clip else "") + (f" --data-root {args.data_root}" if args.data_root else "") + (
         f" --seed {args.seed}" if args.seed else "")  # where it looks: runs/flyp/<dataset>/seed<seed>
-    ckpt = common.read_checkpoint(path, f"make one with `python flyp.py --dataset {name}{where} --save` (or ft.py "
-                                        "--head-init zeroshot --save) and pass it with --checkpoint")
+    ckpt = common.read_checkpoint(path, f"make one with `python flyp.py --dataset {name}{where} --save` (or `python "
+                                        f"ft.py --dataset {name}{where} --head-init zeroshot --save` and pass its "
+                                        "model.pt with --checkpoint)")
     # The zero-shot endpoint is the pretrained backbone the checkpoint was fine-tuned from, on the same data.
     endpoint_args(args, ckpt, path)
     device, results, log = common.setup(args, f"wiseft-{ckpt['method']}")

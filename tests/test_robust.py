@@ -305,13 +305,15 @@ def test_wiseft_says_how_to_make_the_missing_checkpoint_with_a_command_that_work
         wiseft.main(wiseft.Args(dataset="living17", data_root=str(tmp_path), out=str(tmp_path / "out")))
     assert (f"make one with `python flyp.py --dataset living17 --backbone clip-vit-b16 --data-root {tmp_path} --save`"
             in str(e.value))
+    assert (f"`python ft.py --dataset living17 --backbone clip-vit-b16 --data-root {tmp_path} --head-init zeroshot "
+            "--save` and pass its model.pt with --checkpoint" in str(e.value))  # the other endpoint, for this data
     with pytest.raises(SystemExit) as e:
         wiseft.main(wiseft.Args(dataset="embedded-tiny", out=str(tmp_path / "out")))
     assert "make one with `python flyp.py --dataset embedded-tiny --save`" in str(e.value)
     with pytest.raises(SystemExit) as e:  # it looks in seed1's folder: the command must write there
         wiseft.main(wiseft.Args(dataset="embedded-tiny", seed=1, out=str(tmp_path / "out")))
     assert "runs/flyp/embedded-tiny/seed1/model.pt'; make one with `python flyp.py --dataset embedded-tiny --seed 1 " \
-        "--save`" in str(e.value)
+        "--save`" in str(e.value) and "`python ft.py --dataset embedded-tiny --seed 1 --head-init" in str(e.value)
 
 
 def test_wiseft_refuses_weights_for_a_checkpoint_of_a_backbone_that_has_none(tmp_path):
