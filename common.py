@@ -204,6 +204,11 @@ def key_values(d):
     return ", ".join(f"{k} {v}" for k, v in d.items()) if d else "none"
 
 
+def as_flag(name):
+    """An Args field as its command-line flag: batch_size -> --batch-size."""
+    return "--" + name.replace("_", "-")
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -1149,7 +1154,7 @@ class Results:
         for key, what in (("recipe", "recipe"), ("sizes", "data (split sizes)")):  # RECIPES edited, another data root
             if ckpt[key] != now[key]:
                 then, here = ckpt[key] or {}, now[key] or {}  # a recipe flag left out, or RECIPES edited: pass it
-                flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in then.items() if here.get(k) != v)
+                flags = " ".join(f"{as_flag(k)} {v}" for k, v in then.items() if here.get(k) != v)
                 fix = (f"pass {flags}, as it ran" if key == "recipe" and flags
                        else "resume with the code and data it was started with")
                 raise SystemExit(f"error: --resume: {self.dir}: its resume.pt was made with the {what} "
@@ -1196,12 +1201,11 @@ class Results:
                              f"a {method} run, or move {path} aside to start from the beginning")
 
         def flag(name, value):  # as a command line says it
-            name = name.replace("_", "-")
             if value is None:
-                return f"no --{name}"
+                return f"no {as_flag(name)}"
             if isinstance(value, bool):
-                return f"--{name}" if value else f"--no-{name}"
-            return f"--{name} {value}"
+                return as_flag(name) if value else as_flag(f"no_{name}")
+            return f"{as_flag(name)} {value}"
 
         # where it runs, not what it computes; and the recipe's flags: resume() compares the recipe they make
         free = {"resume", "out", "device", "compile", "save", "data_root", *(ckpt["recipe"] or {})}
@@ -1345,9 +1349,10 @@ def parse_args(cls, argv=None, description=None, recipes=None):
     listed = {"dataset": data.DATASETS, "backbone": BACKBONES}  # checked where they are used, listed here
     from_recipes = {k for r in (recipes or {}).values() for k in r}
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+        flag = as_flag(f.name)
         choices = f"; one of: {', '.join(listed[f.name])}" if f.name in listed else ""
-        default = "" if f.name in from_recipes else f" (default: {f.default})"  # their help says "the dataset's recipe"
+        # a recipe's field and a None default: their help says what the default is ("the dataset's recipe")
+        default = "" if f.name in from_recipes or f.default is None else f" (default: {f.default})"
         help_ = f"{docs.get(f.name, '')}{choices}{default}"
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
@@ -1367,7 +1372,7 @@ def check_args(args):
     """Refuse an impossible option before anything runs, naming the flag and what it takes (a zero batch size
     would otherwise surface as a ZeroDivisionError minutes later, --compile maybe as silence)."""
     for f in dataclasses.fields(args):
-        value, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
+        value, flag = getattr(args, f.name), as_flag(f.name)
         if f.name in CHOICES and value not in CHOICES[f.name]:
             raise SystemExit(f"error: {flag} {value!r}: choose {', '.join(CHOICES[f.name])}")
         if value == "" and f.default is None:  # `--data-root $DATA` with DATA unset would quietly mean the default

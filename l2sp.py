@@ -33,7 +33,8 @@ class Args:
     backbone: str = None
     """pretrained backbone (see common.BACKBONES); default: the dataset's"""
     weights: str = None
-    """local weights file (or open_clip pretrained tag) for real backbones"""
+    """local weights file (or open_clip pretrained tag) for real backbones; default: the backbone's official file in
+    $RFT_CACHE/weights (~/.cache/robust-finetuning/weights)"""
     seed: int = 0
     """seed of the ID training draw and of every random choice"""
     device: str = "auto"

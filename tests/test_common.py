@@ -77,6 +77,7 @@ def test_parse_args_documents_every_field(capsys):
     for f in dataclasses.fields(lpft.Args):
         assert "--" + f.name.replace("_", "-") in out
     assert "SGD momentum (LP-FT code)" in out and "one of: embedded" in out
+    assert "(default: 0.9)" in out and "(default: None)" not in out  # a None default: its help says what it means
     args = common.parse_args(lpft.Args, ["--lr", "0.5", "--epochs", "3", "--dataset", "embedded-tiny"])
     assert (args.lr, args.epochs, args.dataset, args.momentum) == (0.5, 3, "embedded-tiny", 0.9)
 
