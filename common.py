@@ -461,10 +461,15 @@ def read_checkpoint(path, how_to_make):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, foreign pickles
         raise SystemExit(f"error: could not read checkpoint {str(path)!r} ({unreadable(path, e)})")
-    if not isinstance(ckpt, dict) or not {"method", "args", "state_dict"} <= set(ckpt):
+    if not is_saved_model(ckpt):
         raise SystemExit(f"error: {str(path)!r} is not a model.pt written by a method script's --save (expected the "
                          "keys method, args and state_dict)")
     return ckpt
+
+
+def is_saved_model(obj):
+    """Whether a loaded file is a model.pt written by a method script's --save (Results.save_model)."""
+    return isinstance(obj, dict) and {"method", "args", "state_dict"} <= set(obj)
 
 
 def read_weights(path, name):
@@ -481,7 +486,7 @@ def read_weights(path, name):
             saved = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             _bad_weights(path, f"not a checkpoint of tensors, torch.load fails ({unreadable(path, e, 300)})", name)
-    if isinstance(saved, dict) and {"method", "args", "state_dict"} <= set(saved):
+    if is_saved_model(saved):
         _bad_weights(path, f"it is a model.pt written by {saved['method']}.py --save, a fine-tuned model (wiseft.py and "
                            "feature_map.py read those); --weights takes the pretrained backbone's file", name)
     return saved

@@ -4,7 +4,7 @@ The default dataset is the *embedded world*: a procedurally generated, DomainNet
 download. Ten shape classes are drawn in four rendering domains (photo, sketch, painting, neon) with random pose,
 size and colour. It provides
   * an unlabelled pretraining corpus of image-caption pairs from ALL domains (the CLIP/MoCo pretraining data saw
-    OOD-like images without labels), see `pretraining_corpus`;
+    OOD-like images without labels), see `generate` (pretrain.py trains on it);
   * a labelled downstream task: ID train / ID validation / ID test from the photo domain and one OOD test split per
     other domain, see `load_dataset`.
 Everything is a deterministic function of a seed; images are generated in memory in a few seconds.
