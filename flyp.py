@@ -68,18 +68,18 @@ class Args:
 # Embedded world: lr chosen on ID validation accuracy, capped at the pretraining rate; 5 epochs for run time
 # (docs/embedded.md).
 RECIPES = {
-    "embedded": {"epochs": 5, "batch_size": 128, "lr": 3e-3, "weight_decay": 0.1, "warmup": 10},
-    "embedded-tiny": {"epochs": 2, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.1, "warmup": 2},
-    "imagenet": {"epochs": 10, "batch_size": 512, "lr": 1e-5, "weight_decay": 0.1, "warmup": 500},
-    "iwildcam": {"epochs": 20, "batch_size": 256, "lr": 1e-5, "weight_decay": 0.2, "warmup": 500},
-    "fmow": {"epochs": 20, "batch_size": 256, "lr": 1e-5, "weight_decay": 0.2, "warmup": 500},
-    "living17": {"epochs": 10, "batch_size": 512, "lr": 1e-5, "weight_decay": 0.1, "warmup": 500},
-    "entity30": {"epochs": 10, "batch_size": 512, "lr": 1e-5, "weight_decay": 0.1, "warmup": 500},
-    "cifar10": {"epochs": 10, "batch_size": 512, "lr": 1e-5, "weight_decay": 0.1, "warmup": 500},
-    "domainnet": {"epochs": 10, "batch_size": 512, "lr": 1e-5, "weight_decay": 0.1, "warmup": 500},
-    "pcam": {"epochs": 10, "batch_size": 512, "lr": 1e-6, "weight_decay": 0.0, "warmup": 500},
-    "sst2": {"epochs": 10, "batch_size": 512, "lr": 1e-5, "weight_decay": 0.2, "warmup": 500},
-    "folder": {"epochs": 10, "batch_size": 512, "lr": 1e-5, "weight_decay": 0.1, "warmup": 500},
+    "embedded": {"epochs": 5, "lr": 3e-3, "batch_size": 128, "weight_decay": 0.1, "warmup": 10},
+    "embedded-tiny": {"epochs": 2, "lr": 1e-3, "batch_size": 32, "weight_decay": 0.1, "warmup": 2},
+    "living17": {"epochs": 10, "lr": 1e-5, "batch_size": 512, "weight_decay": 0.1, "warmup": 500},
+    "entity30": {"epochs": 10, "lr": 1e-5, "batch_size": 512, "weight_decay": 0.1, "warmup": 500},
+    "cifar10": {"epochs": 10, "lr": 1e-5, "batch_size": 512, "weight_decay": 0.1, "warmup": 500},
+    "domainnet": {"epochs": 10, "lr": 1e-5, "batch_size": 512, "weight_decay": 0.1, "warmup": 500},
+    "fmow": {"epochs": 20, "lr": 1e-5, "batch_size": 256, "weight_decay": 0.2, "warmup": 500},
+    "imagenet": {"epochs": 10, "lr": 1e-5, "batch_size": 512, "weight_decay": 0.1, "warmup": 500},
+    "iwildcam": {"epochs": 20, "lr": 1e-5, "batch_size": 256, "weight_decay": 0.2, "warmup": 500},
+    "pcam": {"epochs": 10, "lr": 1e-6, "batch_size": 512, "weight_decay": 0.0, "warmup": 500},
+    "sst2": {"epochs": 10, "lr": 1e-5, "batch_size": 512, "weight_decay": 0.2, "warmup": 500},
+    "folder": {"epochs": 10, "lr": 1e-5, "batch_size": 512, "weight_decay": 0.1, "warmup": 500},
 }
 
 
@@ -145,7 +145,7 @@ def main(args):
     captions = caption_tokens(backbone.tokenizer, dataset.classnames, dataset.templates).to(device)
     encode = common.maybe_compile(model.visual, args.compile, device)  # the saved model stays unwrapped
     encode_text = common.maybe_compile(model.encode_text, args.compile, device)  # captions: one shape, one graph
-    towers = common.distribute(Towers(model, encode, encode_text), device)  # what trains: DDP-wrapped under torchrun
+    net = common.distribute(Towers(model, encode, encode_text), device)  # what trains: DDP-wrapped under torchrun
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=recipe["weight_decay"],
                                   fused=True)  # one kernel over all parameters: ~9x faster steps, on CPU too
     steps_per_epoch = len(dataset.train) // batch_size
@@ -167,7 +167,7 @@ def main(args):
             template = common.shard(torch.randint(captions.shape[1], (batch_size,), generator=g))
             template = template.to(device, non_blocking=True)  # a blocking copy would wait for the GPU's last step
             with common.autocast(device, args.precision):
-                image_features, text_features = towers(x, captions[y, template])
+                image_features, text_features = net(x, captions[y, template])
                 # the contrastive batch is the global batch: every rank's features are gathered (open_clip does
                 # too); its size is known to every rank: no exchange of sizes, no wait
                 loss = clip_loss(common.all_gather(image_features, batch_size),
