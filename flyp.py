@@ -12,6 +12,8 @@ the epoch with the best ID validation accuracy is reported. The few-shot protoco
     python flyp.py                     # the embedded world
     python flyp.py --dataset embedded --seed 1 --save
     python flyp.py --dataset imagenet --data-root /data --weights ViT-B-16.pt --save
+
+Sources of the defaults, deviations from the paper, logged metrics, results: docs/flyp.md
 """
 import copy
 import math

@@ -11,6 +11,8 @@ step is scored on the full ID test and OOD splits. flyp.py has the full-data rec
     python flyp_fewshot.py                        # the embedded world, 16 shots, 10 draws
     python flyp_fewshot.py --shots 4 --draws 50
     python flyp_fewshot.py --dataset sst2 --data-root /data --weights ViT-B-16.pt
+
+Sources of the defaults, deviations from the paper, logged metrics, results: docs/flyp.md
 """
 import copy
 import math

@@ -10,6 +10,8 @@ datasets' learning rates in RECIPES; our runs select on ID validation only).
     python ft.py --dataset embedded --seed 1 --lr 3e-3
     python ft.py --head-init zeroshot --save   # a WiSE-FT endpoint (this file's SGD recipe); own row and folder
     python ft.py --dataset living17 --data-root /data --weights moco_v2_800ep_pretrain.pth.tar
+
+Sources of the defaults, deviations from the paper, logged metrics, results: docs/ft.md
 """
 import copy
 import time

@@ -11,6 +11,8 @@ random head, the epoch with the best ID validation accuracy reported.
     python l2sp.py                     # the embedded world
     python l2sp.py --dataset embedded --seed 1 --alpha 0.01
     python l2sp.py --dataset living17 --data-root /data --weights moco_v2_800ep_pretrain.pth.tar
+
+Sources of the defaults, deviations from the paper, logged metrics, results: docs/l2sp.md
 """
 import copy
 import time

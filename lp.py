@@ -11,6 +11,8 @@ computed by torch on the run's device (GPU or CPU).
     python lp.py                       # the embedded world
     python lp.py --dataset embedded --seed 1
     python lp.py --dataset living17 --data-root /data   # MoCo-v2 weights in ~/.cache/robust-finetuning/weights/
+
+Sources of the defaults, deviations from the paper, logged metrics, results: docs/lp.md
 """
 from dataclasses import dataclass
 

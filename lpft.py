@@ -10,6 +10,8 @@ authors confirmed their numbers need. The stage-2 epoch with the best ID validat
     python lpft.py                     # the embedded world
     python lpft.py --dataset embedded --seed 1
     python lpft.py --dataset living17 --data-root /data --weights moco_v2_800ep_pretrain.pth.tar
+
+Sources of the defaults, deviations from the paper, logged metrics, results: docs/lpft.md
 """
 import copy
 import time

@@ -12,6 +12,8 @@ encoder and head; any other checkpoint (a random or LP head) interpolates the en
     python ft.py --head-init zeroshot --save && \\
         python wiseft.py --checkpoint runs/ft-zeroshot-head/embedded/seed0/model.pt
     python wiseft.py --checkpoint runs/lpft/living17/seed0/model.pt   # dataset, seed, backbone: the checkpoint's
+
+Sources of the defaults, deviations from the paper, logged metrics, results: docs/wiseft.md
 """
 from dataclasses import dataclass
 from pathlib import Path

@@ -8,6 +8,8 @@ normalised again; logits = logit scale * normalised image embedding . class embe
     python zeroshot.py                 # the embedded world
     python zeroshot.py --dataset embedded --seed 1
     python zeroshot.py --dataset imagenet --data-root /data --weights ViT-B-16.pt
+
+Sources of the defaults, deviations from the paper, logged metrics, results: docs/zeroshot.md
 """
 from dataclasses import dataclass
 
