@@ -144,6 +144,7 @@ def main(args):
     model = common.to_device(backbone.clip, device)  # the whole CLIP trains
     ref = common.split_features(model.visual, dataset, device, args.precision, backbone=backbone)  # distortion origin
 
+    # ----- method: captions, both towers, AdamW, a cosine per step, the zero-shot head (edit here) -----
     captions = caption_tokens(backbone.tokenizer, dataset.classnames, dataset.templates).to(device)
     encode = common.maybe_compile(model.visual, args.compile, device)  # the saved model stays unwrapped
     encode_text = common.maybe_compile(model.encode_text, args.compile, device)  # captions: one shape, one graph
@@ -152,12 +153,13 @@ def main(args):
                                   fused=True)  # one kernel over all parameters: ~9x faster steps, on CPU too
     steps_per_epoch = len(dataset.train) // batch_size
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lr(recipe["warmup"], epochs * steps_per_epoch))
-    g = torch.Generator().manual_seed(args.seed)
-    training = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "data_order": g}  # --resume's state
 
     def head():  # the zero-shot head of the current text tower
         return common.zeroshot_head(model, backbone.tokenizer, dataset.classnames, dataset.templates, device,
                                     args.precision)
+    # ----- end of method -----
+    g = torch.Generator().manual_seed(args.seed)
+    training = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "data_order": g}  # --resume's state
 
     best, first = results.resume(training)  # best: (ID val accuracy, epoch, weights) of the best epoch so far
     for epoch in range(first, epochs + 1):
@@ -165,6 +167,7 @@ def main(args):
         start, total, n = time.time(), 0.0, 0
         for x, y in common.progress(dataset.train.batches(batch_size, device, shuffle=True, drop_last=True,
                                                           generator=g), desc=f"epoch {epoch}/{epochs}"):
+            # ----- method: the CLIP loss between each image and a caption of its class (edit here) -----
             # one random caption per image, drawn for the global batch (this rank's share under torchrun)
             template = common.shard(torch.randint(captions.shape[1], (batch_size,), generator=g))
             template = template.to(device, non_blocking=True)  # a blocking copy would wait for the GPU's last step
@@ -174,6 +177,7 @@ def main(args):
                 # too); its size is known to every rank: no exchange of sizes, no wait
                 loss = clip_loss(common.all_gather(image_features, batch_size),
                                  common.all_gather(text_features, batch_size), model.logit_scale)
+            # ----- end of method -----
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

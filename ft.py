@@ -105,10 +105,12 @@ def set_train_mode(model):
 
 
 def main(args):
+    # ----- method: which head; the zero-shot one makes it another method (edit here) -----
     if args.head_init not in HEAD_INITS:  # before setup: a typo costs no data loading
         raise SystemExit(f"error: --head-init {args.head_init!r}: choose {', '.join(HEAD_INITS)}")
     needs_clip = "--head-init zeroshot" if args.head_init == "zeroshot" else None  # its head comes from a text tower
     method = "ft" if args.head_init == "random" else "ft-zeroshot-head"  # its own table row and default run folder
+    # ----- end of method -----
     device, results, log = common.setup(args, method, clip_for=needs_clip)
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
     recipe = common.recipe(args, RECIPES[dataset.name])  # flags override the dataset's recipe

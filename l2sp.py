@@ -120,7 +120,9 @@ def main(args):
     ref = common.split_features(encoder, dataset, device, args.precision, backbone=backbone)  # distortion origin
 
     model = build_model(encoder, len(dataset.classnames)).to(device)
-    w0 = {n: p.detach().clone() for n, p in model[0].named_parameters()}  # the pretrained weights
+    # ----- method: the weights the penalty pulls towards (edit here) -----
+    w0 = {n: p.detach().clone() for n, p in model[0].named_parameters()}  # the pretrained weights, kept apart
+    # ----- end of method -----
     encode = common.maybe_compile(model[0], args.compile, device)  # the saved model stays unwrapped
     net = common.distribute(nn.Sequential(encode, model[1]), device)  # what trains: DDP-wrapped under torchrun
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
@@ -136,7 +138,9 @@ def main(args):
                                                           generator=g), desc=f"epoch {epoch}/{epochs}"):
             with common.autocast(device, args.precision):
                 loss = F.cross_entropy(net(x), y)
-            loss = loss + l2sp_penalty(model, w0, args.alpha, args.beta, args.all_params)  # in fp32
+            # ----- method: the penalty joins the loss (edit here) -----
+            loss = loss + l2sp_penalty(model, w0, args.alpha, args.beta, args.all_params)  # on the fp32 weights
+            # ----- end of method -----
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

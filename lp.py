@@ -107,11 +107,14 @@ def main(args):
     y = dataset.train.labels.to(device)
     log(f"{len(y)} training features of dim {x.shape[1]}; sweeping {args.num_c} values of C")
 
+    # ----- method: the C sweep, each C warm-started from the last solution (edit here) -----
     records, init = [], None
-    for i, c in enumerate(common.progress(np.logspace(np.log10(args.c_min), np.log10(args.c_max), args.num_c), desc="C sweep")):
+    grid = np.logspace(np.log10(args.c_min), np.log10(args.c_max), args.num_c)  # the LP-FT code's grid
+    for i, c in enumerate(common.progress(grid, desc="C sweep")):
         w, b = init = fit_logreg(x, y, len(dataset.classnames), float(c), init, args.max_iter)
         metrics = common.evaluate(feats, lambda f: ((f - mean) / std) @ w.T + b, dataset, feats, device)
         records.append(results.log(i, metrics, c=float(c)))
+    # ----- end of method -----
 
     best = common.select_best(records)
     log(f"best C {best['c']:.3g} (by ID val) | {common.format_metrics(best['metrics'])}")

@@ -166,6 +166,7 @@ def main(args):
     encoder = common.to_device(backbone.encoder, device)
     ref = common.split_features(encoder, dataset, device, args.precision, backbone=backbone)  # distortion origin
 
+    # ----- method: stage 1, the linear probe, and the model that starts from its head (edit here) -----
     train_feats = common.extract_features(encoder, dataset.train, device, args.precision, cache=common.feature_cache(
         backbone, dataset, "id_train", device, args.precision, args.seed))  # one augmented view per image; cached
     w, b, c = linear_probe(args, dataset, train_feats, ref, device)
@@ -173,6 +174,7 @@ def main(args):
     metrics = common.evaluate(ref, model[1], dataset, ref, device)  # stage-2 start = the LP head
     results.log(0, metrics, stage="lp", c=c)
     log(f"LP head (C {c:.3g}) | {common.format_metrics(metrics)}")
+    # ----- end of method -----
     encode = common.maybe_compile(model[0], args.compile, device)  # the saved model stays unwrapped
     net = common.distribute(nn.Sequential(encode, model[1]), device)  # what trains: DDP-wrapped under torchrun
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
