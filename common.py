@@ -941,11 +941,12 @@ def eval_splits(dataset):
     return {"id_val": dataset.val, "id_test": dataset.test, **{f"ood_{k}": v for k, v in dataset.ood.items()}}
 
 
-def split_features(encoder, dataset, device, precision="auto", only=None, backbone=None):
+def split_features(encoder, dataset, device, precision="auto", only=None, pretrained=None):
     """Features on every evaluation split (or the splits named in `only`). Of the pretrained encoder, they are the
-    origin of feature distortion; pass its `backbone` and a real dataset's features are cached on disk."""
+    origin of feature distortion: pass its Backbone as `pretrained` and a real dataset's are cached on disk (a
+    fine-tuned encoder's never are: they are new at each evaluation)."""
     def cache(k):
-        return feature_cache(backbone, dataset, k, device, precision) if backbone else None
+        return feature_cache(pretrained, dataset, k, device, precision) if pretrained else None
 
     return {k: extract_features(encoder, s, device, precision, cache=cache(k), desc=f"features {k}")
             for k, s in eval_splits(dataset).items() if only is None or k in only}

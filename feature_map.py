@@ -76,7 +76,7 @@ def main():
 
     def features(encoder, cached_as=None):
         """ID test and OOD features; the pretrained ones of a real dataset come from the cache the runs filled."""
-        f = common.split_features(encoder.to(device), dataset, device, only=["id_test", *ood], backbone=cached_as)
+        f = common.split_features(encoder.to(device), dataset, device, only=["id_test", *ood], pretrained=cached_as)
         return {"ID": f["id_test"], "OOD": torch.cat([f[k] for k in ood])}
 
     before = features(pretrained.encoder, cached_as=pretrained)

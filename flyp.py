@@ -142,7 +142,7 @@ def main(args):
     epochs, lr, batch_size = recipe["epochs"], recipe["lr"], recipe["batch_size"]
     backbone = common.load_backbone(dataset.backbone, args.weights, log=log)
     model = common.to_device(backbone.clip, device)  # the whole CLIP trains
-    ref = common.split_features(model.visual, dataset, device, args.precision, backbone=backbone)  # distortion origin
+    ref = common.split_features(model.visual, dataset, device, args.precision, pretrained=backbone)  # distortion origin
 
     # ----- method: captions, both towers, AdamW, a cosine per step, the zero-shot head (edit here) -----
     captions = caption_tokens(backbone.tokenizer, dataset.classnames, dataset.templates).to(device)

@@ -128,7 +128,7 @@ def main(args):
     backbone = common.load_backbone(dataset.backbone, args.weights, log=log)
     model = common.to_device(backbone.clip, device)
     pretrained = copy.deepcopy(model.state_dict())  # every draw starts from the zero-shot model
-    ref = common.split_features(model.visual, dataset, device, args.precision, backbone=backbone)  # distortion origin
+    ref = common.split_features(model.visual, dataset, device, args.precision, pretrained=backbone)  # distortion origin
     captions = caption_tokens(backbone.tokenizer, dataset.classnames, dataset.templates).to(device)
     encode = common.maybe_compile(model.visual, args.compile, device)
     encode_text = common.maybe_compile(model.encode_text, args.compile, device)  # captions: one shape per draw

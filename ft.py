@@ -118,7 +118,7 @@ def main(args):
     epochs, lr, batch_size = recipe["epochs"], recipe["lr"], recipe["batch_size"]
     backbone = common.load_backbone(dataset.backbone, args.weights, log=log)
     encoder = common.to_device(backbone.encoder, device)
-    ref = common.split_features(encoder, dataset, device, args.precision, backbone=backbone)  # distortion origin
+    ref = common.split_features(encoder, dataset, device, args.precision, pretrained=backbone)  # distortion origin
 
     model = build_model(backbone, dataset, args.head_init, device, args.precision).to(device)
     encode = common.maybe_compile(model[0], args.compile, device)  # the saved model stays unwrapped

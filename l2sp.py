@@ -117,7 +117,7 @@ def main(args):
     epochs, lr, batch_size = recipe["epochs"], recipe["lr"], recipe["batch_size"]
     backbone = common.load_backbone(dataset.backbone, args.weights, log=log)
     encoder = common.to_device(backbone.encoder, device)
-    ref = common.split_features(encoder, dataset, device, args.precision, backbone=backbone)  # distortion origin
+    ref = common.split_features(encoder, dataset, device, args.precision, pretrained=backbone)  # distortion origin
 
     model = build_model(encoder, len(dataset.classnames)).to(device)
     # ----- method: the weights the penalty pulls towards (edit here) -----

@@ -101,7 +101,7 @@ def main(args):
     # Features once: the backbone never trains, so the evaluation features are also the reference features.
     train_feats = common.extract_features(encoder, dataset.train, device, args.precision, cache=common.feature_cache(
         backbone, dataset, "id_train", device, args.precision, args.seed))  # one augmented view per image; cached
-    feats = common.split_features(encoder, dataset, device, args.precision, backbone=backbone)
+    feats = common.split_features(encoder, dataset, device, args.precision, pretrained=backbone)
     mean, std = standardize(train_feats)
     x = ((train_feats - mean) / std).to(device)
     y = dataset.train.labels.to(device)

@@ -164,7 +164,7 @@ def main(args):
     epochs, lr, batch_size = recipe["epochs"], recipe["lr"], recipe["batch_size"]
     backbone = common.load_backbone(dataset.backbone, args.weights, log=log)
     encoder = common.to_device(backbone.encoder, device)
-    ref = common.split_features(encoder, dataset, device, args.precision, backbone=backbone)  # distortion origin
+    ref = common.split_features(encoder, dataset, device, args.precision, pretrained=backbone)  # distortion origin
 
     # ----- method: stage 1, the linear probe, and the model that starts from its head (edit here) -----
     train_feats = common.extract_features(encoder, dataset.train, device, args.precision, cache=common.feature_cache(

@@ -187,7 +187,7 @@ def main(args):
     backbone = common.load_backbone(dataset.backbone, args.weights, log=log)
     model, encoder, theta0, theta1, classifier = endpoints(ckpt, backbone, dataset, device, args.precision)
     encode = common.maybe_compile(encoder, args.compile, device)
-    ref = common.split_features(encoder, dataset, device, args.precision, backbone=backbone)  # distortion origin
+    ref = common.split_features(encoder, dataset, device, args.precision, pretrained=backbone)  # distortion origin
 
     records = []
     for i, alpha in enumerate(common.progress(alphas, desc="alpha")):

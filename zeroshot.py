@@ -52,7 +52,7 @@ def main(args):
     head = common.zeroshot_head(clip, backbone.tokenizer, dataset.classnames, dataset.templates, device, args.precision)
     # ----- end of method -----
 
-    feats = common.split_features(encoder, dataset, device, args.precision, backbone=backbone)  # = reference
+    feats = common.split_features(encoder, dataset, device, args.precision, pretrained=backbone)  # = reference
     metrics = common.evaluate(feats, head, dataset, feats, device)
     record = results.log(0, metrics, templates=len(dataset.templates))
     log(f"zero-shot ({len(dataset.templates)} templates) | {common.format_metrics(metrics)}")

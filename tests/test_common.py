@@ -832,11 +832,11 @@ def test_pretrained_features_of_real_data_are_cached_on_disk_and_keyed(tmp_path,
                     tmp_path / "d" / split / c / f"{i}.png")
     dataset = data.load_dataset("folder", data_root=str(tmp_path / "d"), backbone="embedded-clip-tiny")
     backbone = common.load_backbone("embedded-clip-tiny")
-    first = common.split_features(backbone.encoder, dataset, "cpu", backbone=backbone)
+    first = common.split_features(backbone.encoder, dataset, "cpu", pretrained=backbone)
     assert len(list((tmp_path / "cache" / "features").glob("*.pt"))) == 3  # id_val, id_test, ood_night
     with torch.no_grad():
         backbone.encoder.proj.weight.mul_(2)
-    again = common.split_features(backbone.encoder, dataset, "cpu", backbone=backbone)
+    again = common.split_features(backbone.encoder, dataset, "cpu", pretrained=backbone)
     fresh = common.split_features(backbone.encoder, dataset, "cpu")
     for k in first:
         assert torch.equal(again[k], first[k]) and not torch.allclose(fresh[k], first[k])
