@@ -1413,8 +1413,9 @@ def recipe(args, defaults):
 
 def describe(dataset, results, log, recipe=None):
     """Say what the run trains and is scored on, and put it in every results line: split sizes, where a held-out
-    split comes from (benchmarks without an ID validation split), the data root, the recipe actually used. A batch
-    size the training split cannot fill stops the run here, not after LP-FT's first stage."""
+    split comes from (benchmarks without an ID validation split), the data root, the recipe actually used. More than
+    a log line: --resume compares this header, `done` records it, and --save stores the class names that wiseft.py
+    checks. A batch size the training split cannot fill stops the run here, not after LP-FT's first stage."""
     if recipe and "batch_size" in recipe:
         data.check_training_batch(len(dataset.train), recipe["batch_size"])
     sizes = {"id_train": len(dataset.train), **{k: len(v) for k, v in eval_splits(dataset).items()}}
