@@ -1279,6 +1279,7 @@ def same_resume_point_on_every_rank(path, ckpt, found=None):
 
 
 HELD = {}  # the --out folders this process holds -> the descriptor that holds each
+RUN_FILES = ("results.jsonl", "done", "model.pt", "resume.pt")  # what a run writes atomically into its --out
 
 
 def hold_folder(path):
@@ -1299,8 +1300,10 @@ def hold_folder(path):
         os.close(fd)
         return
     HELD[key] = fd
-    for tmp in Path(path).glob("*.tmp[0-9]*"):  # what a killed run was writing (write_atomic): no one else writes here
-        tmp.unlink(missing_ok=True)
+    for name in RUN_FILES:  # what a killed run was writing (write_atomic's <name>.tmp<pid>); other files are not ours
+        for tmp in Path(path).glob(f"{name}.tmp*"):
+            if tmp.name[len(name) + 4:].isdigit():
+                tmp.unlink(missing_ok=True)
 
 
 def release_folder(path):

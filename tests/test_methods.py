@@ -374,6 +374,8 @@ def test_resume_refuses_another_recipe_method_or_data_and_a_finished_run_and_sta
             ft.main(ft.Args(dataset="embedded-tiny", out=str(out), epochs=2))
     common.release_folder(out)  # as the stopped process's end would
     (out / "resume.pt.tmp999999").write_bytes(b"half a file")
+    for mine in ("thesis.tmp2.tex", "backup.tmp1", "model.pt.tmp1.bak"):  # a user's files: not write_atomic's
+        (out / mine).write_text("kept")
     load = data.load_dataset
 
     def smaller(*args, **kwargs):  # the same dataset with 10 training images fewer (another --data-root, say)
@@ -398,7 +400,8 @@ def test_resume_refuses_another_recipe_method_or_data_and_a_finished_run_and_sta
             module.main(module.Args(dataset="embedded-tiny", out=str(out), **{"epochs": 2, "resume": True, **options}))
         assert expected in str(e.value)
     ft.main(ft.Args(dataset="embedded-tiny", out=str(out), epochs=2, lr=0.03, batch_size=64, resume=True))
-    assert sorted(p.name for p in out.iterdir()) == ["done", "results.jsonl"]  # resumed: one set of lines
+    assert sorted(p.name for p in out.iterdir()) == ["backup.tmp1", "done", "model.pt.tmp1.bak", "results.jsonl",
+                                                     "thesis.tmp2.tex"]  # resumed: one set of lines; no half file
     assert [r["step"] for r in read_results(out)][:2] == [1, 2]
     (out / "resume.pt").write_text("left by a crash between `done` and its removal")
     with pytest.raises(SystemExit, match="holds a finished run .* drop --resume to run it again"):
