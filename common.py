@@ -151,7 +151,8 @@ def load_embedded_clip(name, log=print):
                              "RFT_CACHE at a folder that holds the model") from None
 
         log(f"no cached {name} at {path}: pretraining it now (once)")
-        pretrain.pretrain(cfg, path, log=log)
+        with rng_kept():  # it seeds and draws its own: the run's random head must not depend on whether it ran
+            pretrain.pretrain(cfg, path, log=log)
     saved = torch.load(path, map_location="cpu", weights_only=True)
     model = EmbeddedCLIP(cfg)
     model.load_state_dict(saved["state_dict"])
@@ -207,6 +208,16 @@ def key_values(d):
 def as_flag(name):
     """An Args field as its command-line flag: batch_size -> --batch-size."""
     return "--" + name.replace("_", "-")
+
+
+@contextlib.contextmanager
+def rng_kept():
+    """Python's, numpy's and torch's random states (every GPU's too) are after the block as they were before it."""
+    state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        yield
+    random.setstate(state[0])
+    np.random.set_state(state[1])
 
 
 def seed_everything(seed):

@@ -1198,6 +1198,19 @@ def test_pretraining_recipe_is_adamw_with_an_undecayed_temperature_5pc_warmup_th
     assert lrs == [[pytest.approx(3e-3 * f, rel=1e-12)] * 2 for f in factors]
 
 
+def test_pretraining_on_first_use_leaves_the_runs_random_state_as_it_was(tmp_path, monkeypatch):
+    """A run that pretrains the embedded model first draws its random head where setup seeded it, as a run that finds
+    the model cached does (it drew from where pretraining left the RNGs: other numbers on a machine's first run)."""
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path))
+    monkeypatch.setitem(common.EMBEDDED_BACKBONES, "embedded-clip-tiny", MICRO)
+    draws = []
+    for _ in ("pretrained now", "cached"):
+        common.seed_everything(7)
+        common.load_embedded_clip("embedded-clip-tiny", log=lambda msg: None)
+        draws.append((random.random(), np.random.rand(), torch.rand(3).tolist()))
+    assert draws[0] == draws[1]
+
+
 def test_pretraining_clamps_the_temperature_to_at_most_100_as_open_clip(tmp_path, monkeypatch):
     """A learning rate of 100 throws the log-temperature ~100 per Adam step: after every step it is back in
     [0, log 100] (a scale of 1 to 100), as open_clip clamps it."""
