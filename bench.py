@@ -332,7 +332,8 @@ def train_rows(name, build, res, batch, device, steps, peak, cell, profile=None)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default: 30 CUDA, 5 CPU)")
     parser.add_argument("--out", default="bench.json", help="JSON results file")

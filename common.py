@@ -1364,7 +1364,8 @@ def parse_args(cls, argv=None, description=None, recipes=None):
         epilog = "RECIPES (each dataset's defaults; a flag overrides them):\n" + "\n".join(
             f"  {name:<{width}}" + key_values(r) for name, r in recipes.items())
     parser = argparse.ArgumentParser(description=description, epilog=epilog,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # wiseft.py --alpha 0.25 ran as --alpha-step 0.25
     docs = _field_docs(cls)
     listed = {"dataset": data.DATASETS, "backbone": BACKBONES}  # checked where they are used, listed here
     from_recipes = {k for r in (recipes or {}).values() for k in r}

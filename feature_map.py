@@ -29,7 +29,8 @@ def fine_tuned_encoder(ckpt, backbone, weights):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--dataset", default="embedded", help="dataset name (see data.DATASETS)")
     parser.add_argument("--data-root", default=None, help="root folder of real datasets")
     parser.add_argument("--seed", type=int, default=0, help="which seed's checkpoints to draw")

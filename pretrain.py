@@ -72,7 +72,8 @@ def pretrain(cfg, path, device="cpu", log=print):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--backbone", default="embedded-clip", choices=sorted(common.EMBEDDED_BACKBONES),
                         help="which embedded CLIP to pretrain (default: embedded-clip)")
     parser.add_argument("--force", action="store_true", help="retrain even if the cache holds this config")

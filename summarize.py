@@ -222,7 +222,8 @@ def write_atomic(path, write):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("root", nargs="?", default="runs", help="folder holding the run folders (default: runs)")
     parser.add_argument("--no-plots", action="store_true", help="write the table and CSV only")
     args = parser.parse_args()

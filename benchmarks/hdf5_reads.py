@@ -39,7 +39,7 @@ def per_read(read, order):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=2048)
     p.add_argument("--reads", type=int, default=1000)
     args = p.parse_args()

@@ -62,7 +62,8 @@ def fit_sklearn(x, y, num_classes, c, init=None, max_iter=200):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--dim", type=int, default=512)

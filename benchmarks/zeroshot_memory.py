@@ -42,7 +42,8 @@ def build(classes, templates, text_batch, out):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--templates", type=int, default=2)
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # internal: TEXT_BATCH and output file

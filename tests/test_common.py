@@ -78,6 +78,9 @@ def test_parse_args_documents_every_field(capsys):
         assert "--" + f.name.replace("_", "-") in out
     assert "SGD momentum (LP-FT code)" in out and "one of: embedded" in out
     assert "(default: 0.9)" in out and "(default: None)" not in out  # a None default: its help says what it means
+    with pytest.raises(SystemExit):  # a flag is whole: --batch is not taken for --batch-size
+        common.parse_args(lpft.Args, ["--batch", "8"])
+    assert "unrecognized arguments: --batch 8" in capsys.readouterr().err
     args = common.parse_args(lpft.Args, ["--lr", "0.5", "--epochs", "3", "--dataset", "embedded-tiny"])
     assert (args.lr, args.epochs, args.dataset, args.momentum) == (0.5, 3, "embedded-tiny", 0.9)
 
