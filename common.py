@@ -804,6 +804,8 @@ def get_device(name="auto"):
         device = torch.device(name)
     except RuntimeError:
         raise SystemExit(f"error: unknown --device {name!r}; choose auto, cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):  # mps, meta, xpu...: a raw error after the data was read
+        raise SystemExit(f"error: --device {name}: these scripts run on cpu or cuda (auto, cpu, cuda or cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {name} requested but no CUDA device is available; use --device cpu")
     if device.type == "cuda" and device.index is not None:

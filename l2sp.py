@@ -110,6 +110,9 @@ def set_train_mode(model):
 
 
 def main(args):
+    if args.all_params and args.beta != Args.beta:  # it would be recorded as if it had acted
+        raise SystemExit(f"error: --beta {args.beta} does nothing with --all-params (the LP-FT code's penalty has no "
+                         "head term); leave --beta out")
     device, results, log = common.setup(args, "l2sp")
     dataset = data.load_dataset(args.dataset, seed=args.seed, data_root=args.data_root, backbone=args.backbone)
     recipe = common.recipe(args, RECIPES[dataset.name])  # flags override the dataset's recipe

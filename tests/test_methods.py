@@ -145,6 +145,10 @@ def test_a_missing_weights_file_stops_the_run_before_the_dataset_is_read(method,
     ("ft", {"compile": "maybe"}, "--compile 'maybe': choose auto, on, off"),
     ("ft", {"precision": "fp16"}, "--precision 'fp16': choose auto, bf16, fp32"),
     ("ft", {"device": "tpu"}, "unknown --device 'tpu'"),
+    ("ft", {"device": "mps"}, "--device mps: these scripts run on cpu or cuda"),  # torch knows it; we do not
+    ("zeroshot", {"device": "meta"}, "--device meta: these scripts run on cpu or cuda"),
+    ("l2sp", {"all_params": True, "beta": 5.0}, "--beta 5.0 does nothing with --all-params (the LP-FT code's "
+                                                "penalty has no head term)"),
     ("lpft", {"data_root": ""}, "--data-root is empty; pass a value or leave the flag out"),  # `--data-root $UNSET`
     ("ft", {"head_init": "lp"}, "--head-init 'lp': choose random, zeroshot"),
     ("ft", {"head_init": "zeroshot", "backbone": "resnet50"}, "--head-init zeroshot needs a CLIP backbone"),
