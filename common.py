@@ -150,6 +150,12 @@ def load_embedded_clip(name, log=print):
                              f"{Path(__file__).name}: copy pretrain.py along with common.py and data.py, or point "
                              "RFT_CACHE at a folder that holds the model") from None
 
+        try:  # before minutes of pretraining, not after
+            tempfile.TemporaryFile(dir=path.parent).close()
+        except OSError as e:
+            raise SystemExit(f"error: no cached {name} at {path}, and {path.parent} cannot be written ({e.strerror}): "
+                             "the model pretrained now could not be kept; point RFT_CACHE at a folder you can write, "
+                             "or at one that holds the model") from None
         log(f"no cached {name} at {path}: pretraining it now (once)")
         with rng_kept():  # it seeds and draws its own: the run's random head must not depend on whether it ran
             pretrain.pretrain(cfg, path, log=log)
@@ -673,7 +679,11 @@ def extract_features(encoder, split, device, precision="auto", batch_size=500, c
     with data.seeded(int(cache, 16), device):
         feats = _extract(encoder, split, device, precision, batch_size, desc)
     if is_main():
-        save_atomic(feats, path)
+        try:
+            save_atomic(feats, path)
+        except OSError as e:  # a cache others share, read-only: the run goes on with what it extracted
+            print(f"note: could not cache the features at {path} ({e.strerror or e}); they are extracted again next "
+                  "time: point RFT_CACHE at a folder you can write to keep them", file=sys.stderr)
     return feats
 
 

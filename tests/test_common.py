@@ -821,6 +821,22 @@ def test_gpu_checks_script_parses_and_names_only_what_exists_on_cuda():
     assert methods and all((ROOT / f).is_file() for f in runs | {f"{m}.py" for m in methods}), runs
 
 
+def test_a_cache_that_cannot_be_written_costs_no_work(tmp_path, monkeypatch, capsys):
+    """Features the cache cannot keep are still the run's (it stopped after extracting them); a model it could not
+    keep is not pretrained (it stopped after minutes of pretraining)."""
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path))
+    (tmp_path / "features").write_text("a file where the features folder goes")
+    split = data.load_dataset("embedded-tiny").val
+    encoder = common.load_backbone("embedded-clip-tiny").encoder
+    feats = common.extract_features(encoder, split, "cpu", cache="ab12")
+    assert torch.equal(feats, common.extract_features(encoder, split, "cpu", cache="ab12"))  # seeded by its key
+    assert "note: could not cache the features at" in capsys.readouterr().err
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path / "features" / "cache"))  # under a file: nothing can be written
+    monkeypatch.setattr(pretrain, "pretrain", lambda *a, **k: pytest.fail("pretrained for nothing"))
+    with pytest.raises(SystemExit, match="and .* cannot be written .*: the model pretrained now could not be kept"):
+        common.load_embedded_clip("embedded-clip-tiny", log=lambda msg: None)
+
+
 def test_pretrained_features_of_real_data_are_cached_on_disk_and_keyed(tmp_path, monkeypatch):
     """Real datasets' pretrained features are computed once: a second call reads the cache (here proven by changing
     the encoder, which the cache key deliberately does not see: it keys on the weights file, never edited in place).
