@@ -23,6 +23,9 @@ ROOT=${ROOT:-runs}
 if ! [[ "$JOBS" =~ ^[1-9][0-9]*$ ]]; then
   echo "error: JOBS has '$JOBS'; expected how many runs at a time, 1 or more" >&2; exit 2
 fi
+if [[ "$ROOT" =~ [[:space:]\"\'\\] ]]; then  # each planned run is one line of words: a space would split its folder
+  echo "error: ROOT has '$ROOT'; expected a folder name without a space, quote or backslash" >&2; exit 2
+fi
 for seed in $SEEDS; do
   if ! [[ "$seed" =~ ^[0-9]+$ ]]; then
     echo "error: SEEDS has '$seed'; expected whole numbers, such as SEEDS=\"0 1 2\"" >&2; exit 2

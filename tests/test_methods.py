@@ -681,6 +681,16 @@ def test_run_all_refuses_a_typo_before_any_run(var, value, expected, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("name", ["my runs", "it's"])
+def test_run_all_refuses_a_root_its_plan_would_split(name, tmp_path):
+    """A space split the run's folder from its line (`run  /tmp/my`, a log.txt outside ROOT); a quote stopped xargs."""
+    root = tmp_path / name
+    env = {**os.environ, "DATASETS": "embedded-tiny", "SEEDS": "0", "METHODS": "zeroshot", "ROOT": str(root)}
+    proc = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and f"error: ROOT has '{root}'; expected a folder name without a space" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_run_all_checks_the_environment_once_before_pretraining(tmp_path):
     """An RFT_CACHE naming a file failed after the embedded model's pretraining, with a traceback."""
     (tmp_path / "file").write_text("")
