@@ -1237,7 +1237,7 @@ class Results:
             return f"{as_flag(name)} {value}"
 
         # where it runs, not what it computes; and the recipe's flags: resume() compares the recipe they make
-        free = {"resume", "out", "device", "compile", "save", "data_root", *(ckpt["recipe"] or {})}
+        free = {*WHERE_IT_RUNS, *(ckpt["recipe"] or {})}
         now = dataclasses.asdict(args)
         changed = [f"{flag(k, now.get(k))} (it ran with {flag(k, v)})" for k, v in ckpt["args"].items()
                    if k not in free and now.get(k) != v]
@@ -1254,10 +1254,12 @@ class Results:
 
     def done(self, final):
         """Mark the run finished; the marker holds the selected evaluation (what tables report)."""
-        record = {"method": self.header["method"], "dataset": self.header["args"]["dataset"], "seed": self.header["seed"],
+        recipe, args = self.header.get("recipe"), self.header["args"]
+        options = {k: v for k, v in args.items() if k not in {*WHERE_IT_RUNS, *SEED_BY_SEED, *(recipe or {})}}
+        record = {"method": self.header["method"], "dataset": args["dataset"], "seed": self.header["seed"],
                   "commit": self.header["commit"], "backbone": self.header.get("data", {}).get("backbone"),
-                  "weights": self.header.get("weights"), "recipe": self.header.get("recipe"),
-                  **final}  # backbone, weights, recipe: what summarize.py checks before it averages seeds
+                  "weights": self.header.get("weights"), "recipe": recipe, "options": options,
+                  **final}  # backbone, weights, recipe, options: what summarize.py checks before it averages seeds
         if self.writes:
             self._start()
             try:
@@ -1301,6 +1303,8 @@ def same_resume_point_on_every_rank(path, ckpt, found=None):
                          "writes it and every rank reads it: pass an --out on a file system that every node shares")
 
 
+WHERE_IT_RUNS = ("resume", "out", "device", "compile", "save", "data_root")  # options that do not change a result
+SEED_BY_SEED = ("dataset", "seed", "backbone", "weights", "checkpoint")  # each seed's own, or compared on their own
 HELD = {}  # the --out folders this process holds -> the descriptor that holds each
 RUN_FILES = ("results.jsonl", "done", "model.pt", "resume.pt")  # what a run writes atomically into its --out
 

@@ -2,7 +2,7 @@
 in the LP-FT paper; one seed shows its mean alone) of the evaluation each run selected on ID validation (its `done`
 marker). For real datasets the paper's number stands beside ours where reference/published.json has one and our
 runs used the paper's backbone (and OpenAI's CLIP weights), with its provenance tag. Seeds of one method on other
-backbones, pretrained weights or recipes are not averaged: an error.
+backbones, pretrained weights, recipes or other options (L2-SP's --alpha) are not averaged: an error.
 
     python summarize.py runs       # prints the table; writes runs/summary.md, runs/summary.csv and, per dataset,
                                    # runs/<dataset>_id_ood.png and runs/<dataset>_distortion.png
@@ -38,6 +38,8 @@ def load_runs(root):
     """(dataset, method) -> the `done` records of its finished runs, each with the path of its results file."""
     runs, seen = defaultdict(list), {}
     for marker in sorted(Path(root).rglob("done")):
+        if not marker.is_file():  # a folder of that name
+            continue
         record = json.loads(marker.read_text())
         record["method"] = RENAMED.get(record["method"], record["method"])
         key = (record["dataset"], record["method"], record["seed"])
@@ -49,15 +51,15 @@ def load_runs(root):
         seen[key] = marker.parent
         runs[(record["dataset"], record["method"])].append({**record, "results": str(marker.with_name("results.jsonl"))})
     for (dataset, method), records in runs.items():
-        for field in ("backbone", "weights", "recipe"):  # in `done` markers since 2026-12-05 (not the other options:
-            values = [same(field, r.get(field)) for r in records]  # LP's C grid, --precision are not compared)
+        for field in ("backbone", "weights", "recipe", "options"):  # in `done` markers since 2026-12-05; options
+            values = [same(field, r.get(field)) for r in records]  # are the other flags, as L2-SP's --alpha
             known = [v for v in values if v is not None]
             if any(v != known[0] for v in known):  # by value: lr 1 (int, set in code) is --lr 1.0
                 runs_of = "; ".join(f"{Path(r['results']).parent}: {json.dumps(v, sort_keys=True)}"
                                     for r, v in zip(records, values))
                 raise SystemExit(f"error: the {method} runs on {dataset} under {root} differ in their {field} "
-                                 f"({runs_of}); a table row averages seeds of one recipe on one backbone: summarize "
-                                 "each folder on its own, or give a variant of a method its own name "
+                                 f"({runs_of}); a table row averages seeds of one recipe and options on one backbone: "
+                                 "summarize each folder on its own, or give a variant of a method its own name "
                                  "(common.setup(args, \"<name>\") in its script)")
     return runs
 

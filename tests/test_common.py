@@ -626,6 +626,8 @@ def test_summarize_refuses_to_average_two_runs_of_one_seed(tmp_path):
 
 @pytest.mark.parametrize("field, values", [("backbone", ["embedded-clip", "embedded-clip-tiny"]),
                                            ("recipe", [{"lr": 0.03}, {"lr": 0.01}]),
+                                           ("options", [{"alpha": 0.1, "all_params": False},
+                                                        {"alpha": 5.0, "all_params": True}]),  # L2-SP's flags
                                            ("weights", [{"tag": "openai"}, {"tag": "laion2b_s34b_b88k"}]),
                                            ("weights", [{"file": "/a/x.pt", "bytes": 1, "sha1": "0" * 40},
                                                         {"file": "/a/x.pt", "bytes": 1, "sha1": "1" * 40}]),
@@ -651,6 +653,16 @@ def test_summarize_refuses_to_average_seeds_run_on_other_backbones_or_recipes(fi
     for seed, lr in enumerate((1, 1.0)):  # one value: an int set in code, a float from the command line
         finished_run(tmp_path / "same", "lp", "embedded", seed, metrics, recipe={"lr": lr})
     assert len(summarize.load_runs(tmp_path / "same")[("embedded", "lp")]) == 2
+
+
+def test_done_records_the_options_that_change_a_result_and_summarize_reads_only_done_files(tmp_path):
+    """Where a run ran (--out, --device), its seed and its recipe (recorded on their own) are not its options."""
+    l2sp.main(l2sp.Args(dataset="embedded-tiny", out=str(tmp_path / "l2sp" / "seed0"), epochs=1, alpha=0.5))
+    options = json.loads((tmp_path / "l2sp" / "seed0" / "done").read_text())["options"]
+    assert options["alpha"] == 0.5 and options["momentum"] == 0.9 and options["all_params"] is False
+    assert not {"seed", "out", "device", "resume", "epochs", "lr", "dataset", "weights"} & set(options)
+    (tmp_path / "notes" / "done").mkdir(parents=True)  # a folder named done: not a marker
+    assert len(summarize.load_runs(tmp_path)[("embedded-tiny", "l2sp")]) == 1
 
 
 def test_the_papers_number_stands_beside_runs_on_the_papers_backbone_only(tmp_path):
