@@ -646,6 +646,14 @@ def weights_record(name, weights):
     return {"file": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, **sha1}
 
 
+def weights_identity(record):
+    """Which pretrained weights a weights_record names, wherever their file lay: a hub tag, an embedded model's hash,
+    or a file's name and size (None where it does not say: a model not made yet)."""
+    if record.get("tag") or record.get("sha1"):
+        return record.get("tag") or record["sha1"]
+    return f"{Path(record['file']).name}, {record['bytes']:,} bytes" if "bytes" in record else None
+
+
 def weights_key(name, weights):
     """A backbone's identity for the feature cache: its name and weights_record."""
     return ":".join([name, *map(str, weights_record(name, weights).values())])
@@ -1115,12 +1123,12 @@ class Results:
             self.header["weights"] = weights_record(*self.weights_of)
         self.dir.mkdir(parents=True, exist_ok=True)
         hold_folder(self.dir)
+        # an earlier run's files go aside under one N, after the highest there (one removed by hand leaves a gap)
+        kept = (re.fullmatch(r"(results|model|resume)\.previous(\d+)\.(jsonl|pt)", p.name) for p in self.dir.iterdir())
+        n = 1 + max((int(m[2]) for m in kept if m), default=-1)
         for name in ("results.jsonl", "model.pt", "resume.pt"):  # resume.pt: an interrupted run's, not resumed
             old = self.dir / name
             if old.exists() and name not in keep:
-                kept = (re.fullmatch(rf"{old.stem}\.previous(\d+){re.escape(old.suffix)}", p.name)
-                        for p in self.dir.iterdir())
-                n = 1 + max((int(m[1]) for m in kept if m), default=-1)  # after the last: one removed leaves a gap
                 aside = self.dir / f"{old.stem}.previous{n}{old.suffix}"
                 os.replace(old, aside)
                 print(f"note: {old} of an earlier run is kept as {aside.name}", file=sys.stderr)
@@ -1189,6 +1197,14 @@ class Results:
                 raise SystemExit(f"error: --resume: {self.dir}: its resume.pt was made with the {what} "
                                  f"{key_values(ckpt[key])}, this run's is {key_values(now[key])}; {fix}, or move "
                                  f"{self.dir / 'resume.pt'} aside to start from the beginning")
+        lines = ckpt["lines"].splitlines()  # each results line records the pretrained weights of its run
+        then = json.loads(lines[0]).get("weights") if lines else None
+        here = weights_record(*self.weights_of) if self.weights_of else self.header.get("weights")
+        if then and here and weights_identity(then) != weights_identity(here):  # the distortion origin moved, too
+            raise SystemExit(f"error: --resume: {self.dir}: its epochs were fine-tuned from other pretrained weights "
+                             f"({weights_identity(then)}) than this run loads ({weights_identity(here)}); resume with "
+                             "the weights (and RFT_CACHE) it started with, or move "
+                             f"{self.dir / 'resume.pt'} aside to start from the beginning")
         for k, v in training.items():  # a torch.Generator has get/set_state; the others, a state dict
             if isinstance(v, torch.Generator):
                 v.set_state(ckpt["training"][k])

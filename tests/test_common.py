@@ -448,6 +448,20 @@ def test_every_rerun_keeps_each_earlier_run_aside(tmp_path):
             ("model.previous0.pt", "model.previous1.pt", "model.pt")] == [1, 2, 3]
 
 
+def test_a_runs_files_kept_aside_share_one_number(tmp_path):
+    """Runs without, with and without --save: the second run's model is model.previous1.pt, beside its
+    results.previous1.jsonl (each name counted on its own made it model.previous0.pt, the first run's number)."""
+    args = lpft.Args(dataset="embedded-tiny")
+    for value in (1.0, 2.0, 3.0):
+        results = common.Results(tmp_path, "lpft", args, torch.device("cpu"))
+        results.log(0, {"acc/id_val": value})
+        if value == 2.0:
+            results.save_model(torch.nn.Linear(1, 1), step=2)
+    assert torch.load(tmp_path / "model.previous1.pt", weights_only=True)["step"] == 2
+    assert json.loads((tmp_path / "results.previous1.jsonl").read_text())["metrics"]["acc/id_val"] == 2.0
+    assert not (tmp_path / "model.previous0.pt").exists()
+
+
 def test_a_rerun_after_an_earlier_run_was_deleted_by_hand_overwrites_none_kept(tmp_path):
     """Earlier runs' files numbered 1 and 2 (0 deleted by hand): the next ones go to 3 and 4. Counting the files
     kept would name the next previous2, over the run kept there."""

@@ -398,6 +398,9 @@ def test_resume_refuses_another_recipe_method_or_data_and_a_finished_run_and_sta
             (ft, {}, lambda m: m.setattr(data, "load_dataset", smaller),
              "with the data (split sizes) id_train 200, id_val 100, id_test 100, ood_sketch 100, ood_painting 100, "
              "ood_neon 100, this run's is id_train 190,"),
+            (ft, {}, lambda m: m.setattr(common, "weights_record", lambda *a: {"file": "/c/m.pt", "bytes": 9,
+                                                                               "sha1": "f" * 40}),
+             "its epochs were fine-tuned from other pretrained weights ("),  # another cache: its model pretrained again
             (l2sp, {}, as_is, "its resume.pt is ft's, not l2sp's; pass the --out of a l2sp run")]:
         with monkeypatch.context() as m, pytest.raises(SystemExit) as e:
             change(m)
