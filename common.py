@@ -1482,10 +1482,23 @@ def describe(dataset, results, log, recipe=None):
             "use --dataset embedded for results")
 
 
+def check_method_name(method):
+    """A script beside this file runs as its own name, or a variant of it (ft.py's ft-zeroshot-head): a copy of ft.py
+    still calling itself ft would put its runs over FT's and its numbers in FT's table row."""
+    script = Path(getattr(sys.modules["__main__"], "__file__", None) or ".")
+    if script.suffix != ".py" or script.absolute().parent != Path(__file__).absolute().parent:
+        return  # imported (the tests, a notebook): its caller names the runs
+    if method != script.stem and not method.startswith(script.stem + "-"):
+        raise SystemExit(f"error: {script.name} runs as the method {method!r}, whose run folders (runs/{method}/...) "
+                         f"and table row are another script's; name a copy after its file: common.setup(args, "
+                         f"\"{script.stem}\") (run_all.sh writes its runs under runs/{script.stem}/)")
+
+
 def setup(args, method, clip_for=None):
     """Check the options, the backbone and its weights file (and that it is a CLIP model, if `clip_for` names what
     needs one); seed, device (deterministic algorithms on CPU, cuDNN autotuning on CUDA), the results writer and a
     log function."""
+    check_method_name(method)
     check_args(args)
     check_environment()
     backbone = args.backbone or data.default_backbone(args.dataset)

@@ -177,8 +177,10 @@ def main(args):
     # ----- end of method -----
     encode = common.maybe_compile(model[0], args.compile, device)  # the saved model stays unwrapped
     net = common.distribute(nn.Sequential(encode, model[1]), device)  # what trains: DDP-wrapped under torchrun
+    # ----- method: the optimiser and its schedule (edit here) -----
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)  # stepped per epoch
+    # ----- end of method -----
     g = torch.Generator().manual_seed(args.seed)
     training = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "data_order": g}  # --resume's state
 
@@ -188,8 +190,10 @@ def main(args):
         start, total, n = time.time(), 0.0, 0
         for x, y in common.progress(dataset.train.batches(batch_size, device, shuffle=True, drop_last=True,
                                                           generator=g), desc=f"epoch {epoch}/{epochs}"):
+            # ----- method: the loss (edit here) -----
             with common.autocast(device, args.precision):
                 loss = F.cross_entropy(net(x), y)
+            # ----- end of method -----
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

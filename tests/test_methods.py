@@ -684,6 +684,17 @@ def test_run_all_refuses_a_typo_before_any_run(var, value, expected, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_copy_of_a_method_that_keeps_its_name_is_stopped(tmp_path):
+    """`cp ft.py ft_ls.py` with label smoothing but `method = "ft"`: its runs went over FT's and into FT's row."""
+    for f in ("common.py", "data.py", "pretrain.py"):
+        (tmp_path / f).symlink_to(ROOT / f)
+    shutil.copy(ROOT / "ft.py", tmp_path / "ft_ls.py")
+    proc = subprocess.run([sys.executable, "ft_ls.py", "--dataset", "embedded-tiny", "--device", "cpu"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "error: ft_ls.py runs as the method 'ft', whose run folders (runs/ft/...)" in \
+        proc.stderr and 'common.setup(args, "ft_ls")' in proc.stderr and not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("name", ["my runs", "it's"])
 def test_run_all_refuses_a_root_its_plan_would_split(name, tmp_path):
     """A space split the run's folder from its line (`run  /tmp/my`, a log.txt outside ROOT); a quote stopped xargs."""
