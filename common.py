@@ -151,6 +151,7 @@ def load_embedded_clip(name, log=print):
                              "RFT_CACHE at a folder that holds the model") from None
 
         try:  # before minutes of pretraining, not after
+            path.parent.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=path.parent).close()
         except OSError as e:
             raise SystemExit(f"error: no cached {name} at {path}, and {path.parent} cannot be written ({e.strerror}): "
@@ -633,8 +634,9 @@ def check_backbone(name, weights=None, clip_for=None):
 
 def weights_record(name, weights):
     """Which weights a backbone loads: its file (resolved path, size, modification time), its hub tag, or for an
-    embedded backbone its cached model, with a hash of its bytes (a few MB: pretrained again, it keeps its path and
-    size). Every results line carries it; the feature cache is keyed by it."""
+    embedded backbone its cached model, with hashes of its bytes and of its weights (a few MB: pretrained again, it
+    keeps its path and size; pretrained again bit for bit, its weights, not its bytes: the file also holds the
+    pretraining's time). Every results line carries it; the feature cache is keyed by it."""
     if is_hub_tag(name, weights):
         return {"tag": weights}
     embedded = name in EMBEDDED_BACKBONES
@@ -642,16 +644,26 @@ def weights_record(name, weights):
     if not path.exists():  # an embedded model is made on first use
         return {"file": str(path)}
     st = path.stat()
-    sha1 = {"sha1": hashlib.sha1(path.read_bytes()).hexdigest()} if embedded else {}
-    return {"file": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, **sha1}
+    hashes = {}
+    if embedded:
+        weights = hashlib.sha1()
+        for k, v in sorted(torch.load(path, map_location="cpu", weights_only=True)["state_dict"].items()):
+            weights.update(k.encode() + v.numpy().tobytes())
+        hashes = {"sha1": hashlib.sha1(path.read_bytes()).hexdigest(), "weights_sha1": weights.hexdigest()}
+    return {"file": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, **hashes}
 
 
-def weights_identity(record):
-    """Which pretrained weights a weights_record names, wherever their file lay: a hub tag, an embedded model's hash,
-    or a file's name and size (None where it does not say: a model not made yet)."""
-    if record.get("tag") or record.get("sha1"):
-        return record.get("tag") or record["sha1"]
-    return f"{Path(record['file']).name}, {record['bytes']:,} bytes" if "bytes" in record else None
+def same_weights(a, b):
+    """Whether two weights_records name the same pretrained weights, wherever their files lay: one hub tag; one
+    embedded model (the hash of its weights; records before it was, the hash of the file); files of one name and size.
+    A record that does not say (a model not made yet) differs from none."""
+    if "tag" in a or "tag" in b:
+        return a.get("tag") == b.get("tag")
+    for key in ("weights_sha1", "sha1"):
+        if key in a and key in b:
+            return a[key] == b[key]
+    return "bytes" not in a or "bytes" not in b or (Path(a["file"]).name, a["bytes"]) == (Path(b["file"]).name,
+                                                                                           b["bytes"])
 
 
 def weights_key(name, weights):
@@ -1200,10 +1212,10 @@ class Results:
         lines = ckpt["lines"].splitlines()  # each results line records the pretrained weights of its run
         then = json.loads(lines[0]).get("weights") if lines else None
         here = weights_record(*self.weights_of) if self.weights_of else self.header.get("weights")
-        if then and here and weights_identity(then) != weights_identity(here):  # the distortion origin moved, too
+        if then and here and not same_weights(then, here):  # the distortion origin would move, too
             raise SystemExit(f"error: --resume: {self.dir}: its epochs were fine-tuned from other pretrained weights "
-                             f"({weights_identity(then)}) than this run loads ({weights_identity(here)}); resume with "
-                             "the weights (and RFT_CACHE) it started with, or move "
+                             f"({then.get('tag') or then['file']}) than this run loads ({here.get('tag') or here['file']}"
+                             f"); resume with the weights (and RFT_CACHE) it started with, or move "
                              f"{self.dir / 'resume.pt'} aside to start from the beginning")
         for k, v in training.items():  # a torch.Generator has get/set_state; the others, a state dict
             if isinstance(v, torch.Generator):

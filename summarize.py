@@ -66,10 +66,12 @@ def load_runs(root):
 
 def same(field, value):
     """What must be the same in every seed of a table row: the value, or for `weights` which pretrained weights,
-    wherever their file lay (its hub tag, an embedded model's hash, or the file's name and size). None: unrecorded."""
+    wherever their file lay (its hub tag, an embedded model's weights' hash, or the file's name and size; an embedded
+    model's file hash where its weights' is not recorded: a marker before it was). None: unrecorded."""
     if field != "weights" or not value:
         return value or None
-    return value.get("tag") or value.get("sha1") or f"{Path(value['file']).name}, {value.get('bytes')} bytes"
+    return (value.get("tag") or value.get("weights_sha1") or value.get("sha1")
+            or f"{Path(value['file']).name}, {value.get('bytes')} bytes")
 
 
 def comparable(paper, records):

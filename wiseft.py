@@ -129,8 +129,8 @@ def check_start(ckpt, now, backbone, path, log):
     then = ckpt.get("weights")
     if not then:  # a model.pt from before 2026-12-03
         return
-    if "sha1" in then and "sha1" in now:  # an embedded model (since 2026-12-05)
-        if then["sha1"] != now["sha1"]:
+    if "sha1" in then and "sha1" in now:  # an embedded model (hashed since 2026-12-05)
+        if not common.same_weights(then, now):
             raise SystemExit(f"error: {path!r} was fine-tuned from another {backbone} than the one cached at "
                              f"{now['file']}: it was pretrained again since; point RFT_CACHE at the cache the run "
                              "used, or fine-tune again")

@@ -664,6 +664,10 @@ def test_summarize_refuses_to_average_seeds_run_on_other_backbones_or_recipes(fi
             moved = {**values[0], "file": values[0].get("file", "x").replace("/a", where), "mtime_ns": seed}
             finished_run(tmp_path / "moved", "lp", "embedded", seed, metrics, weights=moved)
         assert len(summarize.load_runs(tmp_path / "moved")[("embedded", "lp")]) == 2
+        for seed, file_hash in enumerate("01"):  # an embedded model pretrained again bit for bit: another file
+            again = {"file": "/a/m.pt", "bytes": 1, "sha1": file_hash * 40, "weights_sha1": "2" * 40}
+            finished_run(tmp_path / "again", "lp", "embedded", seed, metrics, weights=again)
+        assert len(summarize.load_runs(tmp_path / "again")[("embedded", "lp")]) == 2
     for seed, lr in enumerate((1, 1.0)):  # one value: an int set in code, a float from the command line
         finished_run(tmp_path / "same", "lp", "embedded", seed, metrics, recipe={"lr": lr})
     assert len(summarize.load_runs(tmp_path / "same")[("embedded", "lp")]) == 2
@@ -1254,6 +1258,21 @@ def test_pretraining_on_first_use_leaves_the_runs_random_state_as_it_was(tmp_pat
         common.load_embedded_clip("embedded-clip-tiny", log=lambda msg: None)
         draws.append((random.random(), np.random.rand(), torch.rand(3).tolist()))
     assert draws[0] == draws[1]
+
+
+def test_an_embedded_model_pretrained_again_bit_for_bit_is_recorded_as_the_same_weights(tmp_path, monkeypatch):
+    """Its file differs (it records the pretraining's time), its weights do not: WiSE-FT, --resume and summarize.py
+    compare the weights' hash (they refused a cache cleared and made again)."""
+    monkeypatch.setitem(common.EMBEDDED_BACKBONES, "embedded-clip-tiny", MICRO)
+    records = []
+    for cache in ("one", "two"):
+        monkeypatch.setenv("RFT_CACHE", str(tmp_path / cache))
+        common.load_embedded_clip("embedded-clip-tiny", log=lambda msg: None)
+        records.append(common.weights_record("embedded-clip-tiny", None))
+    one, two = records
+    assert one["sha1"] != two["sha1"] and one["weights_sha1"] == two["weights_sha1"]
+    assert common.same_weights(one, two) and summarize.same("weights", one) == summarize.same("weights", two)
+    assert not common.same_weights(one, {**two, "weights_sha1": "0" * 40})
 
 
 def test_pretraining_clamps_the_temperature_to_at_most_100_as_open_clip(tmp_path, monkeypatch):

@@ -333,15 +333,19 @@ def test_wiseft_refuses_pretrained_weights_other_than_those_its_checkpoint_start
     results.save_model(torch.nn.Linear(2, 1), step=1)
     saved = torch.load(tmp_path / "model.pt", weights_only=True)
     now = common.weights_record("embedded-clip-tiny", None)
-    assert "bytes" in now and "sha1" in now  # made at session start (conftest)
-    unhashed = {k: v for k, v in now.items() if k != "sha1"}  # as recorded before the hash was
+    assert {"bytes", "sha1", "weights_sha1"} <= now.keys()  # made at session start (conftest)
+    unhashed = {k: v for k, v in now.items() if k not in ("sha1", "weights_sha1")}  # as recorded before the hashes
+    file_hashed = {k: v for k, v in now.items() if k != "weights_sha1"}  # as recorded before the weights' hash
 
     class Checked(Exception):
         pass
 
     monkeypatch.setattr(data, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(Checked()))
     for then, expected in [
-            ({**now, "sha1": "0" * 40}, f"than the one cached at {now['file']}: it was pretrained again since"),
+            ({**now, "weights_sha1": "0" * 40}, f"than the one cached at {now['file']}: it was pretrained again since"),
+            ({**file_hashed, "sha1": "0" * 40}, "it was pretrained again since"),
+            ({**now, "sha1": "0" * 40}, None),  # pretrained again bit for bit: another file (its time), the same weights
+            (file_hashed, None),
             ({**unhashed, "bytes": now["bytes"] + 1},
              f"was fine-tuned from {now['file']} ({now['bytes'] + 1:,} bytes), but this run loads"),
             ({"tag": "openai"}, "was fine-tuned from the tag 'openai', but this run loads"),
