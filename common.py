@@ -1213,10 +1213,10 @@ class Results:
         then = json.loads(lines[0]).get("weights") if lines else None
         here = weights_record(*self.weights_of) if self.weights_of else self.header.get("weights")
         if then and here and not same_weights(then, here):  # the distortion origin would move, too
+            was, loads = then.get("tag") or then["file"], here.get("tag") or here["file"]
             raise SystemExit(f"error: --resume: {self.dir}: its epochs were fine-tuned from other pretrained weights "
-                             f"({then.get('tag') or then['file']}) than this run loads ({here.get('tag') or here['file']}"
-                             f"); resume with the weights (and RFT_CACHE) it started with, or move "
-                             f"{self.dir / 'resume.pt'} aside to start from the beginning")
+                             f"({was}) than this run loads ({loads}); resume with the weights (and RFT_CACHE) it started "
+                             f"with, or move {self.dir / 'resume.pt'} aside to start from the beginning")
         for k, v in training.items():  # a torch.Generator has get/set_state; the others, a state dict
             if isinstance(v, torch.Generator):
                 v.set_state(ckpt["training"][k])

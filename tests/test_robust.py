@@ -344,7 +344,7 @@ def test_wiseft_refuses_pretrained_weights_other_than_those_its_checkpoint_start
     for then, expected in [
             ({**now, "weights_sha1": "0" * 40}, f"than the one cached at {now['file']}: it was pretrained again since"),
             ({**file_hashed, "sha1": "0" * 40}, "it was pretrained again since"),
-            ({**now, "sha1": "0" * 40}, None),  # pretrained again bit for bit: another file (its time), the same weights
+            ({**now, "sha1": "0" * 40}, None),  # pretrained again bit for bit: another file (its time), same weights
             (file_hashed, None),
             ({**unhashed, "bytes": now["bytes"] + 1},
              f"was fine-tuned from {now['file']} ({now['bytes'] + 1:,} bytes), but this run loads"),
