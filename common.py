@@ -644,12 +644,15 @@ def weights_record(name, weights):
     if not path.exists():  # an embedded model is made on first use
         return {"file": str(path)}
     st = path.stat()
-    hashes = {}
+    hashes = {"sha1": hashlib.sha1(path.read_bytes()).hexdigest()} if embedded else {}
     if embedded:
-        weights = hashlib.sha1()
-        for k, v in sorted(torch.load(path, map_location="cpu", weights_only=True)["state_dict"].items()):
-            weights.update(k.encode() + v.numpy().tobytes())
-        hashes = {"sha1": hashlib.sha1(path.read_bytes()).hexdigest(), "weights_sha1": weights.hexdigest()}
+        try:
+            weights = hashlib.sha1()
+            for k, v in sorted(torch.load(path, map_location="cpu", weights_only=True)["state_dict"].items()):
+                weights.update(k.encode() + v.numpy().tobytes())
+            hashes["weights_sha1"] = weights.hexdigest()
+        except Exception:  # not a model (cut short, say): loading it says so; its bytes' hash names it here
+            pass
     return {"file": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, **hashes}
 
 
