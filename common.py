@@ -1286,10 +1286,9 @@ class Results:
     def done(self, final):
         """Mark the run finished; the marker holds the selected evaluation (what tables report)."""
         recipe, args = self.header.get("recipe"), self.header["args"]
-        options = {k: v for k, v in args.items() if k not in {*WHERE_IT_RUNS, *SEED_BY_SEED, *(recipe or {})}}
         record = {"method": self.header["method"], "dataset": args["dataset"], "seed": self.header["seed"],
                   "commit": self.header["commit"], "backbone": self.header.get("data", {}).get("backbone"),
-                  "weights": self.header.get("weights"), "recipe": recipe, "options": options,
+                  "weights": self.header.get("weights"), "recipe": recipe, "options": run_options(args, recipe),
                   **final}  # backbone, weights, recipe, options: what summarize.py checks before it averages seeds
         if self.writes:
             self._start()
@@ -1301,6 +1300,22 @@ class Results:
             write_text_atomic(self.dir / "done", json.dumps(record) + "\n")
             (self.dir / "resume.pt").unlink(missing_ok=True)  # a finished run has nothing to resume
             release_folder(self.dir)  # the run is over: the folder is free for the next
+
+
+def run_options(args, recipe):
+    """The options of a run (a dict of its Args) that make its result what it is, besides its recipe, dataset, seed
+    and pretrained weights (recorded on their own): L2-SP's alpha, LP's C grid, the precision..."""
+    return {k: v for k, v in args.items() if k not in {*WHERE_IT_RUNS, *SEED_BY_SEED, *(recipe or {})}}
+
+
+def other_settings(done, module, dataset):
+    """How a finished run's `done` marker differs from what `python <method>.py --dataset <dataset>` runs (its
+    recipe and default options), as flags: '--epochs 1 (not 2)', ...; [] where it does not (or does not say)."""
+    args, defaults = module.Args(dataset=dataset), getattr(module, "RECIPES", {}).get(dataset)
+    made = recipe(args, defaults) if defaults else None
+    wanted = {"recipe": made, "options": run_options(dataclasses.asdict(args), made)}
+    return [f"{as_flag(k)} {v} (not {wanted[field].get(k)})" for field in wanted
+            for k, v in (done.get(field) or {}).items() if wanted[field] is not None and wanted[field].get(k) != v]
 
 
 def in_todays_terms(ckpt):

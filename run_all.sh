@@ -6,7 +6,8 @@
 #   DATASETS="embedded" SEEDS="0" METHODS="lp ft" JOBS=1 bash run_all.sh
 #
 # A run counts as finished when its script wrote `done` (one whose script changed since is named; delete its `done` to
-# run it again). An unfinished one goes on after its last finished epoch (or draw) where its script has --resume (FT,
+# run it again) with run_all.sh's settings: one made with others (a quick run by hand, --epochs 1) runs again, its
+# files kept aside. An unfinished one goes on after its last finished epoch (or draw) where its script has --resume (FT,
 # LP-FT, L2-SP, FLYP, few-shot FLYP), else starts again; each attempt appends to its log.txt. METHODS may name a
 # script of your own.
 # WiSE-FT interpolates the zero-shot model and each seed's FLYP checkpoint, so it runs after FLYP finished (and again
@@ -51,6 +52,24 @@ except SystemExit as e:
 for d in sys.argv[1:]:
     d in data.WORLDS and common.load_backbone(data.WORLDS[d][1])" $DATASETS
 
+# Runs finished with other settings than run_all.sh's (a quick one by hand, say) run again: the table holds the
+# recipes' runs. One line each: its folder, a tab, how it differs.
+STALE=$(python -c "import importlib, json, sys
+from pathlib import Path
+import common
+root, seeds, datasets, methods = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), sys.argv[4].split()
+for method in methods:
+    try:
+        module = importlib.import_module(method)
+    except Exception:  # a script of one's own that does not import: its runs fail and say why
+        continue
+    for dataset in datasets:
+        for seed in seeds:
+            out = f'{root}/{\"wiseft-flyp\" if method == \"wiseft\" else method}/{dataset}/seed{seed}'
+            done = Path(out, 'done')
+            differ = done.is_file() and common.other_settings(json.loads(done.read_text()), module, dataset)
+            differ and print(f'{out}\t{\", \".join(differ)}')" "$ROOT" "$SEEDS" "$DATASETS" "$METHODS")
+
 # One line per pending run: script, run folder, extra arguments.
 plan() {
   local phase=$1
@@ -71,6 +90,8 @@ plan() {
         endpoint="$ROOT/flyp/$dataset/seed$seed/model.pt"
         if [ "$method" = wiseft ] && [ -f "$out/done" ] && [ "$endpoint" -nt "$out/done" ]; then
           echo "redo $out (its FLYP checkpoint is newer)" >&2
+        elif [ -f "$out/done" ] && stale=$(grep -F "$out"$'\t' <<<"$STALE"); then
+          echo "redo $out (done with other settings than run_all.sh's: ${stale#*$'\t'}; its files are kept aside)" >&2
         elif [ -f "$out/done" ]; then  # not redone for an edited script (a comment, say), but said
           changed=""
           for file in "$method.py" common.py data.py; do [ "$file" -nt "$out/done" ] && changed="$changed, $file"; done
