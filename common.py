@@ -160,9 +160,13 @@ def load_embedded_clip(name, log=print):
         log(f"no cached {name} at {path}: pretraining it now (once)")
         with rng_kept():  # it seeds and draws its own: the run's random head must not depend on whether it ran
             pretrain.pretrain(cfg, path, log=log)
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    model = EmbeddedCLIP(cfg)
-    model.load_state_dict(saved["state_dict"])
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model = EmbeddedCLIP(cfg)
+        model.load_state_dict(saved["state_dict"])
+    except Exception as e:  # cut short (a full disk, a copy interrupted), or not ours
+        raise SystemExit(f"error: the cached {name} at {path} cannot be loaded ({unreadable(path, e)}); pretrain it "
+                         f"again: python pretrain.py --backbone {name} --force") from None
     made = saved.get("made_with")  # every number depends on these (README, "How fragile these numbers are")
     if made:
         log(f"{name} pretrained with torch {made['torch']}, {made['threads']} thread(s) on {made['cpu']}")
@@ -219,12 +223,16 @@ def as_flag(name):
 
 @contextlib.contextmanager
 def rng_kept():
-    """Python's, numpy's and torch's random states (every GPU's too) are after the block as they were before it."""
+    """Python's, numpy's and torch's random states (a GPU's too, where CUDA is in use) are after the block as they
+    were before it, however it ends."""
     state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-        yield
-    random.setstate(state[0])
-    np.random.set_state(state[1])
+    gpus = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []  # a CPU run starts no CUDA
+    try:
+        with torch.random.fork_rng(devices=gpus):
+            yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
 
 
 def seed_everything(seed):
@@ -1218,8 +1226,8 @@ class Results:
         if then and here and not same_weights(then, here):  # the distortion origin would move, too
             was, loads = then.get("tag") or then["file"], here.get("tag") or here["file"]
             raise SystemExit(f"error: --resume: {self.dir}: its epochs were fine-tuned from other pretrained weights "
-                             f"({was}) than this run loads ({loads}); resume with the weights (and RFT_CACHE) it started "
-                             f"with, or move {self.dir / 'resume.pt'} aside to start from the beginning")
+                             f"({was}) than this run loads ({loads}); resume with the weights (and RFT_CACHE) it "
+                             f"started with, or move {self.dir / 'resume.pt'} aside to start from the beginning")
         for k, v in training.items():  # a torch.Generator has get/set_state; the others, a state dict
             if isinstance(v, torch.Generator):
                 v.set_state(ckpt["training"][k])
@@ -1310,12 +1318,13 @@ def run_options(args, recipe):
 
 def other_settings(done, module, dataset):
     """How a finished run's `done` marker differs from what `python <method>.py --dataset <dataset>` runs (its
-    recipe and default options), as flags: '--epochs 1 (not 2)', ...; [] where it does not (or does not say)."""
+    recipe and default options), as flags: '--epochs 1 (not 2)', ...; [] where it does not (or does not say). Only
+    flags both know count: one added to Args since the run, or dropped, is no difference."""
     args, defaults = module.Args(dataset=dataset), getattr(module, "RECIPES", {}).get(dataset)
     made = recipe(args, defaults) if defaults else None
     wanted = {"recipe": made, "options": run_options(dataclasses.asdict(args), made)}
-    return [f"{as_flag(k)} {v} (not {wanted[field].get(k)})" for field in wanted
-            for k, v in (done.get(field) or {}).items() if wanted[field] is not None and wanted[field].get(k) != v]
+    return [f"{as_flag(k)} {v} (not {wanted[field][k]})" for field in wanted
+            for k, v in (done.get(field) or {}).items() if k in (wanted[field] or {}) and wanted[field][k] != v]
 
 
 def in_todays_terms(ckpt):
@@ -1512,23 +1521,25 @@ def describe(dataset, results, log, recipe=None):
             "use --dataset embedded for results")
 
 
-def check_method_name(method):
-    """A script beside this file runs as its own name, or a variant of it (ft.py's ft-zeroshot-head): a copy of ft.py
-    still calling itself ft would put its runs over FT's and its numbers in FT's table row."""
+def check_method_name(method, caller):
+    """A script beside this file that calls setup itself (`caller`: the file that did) runs as its own name, or a
+    variant of it (ft.py's ft-zeroshot-head): a copy of ft.py still calling itself ft would put its runs over FT's and
+    its numbers in FT's table row."""
     script = Path(getattr(sys.modules["__main__"], "__file__", None) or ".")
-    if script.suffix != ".py" or script.absolute().parent != Path(__file__).absolute().parent:
-        return  # imported (the tests, a notebook): its caller names the runs
+    if script.suffix != ".py" or script.absolute() != Path(caller).absolute() or \
+            script.absolute().parent != Path(__file__).absolute().parent:
+        return  # imported (the tests, a sweep calling ft.main, a notebook): its caller names the runs
     if method != script.stem and not method.startswith(script.stem + "-"):
         raise SystemExit(f"error: {script.name} runs as the method {method!r}, whose run folders (runs/{method}/...) "
                          f"and table row are another script's; name a copy after its file: common.setup(args, "
-                         f"\"{script.stem}\") (run_all.sh writes its runs under runs/{script.stem}/)")
+                         f"\"{script.stem}\") (run_all.sh writes its runs under <ROOT>/{script.stem}/)")
 
 
 def setup(args, method, clip_for=None):
     """Check the options, the backbone and its weights file (and that it is a CLIP model, if `clip_for` names what
     needs one); seed, device (deterministic algorithms on CPU, cuDNN autotuning on CUDA), the results writer and a
     log function."""
-    check_method_name(method)
+    check_method_name(method, sys._getframe(1).f_code.co_filename)
     check_args(args)
     check_environment()
     backbone = args.backbone or data.default_backbone(args.dataset)

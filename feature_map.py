@@ -35,14 +35,19 @@ def main():
     parser.add_argument("--data-root", default=None, help="root folder of real datasets")
     parser.add_argument("--seed", type=int, default=0, help="which seed's checkpoints to draw")
     parser.add_argument("--root", default="runs", help="folder holding the run folders (default: runs)")
-    parser.add_argument("--methods", nargs="+", default=["ft", "lpft"], choices=list(LABELS),
-                        help="methods to draw (default: ft lpft; LP is not one: it leaves the features as they were)")
+    parser.add_argument("--methods", nargs="+", default=["ft", "lpft"],
+                        help="methods whose --save checkpoints to draw (default: ft lpft; also l2sp, flyp, "
+                        "ft-zeroshot-head, one of your own; not lp or zeroshot: they leave the features as they were)")
     parser.add_argument("--points", type=int, default=120,
                         help="arrows per panel for ID and for OOD images (default: 120)")
     parser.add_argument("--device", default="auto", help="where features are computed: auto (CUDA if available), cpu, "
                         "cuda, cuda:N (every ID and OOD test image, three times: hours on a CPU for ImageNet)")
     parser.add_argument("--out", default=None, help="PNG path; default <root>/<dataset>_seed<seed>_feature_map.png")
     args = parser.parse_args()
+    unmoved = [m for m in args.methods if m in ("lp", "zeroshot")]
+    if unmoved:  # not "no model.pt: rerun lp.py with --save"
+        raise SystemExit(f"error: --methods {unmoved[0]}: its features are the pretrained ones (nothing to draw); "
+                         "draw methods that fine-tune the backbone, such as ft lpft l2sp flyp")
     if args.points < 1:
         raise SystemExit(f"error: --points {args.points}: must be at least 1")
     if args.out and not Path(args.out).absolute().parent.is_dir():  # before the features, not after
@@ -52,9 +57,12 @@ def main():
     default = data.default_backbone(args.dataset)  # (a typo in --dataset stops here)
 
     # The arrows start at the pretrained model the checkpoints were fine-tuned from, seen through its preprocessing.
+    saved = sorted(p.parents[2].name for p in Path(args.root).glob(f"*/{args.dataset}/seed{args.seed}/model.pt"))
+
     def checkpoint(method):
         return common.read_checkpoint(Path(args.root) / method / args.dataset / f"seed{args.seed}" / "model.pt",
-                                      f"rerun {method}.py with --save (run_all.sh does)")
+                                      f"rerun {method}.py with --save (run_all.sh does); the methods with one there: "
+                                      f"{', '.join(saved) or 'none'}")
 
     starts = {}
     for m in args.methods:  # read again when drawn: one checkpoint in memory at a time (a whole CLIP for FLYP)

@@ -4,6 +4,7 @@
 #
 #   bash run_all.sh                         # embedded world, seeds 0 1 2, all seven methods, two runs at a time
 #   DATASETS="embedded" SEEDS="0" METHODS="lp ft" JOBS=1 bash run_all.sh
+#   ROOT=runs-b bash run_all.sh             # another folder for the runs and the table (default: runs)
 #
 # A run counts as finished when its script wrote `done` (one whose script changed since is named; delete its `done` to
 # run it again) with run_all.sh's settings: one made with others (a quick run by hand, --epochs 1) runs again, its

@@ -52,11 +52,10 @@ def load_runs(root):
         runs[(record["dataset"], record["method"])].append({**record, "results": str(marker.with_name("results.jsonl"))})
     for (dataset, method), records in runs.items():
         for field in ("backbone", "weights", "recipe", "options"):  # in `done` markers since 2026-12-05; options
-            values = [same(field, r.get(field)) for r in records]  # are the other flags, as L2-SP's --alpha
-            known = [v for v in values if v is not None]
-            if any(v != known[0] for v in known):  # by value: lr 1 (int, set in code) is --lr 1.0
-                runs_of = "; ".join(f"{Path(r['results']).parent}: {json.dumps(v, sort_keys=True)}"
-                                    for r, v in zip(records, values))
+            known = [r for r in records if r.get(field)]  # are the other flags, as L2-SP's --alpha
+            if any(not same(field, known[0][field], r[field]) for r in known[1:]):
+                runs_of = "; ".join(f"{Path(r['results']).parent}: {json.dumps(r.get(field), sort_keys=True)}"
+                                    for r in records)
                 raise SystemExit(f"error: the {method} runs on {dataset} under {root} differ in their {field} "
                                  f"({runs_of}); a table row averages seeds of one recipe and options on one backbone: "
                                  "summarize each folder on its own, or give a variant of a method its own name "
@@ -64,14 +63,22 @@ def load_runs(root):
     return runs
 
 
-def same(field, value):
-    """What must be the same in every seed of a table row: the value, or for `weights` which pretrained weights,
-    wherever their file lay (its hub tag, an embedded model's weights' hash, or the file's name and size; an embedded
-    model's file hash where its weights' is not recorded: a marker before it was). None: unrecorded."""
-    if field != "weights" or not value:
-        return value or None
-    return (value.get("tag") or value.get("weights_sha1") or value.get("sha1")
-            or f"{Path(value['file']).name}, {value.get('bytes')} bytes")
+def same(field, a, b):
+    """Whether two seeds' records of `field` let them share a table row: equal by value (lr 1, set in code, is --lr
+    1.0); options on the flags both record (a flag added since is not a difference); weights by common.same_weights'
+    rule (written out here: summarize.py imports no torch): one hub tag, one embedded model (its weights' hash, else
+    its file's), or files of one name and size, wherever they lay."""
+    if field == "options":
+        return all(a[k] == b[k] for k in a.keys() & b.keys())
+    if field != "weights":
+        return a == b
+    if "tag" in a or "tag" in b:
+        return a.get("tag") == b.get("tag")
+    for key in ("weights_sha1", "sha1"):
+        if key in a and key in b:
+            return a[key] == b[key]
+    return "bytes" not in a or "bytes" not in b or (Path(a["file"]).name, a["bytes"]) == (Path(b["file"]).name,
+                                                                                           b["bytes"])
 
 
 def comparable(paper, records):

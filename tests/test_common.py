@@ -657,7 +657,7 @@ def test_summarize_refuses_to_average_seeds_run_on_other_backbones_or_recipes(fi
     with pytest.raises(SystemExit, match=f"the lp runs on embedded under {tmp_path / 'two'} differ in their {field} ") \
             as e:
         summarize.load_runs(tmp_path / "two")
-    assert all(json.dumps(summarize.same(field, v), sort_keys=True) in str(e.value) for v in values)
+    assert all(json.dumps(v, sort_keys=True) in str(e.value) for v in values)
     assert len(summarize.load_runs(tmp_path / "old")[("embedded", "lp")]) == 2
     if field == "weights":  # the same weights in another folder, or written again: one row
         for seed, where in enumerate(("/a", "/b")):
@@ -668,6 +668,14 @@ def test_summarize_refuses_to_average_seeds_run_on_other_backbones_or_recipes(fi
             again = {"file": "/a/m.pt", "bytes": 1, "sha1": file_hash * 40, "weights_sha1": "2" * 40}
             finished_run(tmp_path / "again", "lp", "embedded", seed, metrics, weights=again)
         assert len(summarize.load_runs(tmp_path / "again")[("embedded", "lp")]) == 2
+        for seed, weights in enumerate(({"file": "/a/m.pt", "bytes": 1, "sha1": "3" * 40},  # before the weights' hash
+                                        {"file": "/a/m.pt", "bytes": 1, "sha1": "3" * 40, "weights_sha1": "4" * 40})):
+            finished_run(tmp_path / "mixed", "lp", "embedded", seed, metrics, weights=weights)
+        assert len(summarize.load_runs(tmp_path / "mixed")[("embedded", "lp")]) == 2
+    if field == "options":  # a flag added to Args since one seed ran: not a difference
+        for seed, options in enumerate(({"alpha": 0.1}, {"alpha": 0.1, "label_smoothing": 0.0})):
+            finished_run(tmp_path / "added", "lp", "embedded", seed, metrics, options=options)
+        assert len(summarize.load_runs(tmp_path / "added")[("embedded", "lp")]) == 2
     for seed, lr in enumerate((1, 1.0)):  # one value: an int set in code, a float from the command line
         finished_run(tmp_path / "same", "lp", "embedded", seed, metrics, recipe={"lr": lr})
     assert len(summarize.load_runs(tmp_path / "same")[("embedded", "lp")]) == 2
@@ -789,13 +797,19 @@ def test_bench_and_feature_map_refuse_an_impossible_option_before_they_work(scri
     assert str(e.value) == "error: " + expected.format(file=file)
 
 
-def test_feature_map_names_the_methods_it_draws():
-    """A method it cannot draw (a typo, or LP, whose features are the pretrained ones) is named with the choices
-    (it was "no model.pt: rerun foo.py with --save")."""
-    for method in ("foo", "lp"):
-        proc = subprocess.run([sys.executable, str(ROOT / "feature_map.py"), "--methods", "ft", method],
-                              capture_output=True, text=True, cwd=ROOT)
-        assert proc.returncode == 2 and f"invalid choice: '{method}'" in proc.stderr and "'lpft'" in proc.stderr
+def test_feature_map_names_the_methods_it_can_draw(tmp_path, monkeypatch):
+    """LP and zero-shot leave the features as they were: said as such, not "rerun lp.py with --save"; a method
+    without a checkpoint (a typo) is told with those that have one (ft-zeroshot-head and a method of your own draw)."""
+    monkeypatch.setattr(sys, "argv", ["feature_map.py", "--methods", "ft", "lp"])
+    with pytest.raises(SystemExit, match="^error: --methods lp: its features are the pretrained ones"):
+        runpy.run_path(str(ROOT / "feature_map.py"), run_name="__main__")
+    (tmp_path / "ft-zeroshot-head" / "embedded-tiny" / "seed0").mkdir(parents=True)
+    (tmp_path / "ft-zeroshot-head" / "embedded-tiny" / "seed0" / "model.pt").write_bytes(b"")
+    monkeypatch.setattr(sys, "argv", ["feature_map.py", "--dataset", "embedded-tiny", "--root", str(tmp_path),
+                                      "--methods", "ftt"])
+    with pytest.raises(SystemExit, match=r"rerun ftt.py with --save \(run_all.sh does\); the methods with one there: "
+                                         "ft-zeroshot-head"):
+        runpy.run_path(str(ROOT / "feature_map.py"), run_name="__main__")
 
 
 def test_bench_cpu_writes_its_table_and_json(tmp_path):
@@ -1271,8 +1285,23 @@ def test_an_embedded_model_pretrained_again_bit_for_bit_is_recorded_as_the_same_
         records.append(common.weights_record("embedded-clip-tiny", None))
     one, two = records
     assert one["sha1"] != two["sha1"] and one["weights_sha1"] == two["weights_sha1"]
-    assert common.same_weights(one, two) and summarize.same("weights", one) == summarize.same("weights", two)
-    assert not common.same_weights(one, {**two, "weights_sha1": "0" * 40})
+    assert common.same_weights(one, two) and summarize.same("weights", one, two)
+    file_hashed = {k: v for k, v in one.items() if k != "weights_sha1"}  # a record before the weights' hash
+    for rule in (common.same_weights, lambda a, b: summarize.same("weights", a, b)):
+        assert rule(file_hashed, one) and not rule(file_hashed, two) and not rule(one, {**two, "weights_sha1": "0"})
+
+
+def test_a_cached_embedded_model_cut_short_says_how_to_make_it_again(tmp_path, monkeypatch):
+    """It was torch's "PytorchStreamReader failed ... central directory" traceback, naming neither file nor fix."""
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path))
+    monkeypatch.setitem(common.EMBEDDED_BACKBONES, "embedded-clip-tiny", MICRO)
+    common.load_embedded_clip("embedded-clip-tiny", log=lambda msg: None)
+    path = common.embedded_cache_path(MICRO)
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    with pytest.raises(SystemExit, match=f"the cached embedded-clip-tiny at {re.escape(str(path))} cannot be loaded "
+                                         r"\(.*\); pretrain it again: python pretrain.py --backbone embedded-clip-tiny "
+                                         "--force"):
+        common.load_embedded_clip("embedded-clip-tiny", log=lambda msg: None)
 
 
 def test_pretraining_clamps_the_temperature_to_at_most_100_as_open_clip(tmp_path, monkeypatch):

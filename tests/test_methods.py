@@ -708,6 +708,10 @@ def test_a_copy_of_a_method_that_keeps_its_name_is_stopped(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "error: ft_ls.py runs as the method 'ft', whose run folders (runs/ft/...)" in \
         proc.stderr and 'common.setup(args, "ft_ls")' in proc.stderr and not (tmp_path / "runs").exists()
+    (tmp_path / "ft.py").symlink_to(ROOT / "ft.py")  # a sweep that calls ft.main is not a copy of ft.py
+    (tmp_path / "sweep.py").write_text("import ft\nft.main(ft.Args(dataset='embedded-tiny', epochs=1, device='cpu'))\n")
+    proc = subprocess.run([sys.executable, "sweep.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and (tmp_path / "runs" / "ft" / "embedded-tiny" / "seed0" / "done").is_file()
 
 
 @pytest.mark.parametrize("name", ["my runs", "it's"])
