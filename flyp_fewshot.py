@@ -147,9 +147,11 @@ def main(args):
         # one augmented view per image, its crop from a seed that follows from g (data.SeededBatchIndices)
         x, y = next(dataset.train.subset(train_idx).batches(len(train_idx), device, generator=g))
         val = dataset.val.subset(val_idx)
+        # ----- method: the optimiser and its schedule, new for each draw (edit here) -----
         optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"],
                                       fused=True)  # one kernel over all parameters: ~9x faster steps, on CPU too
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lr(args.steps))
+        # ----- end of method -----
 
         best, val_losses = None, []  # best = (validation loss, step, weights); step 0 is the zero-shot model
         for step in range(args.steps + 1):
@@ -162,12 +164,14 @@ def main(args):
             if step == args.steps:
                 break
             set_train_mode(model)
-            template = torch.randint(captions.shape[1], (len(y),), generator=g)
-            template = template.to(device, non_blocking=True)  # a blocking copy would wait for the GPU's last step
             try:  # one step trains on all k x classes images at once: 16,000 on ImageNet at 16 shots
+                # ----- method: the CLIP loss between each image and a caption of its class (edit here) -----
+                template = torch.randint(captions.shape[1], (len(y),), generator=g)
+                template = template.to(device, non_blocking=True)  # a blocking copy would wait for the last step
                 with common.autocast(device, args.precision):
                     loss = clip_loss(F.normalize(encode(x), dim=-1), encode_text(captions[y, template], normalize=True),
                                      model.logit_scale)
+                # ----- end of method -----
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             except torch.OutOfMemoryError:

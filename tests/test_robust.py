@@ -559,7 +559,8 @@ def test_wiseft_interpolates_on_the_device_of_the_model(method, head_init):
 
 
 def lp_checkpoint(path, classnames=data.SHAPES, **args):
-    """A model.pt as lp.py --save writes it, for the embedded-tiny world: the tiny encoder with a random head."""
+    """A model.pt in --save's format (lp.py has no --save: any method with a linear head), for the embedded-tiny
+    world: the tiny encoder with a random head."""
     encoder = common.load_backbone("embedded-clip-tiny").encoder
     model = torch.nn.Sequential(encoder, torch.nn.Linear(encoder.output_dim, len(data.SHAPES)))
     args = {"dataset": "embedded-tiny", "backbone": None, "weights": None, "seed": 0, "data_root": None, **args}
