@@ -40,25 +40,25 @@ for method in $METHODS; do  # ours, or a method script of your own beside them (
   case " $KNOWN " in *" $method "*) ;; *) grep -qs "= common.setup(" "$method.py" ||
     { echo "error: METHODS has '$method'; choose from: $KNOWN (or <name>.py of your own, here)" >&2; exit 2; } ;; esac
 done
-# Then an embedded world's model is pretrained once, before runs start in parallel (one python: imports take seconds).
-python -c "import sys, data; bad = [d for d in sys.argv[1:] if d not in data.DATASETS]
+# Then, in one python (imports take seconds): DATASETS and the RFT_* variables checked (RFT_CACHE, RFT_WORKERS,
+# RFT_GPU_DECODE: said once, not once per run), an embedded world's model pretrained once before runs start in
+# parallel, and the finished runs made with other settings than run_all.sh's (a quick one by hand, say) found: they
+# run again, as the table holds the recipes' runs. Its output: one line each, the run's folder, a tab, how it differs.
+STALE=$(python -c "import importlib, json, sys
+from pathlib import Path
+import data
+root, seeds, datasets, methods = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), sys.argv[4].split()
+bad = [d for d in datasets if d not in data.DATASETS]
 bad and print(f'error: DATASETS has {bad[0]!r}; choose from: {\", \".join(data.DATASETS)}', file=sys.stderr)
 bad and sys.exit(2)
 import common
-try:  # RFT_CACHE, RFT_WORKERS, RFT_GPU_DECODE: said once, before the pretraining, not once per run
+try:
     common.check_environment()
 except SystemExit as e:
     print(e, file=sys.stderr)
     sys.exit(2)
-for d in sys.argv[1:]:
-    d in data.WORLDS and common.load_backbone(data.WORLDS[d][1])" $DATASETS
-
-# Runs finished with other settings than run_all.sh's (a quick one by hand, say) run again: the table holds the
-# recipes' runs. One line each: its folder, a tab, how it differs.
-STALE=$(python -c "import importlib, json, sys
-from pathlib import Path
-import common
-root, seeds, datasets, methods = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), sys.argv[4].split()
+for d in datasets:  # its log on stderr: stdout is the list
+    d in data.WORLDS and common.load_backbone(data.WORLDS[d][1], log=lambda msg: print(msg, file=sys.stderr))
 for method in methods:
     try:
         module = importlib.import_module(method)
