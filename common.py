@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import logging
 import math
@@ -223,16 +224,14 @@ def as_flag(name):
 
 @contextlib.contextmanager
 def rng_kept():
-    """Python's, numpy's and torch's random states (a GPU's too, where CUDA is in use) are after the block as they
-    were before it, however it ends."""
-    state = random.getstate(), np.random.get_state()
-    gpus = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []  # a CPU run starts no CUDA
+    """The global random states (the current GPU's too, where CUDA is in use: a CPU run starts none) are after the
+    block as they were before it, however it ends."""
+    device = torch.device("cuda" if torch.cuda.is_initialized() else "cpu")
+    states = rng_states(device)
     try:
-        with torch.random.fork_rng(devices=gpus):
-            yield
+        yield
     finally:
-        random.setstate(state[0])
-        np.random.set_state(state[1])
+        set_rng_states(states, device)
 
 
 def seed_everything(seed):
@@ -652,16 +651,24 @@ def weights_record(name, weights):
     if not path.exists():  # an embedded model is made on first use
         return {"file": str(path)}
     st = path.stat()
-    hashes = {"sha1": hashlib.sha1(path.read_bytes()).hexdigest()} if embedded else {}
-    if embedded:
-        try:
-            weights = hashlib.sha1()
-            for k, v in sorted(torch.load(path, map_location="cpu", weights_only=True)["state_dict"].items()):
-                weights.update(k.encode() + v.numpy().tobytes())
-            hashes["weights_sha1"] = weights.hexdigest()
-        except Exception:  # not a model (cut short, say): loading it says so; its bytes' hash names it here
-            pass
+    hashes = embedded_hashes(str(path), st.st_size, st.st_mtime_ns) if embedded else {}
     return {"file": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, **hashes}
+
+
+@functools.lru_cache(maxsize=8)
+def embedded_hashes(path, size, mtime_ns):
+    """The hashes of a cached embedded model's bytes and of its weights, once per version of the file (size and time
+    in the key: setup, the first write, --resume and the feature cache ask for them)."""
+    raw = Path(path).read_bytes()
+    hashes = {"sha1": hashlib.sha1(raw).hexdigest()}
+    try:
+        weights = hashlib.sha1()
+        for k, v in sorted(torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)["state_dict"].items()):
+            weights.update(k.encode() + v.numpy().tobytes())
+        hashes["weights_sha1"] = weights.hexdigest()
+    except Exception:  # not a model (cut short, say): loading it says so; its bytes' hash names it here
+        pass
+    return hashes
 
 
 def same_weights(a, b):
