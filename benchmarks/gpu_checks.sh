@@ -33,7 +33,7 @@ mkdir -p "${1:-gpu-out}" && OUT=$(cd "${1:-gpu-out}" && pwd)  # absolute: the sc
 WORK=${WORK:-/tmp/rft-gpu}
 DEADLINE=$((SECONDS + ${BUDGET:-500}))
 mkdir -p "$WORK"
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 PY=$(command -v python3 || command -v python)
 
 limit() {  # seconds for the next check: its cap ($1) or what is left of the budget, whichever is less; 0 = skip it
