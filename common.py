@@ -768,9 +768,12 @@ def feature_cache(backbone, dataset, split, device, precision, seed=0):
     if dataset.name in data.WORLDS or backbone.key is None:
         return None
     part = {"id_train": dataset.train, **eval_splits(dataset)}[split]
+    pre = data.preprocessing(dataset.backbone, dataset.name)
     parts = [backbone.key, dataset.name, dataset.info.get("root"), split, len(part), data_fingerprint(part),
-             repr(data.preprocessing(dataset.backbone)), resolve_precision(device, precision),
+             repr(pre), resolve_precision(device, precision),
              seed if split == "id_train" else None]
+    if pre.squash:  # (appended, not in repr: the keys of the other datasets' caches stay valid)
+        parts.append(f"resized whole, training at {pre.squash:g} x the size")
     if torch.device(device).type != "cpu":  # a GPU's fp32 is not a CPU's: cuDNN convolves in TF32 by default
         parts.append(torch.device(device).type)  # (appended, not always there: the CPU caches' keys stay valid)
     if getattr(part, "decode_on_device", False):  # nvJPEG and tensor resizing give other pixels than PIL's

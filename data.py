@@ -574,16 +574,29 @@ class Preprocess:
     interpolation: str  # 'bicubic' (CLIP) or 'bilinear'
     crop_scale: tuple  # training: RandomResizedCrop scale range
     flip: bool  # training: random horizontal flip
+    # Nonzero: images are resized whole, not cropped (SQUASHED): to `size` x `size` for evaluation; for training to
+    # a square of `squash` x `size`, then a random crop of `size`. Out of repr, so the feature caches' keys of the
+    # other datasets stay valid (common.feature_cache appends it).
+    squash: float = field(default=0.0, repr=False)
 
 
-def preprocessing(backbone):
+# The datasets whose images the LP-FT code resizes whole instead of cropping them (its configs): CIFAR-10's 32 px
+# images are squashed to the model's size and neither cropped nor flipped in training; DomainNet's (SENTRY's
+# transforms) are squashed to 224 px for evaluation and to 256 x 256 for training, then randomly cropped and flipped.
+SQUASHED = {"cifar10": dict(squash=1.0, flip=False), "domainnet": dict(squash=256 / 224, flip=True)}
+
+
+def preprocessing(backbone, dataset=None):
     """CLIP backbones: CLIP's own preprocessing; training crops of scale 0.9-1, no flip (WiSE-FT / FLYP code).
-    ResNets (MoCo-v2, supervised): ImageNet's; RandomResizedCrop + flip (LP-FT code). Embedded backbones: 32 px."""
+    ResNets (MoCo-v2, supervised): ImageNet's; RandomResizedCrop + flip (LP-FT code). Embedded backbones: 32 px.
+    A `dataset` in SQUASHED keeps the backbone's size, interpolation and normalisation, with its paper's geometry."""
     if backbone.startswith("embedded"):
-        return Preprocess(IMAGE_SIZE, IMAGE_SIZE, MEAN, STD, "bilinear", (0.9, 1.0), False)
-    if backbone.startswith("clip"):
-        return Preprocess(224, 224, CLIP_MEAN, CLIP_STD, "bicubic", (0.9, 1.0), False)
-    return Preprocess(224, 256, IMAGENET_MEAN, IMAGENET_STD, "bilinear", (0.08, 1.0), True)
+        pre = Preprocess(IMAGE_SIZE, IMAGE_SIZE, MEAN, STD, "bilinear", (0.9, 1.0), False)
+    elif backbone.startswith("clip"):
+        pre = Preprocess(224, 224, CLIP_MEAN, CLIP_STD, "bicubic", (0.9, 1.0), False)
+    else:
+        pre = Preprocess(224, 256, IMAGENET_MEAN, IMAGENET_STD, "bilinear", (0.08, 1.0), True)
+    return dataclasses.replace(pre, **SQUASHED.get(dataset, {}))
 
 
 def transforms(pre, train):
@@ -591,11 +604,15 @@ def transforms(pre, train):
     from torchvision.transforms import v2
 
     mode = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR}[pre.interpolation]
-    if train:
-        steps = [v2.RandomResizedCrop(pre.size, scale=pre.crop_scale, interpolation=mode, antialias=True)]
-        steps += [v2.RandomHorizontalFlip()] if pre.flip else []
+    resize = functools.partial(v2.Resize, interpolation=mode, antialias=True)
+    if not train:
+        steps = [resize([pre.size, pre.size])] if pre.squash else [resize(pre.resize), v2.CenterCrop(pre.size)]
+    elif pre.squash:
+        side = round(pre.size * pre.squash)
+        steps = [resize([side, side])] + ([v2.RandomCrop(pre.size)] if side > pre.size else [])
     else:
-        steps = [v2.Resize(pre.resize, interpolation=mode, antialias=True), v2.CenterCrop(pre.size)]
+        steps = [v2.RandomResizedCrop(pre.size, scale=pre.crop_scale, interpolation=mode, antialias=True)]
+    steps += [v2.RandomHorizontalFlip()] if train and pre.flip else []
     return v2.Compose(steps + [v2.PILToTensor()])
 
 
@@ -1342,7 +1359,7 @@ def load_dataset(name, seed=0, data_root=None, backbone=None):
     root = os.path.expanduser(root)  # `--data-root=~/data`: bash leaves the ~
     if not os.path.isdir(root):
         fail(name, f"data root {root}{'' if data_root else ' (from $RFT_DATA)'} is not a folder")
-    parts = loader(name, Path(root), preprocessing(backbone))
+    parts = loader(name, Path(root), preprocessing(backbone, name))
     parts["info"] = {**parts.get("info", {}), "root": str(Path(root).resolve())}  # where the data came from
     return Dataset(name=name, backbone=backbone, **parts)
 

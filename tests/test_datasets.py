@@ -302,6 +302,18 @@ def test_feature_cache_key_of_images_in_one_array_file_changes_with_their_pixels
     assert key() != before
 
 
+def test_feature_cache_key_covers_the_geometry_of_a_dataset_resized_whole(tmp_path, monkeypatch):
+    """CIFAR-10's images are resized whole (data.SQUASHED), which the preprocessing's repr does not show: features
+    cached under another geometry are not read back."""
+    mini.make_cifar10(tmp_path)
+    backbone = common.Backbone(torch.nn.Identity(), key="k")
+    dataset = data.load_dataset("cifar10", data_root=str(tmp_path), backbone="moco-v2-rn50")
+    keys = [common.feature_cache(backbone, dataset, "id_test", "cpu", "auto")]
+    monkeypatch.setitem(data.SQUASHED, "cifar10", dict(squash=2.0, flip=False))
+    keys.append(common.feature_cache(backbone, dataset, "id_test", "cpu", "auto"))
+    assert keys[0] != keys[1]
+
+
 @pytest.mark.parametrize("split", ["train", "test", "stl10", "cifar10.1"])
 def test_cifar10_stl_images_are_upright(minis, split):
     """An asymmetric picture (white band on top, red block bottom-left) written in each format's own order
@@ -1168,9 +1180,10 @@ def test_a_file_splits_crops_are_the_runs_whatever_reads_them(monkeypatch):
 
 @pytest.mark.parametrize("name", PARAMS)
 def test_every_dataset_augments_its_id_training_split_only(minis, name):
-    """Each loader gives ID train the random training transform (a random resized crop at every read) and every
-    evaluation split the fixed one; a loader passing train=False for ID train trained without augmentation, silently
-    (only the held-out path was checked). Applied here to a noise picture, where every crop differs."""
+    """Each loader gives ID train the random training transform (a random crop at every read; none for CIFAR-10)
+    and every evaluation split the fixed one; a loader passing train=False for ID train trained without
+    augmentation, silently (only the held-out path was checked). Applied here to a noise picture, where every crop
+    differs."""
     ds = minis.load(name)
     picture = noise_picture(0)
 
@@ -1182,7 +1195,10 @@ def test_every_dataset_augments_its_id_training_split_only(minis, name):
                 reads.append(split.transform(picture))
         return reads
 
-    assert not torch.equal(*two_reads(ds.train)), f"{name}: ID train is not augmented"
+    if name == "cifar10":  # the LP-FT code trains on CIFAR-10's images resized whole, not augmented (data.SQUASHED)
+        assert torch.equal(*two_reads(ds.train)) and data.SQUASHED["cifar10"] == dict(squash=1.0, flip=False)
+    else:
+        assert not torch.equal(*two_reads(ds.train)), f"{name}: ID train is not augmented"
     for key, split in common.eval_splits(ds).items():
         assert torch.equal(*two_reads(split)), f"{name}: {key} is augmented"
 
@@ -1833,6 +1849,38 @@ def test_training_augmentation_is_the_papers_recipe(backbone):
     assert any(isinstance(s, v2.RandomHorizontalFlip) for s in steps) == (not clip)
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (260, 300, 3), dtype=np.uint8))
     assert data.transforms(data.preprocessing(backbone), train=True)(picture).shape == (3, 224, 224)
+
+
+@pytest.mark.parametrize("name, backbone", [("cifar10", "moco-v2-rn50"), ("domainnet", "clip-rn50")])
+def test_cifar10_and_domainnet_images_are_resized_whole_as_in_the_lp_ft_code(tmp_path, name, backbone):
+    """The LP-FT code's configs (docs/datasets.md) resize these images whole, with the backbone's interpolation and
+    normalisation: to 224 x 224 for evaluation, no centre crop; CIFAR-10's to 224 x 224 for training too, no crop
+    or flip; DomainNet's to 256 x 256, then a random 224 crop and a flip. Checked against torchvision's transforms
+    of those configs, image by image through a loaded split, on images wider than tall (a crop cuts their sides)."""
+    from torchvision import transforms as T
+
+    truth = getattr(mini, f"make_{name}")(tmp_path)
+    ds = data.load_dataset(name, data_root=str(tmp_path), backbone=backbone)
+    pre = data.preprocessing(backbone)
+    squashed = T.Compose([T.Resize([224, 224], interpolation=T.InterpolationMode(pre.interpolation)), T.ToTensor(),
+                          T.Normalize(pre.mean, pre.std)])
+    if name == "domainnet":  # the miniature's JPEGs are square: make the test set's 64 x 24
+        for i, path in enumerate(ds.test.items):
+            noise = np.random.default_rng(i).integers(0, 256, (24, 64, 3), dtype=np.uint8)
+            Image.fromarray(noise).save(path, quality=95)
+    expected = torch.stack([squashed(ds.test.read(item).convert("RGB")) for item in ds.test.items])
+    torch.testing.assert_close(read_once(ds.test), expected, rtol=0, atol=1e-5)
+    assert truth and len(ds.test) > 1
+    if name == "cifar10":  # training: the evaluation's pixels, at every read
+        expected = torch.stack([squashed(ds.train.read(item)) for item in ds.train.items])
+        torch.testing.assert_close(read_once(ds.train), expected, rtol=0, atol=1e-5)
+    else:
+        steps = [type(step).__name__ for step in ds.train.transform.transforms]
+        assert steps == ["Resize", "RandomCrop", "RandomHorizontalFlip", "PILToTensor"]
+        assert ds.train.transform.transforms[0].size == [256, 256] and read_once(ds.train).shape[-2:] == (224, 224)
+    mini.make_folder(tmp_path / "f")  # another dataset: the backbone's own resize and centre crop
+    other = data.load_dataset("folder", data_root=str(tmp_path / "f"), backbone=backbone)
+    assert [type(step).__name__ for step in other.test.transform.transforms][:2] == ["Resize", "CenterCrop"]
 
 
 def test_an_embedded_backbone_sees_a_file_normalised_as_its_pretraining_images(tmp_path):
