@@ -89,10 +89,12 @@ def trainer(build, device, fast):
     return model, forward, torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fast)
 
 
-def train_rate(made, res, batch, device, fast, steps, batches=None, profile=None):
+def train_rate(made, res, batch, device, fast, steps, batches=None, profile=None, decoded_on_device=False):
     """Images/s of a cross-entropy training step of `made` (trainer's model, forward and optimiser). `batches` = an
     iterator of real (x, y) batches; None = one synthetic batch reused. `profile`: a file for the profile of a few
-    more steps, after the timed ones. Returns (images/s, share of time waiting for data)."""
+    more steps, after the timed ones. `decoded_on_device`: decoding a batch there first waits for the steps queued
+    (data.wait_for_queued_work), which is then done before the data's clock starts: it is step time, not data time.
+    Returns (images/s, share of time waiting for data)."""
     torch.backends.cudnn.benchmark = fast  # ours, as the method scripts on CUDA: shapes are static
     model, step_model, opt = made
     x = torch.randn(batch, 3, res, res, device=device)
@@ -111,6 +113,8 @@ def train_rate(made, res, batch, device, fast, steps, batches=None, profile=None
             sync(device)
             start, waited = time.perf_counter(), 0.0
         if batches is not None:
+            if decoded_on_device:  # (the decoding would wait as long: the rate is the same)
+                sync(device)
             t = time.perf_counter()
             x, y = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -289,8 +293,8 @@ def num(value, fmt):
 def train_rows(name, build, res, batch, device, steps, peak, cell, profile=None):
     """Section (a) and (e) for one model: eager fp32 vs ours on synthetic tensors (`profile`: a file for a profile of
     ours), ours from JPEG files (decoded by the workers, and on CUDA also by nvJPEG on the GPU); then section (c),
-    feature extraction. Each measurement goes through `cell`, under train/<name>/ and extract/<name>/. Returns the
-    table's rows."""
+    feature extraction. Each measurement goes through `cell`, under train/<name>/ and extract/<name>/. Yields the
+    table's two rows, each when it is measured (a time-out during extraction keeps the training row)."""
     gflops = cell("train", name, "train_gflops_per_image",  # training ~ 3x forward
                   measure=lambda: 3 * forward_flops(build(), torch.randn(2, 3, res, res)) / 1e9)
     flops = gflops * 1e9 if isinstance(gflops, float) else None
@@ -305,18 +309,18 @@ def train_rows(name, build, res, batch, device, steps, peak, cell, profile=None)
     synthetic, eager = rate_of(rates["ours"]), rate_of(rates["eager_fp32"])
     gpu_decode = device.type == "cuda"  # nvJPEG; on a CPU it would only move decoding out of the workers
     for key, on_device in (("ours_jpeg", False), ("ours_jpeg_decode_on_device", True))[:2 if gpu_decode else 1]:
+        if "error" in rates["ours"]:  # ours did not build or compile: each JPEG cell would try again, for minutes
+            rates[key] = cell("train", name, key, measure=lambda: {"error": "not measured: ours failed"})
+            continue
+
         def jpeg_rate(on_device=on_device):
             split, batches = jpeg_batches(res, batch, device, on_device)
-            rate, wait = train_rate(ours(), res, batch, device, True, steps, batches)  # the synthetic cell's model
+            rate, wait = train_rate(ours(), res, batch, device, True, steps, batches,  # the synthetic cell's model
+                                    decoded_on_device=on_device)
             return {"images_per_s": rate, "data_wait_share": wait, "share_of_synthetic": ratio(rate, synthetic),
                     "files_decoded_on_cpu_instead": split.cpu_decoded_files}  # 0 unless on_device fell back
         rates[key] = cell("train", name, key, measure=jpeg_rate)
     speedup = cell("train", name, "speedup", measure=lambda: ratio(synthetic, eager))
-    # On CUDA a third of the steps (rounded up), of 4 batches each: more images than training, in less GPU time
-    ext_steps = -(-steps // 3) if device.type == "cuda" else steps
-    ext = {path: cell("extract", name, path, measure=lambda fast=fast: extract_rate(build, res, batch, device, fast,
-                                                                                  ext_steps))
-           for path, fast in (("eager_fp32", False), ("ours", True))}
     jpeg = rates["ours_jpeg"]
     notes = (f"MFU {num(rates['ours'].get('mfu'), '.1%') if peak else '–'}; JPEG {num(rate_of(jpeg), '.0f')} img/s "
              f"({num(jpeg.get('share_of_synthetic'), '.0%')} of synthetic, "
@@ -325,10 +329,15 @@ def train_rows(name, build, res, batch, device, steps, peak, cell, profile=None)
         nvjpeg = rates["ours_jpeg_decode_on_device"]
         notes += (f"; decoded on the GPU {num(rate_of(nvjpeg), '.0f')} img/s "
                   f"({num(nvjpeg.get('data_wait_share'), '.0%')} waiting)")
-    return [f"| train {name} {res}px b{batch} (img/s) | {num(eager, '.0f')} | {num(synthetic, '.0f')} | "
-            f"{num(speedup, '.2f')}× | {notes} |",
-            f"| extract {name} (img/s) | {num(ext['eager_fp32'], '.0f')} | {num(ext['ours'], '.0f')} | "
-            f"{num(ratio(ext['ours'], ext['eager_fp32']), '.2f')}× | |"]
+    yield (f"| train {name} {res}px b{batch} (img/s) | {num(eager, '.0f')} | {num(synthetic, '.0f')} | "
+           f"{num(speedup, '.2f')}× | {notes} |")
+    # On CUDA a third of the steps (rounded up), of 4 batches each: more images than training, in less GPU time
+    ext_steps = -(-steps // 3) if device.type == "cuda" else steps
+    ext = {path: cell("extract", name, path, measure=lambda fast=fast: extract_rate(build, res, batch, device, fast,
+                                                                                  ext_steps))
+           for path, fast in (("eager_fp32", False), ("ours", True))}
+    yield (f"| extract {name} (img/s) | {num(ext['eager_fp32'], '.0f')} | {num(ext['ours'], '.0f')} | "
+           f"{num(ratio(ext['ours'], ext['eager_fp32']), '.2f')}× | |")
 
 
 def main():
@@ -388,7 +397,8 @@ def main():
     def model_rows(name, build, res, batch):
         report["train"][name] = {"resolution": res, "batch": batch}
         profile = args.profile if name == profiled else None
-        print("\n".join(train_rows(name, build, res, batch, device, steps, peak, cell, profile)), flush=True)
+        for row in train_rows(name, build, res, batch, device, steps, peak, cell, profile):
+            print(row, flush=True)
 
     if first in wanted:
         model_rows(first, *spec)
