@@ -14,24 +14,25 @@
 #       file or decodes it, to PIL's colours or not);
 #   (3) bench.py's ResNet-50 rows (bench-resnet50.json; the table goes on in bench.txt);
 #   (4) benchmarks/lp_solver.py: LP's solver now (scipy L-BFGS-B, torch's loss and gradient on the GPU) against the
-#       torch.optim.LBFGS it replaced and scikit-learn, with the GPU syncs each makes (lp_solver.txt);
+#       torch.optim.LBFGS it replaced and scikit-learn, with the GPU syncs each makes (appended to bench.txt);
 #   (5) ft.py stopped and resumed (--resume) on CUDA against (2)'s run that never stopped (methods.txt);
 #   (6) benchmarks/resume_write.py on CUDA: how long the loop waits for resume.pt's device-to-host copy, against
-#       writing it in the loop (resume_write.txt).
+#       writing it in the loop (appended to bench.txt).
 #
 # The device machine has PyTorch, torchvision, scikit-learn, timm and friends but no open_clip and no network. Fetch
 # the missing pure-Python wheels here first (the folder stays out of git), then carry it:
 #   echo /.whl/ >> .git/info/exclude
 #   pip download --no-deps --only-binary=:all: -d .whl open_clip_torch==3.3.0 ftfy wcwidth
-#   device run, carry [".whl"], timeout_s 540:  bash benchmarks/gpu_checks.sh "$OUT"
-# Budget: the whole script stops itself within $BUDGET seconds (default 500, under that timeout_s, so every file
+#   device run, carry [".whl"], timeout_s 580:  bash benchmarks/gpu_checks.sh "$OUT"
+# Budget: the whole script stops itself within $BUDGET seconds (default 540, under that timeout_s, so every file
 # comes back): each check gets what is left, up to its own cap, and is skipped when under 15 s are left. The machine's
-# start counts against the session's 15 minutes, so plan for one call. $OUT receives at most 10 small files; scratch
-# (model cache, runs, JPEGs) stays in $WORK.
+# start counts against the session's 15 minutes, so plan for one call. $OUT receives 7 small files (the device tool
+# returns at most 8: a bench JSON's temporary file, left by a time-out, may be the eighth): methods.txt (the
+# environment first), bench.txt, profile.txt and bench*.json. Scratch (model cache, runs, JPEGs) stays in $WORK.
 set -uo pipefail
 mkdir -p "${1:-gpu-out}" && OUT=$(cd "${1:-gpu-out}" && pwd)  # absolute: the script changes directory below
 WORK=${WORK:-/tmp/rft-gpu}
-DEADLINE=$((SECONDS + ${BUDGET:-500}))
+DEADLINE=$((SECONDS + ${BUDGET:-540}))
 mkdir -p "$WORK"
 cd "$(dirname "$0")/.." || exit 1
 PY=$(command -v python3 || command -v python)
@@ -48,10 +49,10 @@ fi
 export RFT_CACHE="$WORK/cache" PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   "$PY" -c "import torch, torchvision, open_clip; print('torch', torch.__version__, 'torchvision', torchvision.__version__,
-'open_clip', open_clip.__version__, torch.cuda.get_device_name())"; nproc; df -h /dev/shm; } > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+'open_clip', open_clip.__version__, torch.cuda.get_device_name())"; nproc; df -h /dev/shm; } > "$OUT/methods.txt" 2>&1
+cat "$OUT/methods.txt"
 "$PY" -c "import open_clip" 2>/dev/null || { echo "error: no open_clip here: run with carry [\".whl\"] (see above)" \
-  | tee -a "$OUT/env.txt"; exit 1; }
+  | tee -a "$OUT/methods.txt"; exit 1; }
 
 # (1) The benchmark's ViT-B/16, LP and FLYP cells, each part with a cap of its own (a slow compile in one must not
 # cost the others their numbers): the table goes to bench.txt, the JSON to bench.json, bench-lp.json, bench-flyp.json.
@@ -72,7 +73,7 @@ t=$(limit 40)
 for m in lp ft lpft l2sp flyp wiseft; do  # run_all.sh's layout, so that feature_map.py finds the checkpoints
   case $m in ft|lpft|flyp) extra=(--save) ;; wiseft) extra=(--checkpoint "$WORK/runs/flyp/embedded-tiny/seed0/model.pt") ;;
     *) extra=() ;; esac
-  t=$(limit 45)
+  t=$(limit "$([ $m = flyp ] && echo 70 || echo 45)")  # FLYP compiles three graphs: both towers, and the head's
   if [ "$t" -eq 0 ]; then echo "== $m.py skipped: the budget was spent" >> "$OUT/methods.txt"; continue; fi
   start=$SECONDS
   TORCH_LOGS=recompiles timeout -k 5 "$t" "$PY" "$m.py" --dataset embedded-tiny --device cuda \
@@ -111,7 +112,8 @@ for split, n in (("train", 40), ("test", 10), ("ood", 10)):
                 Path(sys.argv[1]) / split / c / f"{i}.jpg")
 PY
 # Does nvJPEG refuse the CMYK JPEG (then data.py decodes it on the CPU), or decode it, and to PIL's colours?
-timeout -k 5 30 "$PY" - "$WORK/jpegs/train/cat/0.jpg" >> "$OUT/methods.txt" 2>&1 <<'PY'
+t=$(limit 30)
+[ "$t" -gt 0 ] && timeout -k 5 "$t" "$PY" - "$WORK/jpegs/train/cat/0.jpg" >> "$OUT/methods.txt" 2>&1 <<'PY'
 import sys, numpy as np, torch
 from PIL import Image
 from torchvision import io
@@ -148,10 +150,11 @@ fi
 # (4) LP's solver, before and after (about 20 s of scikit-learn on the CPU, the rest seconds).
 t=$(limit 90)
 if [ "$t" -gt 0 ]; then
+  echo "== benchmarks/lp_solver.py --device cuda" | tee -a "$OUT/bench.txt"
   timeout -k 5 "$t" "$PY" benchmarks/lp_solver.py --device cuda 2>&1 | grep --line-buffered -v "^USDT\|^ERROR:\|^STAGE:" \
-    | tee "$OUT/lp_solver.txt"
+    | tee -a "$OUT/bench.txt"
 else
-  echo "skipped: the budget was spent" > "$OUT/lp_solver.txt"
+  echo "== benchmarks/lp_solver.py skipped: the budget was spent" | tee -a "$OUT/bench.txt"
 fi
 # (5) --resume on CUDA: ft.py stopped in its last epoch and resumed, against (2)'s run that never stopped.
 t=$(limit 45)
@@ -176,8 +179,12 @@ def computed(folder):
     lines = [(r["step"], r["metrics"], r.get("train_loss")) for r in map(json.loads, open(f"{folder}/results.jsonl"))]
     return lines, torch.load(f"{folder}/model.pt", weights_only=True)["state_dict"]
 (a, wa), (b, wb) = computed(out), computed(f"{runs}/ft/embedded-tiny/seed0")
-print(f"== ft.py stopped and resumed on cuda: results lines equal {a == b}; max |w - w_whole| "
-      f"{max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa):.3g}")
+def numbers(lines):  # each line's train loss and metrics, in order (cuDNN's autotuned kernels may differ by a rounding)
+    return [v for _, metrics, loss in lines for v in [loss or 0.0, *(metrics[k] for k in sorted(metrics))]]
+gap = max((abs(x - y) for x, y in zip(numbers(a), numbers(b))), default=float("nan"))
+print(f"== ft.py stopped and resumed on cuda: results lines equal {a == b} (steps equal "
+      f"{[s for s, *_ in a] == [s for s, *_ in b]}, largest difference of a loss or metric {gap:.3g}); "
+      f"max |w - w_whole| {max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa):.3g}")
 PY
   if [ $? -eq 0 ]; then grep "^== " "$WORK/resume.txt"; else echo "== ft.py --resume on cuda failed:"
     tail -n 5 "$WORK/resume.txt"; fi | tee -a "$OUT/methods.txt"
@@ -187,8 +194,10 @@ fi
 # (6) resume.pt written in the background from a GPU's state (ViT-B/16 + fused AdamW, 2.4 GB; four epochs' ends).
 t=$(limit 90)
 if [ "$t" -gt 0 ]; then
-  timeout -k 5 "$t" "$PY" benchmarks/resume_write.py ViT-B-16 cuda 2>&1 | grep -v "^WARNING" | tee "$OUT/resume_write.txt"
+  echo "== benchmarks/resume_write.py ViT-B-16 cuda" | tee -a "$OUT/bench.txt"
+  timeout -k 5 "$t" "$PY" benchmarks/resume_write.py ViT-B-16 cuda 2>&1 | grep -v "^WARNING" | tee -a "$OUT/bench.txt"
 else
-  echo "skipped: the budget was spent" > "$OUT/resume_write.txt"
+  echo "== benchmarks/resume_write.py skipped: the budget was spent" | tee -a "$OUT/bench.txt"
 fi
-echo "gpu_checks.sh: done in $SECONDS s"
+rm -f "$OUT"/*.tmp[0-9]*  # a bench JSON's temporary file that a time-out left: one file fewer to bring back
+echo "gpu_checks.sh: done in $SECONDS s; in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
