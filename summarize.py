@@ -2,7 +2,8 @@
 in the LP-FT paper; one seed shows its mean alone) of the evaluation each run selected on ID validation (its `done`
 marker). For real datasets the paper's number stands beside ours where reference/published.json has one and our
 runs used the paper's backbone (and OpenAI's CLIP weights), with its provenance tag. Seeds of one method on other
-backbones, pretrained weights, recipes or other options (L2-SP's --alpha) are not averaged: an error.
+backbones, pretrained weights, recipes or other options (L2-SP's --alpha), or that scored other OOD test sets, are
+not averaged: an error. A row's OOD average over fewer sets than the other rows' says which it averages.
 
     python summarize.py runs       # prints the table; writes runs/summary.md, runs/summary.csv and, per dataset,
                                    # runs/<dataset>_id_ood.png and runs/<dataset>_distortion.png
@@ -60,7 +61,18 @@ def load_runs(root):
                                  f"({runs_of}); a table row averages seeds of one recipe and options on one backbone: "
                                  "summarize each folder on its own, or give a variant of a method its own name "
                                  "(common.setup(args, \"<name>\") in its script)")
+        scored = {Path(r["results"]).parent: ood_sets(r) for r in records}
+        if len({tuple(sets) for sets in scored.values()}) > 1:  # a set missing when a seed ran (data.py skips it)
+            runs_of = "; ".join(f"{folder}: {', '.join(sets) or 'none'}" for folder, sets in scored.items())
+            raise SystemExit(f"error: the {method} runs on {dataset} under {root} scored other OOD test sets "
+                             f"({runs_of}); their OOD averages are not one quantity: put the missing set in place "
+                             "(docs/datasets.md) and run the seeds that lack it again")
     return runs
+
+
+def ood_sets(record):
+    """The OOD test sets a run scored, sorted (a loader skips a missing ImageNet OOD set, with a note)."""
+    return sorted(k[len("acc/ood_"):] for k in record["metrics"] if k.startswith("acc/ood_") and k != "acc/ood_avg")
 
 
 def same(field, a, b):
@@ -123,9 +135,11 @@ def build_table(runs, published=None):
         cols = columns(runs, dataset)
         lines += [f"**{dataset}**", "", "| method | seeds | " + " | ".join(c for c, _ in cols) + " |",
                   "|---|---|" + "---|" * len(cols)]
+        every_set = sorted({o for (d, _), rs in runs.items() if d == dataset for r in rs for o in ood_sets(r)})
         for method in ordered_methods(runs, dataset):
             records = runs[(dataset, method)]
             cells, row = [], {"dataset": dataset, "method": method, "seeds": len(records)}
+            fewer = ood_sets(records[0]) != every_set and ood_sets(records[0])  # its seeds scored the same (load_runs)
             for name, key in cols:
                 values = [r["metrics"][key] for r in records if key in r["metrics"]]
                 if not values:
@@ -136,7 +150,10 @@ def build_table(runs, published=None):
                 cell = f"{mean:.{digits}f}" + ("" if ci is None else f" ± {ci:.{digits}f}")  # one seed: no CI
                 row[f"{name} mean"], row[f"{name} ci90"] = round(mean, 6), "" if ci is None else round(ci, 6)
                 paper = published.get((dataset, method, name))
-                if paper and comparable(paper, records):
+                if key.endswith("/ood_avg") and fewer:  # not the other rows' average, nor the paper's
+                    cell += f" (over {', '.join(fewer)} only)"
+                    row[f"{name} over"] = ", ".join(fewer)
+                elif paper and comparable(paper, records):
                     cell += f" (paper {paper['value']:.1f}" + (f" ± {paper['ci']:.1f}" if "ci" in paper else "") + \
                             f" [{paper['tag']}])"
                     row[f"{name} paper"], row[f"{name} paper source"] = paper["value"], f"{paper['source']} [{paper['tag']}]"

@@ -681,6 +681,30 @@ def test_summarize_refuses_to_average_seeds_run_on_other_backbones_or_recipes(fi
     assert len(summarize.load_runs(tmp_path / "same")[("embedded", "lp")]) == 2
 
 
+def test_summarize_averages_and_compares_only_ood_averages_over_the_same_sets(tmp_path):
+    """data.py skips a missing ImageNet OOD set with a note, and acc/ood_avg averages the sets found. Seeds that
+    scored other sets are refused, naming each one's; a row that scored fewer sets than the others says which it
+    averages, and stands beside no paper's OOD average."""
+    full = {"acc/id_test": 80.0, "acc/ood_v2": 70.0, "acc/ood_r": 60.0, "acc/ood_sketch": 40.0, "acc/ood_avg": 56.7}
+    short = {"acc/id_test": 80.0, "acc/ood_v2": 70.0, "acc/ood_r": 60.0, "acc/ood_avg": 65.0}
+    for seed, metrics in enumerate((full, short)):
+        finished_run(tmp_path / "seeds", "lp", "imagenet", seed, metrics)
+    with pytest.raises(SystemExit, match=r"the lp runs on imagenet under .* scored other OOD test sets \(.*seed0: r, "
+                                         r"sketch, v2; .*seed1: r, v2\); their OOD averages are not one quantity"):
+        summarize.load_runs(tmp_path / "seeds")
+    for method, metrics in (("lp", full), ("ft", short)):
+        for seed in (0, 1):
+            finished_run(tmp_path / "rows", method, "imagenet", seed, metrics)
+    paper = {"value": 50.0, "source": "a paper", "tag": "paper"}
+    published = {("imagenet", m, "OOD avg"): paper for m in ("lp", "ft")}
+    markdown, rows = summarize.build_table(summarize.load_runs(tmp_path / "rows"), published=published)
+    lines = markdown.splitlines()
+    assert "| LP | 2 | 80.0 ± 0.0 | 70.0 ± 0.0 | 60.0 ± 0.0 | 40.0 ± 0.0 | 56.7 ± 0.0 (paper 50.0 [paper]) | – | – |" \
+        in lines
+    assert "| FT | 2 | 80.0 ± 0.0 | 70.0 ± 0.0 | 60.0 ± 0.0 | – | 65.0 ± 0.0 (over r, v2 only) | – | – |" in lines
+    assert {r["method"]: r.get("OOD avg over") for r in rows} == {"lp": None, "ft": "r, v2"}
+
+
 def test_done_records_the_options_that_change_a_result_and_summarize_reads_only_done_files(tmp_path):
     """Where a run ran (--out, --device), its seed and its recipe (recorded on their own) are not its options."""
     l2sp.main(l2sp.Args(dataset="embedded-tiny", out=str(tmp_path / "l2sp" / "seed0"), epochs=1, alpha=0.5))
