@@ -704,7 +704,7 @@ def missing_hint(path):
     """A hint for a missing `path`, looked for only then: --data-root one level too deep (DIR/imagenet given, so
     DIR/imagenet/imagenet/train looked for), or the first missing folder or file there as an archive not yet
     unpacked, or under another name (CIFAR-10.1 for cifar10.1, ALSO_CALLED), or in a folder inside that (a clone of
-    the CIFAR-10.1 repository: CIFAR-10.1/datasets/), or one level down (an archive unpacked into a folder of its own
+    the CIFAR-10.1 repository: CIFAR-10.1/datasets/; ImageNet-Sketch/sketch/), or one level down (an archive unpacked into a folder of its own
     name: rendered-sst2/rendered-sst2/train; --data-root one level too high). A folder that cannot be listed gives
     no hint."""
     path = Path(path).absolute()
@@ -724,6 +724,11 @@ def missing_hint(path):
                 continue
             if ARCHIVE.search(e.name):
                 return f"; found {e} there: unpack it to {first.name}"
+            # the folder itself, unpacked inside one of another tool's name (ImageNet-Sketch/sketch/)
+            nested = [d for d in sorted(e.iterdir()) if d.is_dir() and squash(d.name) in names] \
+                if rest == Path(".") and e.is_dir() else []
+            if nested:
+                return f"; found {nested[0]} there: move or link it to {first}"
             if (e / rest).exists():
                 return f"; found {e} there: rename it to {first.name}"
             inside = [d for d in sorted(e.iterdir()) if d.is_dir() and (d / rest).exists()]

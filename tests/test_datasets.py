@@ -1314,6 +1314,17 @@ def test_cifar10_ood_folder_under_another_name_or_still_packed_is_named(tmp_path
     check_error(e, f"found {tmp_path / found}{inner} {said.format(root=tmp_path)}")
 
 
+@pytest.mark.parametrize("inside", [False, True])
+def test_an_ood_folder_under_another_tools_name_or_unpacked_inside_one_is_named(tmp_path, inside):
+    """ImageNet-Sketch's archive unpacked as ImageNet-Sketch/<wnid>/ wants a rename; unpacked into a folder of that
+    name, ImageNet-Sketch/sketch/<wnid>/, the hint names the inner folder (the rename gave sketch/sketch/<wnid>)."""
+    found = tmp_path / "ImageNet-Sketch" / ("sketch" if inside else "")
+    (found / "n01440764").mkdir(parents=True)
+    hint = data.missing_hint(tmp_path / "sketch")
+    assert hint == (f"; found {found} there: move or link it to {tmp_path / 'sketch'}" if inside else
+                    f"; found {found} there: rename it to sketch")
+
+
 @pytest.mark.parametrize("damage,said", [("truncated", "pickle data was truncated"),
                                          ("not a pickle", "UnpicklingError"), ("another pickle", "KeyError: 'data'")])
 def test_cifar10_damaged_batch_is_an_error_naming_it(tmp_path, damage, said):
