@@ -894,6 +894,11 @@ def imagenet_split(dataset, root, split, wnids, labels=None):
     """The images of ImageNet's train/ or val/ wnid folders. val/ as downloaded is flat: the error then says how to
     sort it."""
     folder = root / "imagenet" / split
+    kaggle = [p / "ILSVRC" / "Data" / "CLS-LOC" / split for p in (root / "imagenet", root)]
+    if not folder.exists() and any(p.is_dir() for p in kaggle):  # Kaggle's download, unpacked as it comes
+        found = next(p for p in kaggle if p.is_dir())
+        fail(dataset, f"{folder} not found; found Kaggle's layout, {found}: link it there (mkdir -p {folder.parent} "
+                      f"&& ln -s {found} {folder})")
     sort = f"python data.py prepare-imagenet-val {folder} LOC_val_solution.csv" if split == "val" else None
     return image_folder(dataset, folder, wnids, labels, flat_hint=sort)
 

@@ -1314,6 +1314,25 @@ def test_cifar10_ood_folder_under_another_name_or_still_packed_is_named(tmp_path
     check_error(e, f"found {tmp_path / found}{inner} {said.format(root=tmp_path)}")
 
 
+@pytest.mark.parametrize("under", ["imagenet", "."])
+def test_imagenet_in_kaggles_layout_is_named_with_the_link_to_make(tmp_path, under):
+    """Kaggle's ImageNet unpacks as ILSVRC/Data/CLS-LOC/{train,val}: the error says where it is and the link that
+    puts it where the loader reads, and with that link the training images load."""
+    mini.make_imagenet(tmp_path / "m")
+    kaggle = tmp_path / under / "ILSVRC" / "Data" / "CLS-LOC"
+    kaggle.mkdir(parents=True)
+    (tmp_path / "m" / "imagenet" / "train").rename(kaggle / "train")
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("imagenet", data_root=str(tmp_path), backbone=BACKBONE)
+    folder = tmp_path / "imagenet" / "train"
+    check_error(e, f"{folder} not found; found Kaggle's layout, {kaggle / 'train'}: link it there "
+                   f"(mkdir -p {folder.parent} && ln -s {kaggle / 'train'} {folder})")
+    folder.parent.mkdir(exist_ok=True)  # what the error says to do
+    folder.symlink_to(kaggle / "train")
+    (tmp_path / "m" / "imagenet" / "val").rename(tmp_path / "imagenet" / "val")
+    assert len(data.load_dataset("imagenet", data_root=str(tmp_path), backbone=BACKBONE).train) > 0
+
+
 @pytest.mark.parametrize("inside", [False, True])
 def test_an_ood_folder_under_another_tools_name_or_unpacked_inside_one_is_named(tmp_path, inside):
     """ImageNet-Sketch's archive unpacked as ImageNet-Sketch/<wnid>/ wants a rename; unpacked into a folder of that
