@@ -1513,6 +1513,16 @@ def test_a_csv_row_cut_short_or_with_an_extra_field_is_an_error_naming_its_line(
     check_error(e, f"{path} line {k + 1} has {fields} fields, the header {header}", "download it again")
 
 
+def test_csv_rows_keep_only_the_columns_a_loader_reads(tmp_path):
+    """FMoW's rgb_metadata.csv has 524k rows, each with a map projection of ~400 characters the loader never reads:
+    kept, 0.8 GB in every process of a torchrun job (measured on a synthetic file of that size: 0.22 GB kept)."""
+    mini.make_fmow(tmp_path)
+    path = tmp_path / "fmow_v1.1" / "rgb_metadata.csv"
+    rows = data.read_csv("fmow", path, ["split", "timestamp"])
+    assert len(path.read_text().splitlines()[0].split(",")) > 2 and rows and all(list(r) == ["split", "timestamp"]
+                                                                                  for r in rows)
+
+
 @pytest.mark.parametrize("name,file", [("fmow", "fmow_v1.1/rgb_metadata.csv"),
                                        ("domainnet", "domainnet/SENTRY_splits/sketch_train_mini.txt")])
 def test_a_text_file_still_gzipped_is_an_error_naming_it(tmp_path, name, file):
