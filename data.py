@@ -696,6 +696,7 @@ V2_FOLDERS = ("imagenetv2-matched-frequency-format-val", "imagenetv2-matched-fre
 # Names other tools give a folder we read (imagenetv2_pytorch, Kaggle, WiSE-FT's docs), or its download, for the hint
 ALSO_CALLED = {V2_FOLDERS[0]: V2_FOLDERS[1:],  # V2 is read under these names too: the hint is for their archives
                "sketch": ("imagenet-sketch",), "cifar-10-batches-py": ("cifar-10-python",),
+               "SENTRY_splits": ("txt",),  # SENTRY's repository: data/DomainNet/txt/
                "train": ("ILSVRC2012_img_train",), "val": ("ILSVRC2012_img_val",)}
 ARCHIVE = re.compile(r"\.(tar|tar\.gz|tar\.xz|tar\.bz2|tgz|zip|7z|gz)$", re.IGNORECASE)
 
@@ -704,9 +705,10 @@ def missing_hint(path):
     """A hint for a missing `path`, looked for only then: --data-root one level too deep (DIR/imagenet given, so
     DIR/imagenet/imagenet/train looked for), or the first missing folder or file there as an archive not yet
     unpacked, or under another name (CIFAR-10.1 for cifar10.1, ALSO_CALLED), or in a folder inside that (a clone of
-    the CIFAR-10.1 repository: CIFAR-10.1/datasets/; ImageNet-Sketch/sketch/), or one level down (an archive unpacked into a folder of its own
-    name: rendered-sst2/rendered-sst2/train; --data-root one level too high). A folder that cannot be listed gives
-    no hint."""
+    the CIFAR-10.1 repository: CIFAR-10.1/datasets/; ImageNet-Sketch/sketch/), or without that folder (SENTRY's
+    lists fetched into domainnet/), or one level down (an archive unpacked into a folder of its own name:
+    rendered-sst2/rendered-sst2/train; --data-root one level too high). A folder that cannot be listed gives no
+    hint."""
     path = Path(path).absolute()
     for p in (path, *path.parents):
         if p.name and p.name == p.parent.name and p.parent.is_dir() and not p.exists():
@@ -734,6 +736,8 @@ def missing_hint(path):
             inside = [d for d in sorted(e.iterdir()) if d.is_dir() and (d / rest).exists()]
             if inside:
                 return f"; found {inside[0] / rest} there: move or link {inside[0]} to {first}"
+        if rest != Path(".") and (first.parent / rest).exists():  # without the folder around it
+            return f"; found {first.parent / rest}: move it (and what goes with it) into {first}"
         wanted = path.relative_to(first.parent)
         below = next((d for d in sorted(first.parent.iterdir()) if d.is_dir() and (d / wanted).exists()), None)
     except OSError:  # a folder we may enter but not list

@@ -616,6 +616,23 @@ def test_domainnet_missing_list_file_is_an_error_naming_it(tmp_path):
     check_error(e, "real_test_mini.txt")
 
 
+@pytest.mark.parametrize("where", ["txt", "."])
+def test_domainnet_lists_in_sentrys_folder_or_in_no_folder_are_named(tmp_path, where):
+    """SENTRY's repository keeps its lists in data/DomainNet/txt/, and download scripts fetch them straight into
+    domainnet/: the error names where they are and where they go (it said only that SENTRY_splits/ was missing)."""
+    mini.make_domainnet(tmp_path)
+    base = tmp_path / "domainnet"
+    (base / where).mkdir(exist_ok=True)
+    for f in list((base / "SENTRY_splits").iterdir()):
+        f.rename(base / where / f.name)
+    (base / "SENTRY_splits").rmdir()
+    with pytest.raises(SystemExit) as e:
+        data.load_dataset("domainnet", data_root=str(tmp_path), backbone=BACKBONE)
+    said = ("found {}/txt there: rename it to SENTRY_splits" if where == "txt" else
+            "found {}/sketch_train_mini.txt: move it (and what goes with it) into {}/SENTRY_splits")
+    check_error(e, said.format(base, base))
+
+
 def test_domainnet_blank_lines_in_a_list_file_are_skipped(tmp_path):
     """A list file edited by hand often holds an empty line, or ends in one: it names no image and is no error."""
     truth = mini.make_domainnet(tmp_path)
