@@ -151,6 +151,10 @@ def load_embedded_clip(name, log=print):
                              f"{Path(__file__).name}: copy pretrain.py along with common.py and data.py, or point "
                              "RFT_CACHE at a folder that holds the model") from None
 
+        if data.rank_and_world()[1] > 1:  # every process would pretrain it, each on torchrun's one thread: minutes
+            raise SystemExit(f"error: no cached {name} at {path}; pretrain it once before a torchrun job (each of its "
+                             "processes would pretrain it again, on one thread, which makes another model than a "
+                             f"plain run's): python pretrain.py --backbone {name}")
         try:  # before minutes of pretraining, not after
             path.parent.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=path.parent).close()

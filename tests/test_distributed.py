@@ -435,6 +435,20 @@ def test_only_rank_0_writes_results_checkpoints_resume_points_and_the_done_marke
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_torchrun_job_does_not_pretrain_an_embedded_model_in_each_process(tmp_path, monkeypatch):
+    """Each rank pretrained it and wrote it to the cache, on torchrun's one thread each, which makes another model
+    than a plain run (pretrain.py, or the first single-process run); it stops, with the command that pretrains it."""
+    import pretrain
+
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path))
+    monkeypatch.setattr(data, "rank_and_world", lambda: (1, 2))
+    monkeypatch.setattr(pretrain, "pretrain", lambda *a, **k: pytest.fail("pretrained in a torchrun process"))
+    with pytest.raises(SystemExit, match=r"no cached embedded-clip-tiny at .*; pretrain it once before a torchrun job "
+                                         r".*: python pretrain.py --backbone embedded-clip-tiny$"):
+        common.load_embedded_clip("embedded-clip-tiny", log=lambda msg: None)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_init_distributed_on_cpus_joins_with_gloo_and_leaves_the_group_at_exit(monkeypatch):
     """A CPU rank keeps its device and joins with gloo (NCCL needs GPUs); the group is destroyed at exit."""
     calls = fake_process_group(monkeypatch, WORLD_SIZE="2", LOCAL_RANK="1")
