@@ -1089,8 +1089,9 @@ def git_commit():
     tracked (a copy inside another project, whose commits do not hold this code)."""
     here = Path(__file__).resolve().parent
 
-    def git(*args):
-        return subprocess.run(["git", "--literal-pathspecs", *args], cwd=here, capture_output=True, text=True)
+    def git(*args):  # no optional locks: `git status` would write .git/index, racing the other ranks and the user
+        return subprocess.run(["git", "--literal-pathspecs", *args], cwd=here, capture_output=True, text=True,
+                              env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"})
 
     try:
         head = git("rev-parse", "HEAD")

@@ -518,6 +518,24 @@ def test_git_commit_holds_the_code_that_runs_or_says_it_does_not(tmp_path, monke
     assert common.git_commit() == head + "-dirty"
 
 
+def test_git_commit_writes_nothing_into_the_repository(tmp_path, monkeypatch):
+    """Every rank of a torchrun job asks git for the commit: `git status` refreshing .git/index took its lock, which
+    the other ranks, or the user's own `git commit` at that moment, then found taken."""
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    for name in [k for k in os.environ if k.startswith("GIT_")]:
+        monkeypatch.delenv(name)
+    (tmp_path / "common.py").write_text("# ours\n")
+    for args in (["init", "-q"], ["add", "common.py"],
+                 ["-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", "commit", "-q", "-m", "o"]):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+    os.utime(tmp_path / "common.py", ns=(0, 10 ** 9))  # the same content, another time: the index is stale
+    index = (tmp_path / ".git" / "index").read_bytes()
+    monkeypatch.setattr(common, "__file__", str(tmp_path / "common.py"))
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "common.py")])
+    assert common.git_commit() and (tmp_path / ".git" / "index").read_bytes() == index
+
+
 def finished_run(root, method, dataset, seed, metrics, **record):
     """A fake finished run under `root`, as summarize.py finds it: <method>/<dataset>/seed<seed>/done. Its folder."""
     (run := Path(root) / method / dataset / f"seed{seed}").mkdir(parents=True)
