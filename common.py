@@ -141,6 +141,14 @@ def embedded_cache_path(cfg):
 def load_embedded_clip(name, log=print):
     cfg = EMBEDDED_BACKBONES[name]
     path = embedded_cache_path(cfg)
+    world = data.rank_and_world()[1]
+    if world > 1:  # decided together: a node whose own cache lacks it must not stop alone, the others would wait
+        lacking = world - round(all_reduce_sum(float(path.exists()))[0])
+        if lacking:  # each process would pretrain it, on torchrun's one thread: minutes, and another model
+            raise SystemExit(f"error: {lacking} of the {world} processes find no cached {name} at {path}; pretrain it "
+                             "once before a torchrun job, on each node whose RFT_CACHE is its own (each process would "
+                             "pretrain it again, on one thread, which makes another model than a plain run's): "
+                             f"python pretrain.py --backbone {name}")
     if not path.exists():
         try:
             import pretrain  # the pretraining script, run once per config
@@ -151,10 +159,6 @@ def load_embedded_clip(name, log=print):
                              f"{Path(__file__).name}: copy pretrain.py along with common.py and data.py, or point "
                              "RFT_CACHE at a folder that holds the model") from None
 
-        if data.rank_and_world()[1] > 1:  # every process would pretrain it, each on torchrun's one thread: minutes
-            raise SystemExit(f"error: no cached {name} at {path}; pretrain it once before a torchrun job (each of its "
-                             "processes would pretrain it again, on one thread, which makes another model than a "
-                             f"plain run's): python pretrain.py --backbone {name}")
         try:  # before minutes of pretraining, not after
             path.parent.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=path.parent).close()

@@ -437,16 +437,25 @@ def test_only_rank_0_writes_results_checkpoints_resume_points_and_the_done_marke
 
 def test_a_torchrun_job_does_not_pretrain_an_embedded_model_in_each_process(tmp_path, monkeypatch):
     """Each rank pretrained it and wrote it to the cache, on torchrun's one thread each, which makes another model
-    than a plain run (pretrain.py, or the first single-process run); it stops, with the command that pretrains it."""
+    than a plain run (pretrain.py, or the first single-process run); every process stops, with the command that
+    pretrains it."""
     import pretrain
 
     monkeypatch.setenv("RFT_CACHE", str(tmp_path))
     monkeypatch.setattr(data, "rank_and_world", lambda: (1, 2))
+    monkeypatch.setattr(common, "all_reduce_sum", lambda found: (found + 1.0,))  # the other process finds it
     monkeypatch.setattr(pretrain, "pretrain", lambda *a, **k: pytest.fail("pretrained in a torchrun process"))
-    with pytest.raises(SystemExit, match=r"no cached embedded-clip-tiny at .*; pretrain it once before a torchrun job "
-                                         r".*: python pretrain.py --backbone embedded-clip-tiny$"):
+    with pytest.raises(SystemExit, match=r"1 of the 2 processes find no cached embedded-clip-tiny at .*; pretrain it "
+                                         r"once before a torchrun job.*: python pretrain.py --backbone "
+                                         r"embedded-clip-tiny$"):
         common.load_embedded_clip("embedded-clip-tiny", log=lambda msg: None)
     assert list(tmp_path.iterdir()) == []
+    # This process finds it and the other does not (a node with a cache of its own): every process stops, or this one
+    # would wait for the other in the first collective.
+    common.embedded_cache_path(common.EMBEDDED_BACKBONES["embedded-clip-tiny"]).write_bytes(b"")
+    monkeypatch.setattr(common, "all_reduce_sum", lambda found: (found + 0.0,))
+    with pytest.raises(SystemExit, match=r"1 of the 2 processes find no cached"):
+        common.load_embedded_clip("embedded-clip-tiny", log=lambda msg: None)
 
 
 def test_init_distributed_on_cpus_joins_with_gloo_and_leaves_the_group_at_exit(monkeypatch):
