@@ -11,6 +11,7 @@ share of step time spent waiting for data. Prints a table and writes JSON (--out
 """
 import argparse
 import atexit
+import contextlib
 import dataclasses
 import functools
 import json
@@ -89,12 +90,11 @@ def trainer(build, device, fast):
     return model, forward, torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fast)
 
 
-def train_rate(made, res, batch, device, fast, steps, batches=None, profile=None, decoded_on_device=False):
+def train_rate(made, res, batch, device, fast, steps, batches=None, profile=None):
     """Images/s of a cross-entropy training step of `made` (trainer's model, forward and optimiser). `batches` = an
     iterator of real (x, y) batches; None = one synthetic batch reused. `profile`: a file for the profile of a few
-    more steps, after the timed ones. `decoded_on_device`: decoding a batch there first waits for the steps queued
-    (data.wait_for_queued_work), which is then done before the data's clock starts: it is step time, not data time.
-    Returns (images/s, share of time waiting for data)."""
+    more steps, after the timed ones. Returns (images/s, share of time waiting for data): the time in next(batches),
+    less what a batch decoded on the device spends waiting for the steps queued there first (step time, not data's)."""
     torch.backends.cudnn.benchmark = fast  # ours, as the method scripts on CUDA: shapes are static
     model, step_model, opt = made
     x = torch.randn(batch, 3, res, res, device=device)
@@ -108,19 +108,18 @@ def train_rate(made, res, batch, device, fast, steps, batches=None, profile=None
         opt.step()
 
     waited, start = 0.0, None
-    for i in range(steps + 3):  # 3 warm-up steps (compilation, allocator, cuDNN autotuning)
-        if i == 3:
-            sync(device)
-            start, waited = time.perf_counter(), 0.0
-        if batches is not None:
-            if decoded_on_device:  # (the decoding would wait as long: the rate is the same)
+    with seconds_in(data, "wait_for_queued_work") as step_wait:
+        for i in range(steps + 3):  # 3 warm-up steps (compilation, allocator, cuDNN autotuning)
+            if i == 3:
                 sync(device)
-            t = time.perf_counter()
-            x, y = next(batches)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            waited += time.perf_counter() - t
-        step(x, y)
-    sync(device)
+                start, waited = time.perf_counter(), 0.0
+            if batches is not None:
+                t, queued = time.perf_counter(), step_wait[0]
+                x, y = next(batches)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                waited += time.perf_counter() - t - (step_wait[0] - queued)
+            step(x, y)
+        sync(device)
     elapsed = time.perf_counter() - start
     if profile:
         try:  # a profiler that fails (versions differ on a lent machine) must not cost the measurements
@@ -128,6 +127,25 @@ def train_rate(made, res, batch, device, fast, steps, batches=None, profile=None
         except Exception as e:
             common.write_text_atomic(profile, f"profiling failed: {type(e).__name__}: {e}\n")
     return steps * batch / elapsed, waited / elapsed
+
+
+@contextlib.contextmanager
+def seconds_in(module, name):
+    """module.name timed while in the block: yields a one-item list that adds up the seconds spent in it."""
+    spent, inner = [0.0], getattr(module, name)
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - t
+
+    setattr(module, name, timed)
+    try:
+        yield spent
+    finally:
+        setattr(module, name, inner)
 
 
 def write_profile(step, device, path, steps=5):
@@ -315,8 +333,7 @@ def train_rows(name, build, res, batch, device, steps, peak, cell, profile=None)
 
         def jpeg_rate(on_device=on_device):
             split, batches = jpeg_batches(res, batch, device, on_device)
-            rate, wait = train_rate(ours(), res, batch, device, True, steps, batches,  # the synthetic cell's model
-                                    decoded_on_device=on_device)
+            rate, wait = train_rate(ours(), res, batch, device, True, steps, batches)  # the synthetic cell's model
             return {"images_per_s": rate, "data_wait_share": wait, "share_of_synthetic": ratio(rate, synthetic),
                     "files_decoded_on_cpu_instead": split.cpu_decoded_files}  # 0 unless on_device fell back
         rates[key] = cell("train", name, key, measure=jpeg_rate)
