@@ -25,10 +25,11 @@
 #   pip download --no-deps --only-binary=:all: -d .whl open_clip_torch==3.3.0 ftfy wcwidth
 #   device run, carry [".whl"], timeout_s 580:  bash benchmarks/gpu_checks.sh "$OUT"
 # Budget: the whole script stops itself within $BUDGET seconds (default 540, under that timeout_s, so every file
-# comes back): each check gets what is left, up to its own cap, and is skipped when under 15 s are left. The machine's
-# start counts against the session's 15 minutes, so plan for one call. $OUT receives 7 small files (the device tool
-# returns at most 8: a bench JSON's temporary file, left by a time-out, may be the eighth): methods.txt (the
-# environment first), bench.txt, profile.txt and bench*.json. Scratch (model cache, runs, JPEGs) stays in $WORK.
+# comes back): each check gets what is left, up to its own cap, and is skipped, said so, when under 15 s are left.
+# The machine's start counts against the session's 15 minutes, so this is one call by design: no time is left for a
+# second. $OUT receives 7 small files (the device tool returns at most 8: a bench JSON's temporary file, left by a
+# time-out, may be the eighth): methods.txt (the environment first), bench.txt, profile.txt and bench*.json. Scratch
+# (model cache, runs, JPEGs) stays in $WORK.
 set -uo pipefail
 mkdir -p "${1:-gpu-out}" && OUT=$(cd "${1:-gpu-out}" && pwd)  # absolute: the script changes directory below
 WORK=${WORK:-/tmp/rft-gpu}
@@ -113,6 +114,7 @@ for split, n in (("train", 40), ("test", 10), ("ood", 10)):
 PY
 # Does nvJPEG refuse the CMYK JPEG (then data.py decodes it on the CPU), or decode it, and to PIL's colours?
 t=$(limit 30)
+[ "$t" -gt 0 ] || echo "== the CMYK JPEG check skipped: the budget was spent" >> "$OUT/methods.txt"
 [ "$t" -gt 0 ] && timeout -k 5 "$t" "$PY" - "$WORK/jpegs/train/cat/0.jpg" >> "$OUT/methods.txt" 2>&1 <<'PY'
 import sys, numpy as np, torch
 from PIL import Image
