@@ -61,7 +61,7 @@ def load_runs(root):
                                  f"({runs_of}); a table row averages seeds of one recipe and options on one backbone: "
                                  "summarize each folder on its own, or give a variant of a method its own name "
                                  "(common.setup(args, \"<name>\") in its script)")
-        scored = {Path(r["results"]).parent: ood_sets(r) for r in records}
+        scored = {Path(r["results"]).parent: sorted(ood_sets(r["metrics"])) for r in records}
         if len({tuple(sets) for sets in scored.values()}) > 1:  # a set missing when a seed ran (data.py skips it)
             runs_of = "; ".join(f"{folder}: {', '.join(sets) or 'none'}" for folder, sets in scored.items())
             raise SystemExit(f"error: the {method} runs on {dataset} under {root} scored other OOD test sets "
@@ -70,9 +70,18 @@ def load_runs(root):
     return runs
 
 
-def ood_sets(record):
-    """The OOD test sets a run scored, sorted (a loader skips a missing ImageNet OOD set, with a note)."""
-    return sorted(k[len("acc/ood_"):] for k in record["metrics"] if k.startswith("acc/ood_") and k != "acc/ood_avg")
+def ood_sets(metrics):
+    """The OOD test sets scored, from metric keys, in their order (a loader skips a missing ImageNet OOD set, with a
+    note)."""
+    return [k[len("acc/ood_"):] for k in metrics if k.startswith("acc/ood_") and k != "acc/ood_avg"]
+
+
+def fewer_sets(runs, dataset, method):
+    """The OOD sets a method's runs scored, sorted, where they are fewer than the dataset's other runs scored (its
+    OOD average is not theirs); else None."""
+    every = {o for (d, _), records in runs.items() if d == dataset for r in records for o in ood_sets(r["metrics"])}
+    scored = set(ood_sets(runs[(dataset, method)][0]["metrics"]))  # every seed's (load_runs)
+    return sorted(scored) if scored != every else None
 
 
 def same(field, a, b):
@@ -120,7 +129,7 @@ def columns(runs, dataset):
     it has one (HEADLINE), feature distortion ID and OOD."""
     keys = list(dict.fromkeys(k for (d, m), records in sorted(runs.items()) if d == dataset for r in records
                               for k in r["metrics"]))
-    ood = [k[len("acc/ood_"):] for k in keys if k.startswith("acc/ood_") and k != "acc/ood_avg"]
+    ood = ood_sets(keys)
     own = [(f"{side} {label}", f"{metric}/{split}") for metric, label in HEADLINE.items()
            for side, split in (("ID", "id_test"), ("OOD", "ood_avg")) if f"{metric}/{split}" in keys]
     return ([("ID", "acc/id_test")] + [(f"OOD {o}", f"acc/ood_{o}") for o in ood] + [("OOD avg", "acc/ood_avg")]
@@ -135,11 +144,10 @@ def build_table(runs, published=None):
         cols = columns(runs, dataset)
         lines += [f"**{dataset}**", "", "| method | seeds | " + " | ".join(c for c, _ in cols) + " |",
                   "|---|---|" + "---|" * len(cols)]
-        every_set = sorted({o for (d, _), rs in runs.items() if d == dataset for r in rs for o in ood_sets(r)})
         for method in ordered_methods(runs, dataset):
             records = runs[(dataset, method)]
             cells, row = [], {"dataset": dataset, "method": method, "seeds": len(records)}
-            fewer = ood_sets(records[0]) != every_set and ood_sets(records[0])  # its seeds scored the same (load_runs)
+            fewer = fewer_sets(runs, dataset, method)
             for name, key in cols:
                 values = [r["metrics"][key] for r in records if key in r["metrics"]]
                 if not values:
@@ -212,7 +220,9 @@ def plot(runs, dataset, out_dir):
                     ax.annotate(f"α={a:g}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8,
                                 color=colours[m])
         (x, xe), (y, ye) = stats[m][f"{id_metric}/id_test"], stats[m][f"{ood_metric}/ood_avg"]
-        ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", color=colours[m], label=LABELS.get(m, m), capsize=3, zorder=2)
+        fewer = fewer_sets(runs, dataset, m)  # its OOD average is over fewer sets than the others' (the table says so)
+        label = LABELS.get(m, m) + (f" (OOD: {', '.join(fewer)} only)" if fewer else "")
+        ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", color=colours[m], label=label, capsize=3, zorder=2)
     ax.set_xlabel(f"ID test {HEADLINE.get(id_metric, 'accuracy')} (%)")
     ax.set_ylabel(f"OOD {HEADLINE.get(ood_metric, 'accuracy')}, average over shifts (%)")
     ax.set_title(f"{dataset}: ID vs OOD (mean ± 90% CI over seeds)")

@@ -526,8 +526,8 @@ def test_git_commit_writes_nothing_into_the_repository(tmp_path, monkeypatch):
     for name in [k for k in os.environ if k.startswith("GIT_")]:
         monkeypatch.delenv(name)
     (tmp_path / "common.py").write_text("# ours\n")
-    for args in (["init", "-q"], ["add", "common.py"],
-                 ["-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", "commit", "-q", "-m", "o"]):
+    commit = ["-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", "commit", "-q", "-m", "o"]
+    for args in (["init", "-q"], ["add", "common.py"], commit):
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
     os.utime(tmp_path / "common.py", ns=(0, 10 ** 9))  # the same content, another time: the index is stale
     index = (tmp_path / ".git" / "index").read_bytes()
@@ -699,12 +699,14 @@ def test_summarize_refuses_to_average_seeds_run_on_other_backbones_or_recipes(fi
     assert len(summarize.load_runs(tmp_path / "same")[("embedded", "lp")]) == 2
 
 
-def test_summarize_averages_and_compares_only_ood_averages_over_the_same_sets(tmp_path):
+def test_summarize_averages_and_compares_only_ood_averages_over_the_same_sets(tmp_path, monkeypatch):
     """data.py skips a missing ImageNet OOD set with a note, and acc/ood_avg averages the sets found. Seeds that
     scored other sets are refused, naming each one's; a row that scored fewer sets than the others says which it
-    averages, and stands beside no paper's OOD average."""
-    full = {"acc/id_test": 80.0, "acc/ood_v2": 70.0, "acc/ood_r": 60.0, "acc/ood_sketch": 40.0, "acc/ood_avg": 56.7}
-    short = {"acc/id_test": 80.0, "acc/ood_v2": 70.0, "acc/ood_r": 60.0, "acc/ood_avg": 65.0}
+    averages, in the table and the picture, and stands beside no paper's OOD average."""
+    full = {"acc/id_test": 80.0, "acc/ood_v2": 70.0, "acc/ood_r": 60.0, "acc/ood_sketch": 40.0, "acc/ood_avg": 56.7,
+            "distortion/id_test": 0.5, "distortion/ood_avg": 0.5}
+    short = {"acc/id_test": 80.0, "acc/ood_v2": 70.0, "acc/ood_r": 60.0, "acc/ood_avg": 65.0,
+             "distortion/id_test": 0.5, "distortion/ood_avg": 0.5}
     for seed, metrics in enumerate((full, short)):
         finished_run(tmp_path / "seeds", "lp", "imagenet", seed, metrics)
     with pytest.raises(SystemExit, match=r"the lp runs on imagenet under .* scored other OOD test sets \(.*seed0: r, "
@@ -717,10 +719,18 @@ def test_summarize_averages_and_compares_only_ood_averages_over_the_same_sets(tm
     published = {("imagenet", m, "OOD avg"): paper for m in ("lp", "ft")}
     markdown, rows = summarize.build_table(summarize.load_runs(tmp_path / "rows"), published=published)
     lines = markdown.splitlines()
-    assert "| LP | 2 | 80.0 ± 0.0 | 70.0 ± 0.0 | 60.0 ± 0.0 | 40.0 ± 0.0 | 56.7 ± 0.0 (paper 50.0 [paper]) | – | – |" \
-        in lines
-    assert "| FT | 2 | 80.0 ± 0.0 | 70.0 ± 0.0 | 60.0 ± 0.0 | – | 65.0 ± 0.0 (over r, v2 only) | – | – |" in lines
+    assert "| LP | 2 | 80.0 ± 0.0 | 70.0 ± 0.0 | 60.0 ± 0.0 | 40.0 ± 0.0 | 56.7 ± 0.0 (paper 50.0 [paper]) | " \
+           "0.5000 ± 0.0000 | 0.5000 ± 0.0000 |" in lines
+    assert "| FT | 2 | 80.0 ± 0.0 | 70.0 ± 0.0 | 60.0 ± 0.0 | – | 65.0 ± 0.0 (over r, v2 only) | 0.5000 ± 0.0000 | " \
+           "0.5000 ± 0.0000 (over r, v2 only) |" in lines
     assert {r["method"]: r.get("OOD avg over") for r in rows} == {"lp": None, "ft": "r, v2"}
+    import matplotlib.axes
+
+    labels, errorbar = [], matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", lambda ax, *a, **k: labels.append(k["label"]) or
+                        errorbar(ax, *a, **k))
+    summarize.plot(summarize.load_runs(tmp_path / "rows"), "imagenet", tmp_path)  # the picture says it too
+    assert sorted(k for k in labels if not k.startswith("_")) == ["FT (OOD: r, v2 only)", "LP"]  # not the bars
 
 
 def test_done_records_the_options_that_change_a_result_and_summarize_reads_only_done_files(tmp_path):
