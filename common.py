@@ -772,14 +772,15 @@ def feature_cache(backbone, dataset, split, device, precision, seed=0):
     take seconds). It covers the weights, the split's images and labels (data_fingerprint), the preprocessing, where
     JPEGs are decoded (RFT_GPU_DECODE), the precision on `device` (a cache shared by a CPU and a GPU machine keeps
     their 'auto' apart) and the kind of device (their fp32 differs too); the ID training split's features depend on
-    the seed too (one random augmented view per image, as the LP-FT code takes)."""
+    the seed too (one random augmented view per image, as the LP-FT code takes), unless its transform draws nothing
+    (CIFAR-10): then every seed reads the features the first extracted."""
     if dataset.name in data.WORLDS or backbone.key is None:
         return None
     part = {"id_train": dataset.train, **eval_splits(dataset)}[split]
     pre = data.preprocessing(dataset.backbone, dataset.name)
     parts = [backbone.key, dataset.name, dataset.info.get("root"), split, len(part), data_fingerprint(part),
              repr(pre), resolve_precision(device, precision),
-             seed if split == "id_train" else None]
+             seed if split == "id_train" and data.augments(pre) else None]
     if pre.squash:  # (appended, not in repr: the keys of the other datasets' caches stay valid)
         parts.append(f"resized whole, training at {pre.squash:g} x the size")
     if torch.device(device).type != "cpu":  # a GPU's fp32 is not a CPU's: cuDNN convolves in TF32 by default

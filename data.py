@@ -599,6 +599,11 @@ def preprocessing(backbone, dataset=None):
     return dataclasses.replace(pre, **SQUASHED.get(dataset, {}))
 
 
+def augments(pre):
+    """Whether the training transform draws at random: not for CIFAR-10's images resized whole (SQUASHED)."""
+    return pre.flip or not pre.squash or round(pre.size * pre.squash) > pre.size
+
+
 def transforms(pre, train):
     """PIL image -> uint8 [3, size, size] tensor (normalisation happens on the device, see `normalize`)."""
     from torchvision.transforms import v2

@@ -314,6 +314,19 @@ def test_feature_cache_key_covers_the_geometry_of_a_dataset_resized_whole(tmp_pa
     assert keys[0] != keys[1]
 
 
+@pytest.mark.parametrize("name, random", [("cifar10", False), ("domainnet", True), ("folder", True)])
+def test_id_train_features_are_keyed_by_the_seed_only_where_its_transform_draws_at_random(tmp_path, name, random):
+    """One augmented view per training image, drawn from the seed; CIFAR-10's training images are resized whole and
+    not flipped, so every seed's features are the same, extracted once (50,000 images at 224 px)."""
+    getattr(mini, f"make_{name}")(tmp_path)
+    backbone = common.Backbone(torch.nn.Identity(), key="k")
+    dataset = data.load_dataset(name, data_root=str(tmp_path), backbone="moco-v2-rn50")
+    keys = {common.feature_cache(backbone, dataset, "id_train", "cpu", "auto", seed=seed) for seed in (0, 1)}
+    assert len(keys) == (2 if random else 1)
+    if not random:  # what makes one key right: two reads of CIFAR-10's training images give the same pixels
+        assert torch.equal(read_once(dataset.train), read_once(dataset.train))
+
+
 @pytest.mark.parametrize("split", ["train", "test", "stl10", "cifar10.1"])
 def test_cifar10_stl_images_are_upright(minis, split):
     """An asymmetric picture (white band on top, red block bottom-left) written in each format's own order
