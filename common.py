@@ -145,10 +145,11 @@ def load_embedded_clip(name, log=print):
     if world > 1:  # decided together: a node whose own cache lacks it must not stop alone, the others would wait
         lacking = world - round(all_reduce_sum(float(path.exists()))[0])
         if lacking:  # each process would pretrain it, on torchrun's one thread: minutes, and another model
-            raise SystemExit(f"error: {lacking} of the {world} processes find no cached {name} at {path}; pretrain it "
-                             "once before a torchrun job, on each node whose RFT_CACHE is its own (each process would "
-                             "pretrain it again, on one thread, which makes another model than a plain run's): "
-                             f"python pretrain.py --backbone {name}")
+            raise SystemExit(f"error: {lacking} of the {world} processes find no cached {name} (this one "
+                             f"{'finds' if path.exists() else 'lacks'} {path}); pretrain it once before a torchrun "
+                             "job, on each node whose RFT_CACHE is its own (each process would pretrain it again, on "
+                             f"one thread, which makes another model than a plain run's): python pretrain.py "
+                             f"--backbone {name}")
     if not path.exists():
         try:
             import pretrain  # the pretraining script, run once per config
@@ -773,14 +774,14 @@ def feature_cache(backbone, dataset, split, device, precision, seed=0):
     JPEGs are decoded (RFT_GPU_DECODE), the precision on `device` (a cache shared by a CPU and a GPU machine keeps
     their 'auto' apart) and the kind of device (their fp32 differs too); the ID training split's features depend on
     the seed too (one random augmented view per image, as the LP-FT code takes), unless its transform draws nothing
-    (CIFAR-10): then every seed reads the features the first extracted."""
+    (CIFAR-10): then every seed reads seed 0's features."""
     if dataset.name in data.WORLDS or backbone.key is None:
         return None
     part = {"id_train": dataset.train, **eval_splits(dataset)}[split]
     pre = data.preprocessing(dataset.backbone, dataset.name)
     parts = [backbone.key, dataset.name, dataset.info.get("root"), split, len(part), data_fingerprint(part),
              repr(pre), resolve_precision(device, precision),
-             seed if split == "id_train" and data.augments(pre) else None]
+             seed if split == "id_train" and data.augments(pre) else 0 if split == "id_train" else None]
     if pre.squash:  # (appended, not in repr: the keys of the other datasets' caches stay valid)
         parts.append(f"resized whole, training at {pre.squash:g} x the size")
     if torch.device(device).type != "cpu":  # a GPU's fp32 is not a CPU's: cuDNN convolves in TF32 by default

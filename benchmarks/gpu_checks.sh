@@ -25,7 +25,7 @@
 #   pip download --no-deps --only-binary=:all: -d .whl open_clip_torch==3.3.0 ftfy wcwidth
 #   device run, carry [".whl"], timeout_s 580:  bash benchmarks/gpu_checks.sh "$OUT"
 # Budget: the whole script stops itself within $BUDGET seconds (default 540, under that timeout_s, so every file
-# comes back): each check gets what is left, up to its own cap, and is skipped, said so, when under 15 s are left.
+# comes back): each check gets what is left, up to its own cap, and is skipped when under 15 s are left.
 # The machine's start counts against the session's 15 minutes, so this is one call by design: no time is left for a
 # second. $OUT receives 7 small files (the device tool returns at most 8: a bench JSON's temporary file, left by a
 # time-out, may be the eighth): methods.txt (the environment first), bench.txt, profile.txt and bench*.json. Scratch

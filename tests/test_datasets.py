@@ -314,6 +314,20 @@ def test_feature_cache_key_covers_the_geometry_of_a_dataset_resized_whole(tmp_pa
     assert keys[0] != keys[1]
 
 
+@pytest.mark.parametrize("backbone", ["embedded-clip-tiny", "clip-vit-b16", "moco-v2-rn50"])
+@pytest.mark.parametrize("dataset", [None, *data.SQUASHED])
+def test_augments_says_whether_the_training_transform_draws(backbone, dataset):
+    """data.augments keys the feature cache by the seed: it must agree with what transforms() does, for every kind of
+    backbone and geometry, or seeds would share one random view (checked on noise, where every crop or flip shows)."""
+    pre = data.preprocessing(backbone, dataset)
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 64, 3), dtype=np.uint8))
+    draws = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        draws.append(data.transforms(pre, train=True)(picture))
+    assert data.augments(pre) == any(not torch.equal(draws[0], d) for d in draws[1:])
+
+
 @pytest.mark.parametrize("name, random", [("cifar10", False), ("domainnet", True), ("folder", True)])
 def test_id_train_features_are_keyed_by_the_seed_only_where_its_transform_draws_at_random(tmp_path, name, random):
     """One augmented view per training image, drawn from the seed; CIFAR-10's training images are resized whole and

@@ -445,16 +445,16 @@ def test_a_torchrun_job_does_not_pretrain_an_embedded_model_in_each_process(tmp_
     monkeypatch.setattr(data, "rank_and_world", lambda: (1, 2))
     monkeypatch.setattr(common, "all_reduce_sum", lambda found: (found + 1.0,))  # the other process finds it
     monkeypatch.setattr(pretrain, "pretrain", lambda *a, **k: pytest.fail("pretrained in a torchrun process"))
-    with pytest.raises(SystemExit, match=r"1 of the 2 processes find no cached embedded-clip-tiny at .*; pretrain it "
-                                         r"once before a torchrun job.*: python pretrain.py --backbone "
-                                         r"embedded-clip-tiny$"):
+    with pytest.raises(SystemExit, match=r"1 of the 2 processes find no cached embedded-clip-tiny \(this one lacks "
+                                         r".*\); pretrain it once before a torchrun job.*: python pretrain.py "
+                                         r"--backbone embedded-clip-tiny$"):
         common.load_embedded_clip("embedded-clip-tiny", log=lambda msg: None)
     assert list(tmp_path.iterdir()) == []
     # This process finds it and the other does not (a node with a cache of its own): every process stops, or this one
     # would wait for the other in the first collective.
     common.embedded_cache_path(common.EMBEDDED_BACKBONES["embedded-clip-tiny"]).write_bytes(b"")
     monkeypatch.setattr(common, "all_reduce_sum", lambda found: (found + 0.0,))
-    with pytest.raises(SystemExit, match=r"1 of the 2 processes find no cached"):
+    with pytest.raises(SystemExit, match=r"1 of the 2 processes find no cached embedded-clip-tiny \(this one finds"):
         common.load_embedded_clip("embedded-clip-tiny", log=lambda msg: None)
 
 
