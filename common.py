@@ -779,9 +779,10 @@ def feature_cache(backbone, dataset, split, device, precision, seed=0):
         return None
     part = {"id_train": dataset.train, **eval_splits(dataset)}[split]
     pre = data.preprocessing(dataset.backbone, dataset.name)
+    if split == "id_train" and not data.augments(pre):  # one view for every seed: seed 0's key (its existing cache)
+        seed = 0
     parts = [backbone.key, dataset.name, dataset.info.get("root"), split, len(part), data_fingerprint(part),
-             repr(pre), resolve_precision(device, precision),
-             seed if split == "id_train" and data.augments(pre) else 0 if split == "id_train" else None]
+             repr(pre), resolve_precision(device, precision), seed if split == "id_train" else None]
     if pre.squash:  # (appended, not in repr: the keys of the other datasets' caches stay valid)
         parts.append(f"resized whole, training at {pre.squash:g} x the size")
     if torch.device(device).type != "cpu":  # a GPU's fp32 is not a CPU's: cuDNN convolves in TF32 by default
@@ -1405,7 +1406,7 @@ def hold_folder(path):
     HELD[key] = fd
     for name in RUN_FILES:  # what a killed run was writing (write_atomic's <name>.tmp<pid>); other files are not ours
         for tmp in Path(path).glob(f"{name}.tmp*"):
-            if tmp.name[len(name) + 4:].isdigit():
+            if re.fullmatch(rf"{re.escape(name)}\.tmp\d+", tmp.name):
                 tmp.unlink(missing_ok=True)
 
 

@@ -600,8 +600,9 @@ def preprocessing(backbone, dataset=None):
 
 
 def augments(pre):
-    """Whether the training transform draws at random: not for CIFAR-10's images resized whole (SQUASHED)."""
-    return pre.flip or not pre.squash or round(pre.size * pre.squash) > pre.size
+    """Whether the training transform draws at random (torchvision names those steps Random...): not for CIFAR-10's
+    images, resized whole (SQUASHED)."""
+    return any(type(step).__name__.startswith("Random") for step in transforms(pre, train=True).transforms)
 
 
 def transforms(pre, train):
@@ -731,11 +732,10 @@ def missing_hint(path):
                 continue
             if ARCHIVE.search(e.name):
                 return f"; found {e} there: unpack it to {first.name}"
-            # the folder itself, unpacked inside one of another tool's name (ImageNet-Sketch/sketch/)
-            nested = [d for d in sorted(e.iterdir()) if d.is_dir() and squash(d.name) in names] \
-                if rest == Path(".") and e.is_dir() else []
-            if nested:
-                return f"; found {nested[0]} there: move or link it to {first}"
+            if rest == Path(".") and e.is_dir():  # the folder itself, inside one of another tool's name
+                nested = next((d for d in sorted(e.iterdir()) if d.is_dir() and squash(d.name) in names), None)
+                if nested:  # ImageNet-Sketch/sketch/
+                    return f"; found {nested} there: move or link it to {first}"
             if (e / rest).exists():
                 return f"; found {e} there: rename it to {first.name}"
             inside = [d for d in sorted(e.iterdir()) if d.is_dir() and (d / rest).exists()]
@@ -903,11 +903,12 @@ def imagenet_split(dataset, root, split, wnids, labels=None):
     """The images of ImageNet's train/ or val/ wnid folders. val/ as downloaded is flat: the error then says how to
     sort it."""
     folder = root / "imagenet" / split
-    kaggle = [p / "ILSVRC" / "Data" / "CLS-LOC" / split for p in (root / "imagenet", root)]
-    if not folder.exists() and any(p.is_dir() for p in kaggle):  # Kaggle's download, unpacked as it comes
-        found = next(p for p in kaggle if p.is_dir())
-        fail(dataset, f"{folder} not found; found Kaggle's layout, {found}: link it there (mkdir -p {folder.parent} "
-                      f"&& ln -s {found} {folder})")
+    if not folder.exists():  # Kaggle's download, unpacked as it comes, under DIR/imagenet or DIR
+        kaggle = (p / "ILSVRC" / "Data" / "CLS-LOC" / split for p in (root / "imagenet", root))
+        found = next((k for k in kaggle if k.is_dir()), None)
+        if found:
+            fail(dataset, f"{folder} not found; found Kaggle's layout, {found}: link it there (mkdir -p "
+                          f"{folder.parent} && ln -s {found} {folder})")
     sort = f"python data.py prepare-imagenet-val {folder} LOC_val_solution.csv" if split == "val" else None
     return image_folder(dataset, folder, wnids, labels, flat_hint=sort)
 
