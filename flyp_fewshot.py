@@ -61,7 +61,6 @@ class Args:
     """AdamW weight decay; default: the dataset's recipe (FLYP paper: 0.2 SST2, 0 PatchCamelyon)"""
 
 
-
 # Per-dataset defaults. PatchCamelyon and SST2: the FLYP paper's (50 draws); the other datasets take SST2's, unswept.
 # Embedded world: flyp.py's learning rate scale, 10 draws to keep a run near 2 minutes (embedded-tiny's validation
 # split holds 10 images a class: 4 shots).
@@ -88,8 +87,8 @@ def check_shots(dataset, shots):
 
 def draw_shots(labels, shots, g):
     """Indices of `shots` random examples of each class (of the classes present in `labels`)."""
-    return torch.cat([torch.nonzero(labels == c).flatten()[torch.randperm(int((labels == c).sum()), generator=g)[:shots]]
-                      for c in labels.unique()])
+    members = [torch.nonzero(labels == c).flatten() for c in labels.unique()]
+    return torch.cat([m[torch.randperm(len(m), generator=g)[:shots]] for m in members])
 
 
 def caption_tokens(tokenizer, classnames, templates):

@@ -106,7 +106,7 @@ def set_train_mode(model):
 
 def main(args):
     # ----- method: which head; the zero-shot one makes it another method (edit here) -----
-    if args.head_init not in HEAD_INITS:  # before setup: a typo costs no data loading
+    if args.head_init not in HEAD_INITS:  # first: a typo would otherwise run as ft-zeroshot-head
         raise SystemExit(f"error: --head-init {args.head_init!r}: choose {', '.join(HEAD_INITS)}")
     needs_clip = "--head-init zeroshot" if args.head_init == "zeroshot" else None  # its head comes from a text tower
     method = "ft" if args.head_init == "random" else "ft-zeroshot-head"  # its own table row and default run folder

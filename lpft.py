@@ -139,6 +139,7 @@ def linear_probe(args, dataset, train_feats, ref, device):
             best = (acc, float(c), w, b)
     _, c, w, b = best
     return w / std, b - (w * mean / std).sum(1), c  # W_raw = W / std, b_raw = b - W (mean / std) 1
+# ----- end of method -----
 
 
 # ----- method: which parameters train and how the head starts (stage 2, edit here) -----

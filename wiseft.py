@@ -74,7 +74,8 @@ def alpha_grid(step, report):
         raise SystemExit(f"error: --alpha-step {step} does not divide 1; use 1/n, such as 0.1, 0.125, 0.25 or 0.5")
     alphas = [round(i / n, 6) for i in range(n + 1)]
     if round(report, 6) not in alphas:
-        raise SystemExit(f"error: --report-alpha {report} is not on the grid 0, {alphas[1]}, ..., 1 of --alpha-step {step}")
+        raise SystemExit(f"error: --report-alpha {report} is not on the grid 0, {alphas[1]}, ..., 1 of "
+                         f"--alpha-step {step}")
     return alphas
 
 
@@ -109,8 +110,8 @@ def endpoint_args(args, ckpt, path):
     args.dataset = ckpt["args"]["dataset"]
     trained = data.default_backbone(args.dataset) if ckpt["args"]["backbone"] is None else ckpt["args"]["backbone"]
     if args.backbone not in (None, trained):
-        raise SystemExit(f"error: {path!r} was fine-tuned from {trained}, not {args.backbone}; drop --backbone (WiSE-FT "
-                         "interpolates a checkpoint with the backbone it started from)")
+        raise SystemExit(f"error: {path!r} was fine-tuned from {trained}, not {args.backbone}; drop --backbone "
+                         "(WiSE-FT interpolates a checkpoint with the backbone it started from)")
     if args.seed not in (None, ckpt["args"]["seed"]):
         raise SystemExit(f"error: {path!r} was fine-tuned with --seed {ckpt['args']['seed']}, not {args.seed}; drop "
                          "--seed (its evaluation uses the checkpoint's, and is filed under it)")
@@ -162,7 +163,8 @@ def check_classes(ckpt, dataset, path):
     if trained is not None and list(trained) != list(dataset.classnames):
         folder = dataset.name == "folder"
         here, fix = (("this --data-root", "pass the data root it was fine-tuned on") if folder else
-                     (f"data.py's {dataset.name}", "data.py names them otherwise since it was saved; fine-tune it again"))
+                     (f"data.py's {dataset.name}",
+                      "data.py names them otherwise since it was saved; fine-tune it again"))
         raise SystemExit(f"error: {path!r} was fine-tuned on the classes {', '.join(trained)}, but {here} holds "
                          f"{', '.join(dataset.classnames)}; {fix}")
 
