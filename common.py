@@ -1169,15 +1169,16 @@ class Results:
         self.dir.mkdir(parents=True, exist_ok=True)
         hold_folder(self.dir)
         # an earlier run's files go aside under one N, after the highest there (one removed by hand leaves a gap)
-        kept = (re.fullmatch(r"(results|model|resume)\.previous(\d+)\.(jsonl|pt)", p.name) for p in self.dir.iterdir())
+        kept = (re.fullmatch(r"(results|model|resume|done)\.previous(\d+)(\.jsonl|\.pt)?", p.name)
+                for p in self.dir.iterdir())
         n = 1 + max((int(m[2]) for m in kept if m), default=-1)
-        for name in ("results.jsonl", "model.pt", "resume.pt"):  # resume.pt: an interrupted run's, not resumed
+        # resume.pt: an interrupted run's, not resumed; done: a finished run's selected evaluation
+        for name in ("results.jsonl", "model.pt", "resume.pt", "done"):
             old = self.dir / name
             if old.exists() and name not in keep:
                 aside = self.dir / f"{old.stem}.previous{n}{old.suffix}"
                 os.replace(old, aside)
                 print(f"note: {old} of an earlier run is kept as {aside.name}", file=sys.stderr)
-        (self.dir / "done").unlink(missing_ok=True)
 
     def log(self, step, metrics, **extra):
         writes = self.writes and self.pending is None  # a resumed run's lines before resume() are in resume.pt already

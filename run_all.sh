@@ -84,10 +84,10 @@ plan() {
           ft|lpft|flyp) line="$method $ROOT/$method/$dataset/seed$seed --save" ;;  # checkpoints: WiSE-FT, pictures
           *) line="$method $ROOT/$method/$dataset/seed$seed" ;;
         esac
-        if grep -qs "results.resume(" "$method.py"; then  # an interrupted run goes on after its last finished epoch
-          line="$line --resume"
-        fi
         read -r _ out _ <<<"$line"
+        if [ ! -f "$out/done" ] && grep -qs "results.resume(" "$method.py"; then  # an interrupted run goes on after
+          line="$line --resume"  # its last finished epoch (a finished one redone starts afresh: --resume refuses it)
+        fi
         endpoint="$ROOT/flyp/$dataset/seed$seed/model.pt"
         if [ "$method" = wiseft ] && [ -f "$out/done" ] && [ "$endpoint" -nt "$out/done" ]; then
           echo "redo $out (its FLYP checkpoint is newer)" >&2

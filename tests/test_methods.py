@@ -684,17 +684,24 @@ def test_run_all_refuses_a_typo_before_any_run(var, value, expected, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_run_all_runs_again_a_run_finished_with_other_settings_than_its_own(tmp_path):
-    """A quick run by hand in run_all.sh's folder (`lp.py --num-c 2`) was skipped as done and put in the table as LP."""
-    out = tmp_path / "lp" / "embedded-tiny" / "seed0"
-    lp.main(lp.Args(dataset="embedded-tiny", num_c=2, out=str(out)))
-    env = {**os.environ, "DATASETS": "embedded-tiny", "SEEDS": "0", "METHODS": "lp", "JOBS": "1",
+@pytest.mark.parametrize("method,option,value,recipes", [("lp", "num_c", 2, 50), ("ft", "epochs", 1, 2)])
+def test_run_all_runs_again_a_run_finished_with_other_settings_than_its_own(method, option, value, recipes,
+                                                                            tmp_path):
+    """A quick run by hand in run_all.sh's folder (`lp.py --num-c 2`) was skipped as done and put in the table as LP;
+    then, redone where the script has --resume (FT), it failed every time (--resume refuses a finished run)."""
+    out = tmp_path / method / "embedded-tiny" / "seed0"
+    module = importlib.import_module(method)
+    module.main(module.Args(dataset="embedded-tiny", out=str(out), **{option: value}))
+    hand = (out / "done").read_text()
+    env = {**os.environ, "DATASETS": "embedded-tiny", "SEEDS": "0", "METHODS": method, "JOBS": "1",
            "ROOT": str(tmp_path)}
     proc = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"redo {out} (done with other settings than run_all.sh's: --num-c 2 (not 50);" in proc.stderr
-    assert json.loads((out / "done").read_text())["options"]["num_c"] == 50
-    assert (out / "results.previous0.jsonl").exists()  # the hand-made run, kept
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    flag = "--" + option.replace("_", "-")
+    assert f"redo {out} (done with other settings than run_all.sh's: {flag} {value} (not {recipes});" in proc.stderr
+    done = json.loads((out / "done").read_text())
+    assert (done["recipe"] if option == "epochs" else done["options"])[option] == recipes
+    assert (out / "results.previous0.jsonl").exists() and (out / "done.previous0").read_text() == hand  # kept
     again = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=300)
     assert f"skip {out} (done)" in again.stderr
 
