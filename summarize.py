@@ -2,8 +2,9 @@
 in the LP-FT paper; one seed shows its mean alone) of the evaluation each run selected on ID validation (its `done`
 marker). For real datasets the paper's number stands beside ours where reference/published.json has one and our
 runs used the paper's backbone (and OpenAI's CLIP weights), with its provenance tag. Seeds of one method on other
-backbones, pretrained weights, recipes or other options (L2-SP's --alpha), or that scored other OOD test sets, are
-not averaged: an error. A row's OOD average over fewer sets than the other rows' says which it averages.
+backbones, pretrained weights, recipes or other options (L2-SP's --alpha), WiSE-FT of endpoints fine-tuned with other
+recipes or options, or that scored other OOD test sets, are not averaged: an error. A row's OOD average over fewer sets
+than the other rows' says which it averages.
 
     python summarize.py runs       # prints the table; writes runs/summary.md, runs/summary.csv and, per dataset,
                                    # runs/<dataset>_id_ood.png and runs/<dataset>_distortion.png
@@ -52,8 +53,10 @@ def load_runs(root):
         seen[key] = marker.parent
         runs[(record["dataset"], record["method"])].append({**record, "results": str(marker.with_name("results.jsonl"))})
     for (dataset, method), records in runs.items():
-        for field in ("backbone", "weights", "recipe", "options"):  # in `done` markers since 2026-12-05; options
-            known = [r for r in records if r.get(field)]  # are the other flags, as L2-SP's --alpha
+        # in `done` markers since 2026-12-05; options are the other flags, as L2-SP's --alpha; endpoint: WiSE-FT's
+        # fine-tuned checkpoint's recipe and options (since 2026-12-05 too)
+        for field in ("backbone", "weights", "recipe", "options", "endpoint"):
+            known = [r for r in records if r.get(field)]
             if any(not same(field, known[0][field], r[field]) for r in known[1:]):
                 runs_of = "; ".join(f"{Path(r['results']).parent}: {json.dumps(r.get(field), sort_keys=True)}"
                                     for r in records)

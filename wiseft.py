@@ -201,7 +201,9 @@ def main(args):
         log(f"alpha {alpha:.2f} | {common.format_metrics(metrics)}")
 
     reported = next(r for r in records if r["alpha"] == round(args.report_alpha, 6))
-    results.done({"step": reported["step"], "alpha": reported["alpha"], "metrics": reported["metrics"]})
+    endpoint = {"recipe": ckpt.get("recipe"), "options": common.run_options(ckpt["args"], ckpt.get("recipe"))}
+    results.done({"step": reported["step"], "alpha": reported["alpha"], "metrics": reported["metrics"],
+                  "endpoint": endpoint})  # summarize.py averages the seeds of endpoints with one recipe and options
     return records
 
 

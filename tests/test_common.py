@@ -660,6 +660,8 @@ def test_summarize_refuses_to_average_two_runs_of_one_seed(tmp_path):
                                            ("recipe", [{"lr": 0.03}, {"lr": 0.01}]),
                                            ("options", [{"alpha": 0.1, "all_params": False},
                                                         {"alpha": 5.0, "all_params": True}]),  # L2-SP's flags
+                                           ("endpoint", [{"recipe": {"lr": 0.03}, "options": {}},  # WiSE-FT's
+                                                         {"recipe": {"lr": 0.01}, "options": {}}]),
                                            ("weights", [{"tag": "openai"}, {"tag": "laion2b_s34b_b88k"}]),
                                            ("weights", [{"file": "/a/x.pt", "bytes": 1, "sha1": "0" * 40},
                                                         {"file": "/a/x.pt", "bytes": 1, "sha1": "1" * 40}]),

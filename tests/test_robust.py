@@ -629,12 +629,16 @@ def test_fewshot_validates_on_k_images_per_class_of_the_id_validation_split(tmp_
 
 
 def test_wiseft_reports_the_alpha_asked_for_not_the_papers_default(tmp_path):
-    lp_checkpoint(tmp_path / "model.pt")
+    lp_checkpoint(tmp_path / "model.pt", precision="fp32")
+    ckpt = torch.load(tmp_path / "model.pt", weights_only=True)
+    torch.save({**ckpt, "recipe": {"epochs": 3, "lr": 0.5}}, tmp_path / "model.pt")  # as --save writes it
     records = wiseft.main(wiseft.Args(dataset="embedded-tiny", checkpoint=str(tmp_path / "model.pt"),
                                       out=str(tmp_path / "wise"), alpha_step=0.25, report_alpha=0.75))
     assert [r["alpha"] for r in records] == [0.0, 0.25, 0.5, 0.75, 1.0]
     done = json.loads((tmp_path / "wise" / "done").read_text())
     assert done["alpha"] == 0.75 and done["step"] == 3 and done["metrics"] == records[3]["metrics"]
+    # the fine-tuned endpoint's recipe and options, which summarize.py compares between seeds
+    assert done["endpoint"] == {"recipe": {"epochs": 3, "lr": 0.5}, "options": {"precision": "fp32"}}
 
 
 def test_wiseft_refuses_a_checkpoint_fine_tuned_on_another_dataset(tmp_path):
