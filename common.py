@@ -109,14 +109,16 @@ class EmbeddedCLIP(nn.Module):
 
 
 def cache_dir():
-    return Path(os.environ.get("RFT_CACHE", Path.home() / ".cache" / "robust-finetuning"))
+    """RFT_CACHE, else ~/.cache/robust-finetuning (an empty RFT_CACHE counts as unset: it made the cache the current
+    folder; a quoted ~ is the home folder, not a folder named ~)."""
+    return Path(os.environ.get("RFT_CACHE") or Path.home() / ".cache" / "robust-finetuning").expanduser()
 
 
 def check_environment():
     """Refuse a malformed RFT_* variable before anything runs: RFT_WORKERS=abc stopped the first batch with a
     ValueError, and an RFT_CACHE that names a file stopped the run only when the pretrained model was written."""
     workers = os.environ.get("RFT_WORKERS")
-    if workers is not None and not re.fullmatch(r"\s*[0-9]+\s*", workers):
+    if workers and not re.fullmatch(r"\s*[0-9]+\s*", workers):  # empty: unset, as for the other variables
         raise SystemExit(f"error: RFT_WORKERS={workers!r}: expected a whole number, 0 or more, of data-loading "
                          "processes per training process (0: load in the training process; unset: a share of the "
                          "cores)")
@@ -127,10 +129,19 @@ def check_environment():
     try:
         cache_dir().mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        which = "RFT_CACHE" if "RFT_CACHE" in os.environ else "the default; RFT_CACHE sets another"
+        which = "RFT_CACHE" if os.environ.get("RFT_CACHE") else "the default; RFT_CACHE sets another"
         why = "it is a file" if cache_dir().is_file() else e.strerror
         raise SystemExit(f"error: the cache folder {cache_dir()} ({which}) cannot be made: {why}; it holds the "
                          "embedded models and cached features: point RFT_CACHE at a folder you can write") from None
+
+
+def cache_write_error(folder):
+    """Why no file can be written in `folder` (made if missing), or None: asked before minutes of pretraining."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        return e.strerror or str(e)
 
 
 def embedded_cache_path(cfg):
@@ -160,13 +171,11 @@ def load_embedded_clip(name, log=print):
                              f"{Path(__file__).name}: copy pretrain.py along with common.py and data.py, or point "
                              "RFT_CACHE at a folder that holds the model") from None
 
-        try:  # before minutes of pretraining, not after
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=path.parent).close()
-        except OSError as e:
-            raise SystemExit(f"error: no cached {name} at {path}, and {path.parent} cannot be written ({e.strerror}): "
-                             "the model pretrained now could not be kept; point RFT_CACHE at a folder you can write, "
-                             "or at one that holds the model") from None
+        why = cache_write_error(path.parent)
+        if why:
+            raise SystemExit(f"error: no cached {name} at {path}, and {path.parent} cannot be written ({why}): the "
+                             "model pretrained now could not be kept; point RFT_CACHE at a folder you can write, or at "
+                             "one that holds the model")
         log(f"no cached {name} at {path}: pretraining it now (once)")
         with rng_kept():  # it seeds and draws its own: the run's random head must not depend on whether it ran
             pretrain.pretrain(cfg, path, log=log)
@@ -715,9 +724,15 @@ def extract_features(encoder, split, device, precision="auto", batch_size=500, c
     of their own, seeded by the key: the ID training split's random view is the same whenever it is extracted, and
     what the run draws next does not depend on whether the features were cached."""
     path = cache_dir() / "features" / f"{cache}.pt" if cache else None
-    world = data.rank_and_world()[1]
-    if path is not None and all_reduce_sum(float(path.is_file()))[0] == world:  # decided together: a rank that
-        return torch.load(path, weights_only=True)  # extracts alone would wait for the others forever
+    world, feats = data.rank_and_world()[1], None
+    if path is not None and path.is_file():
+        try:
+            feats = torch.load(path, weights_only=True)
+        except Exception as e:  # damaged after its atomic write (a disk error, a copy cut short): made again
+            print(f"note: the cached features at {path} cannot be read ({unreadable(path, e)}); extracting them "
+                  "again", file=sys.stderr)
+    if path is not None and all_reduce_sum(float(feats is not None))[0] == world:  # decided together: a rank that
+        return feats  # extracts alone would wait for the others forever
     if world > 1:  # DDP keeps each rank's BatchNorm running statistics of its last step; model.pt holds rank 0's
         for buffer in encoder.buffers():
             torch.distributed.broadcast(buffer, 0)
@@ -1248,6 +1263,8 @@ class Results:
         here = weights_record(*self.weights_of) if self.weights_of else self.header.get("weights")
         if then and here and not same_weights(then, here):  # the distortion origin would move, too
             was, loads = then.get("tag") or then["file"], here.get("tag") or here["file"]
+            if was == loads:  # an embedded model made again
+                loads += ", pretrained again since; pretrain.py --force keeps the one it replaces beside it"
             raise SystemExit(f"error: --resume: {self.dir}: its epochs were fine-tuned from other pretrained weights "
                              f"({was}) than this run loads ({loads}); resume with the weights (and RFT_CACHE) it "
                              f"started with, or move {self.dir / 'resume.pt'} aside to start from the beginning")

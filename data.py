@@ -505,7 +505,7 @@ def num_workers():
     """Data-loading processes per training process: RFT_WORKERS, else an equal share of the CPU cores this process
     may use among the processes torchrun starts on this machine (LOCAL_WORLD_SIZE), up to 16 each."""
     share = usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return int(os.environ.get("RFT_WORKERS", min(16, max(1, share))))
+    return int(os.environ.get("RFT_WORKERS") or min(16, max(1, share)))
 
 
 def usable_cores():

@@ -134,7 +134,7 @@ def check_start(ckpt, now, backbone, path, log):
         if not common.same_weights(then, now):
             raise SystemExit(f"error: {path!r} was fine-tuned from another {backbone} than the one cached at "
                              f"{now['file']}: it was pretrained again since; point RFT_CACHE at the cache the run "
-                             "used, or fine-tune again")
+                             "used, put back the model pretrain.py --force kept beside it, or fine-tune again")
         return
     if "tag" in then or "tag" in now:
         if then.get("tag") != now.get("tag"):

@@ -956,6 +956,62 @@ def test_a_cache_that_cannot_be_written_costs_no_work(tmp_path, monkeypatch, cap
         common.load_embedded_clip("embedded-clip-tiny", log=lambda msg: None)
 
 
+def test_a_damaged_feature_cache_file_is_extracted_again(tmp_path, monkeypatch, capsys):
+    """A cached features file cut short after its atomic write (a disk error, a copy) stopped every run with torch's
+    zip error, naming neither the file nor what to do."""
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path))
+    split = data.load_dataset("embedded-tiny").val
+    encoder = common.load_backbone("embedded-clip-tiny").encoder
+    feats = common.extract_features(encoder, split, "cpu", cache="cd34")
+    path = tmp_path / "features" / "cd34.pt"
+    os.truncate(path, 100)
+    assert torch.equal(common.extract_features(encoder, split, "cpu", cache="cd34"), feats)
+    assert f"note: the cached features at {path} cannot be read (" in capsys.readouterr().err
+    assert torch.equal(torch.load(path, weights_only=True), feats)  # written again
+
+
+@pytest.mark.parametrize("value, expected", [("", None), ("~/rft", "rft")])
+def test_an_empty_rft_cache_is_unset_and_a_quoted_tilde_is_home(value, expected, tmp_path, monkeypatch):
+    """RFT_CACHE= made the current folder the cache (its pretrained model and features written into the repo);
+    RFT_CACHE='~/rft' a folder named ~ in it. RFT_WORKERS= is unset too, as RFT_DATA= and RFT_GPU_DECODE= were."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("RFT_CACHE", value)
+    monkeypatch.setenv("RFT_WORKERS", "")
+    assert common.cache_dir() == tmp_path / (expected or ".cache/robust-finetuning")
+    common.check_environment()
+    assert data.num_workers() >= 1
+
+
+def test_pretrain_py_checks_the_cache_before_pretraining_and_keeps_a_model_it_replaces(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """An unwritable RFT_CACHE stopped `python pretrain.py` after its minutes of pretraining; --force replaced the
+    model that interrupted runs and WiSE-FT endpoints were fine-tuned from, with no copy; a damaged model was
+    reported as cached."""
+    def fake(cfg, path, log):  # pretraining, as far as the cache sees it
+        common.save_atomic({"state_dict": {"w": torch.ones(1)}}, path)
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(pretrain, "pretrain", lambda *a, **k: pytest.fail("pretrained for nothing"))
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path / "file" / "cache"))
+    monkeypatch.setattr(sys, "argv", ["pretrain.py", "--backbone", "embedded-clip-tiny"])
+    with pytest.raises(SystemExit, match="cannot be made"):
+        pretrain.main()
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path / "cache"))
+    path = common.embedded_cache_path(common.EMBEDDED_BACKBONES["embedded-clip-tiny"])
+    path.parent.mkdir()
+    path.write_bytes(b"PK\x03\x04 cut short")
+    monkeypatch.setattr(pretrain, "pretrain", fake)
+    pretrain.main()  # damaged: made again
+    assert "cannot be loaded" in capsys.readouterr().out
+    old = path.read_bytes()
+    monkeypatch.setattr(sys, "argv", ["pretrain.py", "--backbone", "embedded-clip-tiny", "--force"])
+    monkeypatch.setattr(pretrain, "pretrain", lambda cfg, path, log: common.save_atomic({"new": 1}, path))
+    pretrain.main()
+    assert torch.load(path, weights_only=True) == {"new": 1}
+    assert path.with_suffix(".previous0.pt").read_bytes() == old
+    assert f"note: the earlier model is kept as {path.stem}.previous0.pt" in capsys.readouterr().out
+
+
 def test_pretrained_features_of_real_data_are_cached_on_disk_and_keyed(tmp_path, monkeypatch):
     """Real datasets' pretrained features are computed once: a second call reads the cache (here proven by changing
     the encoder, which the cache key deliberately does not see: it keys on the weights file, never edited in place).

@@ -388,6 +388,7 @@ def test_resume_refuses_another_recipe_method_or_data_and_a_finished_run_and_sta
 
     recipe = "epochs 2, lr 0.03, batch_size 64"
     as_is = lambda m: None  # noqa: E731
+    tiny = common.embedded_cache_path(common.EMBEDDED_BACKBONES["embedded-clip-tiny"])
     for module, options, change, expected in [
             (ft, {"seed": 1}, as_is,
              "its resume.pt comes from a run with other options: --seed 1 (it ran with --seed 0)"),
@@ -401,6 +402,10 @@ def test_resume_refuses_another_recipe_method_or_data_and_a_finished_run_and_sta
             (ft, {}, lambda m: m.setattr(common, "weights_record", lambda *a: {"file": "/c/m.pt", "bytes": 9,
                                                                                "sha1": "f" * 40}),
              "its epochs were fine-tuned from other pretrained weights ("),  # another cache: its model pretrained again
+            (ft, {}, lambda m: m.setattr(common, "weights_record", lambda *a: {"file": str(tiny), "bytes": 9,
+                                                                               "sha1": "e" * 40}),
+             f"({tiny}) than this run loads ({tiny}, pretrained again since; pretrain.py --force keeps the one it "
+             "replaces beside it)"),  # this cache's model made again (`pretrain.py --force`)
             (l2sp, {}, as_is, "its resume.pt is ft's, not l2sp's; pass the --out of a l2sp run")]:
         with monkeypatch.context() as m, pytest.raises(SystemExit) as e:
             change(m)
