@@ -68,8 +68,13 @@ for method in methods:
         for seed in seeds:
             out = f'{root}/{\"wiseft-flyp\" if method == \"wiseft\" else method}/{dataset}/seed{seed}'
             done = Path(out, 'done')
-            differ = done.is_file() and common.other_settings(json.loads(done.read_text()), module, dataset)
-            differ and print(f'{out}\t{\", \".join(differ)}')" "$ROOT" "$SEEDS" "$DATASETS" "$METHODS")
+            try:
+                differ = done.is_file() and common.other_settings(json.loads(done.read_text()), module, dataset)
+            except (ValueError, AttributeError):  # not JSON, or not a dict: no run wrote it (they write atomically)
+                print(f'{out}\tits done marker cannot be read')
+                continue
+            differ and print(f\"{out}\tdone with other settings than run_all.sh's: {', '.join(differ)}\")" \
+  "$ROOT" "$SEEDS" "$DATASETS" "$METHODS")
 
 # One line per pending run: script, run folder, extra arguments.
 plan() {
@@ -92,7 +97,7 @@ plan() {
         if [ "$method" = wiseft ] && [ -f "$out/done" ] && [ "$endpoint" -nt "$out/done" ]; then
           echo "redo $out (its FLYP checkpoint is newer)" >&2
         elif [ -f "$out/done" ] && stale=$(grep -F "$out"$'\t' <<<"$STALE"); then
-          echo "redo $out (done with other settings than run_all.sh's: ${stale#*$'\t'}; its files are kept aside)" >&2
+          echo "redo $out (${stale#*$'\t'}; its files are kept aside)" >&2
         elif [ -f "$out/done" ]; then  # not redone for an edited script (a comment, say), but said
           changed=""
           for file in "$method.py" common.py data.py; do [ "$file" -nt "$out/done" ] && changed="$changed, $file"; done

@@ -42,7 +42,10 @@ def load_runs(root):
     for marker in sorted(Path(root).rglob("done")):
         if not marker.is_file():  # a folder of that name
             continue
-        record = json.loads(marker.read_text())
+        record = read_json(marker)
+        if not isinstance(record, dict) or {"method", "dataset", "seed", "metrics"} - record.keys():
+            raise SystemExit(f"error: {marker} is not a finished run's marker (no method, dataset, seed and metrics); "
+                             f"move {marker.parent} out of {root}, or run it again")
         record["method"] = RENAMED.get(record["method"], record["method"])
         key = (record["dataset"], record["method"], record["seed"])
         if key in seen:  # a sweep or a variant under the same root would be averaged in as another seed
@@ -71,6 +74,17 @@ def load_runs(root):
                              f"({runs_of}); their OOD averages are not one quantity: put the missing set in place "
                              "(docs/datasets.md) and run the seeds that lack it again")
     return runs
+
+
+def read_json(path, lines=False):
+    """A run's file (`done`, or results.jsonl's lines), or an error that names it: runs write them atomically, so one
+    that does not parse was cut short or edited by something else."""
+    try:
+        text = Path(path).read_text()
+        return [json.loads(line) for line in text.splitlines()] if lines else json.loads(text)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {path} cannot be read ({e}); move {Path(path).parent} out of the folder summarized, "
+                         "or run it again") from None
 
 
 def ood_sets(metrics):
@@ -180,8 +194,7 @@ def alpha_curve(records, axes=("acc", "acc")):
     names the two metrics (plotted_axes)."""
     by_alpha = defaultdict(list)
     for r in records:
-        for line in Path(r["results"]).read_text().splitlines():
-            entry = json.loads(line)
+        for entry in read_json(r["results"], lines=True):
             by_alpha[entry["alpha"]].append(entry["metrics"])
     return [(a, mean_ci([m[f"{axes[0]}/id_test"] for m in ms])[0], mean_ci([m[f"{axes[1]}/ood_avg"] for m in ms])[0])
             for a, ms in sorted(by_alpha.items())]

@@ -544,6 +544,19 @@ def finished_run(root, method, dataset, seed, metrics, **record):
     return run
 
 
+@pytest.mark.parametrize("content", ['{"method": "lp", "data', "{}", "a note to self\n", "[1, 2]"])
+def test_summarize_names_a_run_file_it_cannot_read(content, tmp_path):
+    """A `done` cut short, emptied or written by hand stopped the table with a JSONDecodeError or a KeyError."""
+    run = finished_run(tmp_path, "lp", "embedded", 0, {"acc/id_test": 50.0, "acc/ood_avg": 40.0})
+    (run / "done").write_text(content)
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(run / 'done'))} (cannot be read|is not a finished "
+                                         rf"run's marker).* move {re.escape(str(run))} out of "):
+        summarize.load_runs(tmp_path)
+    (run / "results.jsonl").write_text('{"alpha": 0.0, "metrics": {}}\n{"alpha": 0.1, "met')  # WiSE-FT's, cut short
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(run / 'results.jsonl'))} cannot be read"):
+        summarize.alpha_curve([{"results": str(run / "results.jsonl")}])
+
+
 def test_summary_table_rebuilds_the_checked_in_golden_table(tmp_path):
     """Golden test: the fake results under tests/data/fake_runs (fixtures, not measurements) give exactly the
     checked-in table, published numbers beside ours included; the pictures and the CSV get written."""

@@ -711,6 +711,20 @@ def test_run_all_runs_again_a_run_finished_with_other_settings_than_its_own(meth
     assert f"skip {out} (done)" in again.stderr
 
 
+def test_run_all_runs_again_a_run_whose_done_marker_cannot_be_read(tmp_path):
+    """A `done` cut short or written by hand stopped run_all.sh with a traceback before any run."""
+    out = tmp_path / "lp" / "embedded-tiny" / "seed0"
+    out.mkdir(parents=True)
+    (out / "done").write_text('{"method": "lp", "da')
+    env = {**os.environ, "DATASETS": "embedded-tiny", "SEEDS": "0", "METHODS": "lp", "JOBS": "1",
+           "ROOT": str(tmp_path)}
+    proc = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"redo {out} (its done marker cannot be read; its files are kept aside)" in proc.stderr
+    assert json.loads((out / "done").read_text())["method"] == "lp"
+    assert (out / "done.previous0").read_text() == '{"method": "lp", "da'
+
+
 def test_a_copy_of_a_method_that_keeps_its_name_is_stopped(tmp_path):
     """`cp ft.py ft_ls.py` with label smoothing but `method = "ft"`: its runs went over FT's and into FT's row."""
     for f in ("common.py", "data.py", "pretrain.py"):
