@@ -79,11 +79,12 @@ RECIPES = {
 def check_shots(dataset, shots):
     """k shots need k images of every class in the ID training and validation splits: fewer would be another
     experiment under the name of this one."""
-    for name, split in (("ID training", dataset.train), ("ID validation", dataset.val)):
-        fewest = int(split.labels.unique(return_counts=True)[1].min())
-        if fewest < shots:
-            raise SystemExit(f"error: --shots {shots}, but a class of the {name} split has {fewest} images; pass "
-                             f"--shots {fewest} or less")
+    fewest = {name: int(split.labels.unique(return_counts=True)[1].min())
+              for name, split in (("ID training", dataset.train), ("ID validation", dataset.val))}
+    name = min(fewest, key=fewest.get)
+    if fewest[name] < shots:  # the smaller split named: a bound that then fails on the other would send the user twice
+        raise SystemExit(f"error: --shots {shots}, but a class of the {name} split has {fewest[name]} images; pass "
+                         f"--shots {fewest[name]} or less")
 
 
 def draw_shots(labels, shots, g):

@@ -524,6 +524,16 @@ def test_fewshot_scores_the_selected_steps_weights_not_the_last_steps(tmp_path):
     assert record["metrics"] == zs["metrics"]
 
 
+def test_flyp_says_when_its_warmup_outlasts_the_run(tmp_path, capsys):
+    """The recipe's 500 warmup steps (ImageNet's) on a few thousand images of one's own: the rate never reached --lr
+    and never decayed, without a word."""
+    flyp.main(flyp.Args(dataset="embedded-tiny", epochs=1, warmup=1000, out=str(tmp_path / "f")))
+    steps = len(data.load_dataset("embedded-tiny").train) // flyp.RECIPES["embedded-tiny"]["batch_size"]
+    assert (f"note: the warmup (1000 steps) outlasts the run ({steps} steps): the learning rate peaks at "
+            f"{steps / 1000:.0%} of 0.001 and never decays; pass a shorter --warmup, such as 1 (5% of the steps)"
+            in capsys.readouterr().out)
+
+
 def test_fewshot_draws_k_examples_of_every_class():
     labels = torch.arange(10).repeat_interleave(7)
     idx = flyp_fewshot.draw_shots(labels, 4, torch.Generator().manual_seed(0))
@@ -536,9 +546,10 @@ def test_fewshot_refuses_more_shots_than_a_class_has_before_loading_the_backbone
     dataset = data.load_dataset("embedded-tiny")
     fewest = min(int(s.labels.bincount().min()) for s in (dataset.train, dataset.val))
     monkeypatch.setattr(common, "load_backbone", lambda *a, **k: pytest.fail("the backbone was loaded first"))
-    with pytest.raises(SystemExit, match=f"--shots {fewest + 1}, but a class of the ID .* split has {fewest} images; "
-                                         f"pass --shots {fewest} or less"):
-        flyp_fewshot.main(flyp_fewshot.Args(dataset="embedded-tiny", shots=fewest + 1, out=str(tmp_path / "fs")))
+    for shots in (fewest + 1, 1000):  # more than either split has: the bound it names is both splits' (it was the
+        with pytest.raises(SystemExit, match=f"--shots {shots}, but a class of the ID .* split has {fewest} images; "
+                                             f"pass --shots {fewest} or less"):  # training split's, which then failed)
+            flyp_fewshot.main(flyp_fewshot.Args(dataset="embedded-tiny", shots=shots, out=str(tmp_path / "fs")))
 
 
 @pytest.mark.parametrize("method,head_init", [("flyp", None), ("ft", "random")])
