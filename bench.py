@@ -360,9 +360,9 @@ def train_rows(name, build, res, batch, device, steps, peak, cell, profile=None)
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
-    parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda' (default: auto)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default: 30 CUDA, 5 CPU)")
-    parser.add_argument("--out", default="bench.json", help="JSON results file")
+    parser.add_argument("--out", default="bench.json", help="JSON results file (default: bench.json)")
     parser.add_argument("--profile", default=None, help="write a torch.profiler table of our training step of the "
                                                         "first model measured (CUDA: ViT-B/16) to this file")
     parser.add_argument("--only", nargs="+", default=None, metavar="PART",

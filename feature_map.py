@@ -31,17 +31,18 @@ def fine_tuned_encoder(ckpt, backbone, weights):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
-    parser.add_argument("--dataset", default="embedded", help="dataset name (see data.DATASETS)")
+    parser.add_argument("--dataset", default="embedded", help="dataset name (see data.DATASETS; default: embedded)")
     parser.add_argument("--data-root", default=None, help="root folder of real datasets")
-    parser.add_argument("--seed", type=int, default=0, help="which seed's checkpoints to draw")
+    parser.add_argument("--seed", type=int, default=0, help="which seed's checkpoints to draw (default: 0)")
     parser.add_argument("--root", default="runs", help="folder holding the run folders (default: runs)")
     parser.add_argument("--methods", nargs="+", default=["ft", "lpft"],
                         help="methods whose --save checkpoints to draw (default: ft lpft; also l2sp, flyp, "
                         "ft-zeroshot-head, one of your own; not lp or zeroshot: they leave the features as they were)")
     parser.add_argument("--points", type=int, default=120,
                         help="arrows per panel for ID and for OOD images (default: 120)")
-    parser.add_argument("--device", default="auto", help="where features are computed: auto (CUDA if available), cpu, "
-                        "cuda, cuda:N (every ID and OOD test image, three times: hours on a CPU for ImageNet)")
+    parser.add_argument("--device", default="auto", help="where features are computed: auto (CUDA if available; the "
+                        "default), cpu, cuda, cuda:N (every ID and OOD test image, three times: hours on a CPU for "
+                        "ImageNet)")
     parser.add_argument("--out", default=None, help="PNG path; default <root>/<dataset>_seed<seed>_feature_map.png")
     args = parser.parse_args()
     unmoved = [m for m in args.methods if m in ("lp", "zeroshot")]
