@@ -111,7 +111,10 @@ class EmbeddedCLIP(nn.Module):
 def cache_dir():
     """RFT_CACHE, else ~/.cache/robust-finetuning (an empty RFT_CACHE counts as unset: it made the cache the current
     folder; a quoted ~ is the home folder, not a folder named ~)."""
-    return Path(os.environ.get("RFT_CACHE") or Path.home() / ".cache" / "robust-finetuning").expanduser()
+    try:
+        return Path(os.environ.get("RFT_CACHE") or Path.home() / ".cache" / "robust-finetuning").expanduser()
+    except RuntimeError as e:  # ~user of no such user
+        raise SystemExit(f"error: RFT_CACHE={os.environ.get('RFT_CACHE')!r}: {e}; pass a full path") from None
 
 
 def check_environment():
@@ -185,7 +188,7 @@ def load_embedded_clip(name, log=print):
         model.load_state_dict(saved["state_dict"])
     except Exception as e:  # cut short (a full disk, a copy interrupted), or not ours
         raise SystemExit(f"error: the cached {name} at {path} cannot be loaded ({unreadable(path, e)}); pretrain it "
-                         f"again: python pretrain.py --backbone {name} --force") from None
+                         f"again: python pretrain.py --backbone {name}") from None
     made = saved.get("made_with")  # every number depends on these (README, "How fragile these numbers are")
     if made:
         log(f"{name} pretrained with torch {made['torch']}, {made['threads']} thread(s) on {made['cpu']}")
@@ -197,13 +200,16 @@ def load_embedded_clip(name, log=print):
 
 
 def recipe_hashes(folder=Path(__file__).parent):
-    """Hashes of what makes an embedded model beside its config, which its cache file records: pretrain.py (left out
-    where absent) and the embedded-world section of data.py, which draws the pretraining corpus (all of data.py if its
-    section headers were moved)."""
+    """Hashes of what makes an embedded model beside its config, which its cache file records: pretrain.py up to its
+    main() (its command line makes no model; left out where the file is absent; models made before 2026-12-05 recorded
+    the whole file's hash as "pretrain.py", which is no longer compared) and the embedded-world section of data.py,
+    which draws the pretraining corpus (all of data.py if its section headers were moved)."""
     def sha(text):
         return hashlib.sha1(text).hexdigest()[:12]
 
-    hashes = {"pretrain.py": sha((folder / "pretrain.py").read_bytes())} if (folder / "pretrain.py").exists() else {}
+    script = folder / "pretrain.py"
+    hashes = {"pretrain.py's pretraining": sha(script.read_text().split("\ndef main(")[0].encode())} if \
+        script.exists() else {}
     text = (folder / "data.py").read_text()
     world = re.search(r"^# The embedded world$.*?(?=^# -+\n# )", text, re.S | re.M)  # up to the next section header
     hashes["data.py's embedded world"] = sha((world.group(0) if world else text).encode())
@@ -467,9 +473,9 @@ def unreadable(path, e, n=200):
     with open(path, "rb") as f:
         head = f.read(64)
     if not head:
-        return "the file is empty (an interrupted download?)"
+        return "the file is empty (an interrupted download or copy?)"
     if head.startswith(b"PK") and not zipfile.is_zipfile(path):
-        return "a truncated zip archive (an interrupted download?)"
+        return "a truncated zip archive (an interrupted download or copy?)"
     if not head.startswith((b"PK", b"\x80")):  # torch saves zip archives, or pickles (protocol 2+) before torch 1.6
         html = head.lstrip()[:1] == b"<"
         return f"not a PyTorch file: it starts with {head[:24]!r}" + (", a web page (a login or error page saved "
@@ -1263,7 +1269,7 @@ class Results:
         here = weights_record(*self.weights_of) if self.weights_of else self.header.get("weights")
         if then and here and not same_weights(then, here):  # the distortion origin would move, too
             was, loads = then.get("tag") or then["file"], here.get("tag") or here["file"]
-            if was == loads:  # an embedded model made again
+            if was == loads and "sha1" in then and "sha1" in here:  # an embedded model made again
                 loads += ", pretrained again since; pretrain.py --force keeps the one it replaces beside it"
             raise SystemExit(f"error: --resume: {self.dir}: its epochs were fine-tuned from other pretrained weights "
                              f"({was}) than this run loads ({loads}); resume with the weights (and RFT_CACHE) it "
@@ -1365,6 +1371,32 @@ def other_settings(done, module, dataset):
     wanted = {"recipe": made, "options": run_options(dataclasses.asdict(args), made)}
     return [f"{as_flag(k)} {v} (not {wanted[field][k]})" for field in wanted
             for k, v in (done.get(field) or {}).items() if k in (wanted[field] or {}) and wanted[field][k] != v]
+
+
+def why_run_again(out, module, dataset):
+    """For run_all.sh: why the run in `out` starts afresh (its files kept aside) instead of being skipped as finished
+    or going on with --resume: its `done` marker, or the resume.pt of a run stopped before it finished, comes from
+    other settings than `python <method>.py --dataset <dataset>` (a quick run by hand in that folder, say), or its
+    marker cannot be read. None: skip it, or go on."""
+    done, resume = Path(out, "done"), Path(out, "resume.pt")
+    if done.is_file():
+        try:
+            record = json.loads(done.read_text())
+        except (OSError, ValueError):  # no run wrote it (they write atomically): summarize.py would refuse it
+            record = None
+        if not isinstance(record, dict) or {"method", "dataset", "seed", "metrics"} - record.keys():
+            return "its done marker is not a finished run's"
+        differ = other_settings(record, module, dataset)
+        return f"done with other settings than run_all.sh's: {', '.join(differ)}" if differ else None
+    if not resume.is_file():
+        return None
+    try:
+        ckpt = in_todays_terms(torch.load(resume, map_location="cpu", weights_only=True, mmap=True))
+        made = {"recipe": ckpt["recipe"], "options": run_options(ckpt["args"], ckpt["recipe"])}
+    except Exception:  # unreadable: --resume says so, and what to do
+        return None
+    differ = other_settings(made, module, dataset)  # --resume would refuse them at every run_all.sh
+    return f"its resume.pt is from a run with other settings than run_all.sh's: {', '.join(differ)}" if differ else None
 
 
 def in_todays_terms(ckpt):

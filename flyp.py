@@ -155,8 +155,8 @@ def main(args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lr(recipe["warmup"], epochs * steps_per_epoch))
     if recipe["warmup"] >= epochs * steps_per_epoch:  # ImageNet's 500 steps on a small dataset, say
         log(f"note: the warmup ({recipe['warmup']} steps) outlasts the run ({epochs * steps_per_epoch} steps): the "
-            f"learning rate peaks at {epochs * steps_per_epoch / recipe['warmup']:.0%} of {lr:g} and never decays; "
-            f"pass a shorter --warmup, such as {max(1, epochs * steps_per_epoch // 20)} (5% of the steps)")
+            f"learning rate peaks at {epochs * steps_per_epoch / recipe['warmup']:.1%} of {lr:g} and never decays; "
+            f"pass a shorter --warmup, such as {max(1, epochs * steps_per_epoch // 20)} (about 5% of the steps)")
 
     def head():  # the zero-shot head of the current text tower
         return common.zeroshot_head(model, backbone.tokenizer, dataset.classnames, dataset.templates, device,

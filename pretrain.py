@@ -12,6 +12,7 @@ painting, neon); the downstream labels come only from the photo domain.
 import argparse
 import math
 import os
+import re
 import shutil
 import time
 
@@ -83,30 +84,30 @@ def main():
     cfg = common.EMBEDDED_BACKBONES[args.backbone]
     common.check_environment()
     path = common.embedded_cache_path(cfg)
-    if path.exists() and not args.force:
+    loads = False
+    if path.exists():
         try:
             torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # cut short (a full disk, a copy interrupted): made again
+            loads = True
+        except Exception as e:  # cut short (a full disk, a copy interrupted), or another torch's: made again
             print(f"note: the cached model at {path} cannot be loaded ({common.unreadable(path, e)}): pretraining it "
                   "again", flush=True)
-        else:
-            print(f"cached: {path}")
-            return
+    if loads and not args.force:
+        print(f"cached: {path}")
+        return
     why = common.cache_write_error(path.parent)
     if why:  # now, not after minutes of pretraining
         raise SystemExit(f"error: {path.parent} cannot be written ({why}): the model pretrained now could not be kept; "
                          "point RFT_CACHE at a folder you can write")
-    if path.exists() and args.force:  # runs fine-tuned from the old model resume, or interpolate, only with it
-        n = 0
-        while path.with_suffix(f".previous{n}.pt").exists():
-            n += 1
-        aside = path.with_suffix(f".previous{n}.pt")
+    if path.exists():  # runs fine-tuned from the old model resume, or interpolate, only with it
+        kept = (re.fullmatch(rf"{re.escape(path.stem)}\.previous(\d+)\.pt", p.name) for p in path.parent.iterdir())
+        aside = path.with_suffix(f".previous{1 + max((int(m[1]) for m in kept if m), default=-1)}.pt")
         try:
             os.link(path, aside)  # a second name for the old file: the atomic save below replaces only the first
         except OSError:  # a file system without hard links
             shutil.copy2(path, aside)
-        print(f"note: the earlier model is kept as {aside.name} (put it back as {path.name} to resume or interpolate "
-              "runs fine-tuned from it)", flush=True)
+        print(f"note: the earlier model is kept as {aside.name}" + (f" (put it back as {path.name} to resume or "
+              "interpolate runs fine-tuned from it)" if loads else ""), flush=True)
     pretrain(cfg, path, log=lambda msg: print(msg, flush=True))
     print(f"saved {path}")
 

@@ -9,8 +9,8 @@
 # A run counts as finished when its script wrote `done` (one whose script changed since is named; delete its `done` to
 # run it again) with run_all.sh's settings: one made with others (a quick run by hand, --epochs 1) runs again, its
 # files kept aside. An unfinished one goes on after its last finished epoch (or draw) where its script has --resume (FT,
-# LP-FT, L2-SP, FLYP, few-shot FLYP), else starts again; each attempt appends to its log.txt. METHODS may name a
-# script of your own.
+# LP-FT, L2-SP, FLYP, few-shot FLYP) and it was started with run_all.sh's settings, else starts again; each attempt
+# appends to its log.txt. METHODS may name a script of your own.
 # WiSE-FT interpolates the zero-shot model and each seed's FLYP checkpoint, so it runs after FLYP finished (and again
 # when FLYP was re-run). A failed run is named and the rest go on; the table covers what finished; the exit status is 1.
 set -euo pipefail
@@ -42,10 +42,10 @@ for method in $METHODS; do  # ours, or a method script of your own beside them (
 done
 # Then, in one python (imports take seconds): DATASETS and the RFT_* variables checked (RFT_CACHE, RFT_WORKERS,
 # RFT_GPU_DECODE: said once, not once per run), an embedded world's model pretrained once before runs start in
-# parallel, and the finished runs made with other settings than run_all.sh's (a quick one by hand, say) found: they
-# run again, as the table holds the recipes' runs. Its output: one line each, the run's folder, a tab, how it differs.
-STALE=$(python -c "import importlib, json, sys
-from pathlib import Path
+# parallel, and the runs, finished or stopped, made with other settings than run_all.sh's (a quick one by hand, say)
+# found: they run again, as the table holds the recipes' runs (common.why_run_again). Its output: one line each, the
+# run's folder, a tab, why.
+STALE=$(python -c "import importlib, sys
 import data
 root, seeds, datasets, methods = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), sys.argv[4].split()
 bad = [d for d in datasets if d not in data.DATASETS]
@@ -67,14 +67,8 @@ for method in methods:
     for dataset in datasets:
         for seed in seeds:
             out = f'{root}/{\"wiseft-flyp\" if method == \"wiseft\" else method}/{dataset}/seed{seed}'
-            done = Path(out, 'done')
-            try:
-                differ = done.is_file() and common.other_settings(json.loads(done.read_text()), module, dataset)
-            except (ValueError, AttributeError):  # not JSON, or not a dict: no run wrote it (they write atomically)
-                print(f'{out}\tits done marker cannot be read')
-                continue
-            differ and print(f\"{out}\tdone with other settings than run_all.sh's: {', '.join(differ)}\")" \
-  "$ROOT" "$SEEDS" "$DATASETS" "$METHODS")
+            why = common.why_run_again(out, module, dataset)
+            why and print(f'{out}\t{why}')" "$ROOT" "$SEEDS" "$DATASETS" "$METHODS")
 
 # One line per pending run: script, run folder, extra arguments.
 plan() {
@@ -90,13 +84,14 @@ plan() {
           *) line="$method $ROOT/$method/$dataset/seed$seed" ;;
         esac
         read -r _ out _ <<<"$line"
-        if [ ! -f "$out/done" ] && grep -qs "results.resume(" "$method.py"; then  # an interrupted run goes on after
-          line="$line --resume"  # its last finished epoch (a finished one redone starts afresh: --resume refuses it)
+        stale=$(grep -F "$out"$'\t' <<<"$STALE") || stale=""
+        if [ -z "$stale" ] && [ ! -f "$out/done" ] && grep -qs "results.resume(" "$method.py"; then  # an interrupted
+          line="$line --resume"  # run goes on after its last finished epoch (one redone starts afresh)
         fi
         endpoint="$ROOT/flyp/$dataset/seed$seed/model.pt"
         if [ "$method" = wiseft ] && [ -f "$out/done" ] && [ "$endpoint" -nt "$out/done" ]; then
           echo "redo $out (its FLYP checkpoint is newer)" >&2
-        elif [ -f "$out/done" ] && stale=$(grep -F "$out"$'\t' <<<"$STALE"); then
+        elif [ -n "$stale" ]; then
           echo "redo $out (${stale#*$'\t'}; its files are kept aside)" >&2
         elif [ -f "$out/done" ]; then  # not redone for an edited script (a comment, say), but said
           changed=""

@@ -108,6 +108,9 @@ def same(field, a, b):
     its file's), or files of one name and size, wherever they lay."""
     if field == "options":
         return all(a[k] == b[k] for k in a.keys() & b.keys())
+    if field == "endpoint":  # WiSE-FT's fine-tuned checkpoints: one without a recipe (before 2026-12-03) pools
+        return (None in (a["recipe"], b["recipe"]) or a["recipe"] == b["recipe"]) and same("options", a["options"],
+                                                                                          b["options"])
     if field != "weights":
         return a == b
     if "tag" in a or "tag" in b:

@@ -711,18 +711,41 @@ def test_run_all_runs_again_a_run_finished_with_other_settings_than_its_own(meth
     assert f"skip {out} (done)" in again.stderr
 
 
-def test_run_all_runs_again_a_run_whose_done_marker_cannot_be_read(tmp_path):
-    """A `done` cut short or written by hand stopped run_all.sh with a traceback before any run."""
+@pytest.mark.parametrize("content", ['{"method": "lp", "da', "{}"])
+def test_run_all_runs_again_a_run_whose_done_marker_cannot_be_read(content, tmp_path):
+    """A `done` cut short stopped run_all.sh with a traceback before any run; one emptied was skipped as finished, and
+    then summarize.py refused it at every run_all.sh."""
     out = tmp_path / "lp" / "embedded-tiny" / "seed0"
     out.mkdir(parents=True)
-    (out / "done").write_text('{"method": "lp", "da')
+    (out / "done").write_text(content)
     env = {**os.environ, "DATASETS": "embedded-tiny", "SEEDS": "0", "METHODS": "lp", "JOBS": "1",
            "ROOT": str(tmp_path)}
     proc = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"redo {out} (its done marker cannot be read; its files are kept aside)" in proc.stderr
+    assert f"redo {out} (its done marker is not a finished run's; its files are kept aside)" in proc.stderr
     assert json.loads((out / "done").read_text())["method"] == "lp"
-    assert (out / "done.previous0").read_text() == '{"method": "lp", "da'
+    assert (out / "done.previous0").read_text() == content
+
+
+def test_run_all_starts_afresh_a_stopped_run_of_other_settings_than_its_own(tmp_path, monkeypatch):
+    """`python ft.py --epochs 3`, stopped, writes its resume.pt into run_all.sh's folder (the default --out): run_all.sh
+    resumed it with --resume, which refused the other settings at every run_all.sh until resume.pt was moved by
+    hand."""
+    out = tmp_path / "ft" / "embedded-tiny" / "seed0"
+    monkeypatch.setattr(common.Results, "done", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))  # stopped
+    with pytest.raises(KeyboardInterrupt):
+        ft.main(ft.Args(dataset="embedded-tiny", epochs=3, out=str(out)))
+    common.wait_for_writes()
+    common.release_folder(out)  # as the stopped process's end would
+    assert sorted(p.name for p in out.iterdir()) == ["results.jsonl", "resume.pt"]
+    env = {**os.environ, "DATASETS": "embedded-tiny", "SEEDS": "0", "METHODS": "ft", "JOBS": "1",
+           "ROOT": str(tmp_path)}
+    proc = subprocess.run(["bash", str(ROOT / "run_all.sh")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    assert (f"redo {out} (its resume.pt is from a run with other settings than run_all.sh's: --epochs 3 (not 2); its "
+            "files are kept aside)") in proc.stderr
+    assert json.loads((out / "done").read_text())["recipe"]["epochs"] == 2
+    assert (out / "resume.previous0.pt").exists() and (out / "results.previous0.jsonl").exists()
 
 
 def test_a_copy_of_a_method_that_keeps_its_name_is_stopped(tmp_path):

@@ -530,7 +530,7 @@ def test_flyp_says_when_its_warmup_outlasts_the_run(tmp_path, capsys):
     flyp.main(flyp.Args(dataset="embedded-tiny", epochs=1, warmup=1000, out=str(tmp_path / "f")))
     steps = len(data.load_dataset("embedded-tiny").train) // flyp.RECIPES["embedded-tiny"]["batch_size"]
     assert (f"note: the warmup (1000 steps) outlasts the run ({steps} steps): the learning rate peaks at "
-            f"{steps / 1000:.0%} of 0.001 and never decays; pass a shorter --warmup, such as 1 (5% of the steps)"
+            f"{steps / 1000:.1%} of 0.001 and never decays; pass a shorter --warmup, such as 1 (about 5% of the steps)"
             in capsys.readouterr().out)
 
 
