@@ -113,8 +113,9 @@ def cache_dir():
     folder; a quoted ~ is the home folder, not a folder named ~)."""
     try:
         return Path(os.environ.get("RFT_CACHE") or Path.home() / ".cache" / "robust-finetuning").expanduser()
-    except RuntimeError as e:  # ~user of no such user
-        raise SystemExit(f"error: RFT_CACHE={os.environ.get('RFT_CACHE')!r}: {e}; pass a full path") from None
+    except RuntimeError as e:  # ~user of no such user, or no home folder at all
+        where = f"RFT_CACHE={os.environ['RFT_CACHE']!r}" if os.environ.get("RFT_CACHE") else "the default cache folder"
+        raise SystemExit(f"error: {where}: {e}; set RFT_CACHE to a full path") from None
 
 
 def check_environment():
@@ -1373,11 +1374,11 @@ def other_settings(done, module, dataset):
             for k, v in (done.get(field) or {}).items() if k in (wanted[field] or {}) and wanted[field][k] != v]
 
 
-def why_run_again(out, module, dataset):
+def why_run_again(out, module, dataset, seed):
     """For run_all.sh: why the run in `out` starts afresh (its files kept aside) instead of being skipped as finished
     or going on with --resume: its `done` marker, or the resume.pt of a run stopped before it finished, comes from
-    other settings than `python <method>.py --dataset <dataset>` (a quick run by hand in that folder, say), or its
-    marker cannot be read. None: skip it, or go on."""
+    other settings than `python <method>.py --dataset <dataset> --seed <seed>` (a quick run by hand in that folder,
+    say: --epochs 1, --backbone embedded-clip-tiny), or its marker cannot be read. None: skip it, or go on."""
     done, resume = Path(out, "done"), Path(out, "resume.pt")
     if done.is_file():
         try:
@@ -1386,7 +1387,10 @@ def why_run_again(out, module, dataset):
             record = None
         if not isinstance(record, dict) or {"method", "dataset", "seed", "metrics"} - record.keys():
             return "its done marker is not a finished run's"
-        differ = other_settings(record, module, dataset)
+        backbone = None if hasattr(module.Args, "checkpoint") else data.default_backbone(dataset)  # WiSE-FT: its
+        differ = [f"{as_flag(k)} {v} (not {want})" for k, v, want in (  # checkpoint's; a `done` records it resolved
+            ("seed", record["seed"], seed), ("backbone", record.get("backbone"), backbone)) if None not in (v, want)
+            and v != want] + other_settings(record, module, dataset)
         return f"done with other settings than run_all.sh's: {', '.join(differ)}" if differ else None
     if not resume.is_file():
         return None
@@ -1395,7 +1399,9 @@ def why_run_again(out, module, dataset):
         made = {"recipe": ckpt["recipe"], "options": run_options(ckpt["args"], ckpt["recipe"])}
     except Exception:  # unreadable: --resume says so, and what to do
         return None
-    differ = other_settings(made, module, dataset)  # --resume would refuse them at every run_all.sh
+    now = dataclasses.asdict(module.Args(dataset=dataset, seed=seed))  # --resume compares these as given
+    differ = [f"{as_flag(k)} {v} (not {'the default' if now[k] is None else now[k]})" for k, v in ckpt["args"].items()
+              if k in SEED_BY_SEED and k in now and v != now[k]] + other_settings(made, module, dataset)
     return f"its resume.pt is from a run with other settings than run_all.sh's: {', '.join(differ)}" if differ else None
 
 

@@ -87,9 +87,10 @@ def main():
     loads = False
     if path.exists():
         try:
-            torch.load(path, map_location="cpu", weights_only=True)
-            loads = True
-        except Exception as e:  # cut short (a full disk, a copy interrupted), or another torch's: made again
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            common.EmbeddedCLIP(cfg).load_state_dict(saved["state_dict"])
+            loads = True  # as common.load_embedded_clip loads it
+        except Exception as e:  # cut short (a full disk, a copy interrupted), another torch's, not ours: made again
             print(f"note: the cached model at {path} cannot be loaded ({common.unreadable(path, e)}): pretraining it "
                   "again", flush=True)
     if loads and not args.force:

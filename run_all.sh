@@ -67,7 +67,7 @@ for method in methods:
     for dataset in datasets:
         for seed in seeds:
             out = f'{root}/{\"wiseft-flyp\" if method == \"wiseft\" else method}/{dataset}/seed{seed}'
-            why = common.why_run_again(out, module, dataset)
+            why = common.why_run_again(out, module, dataset, int(seed))
             why and print(f'{out}\t{why}')" "$ROOT" "$SEEDS" "$DATASETS" "$METHODS")
 
 # One line per pending run: script, run folder, extra arguments.

@@ -973,6 +973,28 @@ def test_a_cache_that_cannot_be_written_costs_no_work(tmp_path, monkeypatch, cap
         common.load_embedded_clip("embedded-clip-tiny", log=lambda msg: None)
 
 
+def test_why_run_again_names_a_run_by_hand_on_another_backbone_or_seed(tmp_path):
+    """run_all.sh's check: a run by hand with --backbone embedded-clip in its folder was skipped as finished (then
+    summarize.py refused the mix) or, stopped, resumed with --resume (refused at every run_all.sh)."""
+    finished_run(tmp_path, "ft", "embedded-tiny", 1, {}, backbone="embedded-clip")
+    run = tmp_path / "ft" / "embedded-tiny" / "seed1"
+    other = "--backbone embedded-clip (not embedded-clip-tiny)"
+    assert common.why_run_again(run, ft, "embedded-tiny", 0) == ("done with other settings than run_all.sh's: --seed 1 "
+                                                                 f"(not 0), {other}")
+    assert common.why_run_again(run, ft, "embedded-tiny", 1).endswith(f": {other}")
+    finished_run(tmp_path, "ft", "embedded-tiny", 2, {}, backbone="embedded-clip-tiny")
+    assert common.why_run_again(tmp_path / "ft" / "embedded-tiny" / "seed2", ft, "embedded-tiny", 2) is None
+    (run / "done").unlink()
+    args = ft.Args(dataset="embedded-tiny", seed=1, backbone="embedded-clip")
+    recipe = common.recipe(args, ft.RECIPES["embedded-tiny"])
+    torch.save({"method": "ft", "args": dataclasses.asdict(args), "recipe": recipe}, run / "resume.pt")
+    assert common.why_run_again(run, ft, "embedded-tiny", 1) == (
+        "its resume.pt is from a run with other settings than run_all.sh's: --backbone embedded-clip (not the default)")
+    torch.save({"method": "ft", "args": dataclasses.asdict(ft.Args(dataset="embedded-tiny", seed=1)), "recipe": recipe},
+               run / "resume.pt")
+    assert common.why_run_again(run, ft, "embedded-tiny", 1) is None  # run_all.sh's own: it goes on
+
+
 def test_a_damaged_feature_cache_file_is_extracted_again(tmp_path, monkeypatch, capsys):
     """A cached features file cut short after its atomic write (a disk error, a copy) stopped every run with torch's
     zip error, naming neither the file nor what to do."""
@@ -998,7 +1020,8 @@ def test_an_empty_rft_cache_is_unset_and_a_quoted_tilde_is_home(value, expected,
     common.check_environment()
     assert data.num_workers() >= 1
     monkeypatch.setenv("RFT_CACHE", "~no_such_user_rft/cache")  # was a RuntimeError's traceback
-    with pytest.raises(SystemExit, match=r"^error: RFT_CACHE='~no_such_user_rft/cache': .*; pass a full path$"):
+    with pytest.raises(SystemExit, match=r"^error: RFT_CACHE='~no_such_user_rft/cache': .*; set RFT_CACHE to a full "
+                                         r"path$"):
         common.check_environment()
 
 
@@ -1008,7 +1031,7 @@ def test_pretrain_py_checks_the_cache_before_pretraining_and_keeps_a_model_it_re
     model that interrupted runs and WiSE-FT endpoints were fine-tuned from, with no copy; a damaged model was
     reported as cached."""
     def fake(cfg, path, log):  # pretraining, as far as the cache sees it
-        common.save_atomic({"state_dict": {"w": torch.ones(1)}}, path)
+        common.save_atomic({"state_dict": common.EmbeddedCLIP(cfg).state_dict()}, path)
 
     (tmp_path / "file").write_text("")
     monkeypatch.setattr(pretrain, "pretrain", lambda *a, **k: pytest.fail("pretrained for nothing"))
@@ -1025,10 +1048,14 @@ def test_pretrain_py_checks_the_cache_before_pretraining_and_keeps_a_model_it_re
     said = capsys.readouterr().out
     assert "cannot be loaded" in said and f"kept as {path.stem}.previous0.pt\n" in said  # nothing to put back
     assert path.with_suffix(".previous0.pt").read_bytes() == b"PK\x03\x04 cut short"
+    torch.save({"state_dict": {"w": torch.ones(1)}}, path)  # loads, but is not this model: made again too
+    pretrain.main()
+    assert "cannot be loaded" in capsys.readouterr().out and path.with_suffix(".previous1.pt").exists()
+    common.load_embedded_clip("embedded-clip-tiny", log=lambda msg: None)  # what the loader takes
     old = path.read_bytes()
     monkeypatch.setattr(sys, "argv", ["pretrain.py", "--backbone", "embedded-clip-tiny", "--force"])
     monkeypatch.setattr(pretrain, "pretrain", lambda cfg, path, log: common.save_atomic({"new": 1}, path))
-    path.with_suffix(".previous0.pt").rename(path.with_suffix(".previous4.pt"))  # N after the highest, as Results
+    path.with_suffix(".previous1.pt").rename(path.with_suffix(".previous4.pt"))  # N after the highest, as Results
     pretrain.main()
     assert torch.load(path, weights_only=True) == {"new": 1}
     assert path.with_suffix(".previous5.pt").read_bytes() == old
