@@ -1387,9 +1387,13 @@ def why_run_again(out, module, dataset, seed):
             record = None
         if not isinstance(record, dict) or {"method", "dataset", "seed", "metrics"} - record.keys():
             return "its done marker is not a finished run's"
-        backbone = None if hasattr(module.Args, "checkpoint") else data.default_backbone(dataset)  # WiSE-FT: its
-        differ = [f"{as_flag(k)} {v} (not {want})" for k, v, want in (  # checkpoint's; a `done` records it resolved
-            ("seed", record["seed"], seed), ("backbone", record.get("backbone"), backbone)) if None not in (v, want)
+        # the backbone a `done` records is resolved; not compared for WiSE-FT (its checkpoint's), nor for a CLIP one
+        # by hand where the default has no text tower (run_all.sh's own FLYP or zero-shot run cannot run there)
+        backbone, done_on = data.default_backbone(dataset), record.get("backbone")
+        if hasattr(module.Args, "checkpoint") or done_on in CLIP_BACKBONES and backbone not in CLIP_BACKBONES:
+            backbone = None
+        differ = [f"{as_flag(k)} {v} (not {want})" for k, v, want in (
+            ("seed", record["seed"], seed), ("backbone", done_on, backbone)) if None not in (v, want)
             and v != want] + other_settings(record, module, dataset)
         return f"done with other settings than run_all.sh's: {', '.join(differ)}" if differ else None
     if not resume.is_file():

@@ -153,8 +153,8 @@ def main(args):
                                   fused=True)  # one kernel over all parameters: ~9x faster steps, on CPU too
     steps_per_epoch = len(dataset.train) // batch_size
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lr(recipe["warmup"], epochs * steps_per_epoch))
-    if recipe["warmup"] > epochs * steps_per_epoch:  # ImageNet's 500 steps on a small dataset, say
-        log(f"note: the warmup ({recipe['warmup']} steps) outlasts the run ({epochs * steps_per_epoch} steps): the "
+    if recipe["warmup"] >= epochs * steps_per_epoch:  # ImageNet's 500 steps on a small dataset, say
+        log(f"note: the warmup ({recipe['warmup']} steps) covers the whole run ({epochs * steps_per_epoch} steps): the "
             f"learning rate peaks at {epochs * steps_per_epoch / recipe['warmup']:.1%} of {lr:g} and never decays; "
             f"pass a shorter --warmup, such as {max(1, epochs * steps_per_epoch // 20)} (about 5% of the steps)")
 

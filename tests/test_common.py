@@ -26,6 +26,7 @@ from PIL import Image
 import bench
 import common
 import data
+import flyp
 import ft
 import l2sp
 import lp
@@ -984,6 +985,8 @@ def test_why_run_again_names_a_run_by_hand_on_another_backbone_or_seed(tmp_path)
     assert common.why_run_again(run, ft, "embedded-tiny", 1).endswith(f": {other}")
     finished_run(tmp_path, "ft", "embedded-tiny", 2, {}, backbone="embedded-clip-tiny")
     assert common.why_run_again(tmp_path / "ft" / "embedded-tiny" / "seed2", ft, "embedded-tiny", 2) is None
+    finished_run(tmp_path, "flyp", "living17", 0, {}, backbone="clip-vit-b16")  # its default, MoCo, has no text tower:
+    assert common.why_run_again(tmp_path / "flyp" / "living17" / "seed0", flyp, "living17", 0) is None  # kept
     (run / "done").unlink()
     args = ft.Args(dataset="embedded-tiny", seed=1, backbone="embedded-clip")
     recipe = common.recipe(args, ft.RECIPES["embedded-tiny"])

@@ -524,12 +524,12 @@ def test_fewshot_scores_the_selected_steps_weights_not_the_last_steps(tmp_path):
     assert record["metrics"] == zs["metrics"]
 
 
-def test_flyp_says_when_its_warmup_outlasts_the_run(tmp_path, capsys):
+def test_flyp_says_when_its_warmup_covers_the_whole_run(tmp_path, capsys):
     """The recipe's 500 warmup steps (ImageNet's) on a few thousand images of one's own: the rate never reached --lr
     and never decayed, without a word."""
     flyp.main(flyp.Args(dataset="embedded-tiny", epochs=1, warmup=1000, out=str(tmp_path / "f")))
     steps = len(data.load_dataset("embedded-tiny").train) // flyp.RECIPES["embedded-tiny"]["batch_size"]
-    assert (f"note: the warmup (1000 steps) outlasts the run ({steps} steps): the learning rate peaks at "
+    assert (f"note: the warmup (1000 steps) covers the whole run ({steps} steps): the learning rate peaks at "
             f"{steps / 1000:.1%} of 0.001 and never decays; pass a shorter --warmup, such as 1 (about 5% of the steps)"
             in capsys.readouterr().out)
 
