@@ -1378,7 +1378,8 @@ def why_run_again(out, module, dataset, seed):
     """For run_all.sh: why the run in `out` starts afresh (its files kept aside) instead of being skipped as finished
     or going on with --resume: its `done` marker, or the resume.pt of a run stopped before it finished, comes from
     other settings than `python <method>.py --dataset <dataset> --seed <seed>` (a quick run by hand in that folder,
-    say: --epochs 1, --backbone embedded-clip-tiny), or its marker cannot be read. None: skip it, or go on."""
+    say: --epochs 1, --backbone embedded-clip-tiny, another weights file), or its marker cannot be read. None: skip it,
+    or go on."""
     done, resume = Path(out, "done"), Path(out, "resume.pt")
     if done.is_file():
         try:
@@ -1395,6 +1396,14 @@ def why_run_again(out, module, dataset, seed):
         differ = [f"{as_flag(k)} {v} (not {want})" for k, v, want in (
             ("seed", record["seed"], seed), ("backbone", done_on, backbone)) if None not in (v, want)
             and v != want] + other_settings(record, module, dataset)
+        if record.get("weights") and done_on == backbone and backbone not in EMBEDDED_BACKBONES:  # an embedded model
+            try:  # made again is a matter for its note, not for redoing every run
+                want = weights_record(backbone, None)
+            except SystemExit:  # no default file: run_all.sh's own run would say so
+                want = {}
+            if "bytes" in want and not same_weights(record["weights"], want):
+                had = record["weights"].get("tag") or record["weights"].get("file")
+                differ.append(f"--weights {had} (not {want['file']})")
         return f"done with other settings than run_all.sh's: {', '.join(differ)}" if differ else None
     if not resume.is_file():
         return None

@@ -974,7 +974,7 @@ def test_a_cache_that_cannot_be_written_costs_no_work(tmp_path, monkeypatch, cap
         common.load_embedded_clip("embedded-clip-tiny", log=lambda msg: None)
 
 
-def test_why_run_again_names_a_run_by_hand_on_another_backbone_or_seed(tmp_path):
+def test_why_run_again_names_a_run_by_hand_on_another_backbone_seed_or_weights(tmp_path, monkeypatch):
     """run_all.sh's check: a run by hand with --backbone embedded-clip in its folder was skipped as finished (then
     summarize.py refused the mix) or, stopped, resumed with --resume (refused at every run_all.sh)."""
     finished_run(tmp_path, "ft", "embedded-tiny", 1, {}, backbone="embedded-clip")
@@ -987,6 +987,18 @@ def test_why_run_again_names_a_run_by_hand_on_another_backbone_or_seed(tmp_path)
     assert common.why_run_again(tmp_path / "ft" / "embedded-tiny" / "seed2", ft, "embedded-tiny", 2) is None
     finished_run(tmp_path, "flyp", "living17", 0, {}, backbone="clip-vit-b16")  # its default, MoCo, has no text tower:
     assert common.why_run_again(tmp_path / "flyp" / "living17" / "seed0", flyp, "living17", 0) is None  # kept
+    monkeypatch.setenv("RFT_CACHE", str(tmp_path / "cache"))  # --weights of another file by hand, for a real dataset
+    finished_run(tmp_path, "ft", "living17", 0, {}, backbone="moco-v2-rn50",
+                 weights={"file": "/else/moco_v1.pth", "bytes": 5})
+    assert common.why_run_again(tmp_path / "ft" / "living17" / "seed0", ft, "living17", 0) is None  # no default file
+    default = common.weights_dir() / common.WEIGHTS["moco-v2-rn50"][0]
+    default.parent.mkdir(parents=True)
+    default.write_bytes(b"9 bytes..")
+    assert common.why_run_again(tmp_path / "ft" / "living17" / "seed0", ft, "living17", 0).endswith(
+        f": --weights /else/moco_v1.pth (not {default})")
+    finished_run(tmp_path, "ft", "living17", 1, {}, backbone="moco-v2-rn50",
+                 weights={"file": f"/copy/{default.name}", "bytes": 9})  # one name and size elsewhere: a copy
+    assert common.why_run_again(tmp_path / "ft" / "living17" / "seed1", ft, "living17", 1) is None
     (run / "done").unlink()
     args = ft.Args(dataset="embedded-tiny", seed=1, backbone="embedded-clip")
     recipe = common.recipe(args, ft.RECIPES["embedded-tiny"])
