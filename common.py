@@ -148,6 +148,14 @@ def cache_write_error(folder):
         return e.strerror or str(e)
 
 
+def next_aside(folder, stems):
+    """The N under which files of `folder` go aside as <stem>.previous<N>[.suffix]: one after the highest of `stems`
+    there (one removed by hand leaves a gap; a number is never used twice)."""
+    names = "|".join(map(re.escape, stems))
+    found = (re.fullmatch(rf"({names})\.previous(\d+)(\.\w+)?", p.name) for p in Path(folder).iterdir())
+    return 1 + max((int(m[2]) for m in found if m), default=-1)
+
+
 def embedded_cache_path(cfg):
     key = hashlib.sha1(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:12]
     return cache_dir() / f"{cfg.name}-{key}.pt"
@@ -1190,10 +1198,7 @@ class Results:
             self.header["weights"] = weights_record(*self.weights_of)
         self.dir.mkdir(parents=True, exist_ok=True)
         hold_folder(self.dir)
-        # an earlier run's files go aside under one N, after the highest there (one removed by hand leaves a gap)
-        kept = (re.fullmatch(r"(results|model|resume|done)\.previous(\d+)(\.jsonl|\.pt)?", p.name)
-                for p in self.dir.iterdir())
-        n = 1 + max((int(m[2]) for m in kept if m), default=-1)
+        n = next_aside(self.dir, ("results", "model", "resume", "done"))  # an earlier run's files, under one N
         # resume.pt: an interrupted run's, not resumed; done: a finished run's selected evaluation
         for name in ("results.jsonl", "model.pt", "resume.pt", "done"):
             old = self.dir / name
@@ -1396,8 +1401,9 @@ def why_run_again(out, module, dataset, seed):
         differ = [f"{as_flag(k)} {v} (not {want})" for k, v, want in (
             ("seed", record["seed"], seed), ("backbone", done_on, backbone)) if None not in (v, want)
             and v != want] + other_settings(record, module, dataset)
-        if record.get("weights") and done_on == backbone and backbone not in EMBEDDED_BACKBONES:  # an embedded model
-            try:  # made again is a matter for its note, not for redoing every run
+        if record.get("weights") and backbone is not None and done_on == backbone and \
+                backbone not in EMBEDDED_BACKBONES:  # an embedded model made again is a matter for its note
+            try:
                 want = weights_record(backbone, None)
             except SystemExit:  # no default file: run_all.sh's own run would say so
                 want = {}

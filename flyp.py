@@ -151,12 +151,12 @@ def main(args):
     net = common.distribute(Towers(model, encode, encode_text), device)  # what trains: DDP-wrapped under torchrun
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=recipe["weight_decay"],
                                   fused=True)  # one kernel over all parameters: ~9x faster steps, on CPU too
-    steps_per_epoch = len(dataset.train) // batch_size
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lr(recipe["warmup"], epochs * steps_per_epoch))
-    if recipe["warmup"] >= epochs * steps_per_epoch:  # ImageNet's 500 steps on a small dataset, say
-        log(f"note: the warmup ({recipe['warmup']} steps) covers the whole run ({epochs * steps_per_epoch} steps): the "
-            f"learning rate peaks at {epochs * steps_per_epoch / recipe['warmup']:.1%} of {lr:g} and never decays; "
-            f"pass a shorter --warmup, such as {max(1, epochs * steps_per_epoch // 20)} (about 5% of the steps)")
+    steps = epochs * (len(dataset.train) // batch_size)  # the last partial batch is dropped
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_lr(recipe["warmup"], steps))
+    if recipe["warmup"] >= steps:  # ImageNet's 500 steps on a small dataset, say
+        log(f"note: the warmup ({recipe['warmup']} steps) covers the whole run ({steps} steps): the learning rate "
+            f"peaks at {steps / recipe['warmup']:.1%} of {lr:g} and never decays; pass a shorter --warmup, such as "
+            f"{max(1, steps // 20)} (about 5% of the steps)")
 
     def head():  # the zero-shot head of the current text tower
         return common.zeroshot_head(model, backbone.tokenizer, dataset.classnames, dataset.templates, device,

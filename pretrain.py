@@ -12,7 +12,6 @@ painting, neon); the downstream labels come only from the photo domain.
 import argparse
 import math
 import os
-import re
 import shutil
 import time
 
@@ -101,8 +100,7 @@ def main():
         raise SystemExit(f"error: {path.parent} cannot be written ({why}): the model pretrained now could not be kept; "
                          "point RFT_CACHE at a folder you can write")
     if path.exists():  # runs fine-tuned from the old model resume, or interpolate, only with it
-        kept = (re.fullmatch(rf"{re.escape(path.stem)}\.previous(\d+)\.pt", p.name) for p in path.parent.iterdir())
-        aside = path.with_suffix(f".previous{1 + max((int(m[1]) for m in kept if m), default=-1)}.pt")
+        aside = path.with_suffix(f".previous{common.next_aside(path.parent, [path.stem])}.pt")
         try:
             os.link(path, aside)  # a second name for the old file: the atomic save below replaces only the first
         except OSError:  # a file system without hard links
